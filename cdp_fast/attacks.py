@@ -1,0 +1,154 @@
+"""L∞ attacks on classifiers taking images in [0, 1], NCHW: PGD (evaluation, PGD-AT) and the
+TRADES inner maximisation (training). Each step is the fused :func:`cdp_fast.pgd_step`.
+
+Sources:
+  - PGD with random start: Madry et al. 2018, "Towards deep learning models resistant to
+    adversarial attacks", eq. (2); start uniform in [−ε, ε] (clipped to [0, 1]).
+  - TRADES: Zhang et al. 2019, "Theoretically principled trade-off between robustness and
+    accuracy"; facts of the public code (``yaodongyu/TRADES``, ``trades.py``): the model is
+    put in eval mode for the attack, the start is ``x + 0.001·N(0, I)`` (not clipped), the
+    inner loss is ``KLDivLoss(size_average=False)`` i.e. the *sum* over the batch of
+    KL(p(x) ‖ p(x_adv)), and every step is the L∞ PGD step above.
+
+Both functions run the model forward + backward only to get ∇_{x_adv} loss
+(``torch.enable_grad`` + ``torch.autograd.grad`` w.r.t. the input alone, so parameter ``.grad``
+buffers are never touched); everything else runs under ``torch.no_grad``. They return a
+detached tensor and leave every submodule in the train/eval mode it was in.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+from cdp_fast._ext import pgd_step
+
+__all__ = ["pgd_attack", "trades_attack", "eval_mode"]
+
+_LOSSES = ("ce",)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Put every submodule of ``model`` in eval mode (BatchNorm statistics frozen, dropout off)
+    and restore each submodule's own previous ``training`` flag afterwards, even on error
+    (``model.train(was_training)`` would flip submodules that were deliberately frozen)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, was in modes:
+            m.training = was
+
+
+def _check_common(model, x, eps, step_size, steps) -> None:
+    if not callable(model):
+        raise ValueError(f"model must be callable, got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError("x must be a floating tensor of images in [0, 1], shape (B, C, H, W)")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
+    for name, v in (("eps", eps), ("step_size", step_size)):
+        if isinstance(v, torch.Tensor):
+            continue  # shape and sign are checked by pgd_step
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+
+
+def _uniform_start(x: torch.Tensor, eps, generator) -> torch.Tensor:
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if isinstance(eps, torch.Tensor):
+        eps = eps.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
+    return torch.clamp(x + (2.0 * u - 1.0) * eps, 0.0, 1.0)
+
+
+def _input_grad(loss_fn, x_adv: torch.Tensor) -> torch.Tensor:
+    with torch.enable_grad():
+        xa = x_adv.detach().requires_grad_(True)
+        loss = loss_fn(xa)
+        (g,) = torch.autograd.grad(loss, (xa,))
+    return g
+
+
+def pgd_attack(model, x: torch.Tensor, y: torch.Tensor, *, eps=8 / 255, step_size=2 / 255,
+               steps: int = 10, random_start: bool = True, loss: str = "ce",
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """L∞ PGD maximising the cross-entropy (Madry et al. 2018, eq. (2)).
+
+        x⁰ = clip_[0,1](x + U[−ε, ε])   (x⁰ = x without random start)
+        xᵏ⁺¹ = clamp(min(max(xᵏ + α·sign(∇ CE(f(xᵏ), y)), x − ε), x + ε), 0, 1)
+
+    Args:
+        model: classifier, (B, C, H, W) in [0, 1] -> logits (B, K). Its train/eval mode is used
+            as it is (put it in eval mode for evaluation) and never changed.
+        x: clean images (B, C, H, W) in [0, 1].
+        y: labels (B,) int64.
+        eps, step_size: ε and α, Python floats or per-sample tensors (B,).
+        steps: number of PGD steps (0 returns the start point).
+        random_start: uniform start in the ε-ball.
+        loss: ``"ce"`` (summed over the batch: the sign is scale-invariant and a sum does not
+            underflow small per-sample gradients to 0 the way a mean can).
+        generator: torch.Generator for the random start.
+    Returns:
+        x_adv, (B, C, H, W), detached, with ‖x_adv − x‖_∞ ≤ ε and values in [0, 1].
+    """
+    _check_common(model, x, eps, step_size, steps)
+    if loss not in _LOSSES:
+        raise ValueError(f"loss must be one of {_LOSSES}, got {loss!r}")
+    if not isinstance(y, torch.Tensor) or y.dtype != torch.long or y.shape != x.shape[:1]:
+        raise ValueError(f"y must be an int64 tensor of shape ({x.shape[0]},)")
+
+    def ce(xa):
+        return F.cross_entropy(model(xa), y, reduction="sum")
+
+    with torch.no_grad():
+        x = x.detach()
+        x_adv = _uniform_start(x, eps, generator) if random_start else x.clone()
+        for _ in range(steps):
+            g = _input_grad(ce, x_adv)
+            x_adv = pgd_step(x_adv, g, x, step_size=step_size, eps=eps)
+    return x_adv.detach()
+
+
+def trades_attack(model, x: torch.Tensor, *, eps, step_size, steps: int = 10,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """TRADES inner maximisation (Zhang et al. 2019, eq. (5); public code ``trades.py``):
+
+        x⁰ = x + 0.001·N(0, I)
+        xᵏ⁺¹ = clamp(min(max(xᵏ + α·sign(∇ Σ_i KL(p(x_i) ‖ p(xᵏ_i))), x − ε), x + ε), 0, 1)
+
+    with p = softmax(model(·)) and the model in eval mode during the attack (BatchNorm
+    statistics frozen); each submodule's previous mode is restored on return. p(x) is computed
+    once (the public code recomputes it every step; in eval mode the value is the same).
+
+    Args:
+        model: classifier, (B, C, H, W) in [0, 1] -> logits (B, K).
+        x: clean images (B, C, H, W) in [0, 1].
+        eps, step_size: ε and α, Python floats or per-sample tensors (B,).
+        steps: number of steps (TRADES uses 10 on CIFAR-10). With 0 steps the start point is
+            projected onto the ε-ball ∩ [0, 1].
+        generator: torch.Generator for the Gaussian start.
+    Returns:
+        x_adv, (B, C, H, W), detached, in the ε-ball around x and in [0, 1].
+    """
+    _check_common(model, x, eps, step_size, steps)
+    with torch.no_grad(), eval_mode(model):
+        x = x.detach()
+        p_nat = F.softmax(model(x), dim=1)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_adv = x + 0.001 * noise
+
+        def kl(xa):
+            return F.kl_div(F.log_softmax(model(xa), dim=1), p_nat, reduction="sum")
+
+        if steps == 0:
+            x_adv = pgd_step(x_adv, torch.zeros_like(x_adv), x, step_size=0.0, eps=eps)
+        for _ in range(steps):
+            g = _input_grad(kl, x_adv)
+            x_adv = pgd_step(x_adv, g, x, step_size=step_size, eps=eps)
+    return x_adv.detach()
