@@ -1,0 +1,408 @@
+"""Sample storage: deterministic npz shards, the manifest, and the lazy :class:`Samples` view.
+
+Formats (DESIGN.md §6):
+  - ``shard-000123.npz``: keys ``image`` (uint8 NHWC for ``output="uint8"``, else float32
+    (count, *image_shape)), ``index`` (int64 sample indices), and ``label`` (int64) /
+    ``confidence`` (float32) when labels exist. Members are stored uncompressed with a fixed
+    zip timestamp, so the same arrays always give the same bytes (resume is checked
+    byte-for-byte) and a member can be memory-mapped in place.
+  - ``manifest.json``: arguments, counts, seeds and each finished shard's sha256.
+  - An npz written by :meth:`Samples.save_npz` has keys ``image`` (uint8 NHWC) and ``label``
+    (int64): what DM-Improves-AT and adversarial_robustness_pytorch read.
+
+Every file is written atomically: temp name in the same directory, fsync, rename, fsync of
+the directory. Nothing is unpickled: ``np.load(..., allow_pickle=False)`` throughout.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "Samples", "write_npz", "atomic_write_bytes", "atomic_write_json", "sha256_file",
+    "to_uint8_nhwc", "load_cifar10",
+]
+
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+# ----------------------------------------------------------------------------- atomic writes
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path, write_fn) -> None:
+    """Call ``write_fn(fileobj)`` on a temp file next to ``path``, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def sha256_file(path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- npz
+def _write_npz_to(fileobj, arrays) -> None:
+    with zipfile.ZipFile(fileobj, mode="w", compression=zipfile.ZIP_STORED) as zf:
+        for key, value in arrays.items():
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_DATE)
+            info.compress_type = zipfile.ZIP_STORED
+            info.external_attr = 0o644 << 16
+            with zf.open(info, "w", force_zip64=True) as member:
+                if isinstance(value, np.ndarray) or np.isscalar(value):
+                    np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
+                else:  # a lazy array: header, then the data chunk by chunk (bounded memory)
+                    _write_lazy_array(member, value)
+
+
+def _write_lazy_array(member, arr, chunk: int = 4096) -> None:
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(arr.dtype)),
+              "fortran_order": False, "shape": tuple(arr.shape)}
+    np.lib.format.write_array_header_2_0(member, header)
+    for s in range(0, len(arr), chunk):
+        member.write(np.ascontiguousarray(arr[s:s + chunk]).tobytes())
+
+
+def write_npz(path, arrays: dict) -> None:
+    """Write ``arrays`` (name -> array) as an uncompressed npz, deterministically and atomically."""
+    _atomic_write(path, lambda f: _write_npz_to(f, arrays))
+
+
+def npz_bytes(arrays: dict) -> bytes:
+    buf = io.BytesIO()
+    _write_npz_to(buf, arrays)
+    return buf.getvalue()
+
+
+def _npz_member(path, key, mmap: bool = True):
+    """Array ``key`` of the npz at ``path``: memory-mapped when the member is stored
+    uncompressed (no copy), else read whole. Raises KeyError if absent."""
+    with zipfile.ZipFile(path) as zf:
+        try:
+            info = zf.getinfo(f"{key}.npy")
+        except KeyError:
+            raise KeyError(key) from None
+        if mmap and info.compress_type == zipfile.ZIP_STORED:
+            with open(path, "rb") as f:
+                f.seek(info.header_offset)
+                local = f.read(30)
+                if local[:4] != b"PK\x03\x04":
+                    raise ValueError(f"{path}: corrupt zip member {key}")
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                f.seek(info.header_offset + 30 + name_len + extra_len)
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                if dtype.hasobject:
+                    raise ValueError(f"{path}: member {key} holds Python objects; refusing to unpickle")
+                offset = f.tell()
+            if int(np.prod(shape)) == 0:
+                return np.empty(shape, dtype=dtype)
+            return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
+                             order="F" if fortran else "C")
+    with np.load(path, allow_pickle=False) as z:
+        return z[key]
+
+
+def _npz_keys(path):
+    with zipfile.ZipFile(path) as zf:
+        return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+
+
+# ----------------------------------------------------------------------------- conversions
+def to_uint8_nhwc(x):
+    """Model-space images in [-1, 1] -> uint8 via ``(x * 127.5 + 128).clamp(0, 255)``
+    (DESIGN.md conventions), NCHW -> NHWC for 4-D input. Accepts a torch tensor."""
+    import torch
+
+    u = (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    if u.dim() == 4:
+        u = u.permute(0, 2, 3, 1)
+    return u.contiguous()
+
+
+class _LazyConcat:
+    """Read-only array view over shard members, loaded on access (memory-mapped).
+
+    Supports ``len``, ``shape``, ``dtype``, integer / slice / index-array ``[]`` and
+    ``np.asarray`` (which materialises everything: avoid on a million images)."""
+
+    def __init__(self, parts, key):
+        self._parts = list(parts)  # [(path, count)]
+        self._key = key
+        self._cache = {}
+        counts = [c for _, c in self._parts]
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        first = self._get(0) if self._parts else None
+        self.dtype = first.dtype if first is not None else np.dtype(np.uint8)
+        tail = tuple(first.shape[1:]) if first is not None else ()
+        self.shape = (int(self._starts[-1]),) + tail
+        self.ndim = len(self.shape)
+
+    def _get(self, j):
+        arr = self._cache.get(j)
+        if arr is None:
+            path, count = self._parts[j]
+            arr = _npz_member(path, self._key)
+            if len(arr) != count:
+                raise ValueError(f"{path}: holds {len(arr)} rows, manifest says {count}")
+            self._cache[j] = arr
+        return arr
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, idx):
+        n = len(self)
+        if isinstance(idx, (int, np.integer)):
+            i = int(idx) + (n if idx < 0 else 0)
+            if not 0 <= i < n:
+                raise IndexError(idx)
+            j = int(np.searchsorted(self._starts, i, side="right") - 1)
+            return np.asarray(self._get(j)[i - self._starts[j]])
+        if isinstance(idx, slice):
+            start, stop, step = idx.indices(n)
+            if step == 1:
+                out = []
+                j = int(np.searchsorted(self._starts, start, side="right") - 1) if start < n else len(self._parts)
+                pos = start
+                while pos < stop and j < len(self._parts):
+                    lo = pos - self._starts[j]
+                    hi = min(stop, self._starts[j + 1]) - self._starts[j]
+                    out.append(np.asarray(self._get(j)[lo:hi]))
+                    pos = self._starts[j + 1]
+                    j += 1
+                if not out:
+                    return np.empty((0,) + self.shape[1:], dtype=self.dtype)
+                return np.concatenate(out)
+            idx = np.arange(start, stop, step)
+        idx = np.asarray(idx)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        idx = np.where(idx < 0, idx + n, idx).astype(np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError("index out of range")
+        out = np.empty((idx.size,) + self.shape[1:], dtype=self.dtype)
+        shard = np.searchsorted(self._starts, idx, side="right") - 1
+        for j in np.unique(shard):
+            sel = shard == j
+            out[sel] = self._get(int(j))[idx[sel] - self._starts[j]]
+        return out.reshape(idx.shape + self.shape[1:])
+
+    def __iter__(self):
+        for j in range(len(self._parts)):
+            yield from self._get(j)
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self[:]
+        return arr.astype(dtype) if dtype is not None else arr
+
+
+# ----------------------------------------------------------------------------- Samples
+class Samples:
+    """Generated samples: ``images``, ``labels`` (int64 or None), ``confidence`` (or None).
+
+    ``images`` is uint8 NHWC (N, H, W, C) for ``output="uint8"`` (the on-disk layout), or
+    float32 (N, *image_shape) in model space [-1, 1] for ``output="float"``. For a directory
+    or a large npz the arrays are lazy (memory-mapped shards): indexing reads only what it
+    needs, so a million images are never all in RAM.
+
+    Examples:
+        >>> s = Samples.load("gen/")              # an out directory of cdp_fast.sample
+        >>> s.images[:16].shape                   # (16, 32, 32, 3), uint8
+        >>> s.save_npz("cifar10_cdp.npz")         # keys image (uint8 NHWC), label (int64)
+    """
+
+    def __init__(self, images, labels=None, confidence=None, *, meta=None):
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"labels has {len(labels)} entries for {len(images)} images")
+        if confidence is not None and len(confidence) != len(images):
+            raise ValueError(f"confidence has {len(confidence)} entries for {len(images)} images")
+        self.images = images
+        self.labels = labels
+        self.confidence = confidence
+        self.meta = dict(meta or {})
+
+    def __len__(self):
+        return len(self.images)
+
+    def __repr__(self):
+        lab = "none" if self.labels is None else "int64"
+        return f"Samples(n={len(self)}, images={tuple(self.images.shape)} {self.images.dtype}, labels={lab})"
+
+    # -- loading
+    @classmethod
+    def load(cls, path) -> "Samples":
+        """An out directory of :func:`cdp_fast.sample` (its manifest lists the finished
+        shards), or an npz with ``image``/``label`` (or ``arr_0``/``arr_1``) keys."""
+        path = Path(path)
+        if path.is_dir():
+            manifest_path = path / "manifest.json"
+            if not manifest_path.exists():
+                raise ValueError(f"path {path} has no manifest.json: not a cdp_fast out directory")
+            manifest = json.loads(manifest_path.read_text())
+            shards = sorted(manifest.get("shards", {}).items(), key=lambda kv: kv[1]["start"])
+            if not manifest.get("complete", False):
+                import warnings
+                warnings.warn(f"{path}: the run is incomplete; loading the {len(shards)} finished shards")
+            parts = [(str(path / name), int(info["count"])) for name, info in shards]
+            if not parts:
+                raise ValueError(f"path {path} holds no finished shard")
+            keys = _npz_keys(parts[0][0])
+            images = _LazyConcat(parts, "image")
+            labels = np.asarray(_LazyConcat(parts, "label")[:]) if "label" in keys else None
+            conf = np.asarray(_LazyConcat(parts, "confidence")[:]) if "confidence" in keys else None
+            return cls(images, labels, conf, meta=manifest)
+        if path.is_file():
+            keys = _npz_keys(path)
+            if "image" in keys:
+                ik, lk = "image", "label"
+            elif "arr_0" in keys:
+                ik, lk = "arr_0", "arr_1"
+            else:
+                raise ValueError(f"path {path}: npz has neither 'image' nor 'arr_0' (keys: {keys})")
+            images = _npz_member(path, ik)
+            labels = np.asarray(_npz_member(path, lk)).astype(np.int64) if lk in keys else None
+            conf = np.asarray(_npz_member(path, "confidence")) if "confidence" in keys else None
+            return cls(images, labels, conf, meta={"path": str(path)})
+        raise ValueError(f"path {path} does not exist")
+
+    # -- saving
+    def save_npz(self, path) -> None:
+        """Write ``image`` (as stored: uint8 NHWC for uint8 samples) and ``label`` (int64,
+        when present) to one uncompressed npz, atomically, chunk by chunk (bounded memory)."""
+        arrays = {"image": self.images if not isinstance(self.images, np.memmap) else self.images}
+        if self.labels is not None:
+            arrays["label"] = np.asarray(self.labels, dtype=np.int64)
+        if self.confidence is not None:
+            arrays["confidence"] = np.asarray(self.confidence, dtype=np.float32)
+        write_npz(path, arrays)
+
+    # -- access helpers
+    def subset(self, indices) -> "Samples":
+        idx = np.asarray(indices, dtype=np.int64)
+        return Samples(np.asarray(self.images[idx]),
+                       None if self.labels is None else np.asarray(self.labels)[idx],
+                       None if self.confidence is None else np.asarray(self.confidence)[idx],
+                       meta=self.meta)
+
+    def to_tensor(self, indices=None):
+        """Images as a float32 torch tensor NCHW in [0, 1] (uint8 NHWC input), or the float
+        model-space images mapped from [-1, 1] to [0, 1] (3-D images) — the training format."""
+        import torch
+
+        arr = self.images[:] if indices is None else self.images[np.asarray(indices)]
+        arr = np.asarray(arr)
+        if arr.dtype == np.uint8:
+            t = torch.from_numpy(arr.copy()).float().div_(255.0)
+            if t.dim() == 4:
+                t = t.permute(0, 3, 1, 2).contiguous()
+            return t
+        t = torch.from_numpy(np.array(arr, dtype=np.float32))
+        return ((t + 1) / 2).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- real data
+def load_cifar10(root, train: bool = True):
+    """CIFAR-10 from a local folder; nothing is downloaded.
+
+    Accepts the binary version (``cifar-10-batches-bin/data_batch_{1..5}.bin``,
+    ``test_batch.bin``: records of 1 label byte + 3072 pixel bytes, read without any
+    unpickling) or the python version (``cifar-10-batches-py/data_batch_{1..5}``,
+    ``test_batch``, parsed by a restricted unpickler that admits only numpy arrays).
+
+    Returns (x float32 (N, 3, 32, 32) in [0, 1], y int64 (N,)).
+    """
+    import torch
+
+    root = Path(root)
+    for sub in ("cifar-10-batches-bin", "cifar-10-batches-py"):
+        if (root / sub).is_dir():
+            root = root / sub
+            break
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    xs, ys = [], []
+    for name in names:
+        if (root / f"{name}.bin").exists():
+            raw = np.fromfile(root / f"{name}.bin", dtype=np.uint8)
+            if raw.size % 3073:
+                raise ValueError(f"root {root}: {name}.bin is not a whole number of 3073-byte records")
+            raw = raw.reshape(-1, 3073)
+            data, labels = raw[:, 1:], raw[:, 0].astype(np.int64)
+        elif (root / name).exists():
+            data, labels = _read_cifar_batch(root / name)
+        else:
+            raise ValueError(f"root {root}: missing CIFAR-10 file {name} (or {name}.bin)")
+        xs.append(data)
+        ys.append(labels)
+    x = np.concatenate(xs).reshape(-1, 3, 32, 32)
+    y = np.concatenate(ys).astype(np.int64)
+    return torch.from_numpy(x).float().div_(255.0), torch.from_numpy(y)
+
+
+def _read_cifar_batch(path):
+    """Parse one CIFAR-10 python batch (a pickle of a dict of bytes keys) with a restricted
+    unpickler that only admits numpy arrays, lists, ints and bytes — no arbitrary code."""
+    import pickle
+
+    class _Restricted(pickle.Unpickler):
+        _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                    ("numpy._core.multiarray", "scalar")}
+
+        def find_class(self, module, name):
+            if (module, name) in self._ALLOWED:
+                import importlib
+                return getattr(importlib.import_module(module), name)
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
+
+    with open(path, "rb") as f:
+        d = _Restricted(f, encoding="bytes").load()
+    data = d.get(b"data", d.get("data"))
+    labels = d.get(b"labels", d.get("labels"))
+    if data is None or labels is None:
+        raise ValueError(f"{path}: not a CIFAR-10 batch (no data/labels)")
+    return np.asarray(data, dtype=np.uint8), np.asarray(labels, dtype=np.int64)
