@@ -1,0 +1,268 @@
+"""Streaming (chunked) PyTorch path of the contrastive losses: O((m + N)·d + m·chunk) memory.
+
+The dense reference (:mod:`cdp_fast.losses`) materialises the m×N similarity matrix; this
+module computes the same ℓ_HNM / InfoNCE by streaming the candidates in chunks, exactly the
+algorithm of the Triton kernels in :mod:`cdp_fast.kernels.contrastive` (DESIGN.md §5), so it is
+both the CPU backend and a readable statement of what the kernels do.
+
+Decomposition (shared with the kernels)
+---------------------------------------
+The loss depends on the m×N similarities only through three per-row statistics:
+
+    L1_i  = LSE_{j∈N(i)} (c1 · s_ij),   c1 = (1+β)/τ
+    L0_i  = LSE_{j∈N(i)} (c0 · s_ij),   c0 = β/τ        (= log N_i when β = 0)
+    N_i   = |N(i)|
+
+with s_ij = â_i·k̂_j the cosine similarity (â, k̂ L2-normalised, F.normalize semantics,
+eps = 1e-12). The *statistics op* ``(a, k) -> (L1, L0, N)`` is the only part that touches
+m×N data; everything after it is O(m) PyTorch (:func:`rows_from_stats`) that repeats the
+reference's log-space formulas line for line, so autograd differentiates the epilogue (clamp,
+τ⁺ subtraction, softplus) exactly as it differentiates the reference.
+
+Gradient of ℓ_i w.r.t. s_ij (derivation; what the backward passes compute)
+------------------------------------------------------------------------
+Let P1_ij = exp(c1 s_ij − L1_i) and P0_ij = exp(c0 s_ij − L0_i) be the two masked row
+softmaxes (zero outside N(i)). Since ∂LSE_j(c x_j)/∂x_j = c·softmax_j(c x):
+
+    ∂L1_i/∂s_ij = c1·P1_ij,     ∂L0_i/∂s_ij = c0·P0_ij.
+
+HNM: log_rw_i = log N_i + L1_i − L0_i, so
+    ∂log_rw_i/∂s_ij = ((1+β)·P1_ij − β·P0_ij)/τ                      (as in the brief).
+With Δ_i = log(τ⁺N_i pos_i) − log_rw_i and, when the clamp is inactive,
+    log Ng_i = log_rw_i + log1p(−e^{Δ_i}) − log(1−τ⁺),
+    ∂log Ng_i/∂log_rw_i = 1/(1 − e^{Δ_i}),   ∂log Ng_i/∂log pos_i = −e^{Δ_i}/(1 − e^{Δ_i}),
+and ℓ_i = softplus(log Ng_i − log pos_i) gives ∂ℓ_i/∂log Ng_i = sigmoid(log Ng_i − log pos_i).
+When the clamp N_i e^{−1/τ} wins, log Ng_i is a constant and only the log pos_i path remains.
+So, with σ_i = sigmoid(log Ng_i − log pos_i):
+
+    ∂ℓ_i/∂s_ij = [σ_i/(1 − e^{Δ_i})]·((1+β)P1_ij − β P0_ij)/τ   (clamp inactive; 0 otherwise)
+               = g1_i·P1_ij + g0_i·P0_ij
+
+with g1_i = c1·∂ℓ_i/∂L1_i and g0_i = c0·∂ℓ_i/∂L0_i — exactly what autograd hands the
+statistics op's backward (dL1, dL0), so the backward passes only need
+
+    D_ij   = c1·dL1_i·P1_ij + c0·dL0_i·P0_ij         (recomputed tile by tile, never stored)
+    dÂ_i   = Σ_j D_ij k̂_j,     dK̂_j = Σ_i D_ij â_i,
+
+followed by the normalisation Jacobian dx = (dx̂ − x̂(x̂·dx̂))/‖x‖ (F.normalize backward).
+InfoNCE is the same with β = 0, τ⁺ = 0 and no clamp: ∂ℓ_i/∂s_ij = sigmoid(L1_i − log pos_i)·P1_ij/τ.
+
+Memory: the forward keeps (L1, L0, N) and never more than one m×chunk block; the backward
+recomputes each block and writes dK one chunk at a time (no N×d temporaries besides dK
+itself). Default chunk = 2^21 / m candidates (8 MB of fp32 similarities per block).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "lse_stats_forward", "lse_stats_backward", "rows_from_stats", "ContrastiveStats",
+    "contrastive_loss_chunked", "hnm_loss_chunked", "infonce_loss_chunked", "default_chunk",
+]
+
+_NORM_EPS = 1e-12  # F.normalize's eps, as in cdp_fast.losses
+
+
+def default_chunk(m: int, n: int) -> int:
+    """Candidates per block: ~2M similarities per block (8 MB fp32), at least 64."""
+    return max(64, min(n, (1 << 21) // max(m, 1)))
+
+
+def _work_dtype(dtype):
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _normalize_backward(x, y, norm, dy):
+    """F.normalize backward: y = x / max(‖x‖, eps); returns dx (in x's work dtype).
+
+    dx = (dy − y·(y·dy)) / ‖x‖ where ‖x‖ > eps, dy / eps otherwise (the clamp is constant).
+    """
+    big = (norm > _NORM_EPS).unsqueeze(1)
+    proj = (y * dy).sum(1, keepdim=True)
+    return torch.where(big, dy - y * proj, dy) / norm.clamp(min=_NORM_EPS).unsqueeze(1)
+
+
+def _block_mask(rows, c0, c1, in_batch, la, lk):
+    """Valid-negative mask for anchors ``rows`` (m,) against candidates c0..c1, or None."""
+    mask = None
+    if in_batch:
+        cols = torch.arange(c0, c1, device=rows.device)
+        mask = rows.view(-1, 1) != cols.view(1, -1)
+    if la is not None:
+        lab = la.view(-1, 1) != lk[c0:c1].view(1, -1)
+        mask = lab if mask is None else mask & lab
+    return mask
+
+
+def _normalized(x, work):
+    x = x.to(work)
+    norm = torch.linalg.vector_norm(x, dim=1)
+    return x / norm.clamp(min=_NORM_EPS).unsqueeze(1), norm
+
+
+def lse_stats_forward(a, k, a_labels, k_labels, inv_tau: float, beta: float, in_batch: bool,
+                      chunk: int | None = None):
+    """Statistics op, forward: returns (L1, L0, N) of shape (m,) each, in the work dtype.
+
+    a: (m, d) raw anchors; k: (N, d) raw candidates (normalised here, chunk by chunk);
+    a_labels (m,), k_labels (N,) or None. Empty rows give L1 = L0 = −inf, N = 0.
+    """
+    work = _work_dtype(a.dtype)
+    m, n = a.shape[0], k.shape[0]
+    chunk = chunk or default_chunk(m, n)
+    an, _ = _normalized(a, work)
+    c1, c0 = (1.0 + beta) * inv_tau, beta * inv_tau
+    L1 = torch.full((m,), -math.inf, dtype=work, device=a.device)
+    L0 = torch.full((m,), -math.inf, dtype=work, device=a.device)
+    cnt = torch.zeros(m, dtype=work, device=a.device)
+    rows = torch.arange(m, device=a.device)
+    for s0 in range(0, n, chunk):
+        s1 = min(n, s0 + chunk)
+        kn, _ = _normalized(k[s0:s1], work)
+        s = an @ kn.T                                          # (m, chunk) cosine similarities
+        mask = _block_mask(rows, s0, s1, in_batch, a_labels, k_labels)
+        x = s * c1
+        if mask is not None:
+            x.masked_fill_(~mask, -math.inf)
+            cnt += mask.sum(1)
+        else:
+            cnt += s1 - s0
+        L1 = torch.logaddexp(L1, torch.logsumexp(x, 1))
+        if beta != 0:
+            x = s * c0
+            if mask is not None:
+                x.masked_fill_(~mask, -math.inf)
+            L0 = torch.logaddexp(L0, torch.logsumexp(x, 1))
+    if beta == 0:
+        L0 = torch.log(cnt)                                    # LSE of N_i zeros; −inf if empty
+    return L1, L0, cnt
+
+
+def lse_stats_backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: float, beta: float,
+                       in_batch: bool, chunk: int | None = None):
+    """Statistics op, backward: (dA, dK) in the dtypes of a and k (see the module docstring)."""
+    work = _work_dtype(a.dtype)
+    m, n = a.shape[0], k.shape[0]
+    chunk = chunk or default_chunk(m, n)
+    an, anorm = _normalized(a, work)
+    c1, c0 = (1.0 + beta) * inv_tau, beta * inv_tau
+    has = torch.isfinite(L1)
+    L1s = torch.where(has, L1, torch.zeros_like(L1)).to(work).unsqueeze(1)
+    L0s = torch.where(has, L0, torch.zeros_like(L0)).to(work).unsqueeze(1)
+    g1 = torch.where(has, dL1 * c1, torch.zeros_like(dL1)).to(work).unsqueeze(1)
+    g0 = torch.where(has, dL0 * c0, torch.zeros_like(dL0)).to(work).unsqueeze(1)
+    dan = torch.zeros_like(an)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    rows = torch.arange(m, device=a.device)
+    for s0 in range(0, n, chunk):
+        s1 = min(n, s0 + chunk)
+        kn, knorm = _normalized(k[s0:s1], work)
+        s = an @ kn.T
+        mask = _block_mask(rows, s0, s1, in_batch, a_labels, k_labels)
+        D = torch.exp(s * c1 - L1s).mul_(g1)
+        if beta != 0:
+            D.add_(torch.exp(s * c0 - L0s).mul_(g0))
+        if mask is not None:
+            D.masked_fill_(~mask, 0.0)
+        dan.addmm_(D, kn)
+        dkn = D.T @ an
+        dk[s0:s1] = _normalize_backward(None, kn, knorm, dkn).to(k.dtype)
+    da = _normalize_backward(None, an, anorm, dan).to(a.dtype)
+    return da, dk
+
+
+class ContrastiveStats(torch.autograd.Function):
+    """Autograd wrapper of the chunked statistics op: (a, k) -> (L1, L0, N)."""
+
+    @staticmethod
+    def forward(ctx, a, k, a_labels, k_labels, inv_tau, beta, in_batch, chunk):
+        L1, L0, cnt = lse_stats_forward(a, k, a_labels, k_labels, inv_tau, beta, in_batch, chunk)
+        ctx.save_for_backward(a, k, a_labels, k_labels, L1, L0)
+        ctx.args = (inv_tau, beta, in_batch, chunk)
+        ctx.mark_non_differentiable(cnt)
+        return L1, L0, cnt
+
+    @staticmethod
+    def backward(ctx, dL1, dL0, _dcnt):
+        a, k, la, lk, L1, L0 = ctx.saved_tensors
+        inv_tau, beta, in_batch, chunk = ctx.args
+        dL1 = torch.zeros_like(L1) if dL1 is None else dL1
+        dL0 = torch.zeros_like(L0) if dL0 is None else dL0
+        da, dk = lse_stats_backward(a, k, la, lk, L1, L0, dL1, dL0, inv_tau, beta, in_batch, chunk)
+        return da, dk, None, None, None, None, None, None
+
+
+def rows_from_stats(L1, L0, cnt, log_pos, *, tau: float, tau_plus: float, clamp: bool):
+    """Per-anchor losses ℓ_i (m,) from the statistics; the reference's formulas in log space.
+
+    HNM: clamp=True (with τ⁺ and β folded into L0/L1). InfoNCE: tau_plus=0, clamp=False,
+    β = 0 (then L0 = log N_i and log_rw = L1). Rows with N_i = 0 give 0.
+    """
+    has = cnt > 0
+    zero = torch.zeros_like(L1)
+    L1 = torch.where(has, L1, zero)                    # finite stand-ins: no inf·0 in backward
+    L0 = torch.where(has, L0, zero)
+    log_n = torch.log(cnt.clamp(min=1))
+    log_rw = log_n + L1 - L0
+    if tau_plus > 0:
+        diff = math.log(tau_plus) + log_n + log_pos - log_rw
+        ok = diff < 0
+        safe = torch.where(ok, diff, torch.full_like(diff, -1.0))
+        log_num = torch.where(ok, log_rw + torch.log1p(-torch.exp(safe)),
+                              torch.full_like(diff, -math.inf))
+        log_ng = log_num - math.log1p(-tau_plus)
+    else:
+        log_ng = log_rw
+    if clamp:
+        log_ng = torch.maximum(log_ng, log_n - 1.0 / tau)
+    rows = F.softplus(log_ng - log_pos)
+    return torch.where(has, rows, torch.zeros_like(rows))
+
+
+def contrastive_loss_chunked(anchor, positive, candidates=None, *, tau, tau_plus=0.0, beta=0.0,
+                             clamp=True, anchor_labels=None, candidate_labels=None, chunk=None,
+                             stats_fn=None):
+    """Mean loss via the statistics op (``stats_fn``; default: the chunked autograd op).
+
+    ``stats_fn(a, k, a_labels, k_labels, inv_tau, beta, in_batch) -> (L1, L0, N)`` is how the
+    Triton backend plugs in its own op; the positive term and the epilogue are shared.
+    """
+    work = _work_dtype(anchor.dtype)
+    in_batch = candidates is None
+    k = anchor if in_batch else candidates
+    # negative_mask's rule: labels apply only when anchor_labels is given; the candidates'
+    # labels default to the anchors' (in-batch).
+    a_labels = anchor_labels
+    k_labels = None
+    if anchor_labels is not None:
+        k_labels = candidate_labels if candidate_labels is not None else anchor_labels
+    if stats_fn is None:
+        L1, L0, cnt = ContrastiveStats.apply(anchor, k, a_labels, k_labels, 1.0 / tau, float(beta),
+                                             in_batch, chunk)
+    else:
+        L1, L0, cnt = stats_fn(anchor, k, a_labels, k_labels, 1.0 / tau, float(beta), in_batch)
+    an = F.normalize(anchor.to(work), dim=1, eps=_NORM_EPS)
+    pn = F.normalize(positive.detach().to(work), dim=1, eps=_NORM_EPS)
+    log_pos = (an * pn).sum(1) / tau
+    rows = rows_from_stats(L1.to(work), L0.to(work), cnt.to(work), log_pos, tau=tau,
+                           tau_plus=tau_plus, clamp=clamp)
+    return rows.mean().to(anchor.dtype)
+
+
+def hnm_loss_chunked(anchor, positive, candidates=None, *, tau, tau_plus=0.1, beta=1.0,
+                     anchor_labels=None, candidate_labels=None, chunk=None):
+    """ℓ_HNM (same signature and value as :func:`cdp_fast.losses.hnm_loss_ref`), streamed."""
+    return contrastive_loss_chunked(anchor, positive, candidates, tau=tau, tau_plus=tau_plus,
+                                    beta=beta, clamp=True, anchor_labels=anchor_labels,
+                                    candidate_labels=candidate_labels, chunk=chunk)
+
+
+def infonce_loss_chunked(anchor, positive, candidates=None, *, tau, anchor_labels=None,
+                         candidate_labels=None, chunk=None):
+    """InfoNCE (same signature and value as :func:`cdp_fast.losses.infonce_loss_ref`), streamed."""
+    return contrastive_loss_chunked(anchor, positive, candidates, tau=tau, tau_plus=0.0, beta=0.0,
+                                    clamp=False, anchor_labels=anchor_labels,
+                                    candidate_labels=candidate_labels, chunk=chunk)
