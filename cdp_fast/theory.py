@@ -194,6 +194,11 @@ def self_training(mu, mu_tilde, *, n, n_syn, sigma=1.0, trials=50, rng=None,
        synthetic data"), or eq. (5) exactly, (Σ y_i x_i + Σ ỹ_j x̃_j)/(2n + 2ñ), when
        ``include_real``.
 
+    As ñ → ∞ with pseudo-labels (σ = 1, v = θ̂_inter/‖θ̂_inter‖, a = vᵀμ̃):
+    θ̂_final(synthetic only) → (2Φ(a) - 1) μ̃ + 2φ(a) v. The second term — pseudo-labels are
+    correlated with the noise of each point — is what the proof of Proposition 1 drops; it makes
+    an orthogonal μ̃ "inefficient" (θ̂_final ∝ θ̂_inter) rather than maximally bad.
+
     mu, mu_tilde: (d,). Returns (theta_inter, theta_final), each (trials, d) float64. The
     synthetic points are materialised ((trials, 2ñ, d) floats) because the pseudo-labels depend
     on each point, not only on a sufficient statistic.
