@@ -1,0 +1,430 @@
+"""End-to-end sampling throughput: ours vs the faithful eager Algorithm 1 vs diffusers' DDIM loop.
+
+    python benchmarks/throughput.py                  # digits UNet, batch 128, 20 steps (CPU-sized)
+    python benchmarks/throughput.py --config cifar   # DDPM CIFAR-10 UNet (35.7M) + WRN-28-10, batch 512
+    python benchmarks/throughput.py --methods ddim,diffusers --repeats 5
+
+Every method runs in the same process on the same ε-model, features, batch, timesteps and
+x_T (sample i's x_T is drawn exactly as ``cdp_fast.sample`` draws it), so the ratios are
+measured in one run:
+
+  ddim          cdp_fast.sample(loss=None)                         (ours, unguided)
+  ddim-eager    the same with compile=False
+  infonce, hnm  cdp_fast.sample(loss=..., features=f)              (ours, guided)
+  hnm-eager     the same with compile=False
+  ref-hnm, ref-infonce   benchmarks/reference_cdp.py: Algorithm 1 written plainly (fp32, full
+                similarity matrix, Python loop, fresh autograd graph each step)
+  diffusers     diffusers.DDIMScheduler (leading spacing, set_alpha_to_one, no clipping) +
+                the same model, the canonical loop
+
+Reported per method: images/s (batch / median wall time of ``--repeats`` timed runs after one
+warm-up run, which also absorbs torch.compile), warm-up seconds, peak memory, and the largest
+|x_0 difference| to its yardstick (a correctness check: ours unguided vs diffusers should agree
+to float rounding; ours guided vs the reference to the loss's float rounding amplified by λ).
+
+Peak memory: CUDA — ``torch.cuda.max_memory_allocated`` (reset per method); CPU — the peak of
+the process's resident set above its level just before the method ran, sampled every 2 ms by
+a thread (after ``gc.collect()`` and glibc ``malloc_trim``), so it includes allocator slack
+and is a coarse number.
+
+On CUDA it also reports model-FLOP utilisation: FLOPs of one run counted by
+``torch.utils.flop_counter.FlopCounterMode`` (the networks' forward and backward; the
+elementwise DDIM update is not counted), divided by time and by the device's peak measured
+here with a large matmul in the run's dtype. That path has not been run on a GPU yet.
+
+Writes ``benchmarks/results/throughput-<device>.json`` with machine, versions and commit.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+ALL_METHODS = ("ddim", "ddim-eager", "diffusers", "hnm", "hnm-eager", "ref-hnm", "infonce", "ref-infonce")
+# (method, yardstick, goal) rows of the ratio table
+RATIOS = (
+    ("ddim", "diffusers", 1.3),
+    ("ddim-eager", "diffusers", None),
+    ("hnm", "ref-hnm", 1.3),
+    ("hnm-eager", "ref-hnm", None),
+    ("infonce", "ref-infonce", None),
+)
+
+
+# ----------------------------------------------------------------------------- memory
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak, or CPU RSS above the starting level."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_bytes = 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        self._base = self._rss()
+        self._peak = self._base
+        self._stop = threading.Event()
+
+        def watch():
+            while not self._stop.is_set():
+                self._peak = max(self._peak, self._rss())
+                self._stop.wait(0.002)
+
+        self._thread = threading.Thread(target=watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_bytes = torch.cuda.max_memory_allocated() - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, self._rss())
+            self.peak_bytes = self._peak - self._base
+        return False
+
+
+# ----------------------------------------------------------------------------- setup
+def build_digits(device):
+    from cdp_fast.models import digits
+
+    try:
+        model = digits.load_digits_eps_model(device)
+        feats = digits.digits_features(device)
+        note = "bundled digits UNet (cdp_fast/assets) + the bundled classifier's features"
+    except FileNotFoundError:
+        model = digits.build_eps_model().to(device).eval()
+        feats = digits.DigitsFeatures(digits.build_classifier().to(device)).eval()
+        note = "digits UNet architecture, random init (assets missing)"
+    from cdp_fast.demo import DIGITS_GUIDANCE
+
+    g = DIGITS_GUIDANCE
+    return {"model": model, "features": feats, "image_shape": digits.IMAGE_SHAPE, "note": note,
+            "params": sum(p.numel() for p in model.parameters()),
+            "hnm": dict(lam=g["hnm"]["lam"], tau=g["hnm"]["tau"], tau_plus=0.1, beta=1.0),
+            "infonce": dict(lam=g["infonce"]["lam"], tau=g["infonce"]["tau"])}
+
+
+def build_cifar(device):
+    try:
+        from diffusers import UNet2DModel
+    except ImportError as e:
+        raise SystemExit("--config cifar needs diffusers: pip install 'cdp_fast[diffusers]'") from e
+    from cdp_fast.models import as_feature_extractor, wrn_28_10
+
+    # google/ddpm-cifar10-32's config (Ho et al. 2020's CIFAR-10 model): 35.7M parameters.
+    model = UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+        block_out_channels=(128, 256, 256, 256),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=None, norm_num_groups=32, dropout=0.0,
+    ).to(device).eval()
+    wrn = wrn_28_10().to(device).eval()
+    for p in list(model.parameters()) + list(wrn.parameters()):
+        p.requires_grad_(False)
+    from cdp_fast.sampler import DEFAULTS
+
+    return {"model": model, "features": as_feature_extractor(wrn), "image_shape": (3, 32, 32),
+            "note": "diffusers UNet2DModel, DDPM CIFAR-10 config, random init + WRN-28-10 (Swish) "
+                    "features, random init",
+            "params": sum(p.numel() for p in model.parameters()),
+            "hnm": dict(DEFAULTS["hnm"]), "infonce": dict(DEFAULTS["infonce"])}
+
+
+def start_noise(n, shape, seed, device):
+    """x_T exactly as cdp_fast.sample draws it: sample i from sample_seed(seed, i)."""
+    from cdp_fast.sampler import sample_seed
+
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, i)))
+                        for i in range(n)]).to(device)
+
+
+# ----------------------------------------------------------------------------- methods
+def make_runner(method, setup, args, device, x_T):
+    import cdp_fast
+
+    model, feats = setup["model"], setup["features"]
+    shape = tuple(setup["image_shape"])
+    B = args.batch
+
+    def ours(loss, compile_):
+        def run():
+            kw = {}
+            if loss is not None:
+                kw = dict(setup[loss], features=feats)
+            s = cdp_fast.sample(model, B, loss=loss, steps=args.steps, skip="uniform", image_shape=shape,
+                                batch_size=B, output="float", seed=args.seed, device=device,
+                                compile=compile_, progress=False, **kw)
+            return torch.as_tensor(s.images)
+        return run
+
+    if method == "ddim":
+        return ours(None, args.compile)
+    if method == "ddim-eager":
+        return ours(None, False)
+    if method == "hnm":
+        return ours("hnm", args.compile)
+    if method == "hnm-eager":
+        return ours("hnm", False)
+    if method == "infonce":
+        return ours("infonce", args.compile)
+    if method in ("ref-hnm", "ref-infonce"):
+        from reference_cdp import reference_cdp
+
+        from cdp_fast.schedule import make_alphas_cumprod, timesteps
+
+        loss = method.split("-")[1]
+        abar = make_alphas_cumprod("linear", 1000)
+        ts = timesteps(1000, args.steps, "uniform")
+
+        def run():
+            return reference_cdp(model, x_T, feats, alphas_cumprod=abar, timesteps=ts, loss=loss,
+                                 **setup[loss]).cpu()
+        return run
+    if method == "diffusers":
+        try:
+            from diffusers import DDIMScheduler
+        except ImportError as e:
+            raise SystemExit("the diffusers yardstick needs diffusers: pip install 'cdp_fast[diffusers]'") from e
+        sched = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                              beta_schedule="linear", clip_sample=False, set_alpha_to_one=True,
+                              timestep_spacing="leading")
+
+        @torch.no_grad()
+        def run():
+            sched.set_timesteps(args.steps)
+            x = x_T.clone()
+            for t in sched.timesteps:
+                out = model(x, t.to(device).expand(x.shape[0]))
+                eps = getattr(out, "sample", out)
+                x = sched.step(eps, t, x, eta=0.0).prev_sample
+            return x.cpu()
+        return run
+    raise ValueError(f"unknown method {method!r}")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(method, setup, args, device, x_T):
+    run = make_runner(method, setup, args, device, x_T)
+    sync(device)
+    t0 = time.perf_counter()
+    out = run()
+    sync(device)
+    warm = time.perf_counter() - t0
+    times = []
+    with PeakMemory(device) as mem:
+        for _ in range(args.repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            out = run()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    res = {"images_per_s": args.batch / med, "median_s": med, "times_s": times, "warmup_s": warm,
+           "peak_mem_mib": mem.peak_bytes / 2**20, "x0": out}
+    if device.type == "cuda" and args.flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as fc:
+            run()
+        res["flops"] = fc.get_total_flops()
+    return res
+
+
+def measured_peak_flops(device, dtype=torch.float32):
+    """Dense matmul FLOP/s measured on this device (the denominator of MFU)."""
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    reps = 20
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- provenance
+def machine_info(device):
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
+    with contextlib.suppress(OSError):
+        m = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        if m:
+            info["cpu"] = m.group(1).strip()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def versions():
+    v = {"torch": torch.__version__}
+    for name in ("diffusers", "numpy", "cdp_fast"):
+        with contextlib.suppress(Exception):
+            v[name] = __import__(name).__version__
+    return v
+
+
+def git_commit():
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _atomic_write_text(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Sampling throughput: ours vs eager Algorithm 1 vs diffusers.")
+    ap.add_argument("--config", choices=("digits", "cifar"), default="digits",
+                    help="digits: bundled 8x8 UNet (CPU-sized); cifar: DDPM CIFAR-10 UNet + WRN-28-10")
+    ap.add_argument("--batch", type=int, default=None, help="batch size (default: digits 128, cifar 512)")
+    ap.add_argument("--steps", type=int, default=20, help="DDIM steps (uniform skip)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per method (median is reported)")
+    ap.add_argument("--methods", default=",".join(ALL_METHODS),
+                    help=f"comma-separated subset of {','.join(ALL_METHODS)}")
+    ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    ap.add_argument("--compile", choices=("auto", "true", "false"), default="true",
+                    help="compile= passed to cdp_fast.sample for the non-'-eager' methods")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--no-flops", dest="flops", action="store_false", help="skip FLOP counting on CUDA")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput-<device>.json)")
+    args = ap.parse_args(argv)
+    args.compile = {"auto": "auto", "true": True, "false": False}[args.compile]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ALL_METHODS]
+    if bad:
+        ap.error(f"--methods: unknown {bad}; choose from {ALL_METHODS}")
+    args.methods = methods
+    if args.batch is None:
+        args.batch = 128 if args.config == "digits" else 512
+    if args.batch < 2 or args.steps < 1 or args.repeats < 1:
+        ap.error("--batch must be >= 2, --steps and --repeats >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    setup = (build_digits if args.config == "digits" else build_cifar)(device)
+    x_T = start_noise(args.batch, tuple(setup["image_shape"]), args.seed, device)
+    print(f"config {args.config}: {setup['note']}; {setup['params'] / 1e6:.2f}M params; batch {args.batch}, "
+          f"{args.steps} steps, {args.repeats} timed runs; device {device}, {torch.get_num_threads()} threads",
+          flush=True)
+    results = {}
+    for m in args.methods:
+        print(f"  running {m} ...", flush=True)
+        results[m] = measure(m, setup, args, device, x_T)
+
+    peak = None
+    if device.type == "cuda" and args.flops and any("flops" in r for r in results.values()):
+        peak = measured_peak_flops(device)
+    # correctness: compare each method's x0 with its yardstick's (same x_T)
+    for m, ref, _ in RATIOS:
+        if m in results and ref in results:
+            results[m]["max_abs_diff_vs_" + ref] = float((results[m]["x0"] - results[ref]["x0"]).abs().max())
+
+    hdr = f"{'method':<12} {'img/s':>10} {'median s':>10} {'warm-up s':>10} {'peak MiB':>10}"
+    if peak:
+        hdr += f" {'MFU':>7}"
+    print("\n" + hdr)
+    for m, r in results.items():
+        line = (f"{m:<12} {r['images_per_s']:>10.1f} {r['median_s']:>10.3f} {r['warmup_s']:>10.2f} "
+                f"{r['peak_mem_mib']:>10.1f}")
+        if peak and "flops" in r:
+            r["mfu"] = r["flops"] / r["median_s"] / peak
+            line += f" {100 * r['mfu']:>6.2f}%"
+        print(line)
+    ratios = []
+    print(f"\n{'ratio':<26} {'speed-up':>9} {'goal':>6} {'max|Δx0|':>10}")
+    for m, ref, goal in RATIOS:
+        if m in results and ref in results:
+            sp = results[m]["images_per_s"] / results[ref]["images_per_s"]
+            diff = results[m]["max_abs_diff_vs_" + ref]
+            ok = None if goal is None else sp >= goal
+            ratios.append({"method": m, "yardstick": ref, "speedup": sp, "goal": goal, "met": ok,
+                           "max_abs_diff": diff})
+            g = "" if goal is None else f"{goal:.1f}x"
+            flag = "" if ok is None else (" met" if ok else " MISSED")
+            print(f"{m + ' / ' + ref:<26} {sp:>8.2f}x {g:>6} {diff:>10.2e}{flag}")
+    if device.type == "cuda" and not peak:
+        print("(MFU not measured: --no-flops)")
+    elif device.type != "cuda":
+        print("(MFU is reported on CUDA only; this run is CPU)")
+
+    dev_name = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"throughput-{dev_name}.json"
+    record = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(), "machine": machine_info(device), "versions": versions(),
+        "config": {"name": args.config, "note": setup["note"], "params": setup["params"], "batch": args.batch,
+                   "steps": args.steps, "skip": "uniform", "repeats": args.repeats, "compile": args.compile,
+                   "image_shape": list(setup["image_shape"]), "hnm": setup["hnm"], "infonce": setup["infonce"]},
+        "peak_flops_measured": peak,
+        "results": {m: {k: v for k, v in r.items() if k != "x0"} for m, r in results.items()},
+        "ratios": ratios,
+    }
+    _atomic_write_text(out, json.dumps(record, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

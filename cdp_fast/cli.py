@@ -1,0 +1,645 @@
+"""The `cdp-fast` command (also `python -m cdp_fast`): one entry point, seven subcommands.
+
+    cdp-fast demo                                   # the embedded digits experiment
+    cdp-fast sample --model digits -n 512 --loss hnm --out gen/ --grid grid.png
+    cdp-fast label gen/ --classifier digits --out labelled.npz
+    cdp-fast select labelled.npz --k-per-class 50 --out selected.npz
+    cdp-fast train --arch small-cnn --data digits --synthetic selected.npz --eps 0.1 --out clf.pt
+    cdp-fast eval --arch small-cnn --weights clf.pt --data digits --eps 0.1
+    cdp-fast bench [throughput.py options]
+
+Models (``--model``, ``--features``, ``--labeler``, ``--classifier``) are named as a bundled
+name (``digits``), a local diffusers folder (``UNet2DModel.from_pretrained(path,
+local_files_only=True)``; a pipeline folder with ``unet/`` and ``scheduler/`` also gives the
+noise schedule), or ``module:factory`` (a callable returning the model; ``module:attr`` may
+also name a ready nn.Module).
+
+Errors in arguments print one line on stderr and exit with status 2 (argparse's own errors
+included); a missing optional dependency exits with status 1 and names the extra to install.
+Only this module prints; the library reports through ``progress=`` / ``callback=``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "load_model_spec", "load_callable_spec"]
+
+PROG = "cdp-fast"
+
+
+class UsageError(Exception):
+    """A bad command-line argument (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) raised instead of exiting."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: error: {message} (see --help)")
+
+
+# ----------------------------------------------------------------------------- model specs
+def _import_attr(spec: str, what: str):
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise ValueError(f"{what}: {spec!r} is not of the form module:factory")
+    try:
+        obj = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ValueError(f"{what}: cannot import module {mod_name!r} ({e})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{what}: module {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_callable_spec(spec: str, what: str):
+    """``module:factory`` -> factory() (or the attribute itself when it is an nn.Module)."""
+    import torch
+
+    obj = _import_attr(spec, what)
+    if isinstance(obj, torch.nn.Module):
+        return obj
+    if not callable(obj):
+        raise ValueError(f"{what}: {spec!r} is not callable")
+    out = obj()
+    if not callable(out):
+        raise ValueError(f"{what}: {spec!r} returned {type(out).__name__}, which is not callable")
+    return out
+
+
+def _diffusers_model(path: Path):
+    try:
+        from diffusers import DDIMScheduler, UNet2DModel
+    except ImportError as e:
+        raise ImportError("loading a diffusers model folder needs diffusers: "
+                          "pip install 'cdp_fast[diffusers]'") from e
+    sub = "unet" if (path / "unet").is_dir() else None
+    model = UNet2DModel.from_pretrained(str(path), subfolder=sub, local_files_only=True)
+    cfg = model.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
+    hw = (size, size) if isinstance(size, int) else size
+    info = {"image_shape": (cfg.in_channels, *hw), "alphas_cumprod": None,
+            "num_classes": getattr(cfg, "num_class_embeds", None)}
+    if (path / "scheduler").is_dir():
+        sched = DDIMScheduler.from_pretrained(str(path), subfolder="scheduler", local_files_only=True)
+        info["alphas_cumprod"] = sched.alphas_cumprod
+    return model, info
+
+
+def load_model_spec(spec: str, device=None):
+    """An ε-model from ``digits`` / a diffusers folder / ``module:factory``.
+
+    Returns (model, info): info holds ``image_shape`` (or None), ``alphas_cumprod`` (or None)
+    and, for bundled models, default ``features``, ``labeler``, ``guidance`` and ``sampling``.
+    """
+    if spec == "digits":
+        from cdp_fast.demo import DIGITS_GUIDANCE, DIGITS_SAMPLING
+        from cdp_fast.models import digits
+
+        model = digits.load_digits_eps_model(device)
+        return model, {"image_shape": digits.IMAGE_SHAPE, "alphas_cumprod": None, "bundled": "digits",
+                       "guidance": DIGITS_GUIDANCE, "sampling": DIGITS_SAMPLING}
+    p = Path(spec)
+    if p.is_dir():
+        model, info = _diffusers_model(p)
+        return (model.to(device) if device else model), info
+    if ":" in spec and not p.exists():
+        model = load_callable_spec(spec, "model")
+        return (model.to(device) if device and hasattr(model, "to") else model), {"image_shape": None,
+                                                                                  "alphas_cumprod": None}
+    raise ValueError(f"model: {spec!r} is not a bundled name (digits), an existing diffusers model "
+                     "folder, or module:factory")
+
+
+def _features(spec, model_info, device):
+    if spec in (None, "auto"):
+        spec = model_info.get("bundled") or "pixels"
+    if spec == "pixels":
+        return None
+    if spec == "digits":
+        from cdp_fast.models import digits
+
+        return digits.digits_features(device)
+    if ":" in spec:
+        return load_callable_spec(spec, "features")
+    raise ValueError(f"features: {spec!r} is not auto, pixels, digits or module:factory")
+
+
+def _labeler(spec, model_info, device, what="labeler"):
+    if spec in (None, "auto"):
+        spec = model_info.get("bundled") or "none"
+    if spec == "none":
+        return None
+    if spec == "digits":
+        from cdp_fast.models import digits
+
+        return digits.digits_labeler(device)
+    if ":" in spec:
+        return load_callable_spec(spec, what)
+    raise ValueError(f"{what}: {spec!r} is not auto, none, digits or module:factory")
+
+
+def _parse_shape(text):
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"image-shape: {text!r} is not a comma-separated list of ints, e.g. 3,32,32") from None
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"image-shape: {text!r} must hold positive ints")
+    return shape
+
+
+def _dtype(name):
+    import torch
+
+    return {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _compile_flag(v):
+    return {"auto": "auto", "true": True, "false": False}[v]
+
+
+def _real_images(spec, image_shape):
+    """Real images in [-1, 1] for positive/negatives="real": ``digits`` or an npz / out folder."""
+    if spec is None:
+        return None
+    if spec == "digits":
+        from cdp_fast.models import digits
+
+        x, _ = digits.load_digits_data("train")
+        return digits.to_model_space(x)
+    from cdp_fast.data import Samples
+
+    return Samples.load(spec).to_tensor() * 2 - 1
+
+
+def _class_labels(spec):
+    if spec is None:
+        return None
+    import numpy as np
+
+    p = Path(spec)
+    if p.is_file():
+        if p.suffix == ".npy":
+            return np.load(p, allow_pickle=False).astype(np.int64)
+        from cdp_fast.data import Samples
+
+        s = Samples.load(p)
+        if s.labels is None:
+            raise ValueError(f"class-labels: {spec} holds no labels")
+        return np.asarray(s.labels, dtype=np.int64)
+    try:
+        return np.asarray([int(v) for v in spec.split(",")], dtype=np.int64)
+    except ValueError:
+        raise ValueError(f"class-labels: {spec!r} is neither a file (.npy / .npz) nor a comma list of ints") from None
+
+
+# ----------------------------------------------------------------------------- subcommands
+def cmd_sample(a):
+    import numpy as np
+
+    import cdp_fast
+    from cdp_fast.demo import save_grid_png
+
+    model, info = load_model_spec(a.model, a.device)
+    image_shape = _parse_shape(a.image_shape) if a.image_shape else info.get("image_shape")
+    if image_shape is None:
+        raise ValueError("image-shape: required for a module:factory model (e.g. --image-shape 3,32,32)")
+    loss = None if a.loss == "none" else a.loss
+    samp = dict(info.get("sampling") or {})
+    g = dict((info.get("guidance") or {}).get(loss, {})) if loss else {}
+    kw = dict(
+        loss=loss, embedding=None if a.embedding == "none" else a.embedding,
+        guide_window=tuple(a.guide_window) if a.guide_window else None,
+        lam=a.lam if a.lam is not None else g.get("lam"),
+        tau=a.tau if a.tau is not None else g.get("tau"),
+        tau_plus=a.tau_plus, beta=a.beta, positive=a.positive, negatives=a.negatives,
+        num_classes=a.num_classes if a.num_classes is not None else info.get("num_classes"),
+        class_labels=_class_labels(a.class_labels),
+        steps=a.steps if a.steps is not None else samp.get("steps", 200),
+        skip=a.skip if a.skip is not None else samp.get("skip", "quadratic"),
+        eta=a.eta, image_shape=image_shape,
+        batch_size=a.batch_size if a.batch_size is not None else samp.get("batch_size", 512),
+        output=a.output, seed=a.seed, device=a.device, dtype=_dtype(a.dtype),
+        compile=_compile_flag(a.compile), progress=not a.no_progress,
+    )
+    if info.get("alphas_cumprod") is not None and a.betas is None:
+        kw["alphas_cumprod"] = info["alphas_cumprod"]
+    else:
+        kw.update(T=a.T, betas=a.betas or "linear")
+    if loss is not None:
+        kw["features"] = _features(a.features, info, a.device)
+        kw["real"] = _real_images(a.real, image_shape)
+    labeler = _labeler(a.labeler, info, a.device)
+    s = cdp_fast.sample(model, a.n, labeler=labeler, out=a.out, **kw)
+    where = a.out or "memory"
+    print(f"{len(s)} samples ({'guided: ' + loss if loss else 'unguided DDIM'}) -> {where}")
+    if a.npz:
+        s.save_npz(a.npz)
+        print(f"wrote {a.npz}")
+    if a.grid:
+        if a.output != "uint8" or len(image_shape) != 3:
+            raise ValueError("grid: needs --output uint8 and 3-D images (C, H, W)")
+        k = min(64, a.n)
+        imgs = np.asarray(s.images[:k])
+        if loss is not None:
+            # the unguided counterparts from the same x_T (same seed => same x_T for sample i),
+            # as the paper's Figure 5: left block DDIM, right block Contrastive-DP
+            base = {k2: v for k2, v in kw.items() if k2 not in ("features", "real", "loss", "embedding",
+                                                                  "guide_window", "lam", "tau")}
+            base.update(loss=None, progress=False)
+            u = np.asarray(cdp_fast.sample(model, k, **base).images[:k])
+            sep = np.full((1,) + imgs.shape[1:], 255, np.uint8)
+            imgs = np.concatenate([np.concatenate([u[i:i + 8], sep, imgs[i:i + 8]]) for i in range(0, k, 8)])
+            save_grid_png(a.grid, imgs, nrow=17 if k >= 8 else 2 * k + 1, scale=4 if image_shape[-1] <= 16 else 1)
+            print(f"wrote {a.grid} (each row: 8 DDIM | 8 Contrastive-DP from the same x_T)")
+        else:
+            save_grid_png(a.grid, imgs, nrow=8, scale=4 if image_shape[-1] <= 16 else 1)
+            print(f"wrote {a.grid}")
+    return 0
+
+
+def _to_samples(path):
+    from cdp_fast.data import Samples
+
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"samples: {path} does not exist")
+    return Samples.load(p)
+
+
+def cmd_label(a):
+    import numpy as np
+
+    from cdp_fast import label
+    from cdp_fast.data import Samples
+
+    s = _to_samples(a.samples)
+    clf = _labeler(a.classifier, {}, a.device, what="classifier")
+    if clf is None:
+        raise ValueError("classifier: required (digits or module:factory)")
+    out = label.pseudo_label(clf, s)
+    if isinstance(out, Samples):
+        labelled = out
+    else:
+        labels, conf = out if isinstance(out, tuple) else (out, None)
+        labelled = Samples(np.asarray(s.images[:]), np.asarray(labels, dtype=np.int64),
+                           None if conf is None else np.asarray(conf, dtype=np.float32))
+    labelled.save_npz(a.out)
+    hist = np.bincount(np.asarray(labelled.labels), minlength=1).tolist()
+    print(f"labelled {len(labelled)} samples -> {a.out}; class histogram {hist}")
+    return 0
+
+
+def cmd_select(a):
+    import numpy as np
+
+    from cdp_fast import label
+    from cdp_fast.data import Samples
+
+    s = _to_samples(a.samples)
+    if s.labels is None:
+        raise ValueError(f"samples: {a.samples} has no labels; run `cdp-fast label` first")
+    kw = {}
+    if a.classifier:
+        kw["classifier"] = _labeler(a.classifier, {}, a.device, what="classifier")
+    out = label.select(s, a.criterion, a.k_per_class, **kw)
+    if not isinstance(out, Samples):
+        out = s.subset(np.asarray(out, dtype=np.int64))
+    out.save_npz(a.out)
+    print(f"selected {len(out)} of {len(s)} samples ({a.criterion}, {a.k_per_class} per class) -> {a.out}")
+    return 0
+
+
+def _classifier_arch(arch, num_classes, trained_digits=False):
+    if arch == "digits":
+        from cdp_fast.models import digits
+
+        return digits.load_digits_classifier() if trained_digits else digits.build_classifier()
+    if ":" in arch:
+        return load_callable_spec(arch, "arch")
+    from cdp_fast.models import get_model
+
+    return get_model(arch, num_classes=num_classes)
+
+
+def _train_data(spec, split):
+    if spec == "digits":
+        from cdp_fast.models import digits
+
+        return digits.load_digits_data(split)
+    p = Path(spec)
+    if not p.exists():
+        raise ValueError(f"data: {spec} is neither 'digits' nor an existing npz / out folder")
+    if split == "test":
+        s = _to_samples(p)
+        if s.labels is None:
+            raise ValueError(f"data: {spec} has no labels")
+        import torch
+
+        return s.to_tensor(), torch.as_tensor(s.labels, dtype=torch.int64)
+    return str(p)
+
+
+def _save_state(model, path):
+    import io
+
+    import torch
+
+    from cdp_fast.demo import _atomic_write_bytes
+
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    _atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def cmd_train(a):
+    import cdp_fast
+
+    model = _classifier_arch(a.arch, a.num_classes)
+    data = _train_data(a.data, "train")
+    digits_defaults = a.data == "digits"
+    trained = cdp_fast.train_trades(
+        model, data, synthetic=a.synthetic, real_fraction=a.real_fraction, epochs=a.epochs, eps=a.eps,
+        step_size=a.step_size if a.step_size is not None else 2.5 * a.eps / max(1, a.steps),
+        steps=a.steps, beta=a.beta, batch_size=a.batch_size, ema=None if a.ema == 0 else a.ema,
+        lr=a.lr, pad=a.pad if a.pad is not None else (1 if digits_defaults else 4),
+        flip=(not a.no_flip) and not digits_defaults, seed=a.seed, device=a.device,
+        checkpoint=a.checkpoint, progress=not a.no_progress)
+    _save_state(trained, a.out)
+    print(f"trained {a.arch} ({a.epochs} epochs, TRADES eps={a.eps:g}) -> {a.out}")
+    return 0
+
+
+def cmd_eval(a):
+    import torch
+
+    import cdp_fast
+
+    model = _classifier_arch(a.arch, a.num_classes, trained_digits=not a.weights)
+    if a.weights:
+        if not Path(a.weights).is_file():
+            raise ValueError(f"weights: {a.weights} does not exist")
+        model.load_state_dict(torch.load(a.weights, map_location="cpu", weights_only=True))
+    elif a.arch != "digits":
+        raise ValueError("weights: required (a state_dict saved by `cdp-fast train`)")
+    x, y = _train_data(a.data, "test")
+    if a.n is not None:
+        x, y = x[:a.n], y[:a.n]
+    attacks = tuple(v.strip() for v in a.attacks.split(",") if v.strip())
+    model = model.to(a.device or "cpu").eval()
+    res = cdp_fast.evaluate(model, x.to(a.device or "cpu"), y.to(a.device or "cpu"), eps=a.eps, attacks=attacks)
+    for k, v in res.items():
+        if isinstance(v, float):
+            print(f"{k:<12} {100 * v:6.2f}%")
+    if a.json:
+        from cdp_fast.demo import _atomic_write_bytes
+
+        _atomic_write_bytes(Path(a.json), (json.dumps(res, indent=2, default=float) + "\n").encode())
+    return 0
+
+
+def cmd_demo(a):
+    from cdp_fast.demo import run_demo
+
+    def cb(ev):
+        if ev["stage"] == "generated":
+            st = ev["stats"]
+            print(f"  generated {st['n']} {ev['method']} samples: mean confidence {st['mean_confidence']:.3f}, "
+                  f"classes {st['class_histogram']}", flush=True)
+        elif ev["stage"] == "trained":
+            r = "  ".join(f"{k} {100 * v:.1f}%" for k, v in ev["result"].items())
+            print(f"  {ev['condition']:<10} seed {ev['seed']}: {r}", flush=True)
+
+    seeds = None if a.seeds is None else list(range(a.seeds))
+    attacks = tuple(v.strip() for v in a.attacks.split(",") if v.strip())
+    print("cdp-fast demo: real vs real+DDIM vs real+Contrastive-DP (HNM) on 8x8 digits", flush=True)
+    res = run_demo(out=a.out, full=a.full, seeds=seeds, n_synthetic=a.n_synthetic, epochs=a.epochs,
+                   eps=a.eps, attacks=attacks, test_n=a.test_n, real_n=a.real_n, device=a.device,
+                   progress=not a.no_progress, callback=cb)
+    print()
+    print(res["table"])
+    print(f"\n({res['timing_s']['total']:.0f} s; results and grids in {a.out}/)")
+    return 0
+
+
+def cmd_bench(a):
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent
+    script = root / "benchmarks" / "throughput.py"
+    if not script.is_file():
+        raise ValueError("bench: benchmarks/throughput.py is not here; run it from a source checkout "
+                         "(pip install -e .)")
+    spec = importlib.util.spec_from_file_location("cdp_fast_throughput", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = [v for v in a.bench_args if v != "--"]
+    try:
+        return mod.main(args)
+    except SystemExit as e:  # argparse inside the benchmark
+        return e.code if isinstance(e.code, int) else 2
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser():
+    p = _Parser(prog=PROG, description="Contrastive-guided diffusion (Contrastive-DP) for robust training.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="{sample,label,select,train,eval,demo,bench}",
+                           parser_class=_Parser)
+
+    s = sub.add_parser("sample", help="generate (guided) DDIM samples",
+                       description="Generate Contrastive-DP / DDIM samples (cdp_fast.sample). Options with "
+                                   "'default: per model' take the bundled model's tuned value for --model "
+                                   "digits, else the library default.")
+    s.add_argument("--model", default="digits",
+                   help="eps-model: 'digits' (bundled), a diffusers folder, or module:factory (default: digits)")
+    s.add_argument("-n", "--n", type=int, default=64, help="number of samples (default: 64)")
+    s.add_argument("--loss", choices=("none", "infonce", "hnm"), default="hnm",
+                   help="contrastive loss; none = plain DDIM (default: hnm)")
+    s.add_argument("--features", default="auto",
+                   help="feature extractor f for the loss: auto (the bundled model's, else pixels), pixels, "
+                        "digits, or module:factory; f takes x in [-1, 1] (default: auto)")
+    s.add_argument("--embedding", choices=("none", "mlp"), default="none",
+                   help="'mlp': online 2-layer head on f trained by the loss (default: none)")
+    s.add_argument("--guide-window", type=int, nargs=2, metavar=("T_LO", "T_HI"), default=None,
+                   help="guide only when T_LO <= t <= T_HI (default: every step)")
+    s.add_argument("--lam", type=float, default=None, help="guidance strength lambda (default: per model/loss)")
+    s.add_argument("--tau", type=float, default=None, help="temperature tau (default: per model/loss)")
+    s.add_argument("--tau-plus", type=float, default=0.1, help="HNM class prior tau+ in [0, 1) (default: 0.1)")
+    s.add_argument("--beta", type=float, default=1.0, help="HNM concentration beta >= 0 (default: 1.0)")
+    s.add_argument("--positive", choices=("previous", "real"), default="previous",
+                   help="positive pair: x_{t+1} of the same sample, or a real image (default: previous)")
+    s.add_argument("--negatives", choices=("batch", "real", "class"), default="batch",
+                   help="negatives: other batch samples, the real bank, or other-class samples (default: batch)")
+    s.add_argument("--real", default=None,
+                   help="real images for the 'real' modes: 'digits' or an npz / out folder (default: none)")
+    s.add_argument("--num-classes", type=int, default=None,
+                   help="class-conditional model: number of classes (default: from the model, else none)")
+    s.add_argument("--class-labels", default=None,
+                   help="per-sample classes: a .npy / labelled .npz file or a comma list (default: none)")
+    s.add_argument("--labeler", default="auto",
+                   help="pseudo-labeller: auto (the bundled model's classifier, else none), none, digits, or "
+                        "module:factory taking x in [-1, 1] (default: auto)")
+    s.add_argument("--steps", type=int, default=None, help="DDIM steps (default: per model; library 200)")
+    s.add_argument("--skip", choices=("uniform", "quadratic"), default=None,
+                   help="timestep sub-sequence (default: per model; library quadratic)")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 = deterministic (default: 0)")
+    s.add_argument("--T", type=int, default=1000, help="training diffusion steps T (default: 1000)")
+    s.add_argument("--betas", choices=("linear", "cosine"), default=None,
+                   help="noise schedule (default: linear, or the diffusers folder's scheduler)")
+    s.add_argument("--image-shape", default=None,
+                   help="per-sample shape C,H,W (default: from the model; required for module:factory)")
+    s.add_argument("--batch-size", type=int, default=None,
+                   help="batch size = contrastive batch m (default: per model; library 512)")
+    s.add_argument("--out", default=None, help="directory for shards + manifest (resumable); default: in memory")
+    s.add_argument("--npz", default=None, help="also write all samples to this npz (image uint8 NHWC, label)")
+    s.add_argument("--grid", default=None,
+                   help="write a PNG grid of the first 64 samples; when guided, beside the unguided DDIM "
+                        "samples from the same starting noise")
+    s.add_argument("--output", choices=("uint8", "float"), default="uint8",
+                   help="uint8 NHWC images or float model-space arrays (default: uint8)")
+    s.add_argument("--seed", type=int, default=0, help="run seed; sample i depends on (seed, i) (default: 0)")
+    s.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda (default: the model's)")
+    s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="autocast dtype for the networks (default: float32)")
+    s.add_argument("--compile", choices=("auto", "true", "false"), default="auto",
+                   help="torch.compile the eps-model: auto = on CUDA only (default: auto)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_sample)
+
+    lab = sub.add_parser("label", help="pseudo-label samples with a classifier",
+                         description="Pseudo-label generated samples (cdp_fast.label.pseudo_label).")
+    lab.add_argument("samples", help="an out folder of `cdp-fast sample` or an npz")
+    lab.add_argument("--classifier", default="digits",
+                     help="'digits' (bundled) or module:factory (default: digits)")
+    lab.add_argument("--out", required=True, help="output npz (image, label, confidence)")
+    lab.add_argument("--device", default=None, help="torch device (default: cpu)")
+    lab.set_defaults(func=cmd_label)
+
+    sel = sub.add_parser("select", help="keep the best k samples per class",
+                         description="Select k samples per pseudo-class (cdp_fast.label.select).")
+    sel.add_argument("samples", help="a labelled npz or out folder")
+    sel.add_argument("--criterion", default="confidence",
+                     help="selection criterion understood by cdp_fast.label.select (default: confidence)")
+    sel.add_argument("--k-per-class", type=int, required=True, help="samples kept per class")
+    sel.add_argument("--classifier", default=None,
+                     help="classifier for criteria that need one: digits or module:factory (default: none)")
+    sel.add_argument("--out", required=True, help="output npz")
+    sel.add_argument("--device", default=None, help="torch device (default: cpu)")
+    sel.set_defaults(func=cmd_select)
+
+    tr = sub.add_parser("train", help="TRADES adversarial training on real + synthetic data",
+                        description="TRADES adversarial training (cdp_fast.train_trades).")
+    tr.add_argument("--arch", default="small-cnn",
+                    help="classifier: a cdp_fast.models name (small-cnn, preact-resnet18, wrn-28-10-swish), "
+                         "digits (the bundled classifier's architecture) or module:factory (default: small-cnn)")
+    tr.add_argument("--num-classes", type=int, default=10, help="number of classes (default: 10)")
+    tr.add_argument("--data", default="digits",
+                    help="real training data: 'digits' (bundled train split) or an npz (default: digits)")
+    tr.add_argument("--synthetic", default=None, help="synthetic data: npz or out folder (default: none)")
+    tr.add_argument("--real-fraction", type=float, default=0.3,
+                    help="share of real images per batch when --synthetic is given (default: 0.3)")
+    tr.add_argument("--epochs", type=int, default=15, help="epochs (default: 15)")
+    tr.add_argument("--eps", type=float, default=0.1, help="L-inf radius on [0, 1] pixels (default: 0.1)")
+    tr.add_argument("--step-size", type=float, default=None, help="PGD step size (default: 2.5 eps / steps)")
+    tr.add_argument("--steps", type=int, default=10, help="PGD steps (default: 10)")
+    tr.add_argument("--beta", type=float, default=6.0, help="TRADES beta (default: 6)")
+    tr.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
+    tr.add_argument("--ema", type=float, default=0.995, help="EMA decay, 0 = off (default: 0.995)")
+    tr.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
+    tr.add_argument("--pad", type=int, default=None, help="random-crop padding (default: 1 digits, else 4)")
+    tr.add_argument("--no-flip", action="store_true", help="no horizontal flips (always off for digits)")
+    tr.add_argument("--checkpoint", default=None, help="resumable checkpoint path (default: none)")
+    tr.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    tr.add_argument("--device", default=None, help="torch device (default: cpu)")
+    tr.add_argument("--out", required=True, help="where to write the trained state_dict (.pt)")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="clean / PGD / AutoAttack accuracy",
+                        description="Evaluate a classifier (cdp_fast.evaluate); inputs in [0, 1].")
+    ev.add_argument("--arch", default="small-cnn",
+                    help="classifier architecture (as for train) or module:factory; 'digits' without "
+                         "--weights evaluates the bundled digits classifier (default: small-cnn)")
+    ev.add_argument("--num-classes", type=int, default=10, help="number of classes (default: 10)")
+    ev.add_argument("--weights", default=None, help="state_dict saved by `cdp-fast train`")
+    ev.add_argument("--data", default="digits",
+                    help="test data: 'digits' (bundled test split) or a labelled npz (default: digits)")
+    ev.add_argument("--n", type=int, default=None, help="evaluate on the first N test images (default: all)")
+    ev.add_argument("--eps", type=float, default=0.1, help="L-inf radius (default: 0.1)")
+    ev.add_argument("--attacks", default="clean,pgd,autoattack",
+                    help="comma list of clean, pgd, autoattack (default: all three)")
+    ev.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ev.add_argument("--device", default=None, help="torch device (default: cpu)")
+    ev.set_defaults(func=cmd_eval)
+
+    de = sub.add_parser("demo", help="the embedded digits experiment (real vs +DDIM vs +Contrastive-DP)",
+                        description="Run the miniature Figure-3 experiment on scikit-learn's 8x8 digits "
+                                    "(cdp_fast.demo.run_demo); prints the table, writes JSON, a plot and grids.")
+    de.add_argument("--full", action="store_true",
+                    help="longer run: 4000 synthetic, 30 epochs, 5 seeds, synthetic regenerated per seed")
+    de.add_argument("--seeds", type=int, default=None, help="number of training seeds (default: 3; --full 5)")
+    de.add_argument("--n-synthetic", type=int, default=None,
+                    help="synthetic images per method (default: 1024; --full 4000)")
+    de.add_argument("--epochs", type=int, default=None, help="TRADES epochs (default: 15; --full 30)")
+    de.add_argument("--eps", type=float, default=0.1, help="L-inf radius on [0, 1] pixels (default: 0.1)")
+    de.add_argument("--attacks", default="clean,pgd,autoattack",
+                    help="comma list of clean, pgd, autoattack (default: all three)")
+    de.add_argument("--test-n", type=int, default=None, help="first N test digits only (default: all 450)")
+    de.add_argument("--real-n", type=int, default=None, help="first N real training digits only (default: all 1347)")
+    de.add_argument("--out", default="cdp_demo", help="output folder (default: cdp_demo)")
+    de.add_argument("--device", default=None, help="torch device (default: cpu)")
+    de.add_argument("--no-progress", action="store_true", help="no progress bars")
+    de.set_defaults(func=cmd_demo)
+
+    be = sub.add_parser("bench", help="sampling throughput benchmark (benchmarks/throughput.py)",
+                        description="Run benchmarks/throughput.py; every argument after 'bench' is passed "
+                                    "through (e.g. cdp-fast bench -- --config cifar). Needs a source checkout.")
+    be.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for benchmarks/throughput.py")
+    be.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point of `cdp-fast`; returns the exit status (0 ok, 1 environment, 2 bad arguments)."""
+    parser = build_parser()
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help
+            return e.code if isinstance(e.code, int) else 0
+        if args.version:
+            from cdp_fast import __version__
+
+            print(f"cdp_fast {__version__}")
+            return 0
+        if args.command is None:
+            raise UsageError(f"{PROG}: choose a subcommand: sample, label, select, train, eval, demo, bench "
+                             "(see --help)")
+        return args.func(args)
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
