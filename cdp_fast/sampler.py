@@ -98,7 +98,7 @@ def guided_ddim(model, x_T, *, alphas_cumprod, timesteps, guidance=None, eta=0.0
         x_T: (B, *shape) starting noise.
         alphas_cumprod: (T,) ᾱ table (float; see cdp_fast.schedule).
         timesteps: (S,) descending LongTensor (cdp_fast.timesteps); after the last entry
-            ᾱ_prev = 1.
+            ᾱ_prev = 1; a repeated entry is skipped (its update is the identity).
         guidance: None, or a callable ``guidance(x_t, t, eps, step) -> (g, lam) | None``
             returning ∇_{x_t}ℓ and λ (e.g. :class:`ContrastiveGuidance`).
         eta: η ≥ 0; 0 = deterministic DDIM, 1 = DDPM-like ancestral noise.
@@ -115,8 +115,8 @@ def guided_ddim(model, x_T, *, alphas_cumprod, timesteps, guidance=None, eta=0.0
         raise ValueError("timesteps is empty")
     if (ts < 0).any() or (ts >= abar.numel()).any():
         raise ValueError(f"timesteps must lie in [0, {abar.numel() - 1}]")
-    if (ts[1:] >= ts[:-1]).any():
-        raise ValueError("timesteps must be strictly descending")
+    if (ts[1:] > ts[:-1]).any():
+        raise ValueError("timesteps must be descending")
     if not (isinstance(eta, (int, float)) and eta >= 0):
         raise ValueError(f"eta must be >= 0, got {eta!r}")
     x = x_T
@@ -128,6 +128,8 @@ def guided_ddim(model, x_T, *, alphas_cumprod, timesteps, guidance=None, eta=0.0
     bad = torch.zeros((), dtype=torch.long, device=x.device)  # first non-finite step + 1 (no host sync)
     for step, t in enumerate(t_list):
         t_prev = t_list[step + 1] if step + 1 < len(t_list) else -1
+        if t_prev == t:  # repeated t (quadratic skip): ᾱ_prev = ᾱ_t makes the update the identity
+            continue
         a_t = float(abar[t])
         a_prev = float(abar[t_prev]) if t_prev >= 0 else 1.0
         t_batch = torch.full((B,), t, dtype=torch.long, device=x.device)

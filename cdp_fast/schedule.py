@@ -74,7 +74,10 @@ def timesteps(T: int, steps: int, skip: str = "uniform") -> torch.Tensor:
     - ``"quadratic"``: ``(linspace(0, sqrt(0.8 T), steps) ** 2)`` cast to int (official DDIM
       code, used by the paper for CIFAR-10 with 200 steps).
 
-    Duplicates (possible for quadratic with many steps) are an error: the step would be a no-op.
+    The quadratic sequence repeats small timesteps when steps is large (200 steps of T = 1000,
+    the paper's CIFAR-10 setting, start 0, 0, 0, 0, 0, 0, 0, 1, 1, ...); the official code keeps
+    them, and a repeated t is an exact no-op of the DDIM update (ᾱ_prev = ᾱ_t), so they are
+    kept here too and :func:`cdp_fast.guided_ddim` skips them without a model call.
     """
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"T must be a positive int, got {T!r}")
@@ -86,11 +89,6 @@ def timesteps(T: int, steps: int, skip: str = "uniform") -> torch.Tensor:
         seq = list(range(0, T, T // steps))[:steps]
     elif skip == "quadratic":
         seq = [int(s) for s in (torch.linspace(0, math.sqrt(T * 0.8), steps, dtype=torch.float64) ** 2)]
-        if len(set(seq)) != len(seq):
-            raise ValueError(
-                f"skip='quadratic' with steps={steps} and T={T} repeats timesteps; use fewer "
-                "steps or skip='uniform'"
-            )
     else:
         raise ValueError(f"skip must be 'uniform' or 'quadratic', got {skip!r}")
     return torch.tensor(seq[::-1], dtype=torch.long)
