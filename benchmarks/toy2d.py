@@ -87,9 +87,9 @@ class MixtureEps(torch.nn.Module):
         return torch.logaddexp(lp(m), lp(-m)) - math.log(2.0)
 
     def forward(self, x, t):
-        a = self.alphas_cumprod[t][:, None] if isinstance(t, torch.Tensor) and t.dtype == torch.long else None
-        s = self.score(x, t)
-        return (-(1 - a).sqrt() * s).to(x.dtype)
+        self._check(x, t)
+        a = self.alphas_cumprod[t][:, None]
+        return (-(1 - a).sqrt() * self.score(x, t)).to(x.dtype)
 
 
 def sign_labeler(mu=MU):
@@ -127,14 +127,21 @@ VARIANTS = {
 }
 
 
-def generate(variant, *, n=200, steps=50, init_std=1.0, seed=0, real=None, model=None):
+def generate(variant, *, n=200, steps=50, init_std=1.0, seed=0, real=None, model=None, via="auto"):
     """Samples of one variant, (n, 2) float32 numpy.
 
     ``init_std`` = 1: ``cdp_fast.sample`` (x_T ~ N(0, I), the public API). Other values (App.
     C.2's N(0, 4I) is init_std = 2): the same per-sample noise scaled by ``init_std``, run through
     the pure loop ``cdp_fast.guided_ddim`` with ``cdp_fast.ContrastiveGuidance`` — ``sample``
-    has no argument to scale x_T. One contrastive batch of n samples.
+    has no argument to scale x_T. ``via="loop"`` forces the second route for any init_std
+    (the tests check both routes agree at init_std = 1). One contrastive batch of n samples.
     """
+    if via not in ("auto", "sample", "loop"):
+        raise ValueError(f"via must be 'auto', 'sample' or 'loop', got {via!r}")
+    if not (isinstance(init_std, (int, float)) and math.isfinite(init_std) and init_std > 0):
+        raise ValueError(f"init_std must be > 0, got {init_std!r}")
+    if via == "sample" and init_std != 1.0:
+        raise ValueError("via='sample' needs init_std=1 (cdp_fast.sample draws x_T ~ N(0, I))")
     opts = dict(VARIANTS[variant]) if isinstance(variant, str) else dict(variant)
     model = MixtureEps() if model is None else model
     if real is None:
@@ -146,7 +153,7 @@ def generate(variant, *, n=200, steps=50, init_std=1.0, seed=0, real=None, model
     lam, tau = opts.pop("lam", None), opts.pop("tau", None)
     if opts:
         raise ValueError(f"variant: unknown options {sorted(opts)}")
-    if init_std == 1.0:
+    if via == "sample" or (via == "auto" and init_std == 1.0):
         s = cdp_fast.sample(model, n, loss=loss, lam=lam, tau=tau, real=real, labeler=labeler,
                             image_shape=(2,), output="float", steps=steps, skip="uniform",
                             batch_size=n, seed=seed, progress=False, compile=False, **kw)
@@ -225,7 +232,8 @@ def _plot(panels, path, title):
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
-    lim = 4.5
+    allx = np.concatenate([x for _, x in panels])
+    lim = max(4.5, float(np.quantile(np.abs(allx), 0.995)) + 0.5)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, (name, x) in zip(axes.flat, panels):
