@@ -279,7 +279,9 @@ class ContrastiveGuidance:
                         labels = self.class_labels
                     else:
                         a_t = float(self.abar[t])
-                        x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1, 1)
+                        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+                        if x0.dim() == 4:  # images: the labeler's input range
+                            x0 = x0.clamp(-1, 1)
                         labels = self.labeler(x0).argmax(1)
             if self.loss == "hnm":
                 ell = losses.hnm_loss(anchor, pos, cand, tau=self.tau, tau_plus=self.tau_plus,
@@ -308,7 +310,7 @@ def _is_int(v):
 
 def _validate(n, loss, lam, tau, tau_plus, beta, positive, negatives, real, class_labels, labeler,
               num_classes, batch_size, steps, eta, output, image_shape, embedding, guide_window,
-              compile, shard_size):
+              compile, shard_size, init_std=1.0):
     if not _is_int(n) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     if loss not in _LOSSES:
@@ -332,6 +334,8 @@ def _validate(n, loss, lam, tau, tau_plus, beta, positive, negatives, real, clas
         raise ValueError(f"embedding must be None or 'mlp', got {embedding!r}")
     if compile not in ("auto", True, False):
         raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
+    if not (isinstance(init_std, (int, float)) and math.isfinite(init_std) and init_std > 0):
+        raise ValueError(f"init_std must be > 0, got {init_std!r}")
     if shard_size is not None and (not _is_int(shard_size) or shard_size < 1):
         raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
     if num_classes is not None and (not _is_int(num_classes) or num_classes < 1):
@@ -408,7 +412,7 @@ def _resolve_device(model, device):
 
 def _labels_from(labeler, x):
     with torch.no_grad():
-        logits = labeler(x.clamp(-1, 1)).float()
+        logits = labeler(x.clamp(-1, 1) if x.dim() == 4 else x).float()
     prob = torch.softmax(logits, dim=1)
     conf, lab = prob.max(dim=1)
     return lab.to(torch.int64), conf
@@ -424,6 +428,8 @@ def _generate_group(ctx, start, count):
     gens = _generators(ctx["seed"], idx)
     shape = tuple(ctx["image_shape"])
     x_T = _per_sample_randn(gens, shape, ctx["device"])
+    if ctx["init_std"] != 1.0:
+        x_T = x_T * ctx["init_std"]
     y = None
     cls = None
     if ctx["class_labels"] is not None:
@@ -483,7 +489,7 @@ def sample(model, n, *, loss="hnm", features=None, embedding=None, guide_window=
            num_classes=None, class_labels=None, labeler=None, steps=200, skip="quadratic", eta=0.0,
            T=1000, betas="linear", alphas_cumprod=None, image_shape=(3, 32, 32), batch_size=512,
            out=None, shard_size=None, output="uint8", seed=0, device=None, dtype=None,
-           compile="auto", progress=True):
+           compile="auto", progress=True, init_std=1.0):
     """Generate ``n`` Contrastive-DP samples (Algorithm 1), optionally streamed to disk.
 
     Args (DESIGN.md §3; shapes in brackets):
@@ -521,6 +527,7 @@ def sample(model, n, *, loss="hnm", features=None, embedding=None, guide_window=
             autocast (the sampler state stays fp32).
         compile: "auto" (torch.compile on CUDA), True, or False.
         progress: tqdm progress bar.
+        init_std: x_T ~ N(0, init_std² I) (1 = the diffusion prior; App. C.2 also uses 2).
     Returns:
         :class:`cdp_fast.Samples`.
 
@@ -533,7 +540,7 @@ def sample(model, n, *, loss="hnm", features=None, embedding=None, guide_window=
         loss = None
     _validate(n, loss, lam, tau, tau_plus, beta, positive, negatives, real, class_labels, labeler,
               num_classes, batch_size, steps, eta, output, image_shape, embedding, guide_window,
-              compile, shard_size)
+              compile, shard_size, init_std)
     guided = loss is not None
     if guided:
         d = DEFAULTS[loss]
@@ -547,6 +554,12 @@ def sample(model, n, *, loss="hnm", features=None, embedding=None, guide_window=
         abar = make_alphas_cumprod(betas, T)
     ts = make_timesteps(T, steps, skip)
     dev = _resolve_device(model, device)
+    if out is not None:
+        from cdp_fast import distributed
+
+        if distributed.world_info()[1] > 1 and device is None and dev.type == "cuda":
+            dev = distributed.local_device()  # one GPU per rank (LOCAL_RANK)
+            model = model.to(dev) if isinstance(model, torch.nn.Module) else model
     if isinstance(model, torch.nn.Module):
         model.eval()
     run_model = model
@@ -575,7 +588,7 @@ def sample(model, n, *, loss="hnm", features=None, embedding=None, guide_window=
     ctx = dict(model=run_model, batch_size=batch_size, guided=guided, seed=seed,
                image_shape=tuple(image_shape), device=dev, class_labels=class_labels,
                num_classes=num_classes, guidance=guidance, abar=abar, ts=ts, eta=float(eta),
-               labeler=labeler, output=output, autocast=autocast)
+               labeler=labeler, output=output, autocast=autocast, init_std=float(init_std))
     from tqdm.auto import tqdm
 
     from cdp_fast.data import Samples
@@ -601,9 +614,11 @@ def sample(model, n, *, loss="hnm", features=None, embedding=None, guide_window=
               num_classes=num_classes, class_labels=class_labels, labeler=labeler, steps=steps,
               skip=skip, eta=eta, T=T, betas=betas, alphas_cumprod=alphas_cumprod,
               image_shape=image_shape, batch_size=batch_size, shard_size=shard_size, output=output,
-              seed=seed, dtype=str(dtype))
-    write_shards(ctx, out, n, shard_size, _manifest_args(model, n, kw), progress=progress)
-    return Samples.load(out)
+              seed=seed, dtype=str(dtype), init_std=float(init_std))
+    stats = write_shards(ctx, out, n, shard_size, _manifest_args(model, n, kw), progress=progress)
+    result = Samples.load(out)
+    result.meta["throughput"] = stats
+    return result
 
 
 # ----------------------------------------------------------------------------- shards
@@ -643,44 +658,77 @@ def _load_or_start_manifest(out: Path, args, n, shard_size):
     return manifest
 
 
-def _verify_shards(out: Path, manifest):
-    """Drop from the manifest every shard whose file is missing, truncated or corrupted."""
+def _shard_ok(out: Path, name, info) -> bool:
     from cdp_fast.data import sha256_file
 
+    f = out / name
+    return f.exists() and f.stat().st_size == info.get("bytes") and sha256_file(f) == info.get("sha256")
+
+
+def _verify_shards(out: Path, manifest, plan):
+    """Keep in the manifest only the shards whose file is intact; absorb the per-shard
+    records (``shard-*.json``) that ranks of a multi-process run leave beside their shards.
+    Missing, truncated or corrupted shards are dropped (and so regenerated)."""
+    expected = {_shard_name(k): (s, c) for k, s, c in plan}
     good = {}
     for name, info in manifest.get("shards", {}).items():
-        f = out / name
-        if not f.exists():
-            warnings.warn(f"{f} is missing; it will be regenerated")
+        if _shard_ok(out, name, info):
+            good[name] = info
+        else:
+            warnings.warn(f"{out / name} is missing, truncated or corrupted (sha256 mismatch); "
+                          "it will be regenerated")
+    for rec in sorted(out.glob("shard-*.json")):
+        name = rec.stem + ".npz"
+        try:
+            info = json.loads(rec.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
             continue
-        if f.stat().st_size != info.get("bytes") or sha256_file(f) != info.get("sha256"):
-            warnings.warn(f"{f} is truncated or corrupted (sha256 mismatch); it will be regenerated")
+        if name in good or name not in expected or (info.get("start"), info.get("count")) != expected[name]:
             continue
-        good[name] = info
+        if _shard_ok(out, name, info):
+            good[name] = info
     manifest["shards"] = good
 
 
-def write_shards(ctx, out, n, shard_size, args, *, progress=True, shard_filter=None,
-                 write_manifest=True):
+def _finish_manifest(out: Path, manifest, plan):
+    from cdp_fast.data import atomic_write_json
+
+    manifest["complete"] = all(_shard_name(k) in manifest["shards"] for k, _, _ in plan)
+    atomic_write_json(out / "manifest.json", manifest)
+    for rec in out.glob("shard-*.json"):
+        if rec.stem + ".npz" in manifest["shards"]:
+            rec.unlink(missing_ok=True)
+
+
+def write_shards(ctx, out, n, shard_size, args, *, progress=True):
     """Generate every missing shard of a run into ``out`` (the resumable part of
-    :func:`sample`). ``shard_filter(k) -> bool`` restricts the shards this process makes
-    (used for multi-process runs)."""
+    :func:`sample`), in this process or, under torchrun, shared among the ranks
+    (shard k on rank k % world_size). Returns per-rank throughput figures."""
+    import time
+
     from tqdm.auto import tqdm
 
-    from cdp_fast.data import atomic_write_json, npz_bytes, atomic_write_bytes
+    from cdp_fast import distributed
+    from cdp_fast.data import atomic_write_bytes, atomic_write_json, npz_bytes
 
     out = Path(out)
-    manifest = _load_or_start_manifest(out, args, n, shard_size)
-    _verify_shards(out, manifest)
-    for stray in out.glob(".shard-*.tmp"):
-        stray.unlink(missing_ok=True)
+    rank, world = distributed.maybe_init(ctx["device"])
     plan = _shard_plan(n, shard_size)
-    todo = [p for p in plan if _shard_name(p[0]) not in manifest["shards"]
-            and (shard_filter is None or shard_filter(p[0]))]
-    done = n - sum(c for _, _, c in todo) if shard_filter is None else 0
-    bar = tqdm(total=n if shard_filter is None else sum(c for _, _, c in todo), initial=done,
-               disable=not progress, desc="cdp_fast.sample", unit="img")
+    if rank == 0:
+        manifest = _load_or_start_manifest(out, args, n, shard_size)
+        for stray in out.glob(".shard-*.tmp"):
+            stray.unlink(missing_ok=True)
+    distributed.barrier()
+    if rank != 0:
+        manifest = _load_or_start_manifest(out, args, n, shard_size)
+    _verify_shards(out, manifest, plan)
+    distributed.barrier()
+    todo = [p for p in plan if _shard_name(p[0]) not in manifest["shards"] and p[0] % world == rank]
+    total = n if world == 1 else sum(c for _, _, c in todo)
+    bar = tqdm(total=total, initial=total - sum(c for _, _, c in todo), disable=not progress or rank != 0,
+               desc="cdp_fast.sample" + (f" [rank 0 of {world}]" if world > 1 else ""), unit="img")
     B = ctx["batch_size"]
+    made, t0 = 0, time.perf_counter()
     for k, start, count in todo:
         imgs, labs, confs = [], [], []
         for s in range(start, start + count, B):
@@ -698,13 +746,22 @@ def write_shards(ctx, out, n, shard_size, args, *, progress=True, shard_filter=N
         data = npz_bytes(arrays)
         name = _shard_name(k)
         atomic_write_bytes(out / name, data)
-        manifest["shards"][name] = {"start": start, "count": count, "bytes": len(data),
-                                    "sha256": hashlib.sha256(data).hexdigest()}
-        if write_manifest:
+        info = {"start": start, "count": count, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        manifest["shards"][name] = info
+        made += count
+        if world == 1:
             manifest["complete"] = len(manifest["shards"]) == len(plan)
             atomic_write_json(out / "manifest.json", manifest)
+        else:  # one small record per shard; rank 0 folds them into the manifest at the end
+            atomic_write_json(out / f"shard-{k:06d}.json", info)
     bar.close()
-    if write_manifest:
-        manifest["complete"] = len(manifest["shards"]) == len(plan)
-        atomic_write_json(out / "manifest.json", manifest)
-    return manifest
+    elapsed = time.perf_counter() - t0
+    stats = distributed.all_gather_object({"rank": rank, "images": made, "seconds": elapsed,
+                                           "images_per_s": made / elapsed if elapsed > 0 else 0.0})
+    distributed.barrier()
+    if rank == 0:
+        manifest = json.loads((out / "manifest.json").read_text())
+        _verify_shards(out, manifest, plan)
+        _finish_manifest(out, manifest, plan)
+    distributed.barrier()
+    return stats
