@@ -102,6 +102,8 @@ def _check_scalar_or_per_sample(v, name: str, x: torch.Tensor) -> None:
             raise ValueError(f"{name} must be a float or a tensor, got {type(v).__name__}") from None
         if not f >= 0:  # also rejects NaN
             raise ValueError(f"{name} must be >= 0, got {f}")
+        if name == "step_size" and f == float("inf"):
+            raise ValueError("step_size must be finite (inf * sign(0) is NaN)")
 
 
 def _validate(x_adv, grad, x_nat, step_size, eps) -> None:
@@ -180,7 +182,7 @@ def _jit_build() -> None:
 
     sources = _jit_sources(csrc)
     key = _cache_key(sources)
-    flags = ["-O3", "-std=c++17"]
+    flags = ["-O3"]  # torch's own -std (C++17 or C++20 by version) is kept
     cuda = any(s.endswith(".cu") for s in sources)
     if cuda:
         flags.append("-DCDP_FAST_WITH_CUDA")
