@@ -1,0 +1,318 @@
+"""Pseudo-labels for generated images and the paper's data-selection criteria.
+
+Pseudo-labelling (paper §2: "ỹ_i are pseudo labels assigned by a classifier learned on the
+training data"): ``label = argmax softmax(f(x))``, ``confidence = max softmax``,
+``entropy = −Σ_k p_k log p_k`` (nats), computed batch by batch so a million lazily stored
+images never sit in memory at once.
+
+Selection (paper App. D.3, Table 6), top-K per class, classes given by the (pseudo-)labels:
+
+==================== ======================================================= =========
+criterion            score                                                   keep
+==================== ======================================================= =========
+"entropy"            H(p(x)) of the classifier (the paper: "LaNet")           smallest
+"confidence"         max_k p_k(x) (DM-Improves-AT's filtering of generated    largest
+                     data by classifier confidence)
+"grad_norm"          ‖∇_θ CE(f_θ(x), ỹ)‖₂ over all trainable parameters       largest
+"robust_grad_norm"   ‖∇_θ [CE(f_θ(x), ỹ) + β·KL(p_θ(x) ‖ p_θ(x'))]‖₂, x' the   largest
+                     TRADES attack point (held fixed), i.e. the per-sample
+                     TRADES loss of :mod:`cdp_fast.train`
+"separability"       ‖φ(x) − c_ỹ‖₂, φ the penultimate features, c_ỹ the mean  smallest
+                     feature of the samples labelled ỹ
+==================== ======================================================= =========
+
+Choices where App. D.3 is not explicit (documented here, tested against loop references):
+
+- gradient norms: the classifier in eval mode (BatchNorm with running statistics, so each
+  sample's gradient depends on that sample alone), the loss of the single sample (no batch
+  averaging), the L2 norm of the concatenation of all trainable parameters' gradients. They
+  are computed with ``torch.func``: ``vmap(grad(loss ∘ functional_call))`` over the batch, in
+  chunks of ``chunk_size`` samples (a WRN-28-10 gradient is 146 MB per sample);
+- "separability": App. D.3 says "compute the L2 distance between each sample and the
+  centroid of all classes (... the mean of all samples in this class) and add them together
+  ... choose the top K samples that have the smallest distance in each class". We read it as
+  the distance of a sample to the centroid of its own (pseudo-)class, centroids over all
+  candidate samples of that class; the features are ``classifier.features`` (images in
+  [0, 1]) unless ``features=`` is given;
+- ties are broken by the lower index; a class with fewer than K samples keeps all of them.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["pseudo_label", "select", "scores", "per_sample_grad_norm", "CRITERIA"]
+
+CRITERIA = ("entropy", "confidence", "grad_norm", "robust_grad_norm", "separability")
+_KEEP_LARGEST = {"entropy": False, "confidence": True, "grad_norm": True,
+                 "robust_grad_norm": True, "separability": False}
+
+
+# --------------------------------------------------------------------------- inputs
+class _Images:
+    """Batched float NCHW [0, 1] view of any accepted image container."""
+
+    def __init__(self, images, name: str = "images"):
+        self.samples = None
+        if hasattr(images, "images") and hasattr(images, "labels"):  # cdp_fast.Samples
+            self.samples = images
+            images = images.images
+        self.raw = images
+        if isinstance(images, torch.Tensor):
+            if images.dtype == torch.uint8:
+                self.kind = "uint8"
+            elif images.is_floating_point() and images.dim() == 4:
+                self.kind = "float01"
+            else:
+                raise ValueError(f"{name} must be float NCHW in [0, 1] or uint8 NHWC, got "
+                                 f"{images.dtype} {tuple(images.shape)}")
+        else:
+            dtype = np.dtype(getattr(images, "dtype", None) or np.asarray(images).dtype)
+            if dtype == np.uint8:
+                self.kind = "uint8"
+            elif np.issubdtype(dtype, np.floating):
+                # float arrays from a Samples are model space [-1, 1] (DESIGN.md §3); other
+                # float arrays are NCHW in [0, 1] like tensors.
+                self.kind = "float_pm1" if self.samples is not None else "float01"
+            else:
+                raise ValueError(f"{name} must be uint8 NHWC or float NCHW, got dtype {dtype}")
+        self.n = len(images)
+        if self.n == 0:
+            raise ValueError(f"{name} is empty")
+
+    def __len__(self):
+        return self.n
+
+    def batch(self, start: int, stop: int) -> torch.Tensor:
+        chunk = self.raw[start:stop]
+        if self.kind == "uint8":
+            t = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.array(chunk))
+            if t.dim() == 3:
+                t = t.unsqueeze(-1)
+            return t.permute(0, 3, 1, 2).float().div(255.0)
+        if isinstance(chunk, torch.Tensor):
+            t = chunk.float()
+        else:
+            t = torch.from_numpy(np.array(chunk, dtype=np.float32))
+        if self.kind == "float_pm1":
+            t = ((t + 1) * 0.5).clamp(0, 1)
+        return t
+
+    def batches(self, batch_size: int):
+        for i in range(0, self.n, batch_size):
+            yield i, self.batch(i, min(self.n, i + batch_size))
+
+
+def _device_of(model: nn.Module, device):
+    if device is not None:
+        return torch.device(device)
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _check_bs(batch_size, name="batch_size"):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {batch_size!r}")
+
+
+# --------------------------------------------------------------------------- pseudo-labels
+def pseudo_label(classifier: nn.Module, images, *, batch_size: int = 512, device=None) -> dict:
+    """Pseudo-labels of ``images`` by ``classifier`` (eval mode; modes restored).
+
+    Args:
+        classifier: (B, C, H, W) in [0, 1] -> logits (B, K).
+        images: float NCHW tensor in [0, 1], uint8 NHWC array/tensor, or a
+            :class:`cdp_fast.Samples` (uint8 images, or float images in [-1, 1]).
+        batch_size: images per forward pass.
+    Returns:
+        {"label": int64 (N,), "confidence": float32 (N,) = max softmax,
+         "entropy": float32 (N,) = −Σ p log p in nats}, numpy arrays.
+    """
+    if not isinstance(classifier, nn.Module):
+        raise ValueError(f"classifier must be a torch.nn.Module, got {type(classifier).__name__}")
+    _check_bs(batch_size)
+    imgs = _Images(images)
+    dev = _device_of(classifier, device)
+    from cdp_fast.attacks import eval_mode
+
+    labels, conf, ent = [], [], []
+    with torch.no_grad(), eval_mode(classifier):
+        for _, xb in imgs.batches(batch_size):
+            logp = F.log_softmax(classifier(xb.to(dev)).float(), dim=1)
+            p = logp.exp()
+            c, lab = p.max(dim=1)
+            labels.append(lab.cpu())
+            conf.append(c.cpu())
+            ent.append((-(p * logp).sum(dim=1)).cpu())
+    return {"label": torch.cat(labels).numpy().astype(np.int64),
+            "confidence": torch.cat(conf).numpy().astype(np.float32),
+            "entropy": torch.cat(ent).numpy().astype(np.float32)}
+
+
+# --------------------------------------------------------------------------- gradient norms
+def per_sample_grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                         x_adv: Optional[torch.Tensor] = None, beta: float = 6.0,
+                         chunk_size: Optional[int] = 16) -> torch.Tensor:
+    """‖∇_θ ℓ_i‖₂ for every sample, with ``torch.func`` (vmap of grad of functional_call).
+
+    ℓ_i = CE(f_θ(x_i), y_i), or with ``x_adv`` the per-sample TRADES loss
+    CE(f_θ(x_i), y_i) + β·KL(p_θ(x_i) ‖ p_θ(x_adv_i)) (x_adv held fixed). The model is
+    called with its current mode (use eval mode so BatchNorm uses running statistics).
+    Shapes: x (B, C, H, W), y (B,), x_adv like x -> (B,) float32.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
+    buffers = {k: v for k, v in model.named_buffers()}
+
+    def logits_of(p, xi):
+        return functional_call(model, ({**p, **frozen}, buffers), (xi.unsqueeze(0),)).float()
+
+    def ce(p, xi, yi):
+        return F.cross_entropy(logits_of(p, xi), yi.unsqueeze(0))
+
+    def trades(p, xi, yi, xai):
+        ln = logits_of(p, xi)
+        la = logits_of(p, xai)
+        kl = F.kl_div(F.log_softmax(la, dim=1), F.softmax(ln, dim=1), reduction="sum")
+        return F.cross_entropy(ln, yi.unsqueeze(0)) + beta * kl
+
+    if x_adv is None:
+        g = vmap(grad(ce), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, x, y)
+    else:
+        g = vmap(grad(trades), in_dims=(None, 0, 0, 0), chunk_size=chunk_size)(params, x, y, x_adv)
+    sq = sum(v.reshape(v.shape[0], -1).float().pow(2).sum(1) for v in g.values())
+    return sq.sqrt()
+
+
+# --------------------------------------------------------------------------- scores
+def scores(samples, criterion: str, *, classifier: Optional[nn.Module] = None,
+           labels=None, features: Optional[Callable] = None, batch_size: int = 256,
+           device=None, eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 10,
+           beta: float = 6.0, seed: int = 0, chunk_size: Optional[int] = 16):
+    """Per-sample score of ``criterion`` (see the module table) and the labels used.
+
+    Returns (score float64 (N,), labels int64 (N,)): the raw score (entropy, confidence,
+    gradient norm, distance), not yet oriented; :func:`select` keeps the smallest or largest.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    _check_bs(batch_size)
+    imgs = _Images(samples, "samples")
+    if classifier is not None and not isinstance(classifier, nn.Module):
+        raise ValueError(f"classifier must be a torch.nn.Module, got {type(classifier).__name__}")
+    if labels is None and imgs.samples is not None and imgs.samples.labels is not None:
+        labels = imgs.samples.labels
+    needs_clf = criterion != "separability" or features is None or labels is None
+    if needs_clf and classifier is None:
+        raise ValueError(f"criterion {criterion!r} needs classifier= (a trained classifier)")
+    pl = None
+    if criterion in ("entropy", "confidence") or labels is None:
+        pl = pseudo_label(classifier, samples, batch_size=batch_size, device=device)
+    if labels is None:
+        labels = pl["label"]
+    labels = np.asarray(labels)
+    if labels.shape != (len(imgs),) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integer, shape ({len(imgs)},), got {labels.dtype} "
+                         f"{labels.shape}")
+    labels = labels.astype(np.int64)
+    if criterion == "entropy":
+        return pl["entropy"].astype(np.float64), labels
+    if criterion == "confidence":
+        return pl["confidence"].astype(np.float64), labels
+
+    from cdp_fast.attacks import eval_mode, trades_attack
+
+    if criterion in ("grad_norm", "robust_grad_norm"):
+        dev = _device_of(classifier, device)
+        out = []
+        with eval_mode(classifier):
+            for b, (i, xb) in enumerate(imgs.batches(batch_size)):
+                xb = xb.to(dev)
+                yb = torch.from_numpy(labels[i:i + len(xb)]).to(dev)
+                xa = None
+                if criterion == "robust_grad_norm":
+                    gen = torch.Generator(device=dev).manual_seed(
+                        int(np.random.SeedSequence([int(seed), 11, b]).generate_state(1)[0]))
+                    xa = trades_attack(classifier, xb, eps=eps, step_size=step_size,
+                                       steps=steps, generator=gen)
+                out.append(per_sample_grad_norm(classifier, xb, yb, x_adv=xa, beta=beta,
+                                                chunk_size=chunk_size).cpu())
+        return torch.cat(out).double().numpy(), labels
+
+    # separability
+    if features is None:
+        if not callable(getattr(classifier, "features", None)):
+            raise ValueError("criterion 'separability' needs features= or a classifier with a "
+                             ".features(x) method")
+        features = classifier.features
+    dev = _device_of(classifier, device) if classifier is not None else torch.device(device or "cpu")
+    feats = []
+    ctx = eval_mode(classifier) if classifier is not None else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        for _, xb in imgs.batches(batch_size):
+            f = features(xb.to(dev))
+            feats.append(f.reshape(len(xb), -1).double().cpu())
+    feats = torch.cat(feats)
+    lab = torch.from_numpy(labels)
+    classes, inv = torch.unique(lab, return_inverse=True)
+    sums = torch.zeros(len(classes), feats.shape[1], dtype=torch.float64).index_add_(0, inv, feats)
+    counts = torch.bincount(inv, minlength=len(classes)).double()
+    centroids = sums / counts[:, None]
+    dist = (feats - centroids[inv]).norm(dim=1)
+    return dist.numpy(), labels
+
+
+def _top_k_per_class(score: np.ndarray, labels: np.ndarray, k: int, largest: bool) -> np.ndarray:
+    out = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        key = -score[idx] if largest else score[idx]
+        order = np.lexsort((idx, key))  # primary: score, ties: lower index first
+        out.append(idx[order[:k]])
+    return np.concatenate(out).astype(np.int64) if out else np.empty(0, np.int64)
+
+
+def select(samples, criterion: str, k_per_class: int, *, classifier: Optional[nn.Module] = None,
+           labels=None, features: Optional[Callable] = None, batch_size: int = 256,
+           device=None, eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 10,
+           beta: float = 6.0, seed: int = 0, chunk_size: Optional[int] = 16):
+    """Keep the top ``k_per_class`` samples of every class by ``criterion`` (App. D.3).
+
+    Args:
+        samples: float NCHW tensor in [0, 1], uint8 NHWC array, or a :class:`cdp_fast.Samples`.
+        criterion: "entropy" | "confidence" | "grad_norm" | "robust_grad_norm" |
+            "separability" (see the module docstring for the exact scores).
+        k_per_class: K >= 1.
+        classifier: the trained classifier (required except for "separability" with both
+            ``features`` and labels given).
+        labels: class of each sample; default ``samples.labels``, else the classifier's
+            pseudo-labels.
+        features: for "separability", x in [0, 1] -> (B, d); default ``classifier.features``.
+        eps, step_size, steps, beta: the TRADES attack and β of "robust_grad_norm".
+        chunk_size: samples per vmap chunk of the per-sample gradients.
+    Returns:
+        int64 indices, grouped by class (ascending) and within a class by rank (best first);
+        for a Samples input the pair ``(indices, samples.subset(indices))``.
+    """
+    if isinstance(k_per_class, bool) or not isinstance(k_per_class, (int, np.integer)) or k_per_class < 1:
+        raise ValueError(f"k_per_class must be an int >= 1, got {k_per_class!r}")
+    score, lab = scores(samples, criterion, classifier=classifier, labels=labels,
+                        features=features, batch_size=batch_size, device=device, eps=eps,
+                        step_size=step_size, steps=steps, beta=beta, seed=seed,
+                        chunk_size=chunk_size)
+    if not np.all(np.isfinite(score)):
+        raise ValueError(f"criterion {criterion!r} produced non-finite scores")
+    idx = _top_k_per_class(score, lab, int(k_per_class), _KEEP_LARGEST[criterion])
+    if hasattr(samples, "images") and hasattr(samples, "labels") and hasattr(samples, "subset"):
+        return idx, samples.subset(idx)
+    return idx
+
