@@ -729,31 +729,46 @@ def write_shards(ctx, out, n, shard_size, args, *, progress=True):
                desc="cdp_fast.sample" + (f" [rank 0 of {world}]" if world > 1 else ""), unit="img")
     B = ctx["batch_size"]
     made, t0 = 0, time.perf_counter()
-    for k, start, count in todo:
-        imgs, labs, confs = [], [], []
-        for s in range(start, start + count, B):
-            c = min(B, start + count - s)
-            img, lab, conf = _generate_group(ctx, s, c)
-            imgs.append(img.numpy())
-            labs.append(None if lab is None else lab.numpy())
-            confs.append(None if conf is None else conf.numpy())
-            bar.update(c)
-        arrays = {"image": np.concatenate(imgs), "index": np.arange(start, start + count, dtype=np.int64)}
-        if labs[0] is not None:
-            arrays["label"] = np.concatenate(labs).astype(np.int64)
-        if confs[0] is not None:
-            arrays["confidence"] = np.concatenate(confs).astype(np.float32)
+
+    def persist(k, start, count, arrays):
+        # runs on the writer thread: serialise, write atomically, then record the shard
         data = npz_bytes(arrays)
         name = _shard_name(k)
         atomic_write_bytes(out / name, data)
         info = {"start": start, "count": count, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         manifest["shards"][name] = info
-        made += count
         if world == 1:
             manifest["complete"] = len(manifest["shards"]) == len(plan)
             atomic_write_json(out / "manifest.json", manifest)
         else:  # one small record per shard; rank 0 folds them into the manifest at the end
             atomic_write_json(out / f"shard-{k:06d}.json", info)
+
+    # Shard k is written by one background thread while shard k+1 is generated: at most one
+    # shard waits in memory, and shards are recorded in order.
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdp_fast-shard-writer") as writer:
+        for k, start, count in todo:
+            imgs, labs, confs = [], [], []
+            for s in range(start, start + count, B):
+                c = min(B, start + count - s)
+                img, lab, conf = _generate_group(ctx, s, c)
+                imgs.append(img.numpy())
+                labs.append(None if lab is None else lab.numpy())
+                confs.append(None if conf is None else conf.numpy())
+                bar.update(c)
+            arrays = {"image": np.concatenate(imgs), "index": np.arange(start, start + count, dtype=np.int64)}
+            if labs[0] is not None:
+                arrays["label"] = np.concatenate(labs).astype(np.int64)
+            if confs[0] is not None:
+                arrays["confidence"] = np.concatenate(confs).astype(np.float32)
+            if pending is not None:
+                pending.result()  # re-raises a failed write
+            pending = writer.submit(persist, k, start, count, arrays)
+            made += count
+        if pending is not None:
+            pending.result()
     bar.close()
     elapsed = time.perf_counter() - t0
     stats = distributed.all_gather_object({"rank": rank, "images": made, "seconds": elapsed,
