@@ -252,3 +252,42 @@ def test_bad_arguments_raise_value_error_naming_them(over, name, tmp_path):
 def test_batch_of_one_is_fine_without_guidance():
     s = cdp_fast.sample(TinyEps(), 2, loss=None, batch_size=1, **_kw())
     assert len(s) == 2
+
+
+def test_schedules():
+    lin = cdp_fast.schedule.make_betas("linear", 1000)
+    assert lin[0].item() == pytest.approx(1e-4) and lin[-1].item() == pytest.approx(0.02)
+    cos = cdp_fast.schedule.make_betas("cosine", 1000)
+    assert (cos > 0).all() and (cos <= 0.999).all()
+    abar = cdp_fast.make_alphas_cumprod("cosine", 1000)
+    assert (abar[1:] <= abar[:-1]).all() and abar[0] > 0.999
+    # Nichol & Dhariwal (2021) eq. (17): ᾱ_t = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s)·π/2)
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    assert abar[499].item() == pytest.approx(f(500) / f(0), rel=1e-4)
+    with pytest.raises(ValueError, match="betas"):
+        cdp_fast.schedule.make_betas("sigmoid", 10)
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        cdp_fast.schedule.as_alphas_cumprod(torch.tensor([0.5, 0.9]))
+
+
+def test_foreign_alphas_cumprod_and_defaults():
+    m = TinyEps()
+    abar = cdp_fast.make_alphas_cumprod("cosine", 500)
+    a = cdp_fast.sample(m, 4, loss=None, batch_size=4, alphas_cumprod=abar, **_kw())
+    b = cdp_fast.sample(m, 4, loss=None, batch_size=4, betas="cosine", T=500, **_kw())
+    np.testing.assert_array_equal(a.images, b.images)
+    # lam=None / tau=None take the paper's defaults for the loss (App. D.1)
+    kw = _kw(batch_size=4, steps=3)
+    for loss, d in cdp_fast.sampler.DEFAULTS.items():
+        implicit = cdp_fast.sample(GaussEps(), 4, loss=loss, **kw)
+        explicit = cdp_fast.sample(GaussEps(), 4, loss=loss, lam=d["lam"], tau=d["tau"], **kw)
+        np.testing.assert_array_equal(implicit.images, explicit.images)
+    assert cdp_fast.sampler.DEFAULTS == {"infonce": {"tau": 0.1, "lam": 20_000.0},
+                                         "hnm": {"tau": 10.0, "lam": 100_000.0, "tau_plus": 0.1, "beta": 1.0}}
+
+
+def test_init_std_scales_the_starting_noise():
+    ident = lambda x, t: torch.zeros_like(x)  # noqa: E731  ε = 0: x_0 = x_T / √ᾱ_T
+    a = cdp_fast.sample(ident, 3, loss=None, batch_size=3, **_kw())
+    b = cdp_fast.sample(ident, 3, loss=None, batch_size=3, init_std=2.0, **_kw())
+    np.testing.assert_allclose(b.images, 2 * a.images, rtol=1e-6)
