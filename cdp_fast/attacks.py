@@ -14,6 +14,11 @@ Both functions run the model forward + backward only to get ∇_{x_adv} loss
 (``torch.enable_grad`` + ``torch.autograd.grad`` w.r.t. the input alone, so parameter ``.grad``
 buffers are never touched); everything else runs under ``torch.no_grad``. They return a
 detached tensor and leave every submodule in the train/eval mode it was in.
+
+torch.compile: ``torch.compile(pgd_attack, fullgraph=True)`` traces the whole loop (the
+fused op through its ``register_fake``) when ``torch._dynamo.config.trace_autograd_ops`` is
+True (recent torch); otherwise dynamo graph-breaks at ``torch.autograd.grad`` and compiles the
+pieces. A ``generator=`` cannot be traced (graph break); compiled code uses the global RNG.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cdp_fast._ext import pgd_step
+from cdp_fast._ext import _check_scalar_or_per_sample, pgd_step
 
 __all__ = ["pgd_attack", "trades_attack", "eval_mode"]
 
@@ -53,7 +58,8 @@ def _check_common(model, x, eps, step_size, steps) -> None:
         raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
     for name, v in (("eps", eps), ("step_size", step_size)):
         if isinstance(v, torch.Tensor):
-            continue  # shape and sign are checked by pgd_step
+            _check_scalar_or_per_sample(v, name, x)  # shape () or (B,), entries >= 0
+            continue
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
