@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["pseudo_label", "select", "scores", "per_sample_grad_norm", "CRITERIA"]
+__all__ = ["pseudo_label", "select", "scores", "per_sample_grad_norm", "attack_generator",
+           "CRITERIA"]
 
 CRITERIA = ("entropy", "confidence", "grad_norm", "robust_grad_norm", "separability")
 _KEEP_LARGEST = {"entropy": False, "confidence": True, "grad_norm": True,
@@ -194,6 +195,14 @@ def per_sample_grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
 
 
 # --------------------------------------------------------------------------- scores
+def attack_generator(seed: int, batch_index: int, device) -> torch.Generator:
+    """Generator of the TRADES attack start for batch ``batch_index`` of "robust_grad_norm"
+    (seeded by (seed, batch_index); the start is x + 0.001·N(0, I), so the batch size only
+    moves the scores at that scale)."""
+    s = int(np.random.SeedSequence([int(seed), 11, int(batch_index)]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(s)
+
+
 def scores(samples, criterion: str, *, classifier: Optional[nn.Module] = None,
            labels=None, features: Optional[Callable] = None, batch_size: int = 256,
            device=None, eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 10,
@@ -240,8 +249,7 @@ def scores(samples, criterion: str, *, classifier: Optional[nn.Module] = None,
                 yb = torch.from_numpy(labels[i:i + len(xb)]).to(dev)
                 xa = None
                 if criterion == "robust_grad_norm":
-                    gen = torch.Generator(device=dev).manual_seed(
-                        int(np.random.SeedSequence([int(seed), 11, b]).generate_state(1)[0]))
+                    gen = attack_generator(seed, b, dev)
                     xa = trades_attack(classifier, xb, eps=eps, step_size=step_size,
                                        steps=steps, generator=gen)
                 out.append(per_sample_grad_norm(classifier, xb, yb, x_adv=xa, beta=beta,
