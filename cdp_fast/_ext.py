@@ -10,7 +10,8 @@ add, max, min, clamp, each allocating a full-size temporary); the extension read
 x once and writes y once.
 
 Where the op comes from (first that works, decided once per process):
-  1. ``cdp_fast._C``: built ahead of time by ``setup.py`` (``pip install --no-build-isolation``);
+  1. ``cdp_fast._C``: built ahead of time by ``setup.py`` (``pip install --no-build-isolation``),
+     skipped when a source in csrc/ is newer than it (an editable install edited since);
   2. a JIT build of ``csrc/`` with ninja (``torch.utils.cpp_extension.load``), cached in
      ``$TORCH_EXTENSIONS_DIR/cdp_fast/<key>`` or ``~/.cache/cdp_fast/ext/<key>``, where the key
      hashes the sources, the torch version and the Python version (first use ~45 s, then a
@@ -166,6 +167,25 @@ def _build_dir(key: str) -> Path:
     return d
 
 
+def _prebuilt_stale() -> str | None:
+    """In an editable install the prebuilt ``cdp_fast/_C*.so`` sits next to the sources it was
+    built from; once a source is newer (edited after ``pip install -e``), loading it would run
+    old code, and loading both it and a JIT build would register the op twice. Returns the
+    reason to skip it, else None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("cdp_fast._C")
+    if spec is None or not spec.origin:
+        return None
+    csrc = _csrc_dir()
+    if csrc is None:
+        return None
+    so_mtime = Path(spec.origin).stat().st_mtime
+    newer = [p.name for p in sorted(csrc.iterdir())
+             if p.suffix in (".h", ".cpp", ".cu") and p.stat().st_mtime > so_mtime]
+    return f"older than {', '.join(newer)} (rebuild with pip install -e .)" if newer else None
+
+
 def _op_registered() -> bool:
     try:
         torch.ops.cdp_fast.pgd_step.default  # noqa: B018
@@ -212,10 +232,14 @@ def load_extension() -> bool:
         _state["tried"] = True
         errors = []
         if not _op_registered():
-            try:
-                import cdp_fast._C  # noqa: F401  (registers the op at load)
-            except ImportError as exc:
-                errors.append(f"prebuilt cdp_fast._C: {exc}")
+            stale = _prebuilt_stale()
+            if stale:
+                errors.append(f"prebuilt cdp_fast._C skipped: {stale}")
+            else:
+                try:
+                    import cdp_fast._C  # noqa: F401  (registers the op at load)
+                except ImportError as exc:
+                    errors.append(f"prebuilt cdp_fast._C: {exc}")
         if not _op_registered():
             try:
                 _jit_build()

@@ -267,3 +267,34 @@ def test_unavailable_extension_falls_back_with_one_warning(ext, monkeypatch):
         assert_bitwise(o, fused)
     with pytest.raises(RuntimeError, match="unavailable"):
         pgd_step(xa, g, x, step_size=0.02, eps=0.05, impl="ext")
+
+
+def test_stale_prebuilt_is_skipped(tmp_path, monkeypatch):
+    """An editable install whose csrc/ was edited after `pip install -e .` must not load the
+    old cdp_fast/_C*.so (it would run old code); the JIT build takes over."""
+    import importlib.util
+    import os
+    import types
+
+    so = tmp_path / "_C.so"
+    so.write_bytes(b"")
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    (csrc / "pgd_step.cpp").write_text("// new")
+    os.utime(so, (1_000_000, 1_000_000))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: types.SimpleNamespace(origin=str(so)))
+    monkeypatch.setattr(_ext, "_csrc_dir", lambda: csrc)
+    assert "pgd_step.cpp" in _ext._prebuilt_stale()
+    os.utime(so, None)
+    os.utime(csrc / "pgd_step.cpp", (1_000_000, 1_000_000))
+    assert _ext._prebuilt_stale() is None
+
+
+def test_jit_cache_location_and_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert _ext._build_dir("abc") == tmp_path / "cdp_fast" / "abc"
+    src = tmp_path / "a.cpp"
+    src.write_text("int a;")
+    k1 = _ext._cache_key([str(src)])
+    src.write_text("int b;")
+    assert _ext._cache_key([str(src)]) != k1  # an edited source is a new build
