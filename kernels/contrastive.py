@@ -73,8 +73,10 @@ def _sim_tile(A, K, rm, rn, row_ok, col_ok, D, stride_a, stride_k,
     for k0 in range(0, D, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         kk = rk < D
-        a = tl.load(A + rm[:, None] * stride_a + rk[None, :], mask=row_ok[:, None] & kk[None, :], other=0.0)
-        kt = tl.load(K + rn[None, :] * stride_k + rk[:, None], mask=kk[:, None] & col_ok[None, :], other=0.0)
+        a = tl.load(A + rm[:, None].to(tl.int64) * stride_a + rk[None, :],
+                    mask=row_ok[:, None] & kk[None, :], other=0.0)
+        kt = tl.load(K + rn[None, :].to(tl.int64) * stride_k + rk[:, None],
+                     mask=kk[:, None] & col_ok[None, :], other=0.0)
         acc += tl.dot(a, kt, input_precision=PRECISION)
     return acc
 
@@ -174,9 +176,10 @@ def _stats_bwd_da_kernel(A, K, RA, RK, LA, LK, L1, L0, G1, G0, DA, M, N, D, stri
         s = s * ra[:, None] * rk[None, :]
         valid = _valid_tile(rm, rn, row_ok, col_ok, la, LK, IN_BATCH, HAS_LABELS)
         dd = _d_tile(s, valid, l1, l0, g1, g0, c1, c0, HAS_BETA) * rk[None, :]   # D_ij·r_k,j
-        kv = tl.load(K + rn[:, None] * stride_k + rd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        kv = tl.load(K + rn[:, None].to(tl.int64) * stride_k + rd[None, :],
+                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc += tl.dot(dd.to(kv.dtype), kv, input_precision=PRECISION)
-    tl.store(DA + rm[:, None] * stride_da + rd[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(DA + rm[:, None].to(tl.int64) * stride_da + rd[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -209,9 +212,10 @@ def _stats_bwd_dk_kernel(A, K, RA, RK, LA, LK, L1, L0, G1, G0, DK, M, N, D, stri
         s = s * ra[:, None] * rk[None, :]
         valid = _valid_tile(rm, rn, row_ok, col_ok, la, LK, IN_BATCH, HAS_LABELS)
         dd = _d_tile(s, valid, l1, l0, g1, g0, c1, c0, HAS_BETA) * ra[:, None]   # D_ij·r_a,i
-        av = tl.load(A + rm[:, None] * stride_a + rd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        av = tl.load(A + rm[:, None].to(tl.int64) * stride_a + rd[None, :],
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         acc += tl.dot(tl.trans(dd.to(av.dtype)), av, input_precision=PRECISION)
-    tl.store(DK + rn[:, None] * stride_dk + rd[None, :], acc, mask=col_ok[:, None] & d_ok[None, :])
+    tl.store(DK + rn[:, None].to(tl.int64) * stride_dk + rd[None, :], acc, mask=col_ok[:, None] & d_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,9 +324,10 @@ def contrastive_stats(a: torch.Tensor, k: torch.Tensor, a_labels: Optional[torch
                       in_batch: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(a (m,d), k (N,d), labels (m,)/(N,) or None) -> (L1, L0, N), each (m,) float.
 
-    CUDA tensors run the Triton kernels; other devices the chunked PyTorch path.
+    CUDA tensors (fp32/bf16/fp16) run the Triton kernels; fp64 and other devices the chunked
+    PyTorch path.
     """
-    if a.device.type == "cuda":
+    if a.device.type == "cuda" and a.dtype != torch.float64:
         return stats_triton(a, k, a_labels, k_labels, inv_tau, beta, in_batch)
     L1, L0, cnt = chunked.lse_stats_forward(a, k, a_labels, k_labels, inv_tau, beta, in_batch)
     return L1, L0, cnt
@@ -334,7 +339,7 @@ def contrastive_stats_backward(a: torch.Tensor, k: torch.Tensor, a_labels: Optio
                                dL1: torch.Tensor, dL0: torch.Tensor, inv_tau: float, beta: float,
                                in_batch: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward of ``contrastive_stats``: (dA (m,d), dK (N,d))."""
-    if a.device.type == "cuda":
+    if a.device.type == "cuda" and a.dtype != torch.float64:
         return stats_triton_backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau, beta, in_batch)
     return chunked.lse_stats_backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau, beta, in_batch)
 
@@ -358,7 +363,7 @@ def _stats_dtype(a):
 @contrastive_stats.register_fake
 def _stats_fake(a, k, a_labels, k_labels, inv_tau, beta, in_batch):
     m = a.shape[0]
-    dt = _stats_dtype(a) if a.device.type != "cuda" else torch.float32
+    dt = _stats_dtype(a)  # fp32, or fp64 for fp64 inputs (chunked path on every device)
     return a.new_empty(m, dtype=dt), a.new_empty(m, dtype=dt), a.new_empty(m, dtype=dt)
 
 
