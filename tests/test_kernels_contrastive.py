@@ -189,3 +189,36 @@ def test_chunked_memory_400k_bank():
     assert res.returncode == 0, res.stderr
     growth_mb = float(res.stdout.strip().splitlines()[-1])
     assert growth_mb < 400, f"peak RSS grew by {growth_mb:.0f} MB"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,d", [(37, None, 29), (100, 1000, 128), (257, 3001, 640)])
+def test_triton_cuda_matches_reference(dtype, m, n, d):
+    """CUDA kernels vs the fp64 reference. fp32 (tf32x3 dots): as the interpreter tolerance.
+    bf16/fp16: |tri − ref| <= 2·|ref computed in the same dtype − ref| + atol (flash-attention's
+    rule), since rounding the inputs alone moves the loss by that much."""
+    torch.manual_seed(0)
+    dev = "cuda"
+    a64 = torch.randn(m, d, dtype=torch.float64, device=dev)
+    p64 = torch.randn(m, d, dtype=torch.float64, device=dev)
+    k64 = None if n is None else torch.randn(n, d, dtype=torch.float64, device=dev)
+    la = torch.randint(0, 4, (m,), device=dev)
+    lk = None if n is None else torch.randint(0, 4, (n,), device=dev)
+    kw = dict(tau=0.2, tau_plus=0.1, beta=1.0, anchor_labels=la, candidate_labels=lk)
+
+    def run(fn, dt):
+        a = a64.to(dt).requires_grad_()
+        k = None if k64 is None else k64.to(dt).requires_grad_()
+        out = fn(a, p64.to(dt), k, **kw)
+        ins = [a] + ([k] if k is not None else [])
+        return [out.double()] + [g.double() for g in torch.autograd.grad(out, ins)]
+
+    ref = run(losses.hnm_loss_ref, torch.float64)
+    tri = run(kc.hnm_loss_fused, dtype)
+    same = run(losses.hnm_loss_ref, dtype)
+    for t, r, s in zip(tri, ref, same):
+        if dtype == torch.float32:
+            assert float((t - r).abs().max()) <= 2e-5 * 10 * max(1.0, float(r.abs().max()))
+        else:
+            assert float((t - r).abs().max()) <= 2 * float((s - r).abs().max()) + 1e-3 * float(r.abs().max())

@@ -90,3 +90,17 @@ def test_ddim_op_compiles_fullgraph(monkeypatch):
     rxp, rx0 = ddim_update_ref(x, e, g, lam=1.5, abar_t=0.3, abar_prev=0.5, sigma=0.0, return_x0=True)
     torch.testing.assert_close(xp, rxp)
     torch.testing.assert_close(x0, rx0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_ddim_cuda(dtype):
+    g = torch.Generator().manual_seed(0)
+    x, e, gg, z = (torch.randn(3, 3, 17, 19, generator=g).to("cuda", dtype) for _ in range(4))
+    kw = dict(lam=2.0, abar_t=0.3, abar_prev=0.6, sigma=0.1, noise=z, return_x0=True)
+    ref = ddim_update_ref(x.float(), e.float(), gg.float(), **{**kw, "noise": z.float()})
+    out = torch.ops.cdp_fast.ddim_update(x, e, gg, z, 2.0, 0.3, 0.6, 0.1, True)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for o, r in zip(out, ref):
+        assert o.dtype == dtype
+        torch.testing.assert_close(o.float(), r, rtol=tol, atol=tol)
