@@ -339,3 +339,9 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, *,
         return pgd_step_ref(x_adv, grad, x_nat, step_size=step_size, eps=eps)
     return torch.ops.cdp_fast.pgd_step.default(
         x_adv, grad, x_nat, _as_op_arg(step_size, x_adv), _as_op_arg(eps, x_adv))
+
+
+# torch imports this module (TORCH_LIBRARY's set_python_module) when it needs the fake
+# implementation of an op that was loaded some other way (e.g. `import cdp_fast._C`).
+if _op_registered():
+    _register_fake()
