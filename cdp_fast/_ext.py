@@ -14,8 +14,9 @@ Where the op comes from (first that works, decided once per process):
      skipped when a source in csrc/ is newer than it (an editable install edited since);
   2. a JIT build of ``csrc/`` with ninja (``torch.utils.cpp_extension.load``), cached in
      ``$TORCH_EXTENSIONS_DIR/cdp_fast/<key>`` or ``~/.cache/cdp_fast/ext/<key>``, where the key
-     hashes the sources, the torch version and the Python version (first use ~45 s, then a
-     library load);
+     hashes the sources, the torch/CUDA/Python versions and the machine architecture (first
+     use ~30-45 s on 2 cores, then a library load; concurrent processes wait on torch's lock
+     file in that directory instead of building twice);
   3. otherwise ONE warning and :func:`pgd_step_ref`, the PyTorch composite.
 ``CDP_FAST_PGD_IMPL`` = ``auto`` (default) | ``ext`` (the extension or an error) |
 ``composite`` (force the composite; warns once, since a stale environment variable should not
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import sys
 import threading
 import warnings
@@ -154,8 +156,9 @@ def _cache_key(sources: list[str]) -> str:
     for s in sources + sorted(str(p) for p in Path(sources[0]).parent.glob("*.h")):
         h.update(Path(s).name.encode())
         h.update(Path(s).read_bytes())
-    h.update(torch.__version__.encode())
-    h.update(sys.version.encode())
+    # Anything that makes a built library unusable elsewhere: torch ABI, CUDA, Python, arch.
+    for part in (torch.__version__, str(torch.version.cuda), sys.version, platform.machine()):
+        h.update(part.encode())
     return h.hexdigest()[:16]
 
 
