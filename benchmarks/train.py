@@ -195,6 +195,7 @@ def main(argv=None) -> int:
     import torch
     from harness import device_tag, machine_info, write_json
 
+    torch.set_num_threads(args.threads)   # so machine_info records the workers' thread count
     cfg = CONFIGS[args.config]
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         print(f"--config {args.config} needs a CUDA GPU (WRN-28-10, batch 512, bf16); none is "

@@ -14,9 +14,11 @@
   (e.g. ``("apgd-ce", "apgd-t")``, much faster on CPU). The reported accuracy is
   mean(y_adv == y) and x_adv is checked to lie in the ε-ball and in [0, 1].
 
-AutoAttack "standard" is slow on CPU: on the 8x8-digits small CNN, 200 points take about
-a minute on one contended core (measured in ``tests/test_evaluate.py``); ``n_ex`` evaluates
-the first ``n_ex`` points only (all attacks, so the numbers stay comparable).
+AutoAttack "standard" is slow on CPU. Measured on the development machine (1 thread, load
+average ~5 from other jobs), TRADES-trained small CNN on 8x8 digits, ε = 0.1, 200 points:
+standard 108 s (robust accuracy 0.86), custom ("apgd-ce", "apgd-t") 25 s (0.86), PGD-20 0.5 s
+(0.87). ``n_ex`` evaluates the first ``n_ex`` points only (every attack, so the numbers stay
+comparable).
 """
 from __future__ import annotations
 

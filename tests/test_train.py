@@ -242,6 +242,14 @@ def test_ema_is_returned_and_history_recorded():
     assert any(not torch.equal(a, b) for a, b in zip(m.parameters(), raw.parameters()))
 
 
+def test_bf16_autocast_path_runs_on_cpu():
+    """amp=True (bf16 autocast, the CUDA default) also works on CPU; losses stay finite."""
+    x, y = _tiny_data(40)
+    m = cdp_fast.train_trades(_tiny_model(), (x, y), **{**_FAST, "amp": True})
+    assert all(math.isfinite(h["loss"]) for h in m.history)
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+
+
 # ----------------------------------------------------------------------------- real data
 @pytest.mark.slow
 def test_trades_on_digits_is_robust_and_autoattack_agrees_with_pgd():
