@@ -43,6 +43,16 @@ uninterrupted run. A checkpoint written with different arguments is refused (Val
 The learning rate is a pure function of the update index, so the "scheduler state" is that
 index.
 
+Distributed data parallel (``torchrun --nproc_per_node=N``, or any initialised default
+process group with world size N > 1; :func:`cdp_fast.distributed.maybe_init` joins it): every
+rank walks the same global batch order and loads only rows ``rank::N`` of each global batch;
+after ``backward`` the gradients are all-reduced (weighted by each rank's share, so the update
+is the one of the global batch-mean loss, as DDP + DistributedSampler give), and rank 0's
+BatchNorm buffers are broadcast after every update (DDP's ``broadcast_buffers``). Each rank's
+attack/augmentation randomness is seeded by (seed, update, rank). Only rank 0 writes the
+checkpoint (its path must be visible to every rank to resume) and shows a progress bar.
+``batch_size`` is the global batch and must be divisible by N.
+
 Inputs (``train_data`` and ``synthetic``): a tuple ``(x, y)`` of tensors / arrays (x float
 NCHW in [0, 1], or uint8 NHWC; y int64), a ``torch.utils.data.Dataset`` of (x, y) pairs (x
 float CHW in [0, 1]), a :class:`cdp_fast.Samples` (uint8 NHWC images, or float images in
@@ -155,9 +165,34 @@ def epoch_indices(seed: int, epoch: int, steps: int, n_real: int, n_syn_total: i
     return real.reshape(steps, r).astype(np.int64), syn.reshape(steps, s).astype(np.int64)
 
 
-def _step_seed(seed: int, step: int) -> int:
-    return int(np.random.SeedSequence([int(seed), 3, int(step)]).generate_state(1, np.uint64)[0]
-               & ((1 << 63) - 1))
+def _step_seed(seed: int, step: int, rank: int = 0, world: int = 1) -> int:
+    key = [int(seed), 3, int(step)] + ([int(rank)] if world > 1 else [])
+    return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] & ((1 << 63) - 1))
+
+
+def _allreduce_grads(params, weight: float) -> None:
+    """Sum over ranks of ``weight · grad`` (weight = local batch / global batch): the gradient
+    of the global batch-mean loss, also when the ranks' shares differ by one image."""
+    import torch.distributed as dist
+
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    flat = torch._utils._flatten_dense_tensors(grads).mul_(weight)
+    dist.all_reduce(flat)
+    for g, f in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(f)
+
+
+@torch.no_grad()
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's BatchNorm statistics everywhere (DDP's broadcast_buffers semantics)."""
+    import torch.distributed as dist
+
+    for b in model.buffers():
+        dist.broadcast(b, 0)
 
 
 # --------------------------------------------------------------------------- data
@@ -404,6 +439,11 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, real_fraction, e
 
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(dev)
+    from cdp_fast import distributed as cdist
+
+    rank, world = cdist.maybe_init(dev)
+    if world > 1 and batch_size % world:
+        raise ValueError(f"batch_size={batch_size} must be divisible by the world size {world}")
     use_amp = (dev.type == "cuda") if amp == "auto" else bool(amp)
     use_compile = (dev.type == "cuda") if compile == "auto" else bool(compile)
 
@@ -470,19 +510,21 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, real_fraction, e
         sums = torch.zeros(3, device=dev, dtype=torch.float64)  # loss, clean correct, adv correct
         seen = 0
         bar = (tqdm(total=spe, desc=f"{kind} epoch {epoch + 1}/{epochs}", leave=False,
-                    disable=not progress) if tqdm is not None else None)
+                    disable=not progress or rank != 0) if tqdm is not None else None)
         model.train()
         for i in range(spe):
             xs, ys = [], []
-            if n_real_b:
-                xr, yr = real.get(ridx[i])
+            # Under torch.distributed every rank walks the same global batch order and loads
+            # only its share (rows rank::world of the real and of the synthetic indices).
+            if n_real_b and len(ridx[i][rank::world]):
+                xr, yr = real.get(ridx[i][rank::world])
                 xs.append(xr), ys.append(yr)
-            if n_syn_b:
-                xg, yg = syn.get(sidx[i])
+            if n_syn_b and len(sidx[i][rank::world]):
+                xg, yg = syn.get(sidx[i][rank::world])
                 xs.append(xg), ys.append(yg)
             x = torch.cat(xs).to(dev, non_blocking=True)
             y = torch.cat(ys).to(dev, non_blocking=True)
-            gen = torch.Generator(device=dev).manual_seed(_step_seed(seed, step))
+            gen = torch.Generator(device=dev).manual_seed(_step_seed(seed, step, rank, world))
             if augment:
                 x = augment_batch(x, pad=pad, flip=flip, generator=gen)
             for g in opt.param_groups:
@@ -507,7 +549,11 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, real_fraction, e
                 raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, update {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1:
+                _allreduce_grads(params, len(y) / batch_size)
             opt.step()
+            if world > 1:
+                _broadcast_buffers(model)
             step += 1
             if ema_model is not None:
                 _ema_update(ema_model, model, ema_decay(ema, step))
@@ -521,6 +567,12 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, real_fraction, e
                 bar.update(1)
         if bar is not None:
             bar.close()
+        if world > 1:
+            import torch.distributed as dist
+
+            sums = torch.cat([sums, sums.new_tensor([float(seen)])])
+            dist.all_reduce(sums)
+            seen = int(round(sums[3].item()))
         s = sums.tolist()
         entry = {"epoch": epoch + 1, "loss": s[0] / seen,
                  "train_clean_acc": s[1] / seen if kind == "trades" else float("nan"),
@@ -529,13 +581,15 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, real_fraction, e
         history.append(entry)
         if not math.isfinite(entry["loss"]):
             raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}")
-        if ckpt_path is not None:
+        if ckpt_path is not None and rank == 0:
             _atomic_torch_save({
                 "version": _CKPT_VERSION, "config": config, "epoch": epoch + 1, "step": step,
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "ema": None if ema_model is None else ema_model.state_dict(),
                 "history": history, "rng": {"torch": torch.get_rng_state()},
             }, ckpt_path)
+        if ckpt_path is not None and world > 1:
+            cdist.barrier()   # every rank sees the finished checkpoint before going on
         if callback is not None:
             callback({"epoch": epoch + 1, "epochs": epochs, "history": history,
                       "model": model, "ema_model": ema_model})

@@ -250,6 +250,68 @@ def test_bf16_autocast_path_runs_on_cpu():
     assert all(p.dtype == torch.float32 for p in m.parameters())
 
 
+_DIST_WORKER = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+import cdp_fast
+from cdp_fast.models import SmallCNN
+torch.manual_seed(1)
+x = torch.randint(0, 256, (40, 1, 8, 8)).float() / 255.0
+y = torch.randint(0, 10, (40,))
+xs = torch.randint(0, 256, (30, 1, 8, 8)).float() / 255.0
+ys = torch.randint(0, 10, (30,))
+torch.manual_seed(0)
+m = SmallCNN(width=4, feature_dim=16)
+# eps = 0: the TRADES point is x itself whatever each rank's random start, so the run is a
+# deterministic function of the data and must match the single-process run.
+m = cdp_fast.train_trades(m, (x, y), synthetic=(xs, ys), real_fraction=0.3, epochs=2, eps=0.0,
+                          step_size=0.05, steps=1, batch_size=10, lr=0.05, ema=0.9,
+                          augment=False, progress=False, checkpoint=sys.argv[3])
+torch.save({"state": m.state_dict(), "loss": [h["loss"] for h in m.history]}, sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_distributed_gloo_two_ranks_match_one_process(tmp_path):
+    """torchrun-style 2-process run (gloo, CPU): the all-reduced update equals the
+    single-process update of the same global batches; only rank 0 writes the checkpoint."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(_DIST_WORKER)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    outs = []
+
+    def launch(rank, world, out, ckpt):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        return subprocess.Popen([sys.executable, str(script), str(out), root, str(ckpt)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    procs = [launch(r, 2, tmp_path / f"rank{r}.pt", tmp_path / "ddp.pt") for r in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        outs.append(out.decode()[-3000:])
+        assert p.returncode == 0, outs[-1]
+    single = launch(0, 1, tmp_path / "single.pt", tmp_path / "single-ckpt.pt")
+    out, _ = single.communicate(timeout=300)
+    assert single.returncode == 0, out.decode()[-3000:]
+    r0, r1, one = (torch.load(tmp_path / f, weights_only=True)
+                   for f in ("rank0.pt", "rank1.pt", "single.pt"))
+    for k in one["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k          # ranks agree exactly
+        # all-reduce sums in another order than one batch: fp32 rounding only
+        torch.testing.assert_close(r0["state"][k], one["state"][k], rtol=1e-4, atol=1e-5)
+    assert r0["loss"] == pytest.approx(one["loss"], rel=1e-4)
+    assert (tmp_path / "ddp.pt").exists()
+
+
 # ----------------------------------------------------------------------------- real data
 @pytest.mark.slow
 def test_trades_on_digits_is_robust_and_autoattack_agrees_with_pgd():
