@@ -5,7 +5,8 @@ only through three per-row statistics (derivation and gradients: :mod:`cdp_fast.
 
     L1_i = LSE_{j∈N(i)} ((1+β)·s_ij/τ),   L0_i = LSE_{j∈N(i)} (β·s_ij/τ),   N_i = |N(i)|.
 
-* forward  ``_stats_fwd_kernel``: one program per block of BLOCK_M anchors streams the
+* forward  ``_stats_fwd_kernel``: one program per block of BLOCK_M anchors and range of
+  candidates (the split keeps small-m/large-bank problems busy, see ``_splits``) streams the
   candidates in BLOCK_N tiles, computes the tile of s with ``tl.dot`` (fp32 accumulation;
   the d axis is looped in BLOCK_K slices, so any d works), applies the masks (self-exclusion
   when the candidates are the anchors; other-class restriction with labels; padding) and
@@ -13,7 +14,8 @@ only through three per-row statistics (derivation and gradients: :mod:`cdp_fast.
   count N_i. Nothing of size m×N is ever written: memory O((m + N)·d).
 * backward: the tiles are recomputed. With D_ij = g1_i·P1_ij + g0_i·P0_ij
   (P = masked row softmaxes, g = (1+β)/τ·dL1, β/τ·dL0):
-  ``_stats_bwd_da_kernel`` (grid over anchor blocks × d blocks) accumulates dÂ_i = Σ_j D_ij k̂_j;
+  ``_stats_bwd_da_kernel`` (grid over anchor blocks × d blocks × candidate splits) accumulates
+  dÂ_i = Σ_j D_ij k̂_j (per-split slabs summed afterwards);
   ``_stats_bwd_dk_kernel`` (grid over candidate blocks × d blocks) is the transposed pass,
   dK̂_j = Σ_i D_ij â_i. Each output element is owned by one program: no atomics.
 * L2 normalisation is folded in: the kernels take the raw rows plus 1/max(‖x‖, 1e-12)
@@ -93,11 +95,14 @@ def _valid_tile(rm, rn, row_ok, col_ok, la, LK, IN_BATCH: tl.constexpr, HAS_LABE
 
 
 @triton.jit
-def _stats_fwd_kernel(A, K, RA, RK, LA, LK, L1, L0, CNT, M, N, D, stride_a, stride_k, c1, c0,
+def _stats_fwd_kernel(A, K, RA, RK, LA, LK, L1, L0, CNT, M, N, D, stride_a, stride_k, c1, c0, N_SPLIT,
                       IN_BATCH: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_BETA: tl.constexpr,
                       PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)                 # candidate split: [pid_s·N_SPLIT, (pid_s+1)·N_SPLIT)
+    n_lo = pid_s * N_SPLIT
+    n_hi = tl.minimum(N, n_lo + N_SPLIT)
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rm < M
     ra = tl.load(RA + rm, mask=row_ok, other=0.0)
@@ -109,9 +114,9 @@ def _stats_fwd_kernel(A, K, RA, RK, LA, LK, L1, L0, CNT, M, N, D, stride_a, stri
     m0 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     s0 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     cnt = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
-        col_ok = rn < N
+        col_ok = rn < n_hi
         s = _sim_tile(A, K, rm, rn, row_ok, col_ok, D, stride_a, stride_k, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         rk = tl.load(RK + rn, mask=col_ok, other=0.0)
         s = s * ra[:, None] * rk[None, :]
@@ -129,12 +134,14 @@ def _stats_fwd_kernel(A, K, RA, RK, LA, LK, L1, L0, CNT, M, N, D, stride_a, stri
             safe = tl.where(new == float("-inf"), 0.0, new)
             s0 = s0 * tl.exp(m0 - safe) + tl.sum(tl.exp(x - safe[:, None]), axis=1)
             m0 = new
-    # empty row: s1 = 0 -> log 0 = -inf (the epilogue zeroes the row)
-    tl.store(L1 + rm, tl.where(s1 > 0, m1 + tl.log(tl.where(s1 > 0, s1, 1.0)), float("-inf")), mask=row_ok)
+    # this split's partial LSEs (combined by a logsumexp over splits in the launcher);
+    # empty row: s1 = 0 -> -inf (the epilogue zeroes the row)
+    out = pid_s * M + rm
+    tl.store(L1 + out, tl.where(s1 > 0, m1 + tl.log(tl.where(s1 > 0, s1, 1.0)), float("-inf")), mask=row_ok)
     if HAS_BETA:
-        tl.store(L0 + rm, tl.where(s0 > 0, m0 + tl.log(tl.where(s0 > 0, s0, 1.0)), float("-inf")),
+        tl.store(L0 + out, tl.where(s0 > 0, m0 + tl.log(tl.where(s0 > 0, s0, 1.0)), float("-inf")),
                  mask=row_ok)
-    tl.store(CNT + rm, cnt, mask=row_ok)
+    tl.store(CNT + out, cnt, mask=row_ok)
 
 
 @triton.jit
@@ -148,13 +155,16 @@ def _d_tile(s, valid, l1, l0, g1, g0, c1, c0, HAS_BETA: tl.constexpr):
 
 @triton.jit
 def _stats_bwd_da_kernel(A, K, RA, RK, LA, LK, L1, L0, G1, G0, DA, M, N, D, stride_a, stride_k,
-                         stride_da, c1, c0,
+                         stride_da, c1, c0, N_SPLIT,
                          IN_BATCH: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_BETA: tl.constexpr,
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
     """dÂ[rows, dblock] = Σ_j D_ij·k̂_j over all candidate tiles (one program owns its outputs)."""
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)                 # candidate split; partial dÂ slab pid_s
+    n_lo = pid_s * N_SPLIT
+    n_hi = tl.minimum(N, n_lo + N_SPLIT)
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rm < M
     rd = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -168,9 +178,9 @@ def _stats_bwd_da_kernel(A, K, RA, RK, LA, LK, L1, L0, G1, G0, DA, M, N, D, stri
     if HAS_LABELS:
         la = tl.load(LA + rm, mask=row_ok, other=0)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
-        col_ok = rn < N
+        col_ok = rn < n_hi
         s = _sim_tile(A, K, rm, rn, row_ok, col_ok, D, stride_a, stride_k, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         rk = tl.load(RK + rn, mask=col_ok, other=0.0)
         s = s * ra[:, None] * rk[None, :]
@@ -179,7 +189,8 @@ def _stats_bwd_da_kernel(A, K, RA, RK, LA, LK, L1, L0, G1, G0, DA, M, N, D, stri
         kv = tl.load(K + rn[:, None].to(tl.int64) * stride_k + rd[None, :],
                      mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc += tl.dot(dd.to(kv.dtype), kv, input_precision=PRECISION)
-    tl.store(DA + rm[:, None].to(tl.int64) * stride_da + rd[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+    slab = DA + pid_s.to(tl.int64) * M * stride_da
+    tl.store(slab + rm[:, None].to(tl.int64) * stride_da + rd[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -231,6 +242,23 @@ def _blocks(d: int, dtype: torch.dtype):
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk, BLOCK_DO=bdo)
 
 
+def _splits(m: int, n: int, bl: dict, device) -> tuple[int, int]:
+    """(S, candidates per split). One program per BLOCK_M anchors alone leaves an H100 idle
+    when m is small and the bank is large (m = 512: 8 programs for 132 SMs), so the forward and
+    the dA pass also split the candidates into S ranges (partial LSEs / partial dÂ slabs,
+    combined in PyTorch: O(S·m) and O(S·m·d) memory, no atomics). Target: ~2 programs per SM.
+    Under the interpreter S = 2 whenever there are >= 2 candidate tiles, so the tests exercise
+    the combine."""
+    n_tiles = triton.cdiv(n, bl["BLOCK_N"])
+    if interpreting() or torch.device(device).type != "cuda":
+        want = 2
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        want = triton.cdiv(2 * sms, triton.cdiv(m, bl["BLOCK_M"]))
+    per = triton.cdiv(n_tiles, max(1, min(n_tiles, want))) * bl["BLOCK_N"]
+    return triton.cdiv(n, per), per
+
+
 def _precision(dtype):
     if interpreting():
         return "ieee"
@@ -258,18 +286,21 @@ def stats_triton(a, k, a_labels, k_labels, inv_tau: float, beta: float, in_batch
     m, d = a.shape
     n = k.shape[0]
     ra, rk = _inv_norm(a), _inv_norm(k)
-    L1 = torch.empty(m, dtype=torch.float32, device=a.device)
-    L0 = torch.empty(m, dtype=torch.float32, device=a.device)
-    cnt = torch.empty(m, dtype=torch.float32, device=a.device)
     bl = _blocks(d, a.dtype)
-    grid = (triton.cdiv(m, bl["BLOCK_M"]),)
+    n_split, per = _splits(m, n, bl, a.device)
+    L1p = torch.empty(n_split, m, dtype=torch.float32, device=a.device)
+    L0p = torch.empty(n_split, m, dtype=torch.float32, device=a.device) if beta != 0 else L1p
+    cntp = torch.empty(n_split, m, dtype=torch.float32, device=a.device)
+    grid = (triton.cdiv(m, bl["BLOCK_M"]), n_split)
     wrap_triton(_stats_fwd_kernel)[grid](
-        a, k, ra, rk, la, lk, L1, L0, cnt, m, n, d, a.stride(0), k.stride(0),
-        (1.0 + beta) * inv_tau, beta * inv_tau,
+        a, k, ra, rk, la, lk, L1p, L0p, cntp, m, n, d, a.stride(0), k.stride(0),
+        (1.0 + beta) * inv_tau, beta * inv_tau, per,
         IN_BATCH=in_batch, HAS_LABELS=has_labels, HAS_BETA=beta != 0, PRECISION=_precision(a.dtype),
         BLOCK_M=bl["BLOCK_M"], BLOCK_N=bl["BLOCK_N"], BLOCK_K=bl["BLOCK_K"])
-    if beta == 0:
-        L0 = torch.log(cnt)
+    # combine the splits: LSE over splits of the partial LSEs (all -inf stays -inf)
+    L1 = torch.logsumexp(L1p, 0)
+    cnt = cntp.sum(0)
+    L0 = torch.logsumexp(L0p, 0) if beta != 0 else torch.log(cnt)
     return L1, L0, cnt
 
 
@@ -298,15 +329,17 @@ def stats_triton_backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: f
     l0 = torch.where(has, L0.float(), zero).contiguous()
     g1 = torch.where(has, dL1.float() * c1, zero).contiguous()
     g0 = torch.where(has, dL0.float() * c0, zero).contiguous()
-    da = torch.empty(m, d, dtype=torch.float32, device=a.device)
-    dk = torch.empty(n, d, dtype=torch.float32, device=a.device)
     bl = _blocks(d, a.dtype)
+    n_split, per = _splits(m, n, bl, a.device)
+    da_part = torch.empty(n_split, m, d, dtype=torch.float32, device=a.device)
+    dk = torch.empty(n, d, dtype=torch.float32, device=a.device)
     flags = dict(IN_BATCH=in_batch, HAS_LABELS=has_labels, HAS_BETA=beta != 0, PRECISION=_precision(a.dtype),
                  BLOCK_M=bl["BLOCK_M"], BLOCK_N=bl["BLOCK_N"], BLOCK_K=bl["BLOCK_K"], BLOCK_DO=bl["BLOCK_DO"])
     nd = triton.cdiv(d, bl["BLOCK_DO"])
-    wrap_triton(_stats_bwd_da_kernel)[(triton.cdiv(m, bl["BLOCK_M"]), nd)](
-        a, k, ra, rk, la, lk, l1, l0, g1, g0, da, m, n, d, a.stride(0), k.stride(0), da.stride(0),
-        c1, c0, **flags)
+    wrap_triton(_stats_bwd_da_kernel)[(triton.cdiv(m, bl["BLOCK_M"]), nd, n_split)](
+        a, k, ra, rk, la, lk, l1, l0, g1, g0, da_part, m, n, d, a.stride(0), k.stride(0), d,
+        c1, c0, per, **flags)
+    da = da_part[0] if n_split == 1 else da_part.sum(0)
     wrap_triton(_stats_bwd_dk_kernel)[(triton.cdiv(n, bl["BLOCK_N"]), nd)](
         a, k, ra, rk, la, lk, l1, l0, g1, g0, dk, m, n, d, a.stride(0), k.stride(0), dk.stride(0),
         c1, c0, **flags)
