@@ -142,6 +142,8 @@ def contrastive_impl(name: str):
             mod = kernels_module("contrastive")
             fn = mod.hnm_loss_fused if name == "hnm" else mod.infonce_loss_fused
             if anchor.is_cuda:
+                if anchor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                    raise RuntimeError(f"the Triton contrastive kernels support fp32/bf16/fp16, got {anchor.dtype}")
                 return fn(anchor, positive, candidates, **kwargs)
             if triton_interpreting():
                 if anchor.dtype != torch.float32:
