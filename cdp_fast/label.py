@@ -33,7 +33,8 @@ Choices where App. D.3 is not explicit (documented here, tested against loop ref
   ... choose the top K samples that have the smallest distance in each class". We read it as
   the distance of a sample to the centroid of its own (pseudo-)class, centroids over all
   candidate samples of that class; the features are ``classifier.features`` (images in
-  [0, 1]) unless ``features=`` is given;
+  [0, 1]) unless ``features=`` is given. Two passes over the images (centroids, then
+  distances) keep memory independent of the number of samples;
 - ties are broken by the lower index; a class with fewer than K samples keeps all of them.
 """
 from __future__ import annotations
@@ -263,19 +264,30 @@ def scores(samples, criterion: str, *, classifier: Optional[nn.Module] = None,
                              ".features(x) method")
         features = classifier.features
     dev = _device_of(classifier, device) if classifier is not None else torch.device(device or "cpu")
-    feats = []
     ctx = eval_mode(classifier) if classifier is not None else contextlib.nullcontext()
-    with torch.no_grad(), ctx:
-        for _, xb in imgs.batches(batch_size):
+    classes, inv = np.unique(labels, return_inverse=True)
+    inv = torch.from_numpy(inv.reshape(-1).astype(np.int64))
+
+    def feature_batches():
+        for i, xb in imgs.batches(batch_size):
             f = features(xb.to(dev))
-            feats.append(f.reshape(len(xb), -1).double().cpu())
-    feats = torch.cat(feats)
-    lab = torch.from_numpy(labels)
-    classes, inv = torch.unique(lab, return_inverse=True)
-    sums = torch.zeros(len(classes), feats.shape[1], dtype=torch.float64).index_add_(0, inv, feats)
-    counts = torch.bincount(inv, minlength=len(classes)).double()
-    centroids = sums / counts[:, None]
-    dist = (feats - centroids[inv]).norm(dim=1)
+            yield i, f.reshape(len(xb), -1).double().cpu()
+
+    # Two passes over the images (features are recomputed rather than kept): memory stays
+    # O(classes · d) however many samples there are (1M x 640 doubles would be 5 GB).
+    with torch.no_grad(), ctx:
+        sums, counts = None, torch.zeros(len(classes), dtype=torch.float64)
+        for i, f in feature_batches():
+            if sums is None:
+                sums = torch.zeros(len(classes), f.shape[1], dtype=torch.float64)
+            cls = inv[i:i + len(f)]
+            sums.index_add_(0, cls, f)
+            counts += torch.bincount(cls, minlength=len(classes)).double()
+        centroids = sums / counts[:, None]
+        dist = torch.empty(len(imgs), dtype=torch.float64)
+        for i, f in feature_batches():
+            cls = inv[i:i + len(f)]
+            dist[i:i + len(f)] = (f - centroids[cls]).norm(dim=1)
     return dist.numpy(), labels
 
 
