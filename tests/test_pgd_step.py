@@ -298,3 +298,20 @@ def test_jit_cache_location_and_key(tmp_path, monkeypatch):
     k1 = _ext._cache_key([str(src)])
     src.write_text("int b;")
     assert _ext._cache_key([str(src)]) != k1  # an edited source is a new build
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_cuda_matches_composite(ext, dtype):
+    """The CUDA kernel (csrc/pgd_step_cuda.cu) against the composite on the same device.
+    Compared by value (exact, NaN = NaN) rather than bit pattern: CUDA's max/min tie rule for
+    ±0 is not pinned down here. Never run on the CPU-only development machine."""
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("cdp_fast::pgd_step", "CUDA"):
+        pytest.fail("no CUDA kernel registered: the extension was built without CUDA")
+    xa, g, x = (t.cuda() for t in make_inputs((5, 3, 17, 19), dtype, seed=21))
+    for a, e in ((2 / 255, 8 / 255), (torch.rand(5, device="cuda") * 0.1, torch.rand(5) * 0.1)):
+        y = pgd_step(xa, g, x, step_size=a, eps=e, impl="ext")
+        torch.testing.assert_close(y, pgd_step_ref(xa, g, x, step_size=a, eps=e),
+                                   rtol=0, atol=0, equal_nan=True)
+    torch.library.opcheck(ext, (xa, g, x, torch.tensor(0.01, dtype=torch.float64),
+                                torch.rand(5, device="cuda")))
