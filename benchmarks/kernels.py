@@ -60,7 +60,7 @@ def bench_loss(cfg, device, dtype, providers, budget):
     from cdp_fast.kernels import contrastive as kc
 
     rows = []
-    compiled_ref = torch.compile(losses.hnm_loss_ref) if "compiled" in providers else None
+    compiled_ref = torch.compile(losses.hnm_loss_ref, dynamic=False) if "compiled" in providers else None
     for m, n, d in cfg:
         a, p, k = _loss_inputs(m, n, d, device, dtype)
         nn = m if n is None else n
@@ -98,7 +98,7 @@ def bench_ddim(cfg, device, dtype, providers):
     from cdp_fast.kernels import ddim as kd
 
     rows = []
-    compiled_ref = torch.compile(ddim_update_ref) if "compiled" in providers else None
+    compiled_ref = torch.compile(ddim_update_ref, dynamic=False) if "compiled" in providers else None
     kw = dict(lam=0.7, abar_t=0.3, abar_prev=0.5, sigma=0.1, return_x0=False)
     for shape in cfg:
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -170,6 +170,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--providers", default="fused,eager,compiled")
     ap.add_argument("--only", choices=["loss", "ddim"], default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's; use 1 on a shared machine)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels-<device>.json)")
     args = ap.parse_args(argv)
     device = "cuda" if args.config == "gpu" else "cpu"
@@ -178,6 +180,11 @@ def main(argv=None):
     if device == "cpu" and args.dtype != "float32":
         ap.error("the CPU config runs fp32 only")
     os.environ.setdefault("CDP_FAST_BACKEND", "auto")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # one compiled reference per problem size: without this, dynamo stops recompiling after 8
+    # shapes and silently runs the eager reference under the "compiled" label
+    torch._dynamo.config.recompile_limit = 64
     dtype = getattr(torch, args.dtype)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     cfg = CONFIGS[args.config]
