@@ -327,8 +327,14 @@ def stats_triton_backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: f
     zero = torch.zeros_like(L1, dtype=torch.float32)
     l1 = torch.where(has, L1.float(), zero).contiguous()
     l0 = torch.where(has, L0.float(), zero).contiguous()
-    g1 = torch.where(has, dL1.float() * c1, zero).contiguous()
-    g0 = torch.where(has, dL0.float() * c0, zero).contiguous()
+    g1 = torch.where(has, dL1.float() * c1, zero)
+    g0 = torch.where(has, dL0.float() * c0, zero)
+    # D_ij is cast to the input dtype for the tensor-core dot; with g ~ c/m (the mean over m
+    # anchors) it would underflow fp16 (m = 65536: ~1e-5·P). Scale the row coefficients so
+    # max|g| = 1 and unscale the fp32 results (a tensor, no host sync).
+    gscale = torch.maximum(g1.abs().max(), g0.abs().max()).clamp(min=1e-30)
+    g1 = (g1 / gscale).contiguous()
+    g0 = (g0 / gscale).contiguous()
     bl = _blocks(d, a.dtype)
     n_split, per = _splits(m, n, bl, a.device)
     da_part = torch.empty(n_split, m, d, dtype=torch.float32, device=a.device)
@@ -343,8 +349,8 @@ def stats_triton_backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: f
     wrap_triton(_stats_bwd_dk_kernel)[(triton.cdiv(n, bl["BLOCK_N"]), nd)](
         a, k, ra, rk, la, lk, l1, l0, g1, g0, dk, m, n, d, a.stride(0), k.stride(0), dk.stride(0),
         c1, c0, **flags)
-    da = _apply_norm_jacobian_(da, a, ra).to(a_dtype)
-    dk = _apply_norm_jacobian_(dk, k, rk).to(k_dtype)
+    da = _apply_norm_jacobian_(da.mul_(gscale), a, ra).to(a_dtype)
+    dk = _apply_norm_jacobian_(dk.mul_(gscale), k, rk).to(k_dtype)
     return da, dk
 
 
