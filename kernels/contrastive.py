@@ -39,7 +39,6 @@ used by the tests (CPU tensors, ``TRITON_INTERPRET=1``) calls the same launchers
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
