@@ -144,3 +144,44 @@ def test_sampler_same_samples_on_triton_and_torch(monkeypatch, loss):
     # fp32: the two paths sum the same terms in different orders; the guidance gradient
     # (λ·∇ℓ) is the only place where that shows, well below 1e-4 after 4 steps
     torch.testing.assert_close(outs["triton"], outs["torch"], rtol=1e-4, atol=1e-5)
+
+
+def test_explicit_triton_without_triton_raises(monkeypatch):
+    """Triton not importable (e.g. macOS): triton requested -> RuntimeError naming the cause;
+    auto falls back to the PyTorch path quietly."""
+    def no_triton(name):
+        raise ModuleNotFoundError("No module named 'triton'", name="triton")
+
+    monkeypatch.setattr(backend, "_import_kernels", no_triton)
+    monkeypatch.setenv("CDP_FAST_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="triton"):
+        backend.contrastive_impl("hnm")
+    monkeypatch.setenv("CDP_FAST_BACKEND", "auto")
+    a = torch.randn(5, 4, requires_grad=True)
+    out = losses.hnm_loss(a, a.detach(), tau=0.5)
+    torch.testing.assert_close(out, losses.hnm_loss_ref(a, a.detach(), tau=0.5), rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_load_from_an_uninstalled_checkout():
+    """Without the editable install's finder, cdp_fast.backend still finds <repo>/kernels."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(backend.__file__).resolve().parent.parent
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        "import torch\n"
+        "from cdp_fast import backend, losses\n"
+        "mod, err = backend._kernels_or_error('contrastive')\n"
+        "assert mod is not None, err\n"
+        "a = torch.randn(5, 3, requires_grad=True)\n"
+        "losses.hnm_loss(a, a.detach(), tau=0.5).backward()\n"
+        "print(mod.__file__)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(root), CDP_FAST_BACKEND="auto")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(root),
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert Path(res.stdout.strip()).resolve() == root / "kernels" / "contrastive.py"
