@@ -275,6 +275,17 @@ def _to_samples(path):
     return Samples.load(p)
 
 
+def _classifier01(spec, device):
+    """A classifier on [0, 1] images (the convention of cdp_fast.label / train / evaluate)."""
+    if spec == "digits":
+        from cdp_fast.models import digits
+
+        return digits.load_digits_classifier(device)
+    if spec and ":" in spec:
+        return load_callable_spec(spec, "classifier")
+    raise ValueError(f"classifier: {spec!r} is not digits or module:factory")
+
+
 def cmd_label(a):
     import numpy as np
 
@@ -282,18 +293,12 @@ def cmd_label(a):
     from cdp_fast.data import Samples
 
     s = _to_samples(a.samples)
-    clf = _labeler(a.classifier, {}, a.device, what="classifier")
-    if clf is None:
-        raise ValueError("classifier: required (digits or module:factory)")
-    out = label.pseudo_label(clf, s)
-    if isinstance(out, Samples):
-        labelled = out
-    else:
-        labels, conf = out if isinstance(out, tuple) else (out, None)
-        labelled = Samples(np.asarray(s.images[:]), np.asarray(labels, dtype=np.int64),
-                           None if conf is None else np.asarray(conf, dtype=np.float32))
+    clf = _classifier01(a.classifier, a.device)
+    res = label.pseudo_label(clf, s, device=a.device)
+    labelled = Samples(np.asarray(s.images[:]), np.asarray(res["label"], dtype=np.int64),
+                       np.asarray(res["confidence"], dtype=np.float32))
     labelled.save_npz(a.out)
-    hist = np.bincount(np.asarray(labelled.labels), minlength=1).tolist()
+    hist = np.bincount(labelled.labels).tolist()
     print(f"labelled {len(labelled)} samples -> {a.out}; class histogram {hist}")
     return 0
 
@@ -302,19 +307,13 @@ def cmd_select(a):
     import numpy as np
 
     from cdp_fast import label
-    from cdp_fast.data import Samples
 
     s = _to_samples(a.samples)
-    if s.labels is None:
-        raise ValueError(f"samples: {a.samples} has no labels; run `cdp-fast label` first")
-    kw = {}
-    if a.classifier:
-        kw["classifier"] = _labeler(a.classifier, {}, a.device, what="classifier")
-    out = label.select(s, a.criterion, a.k_per_class, **kw)
-    if not isinstance(out, Samples):
-        out = s.subset(np.asarray(out, dtype=np.int64))
-    out.save_npz(a.out)
-    print(f"selected {len(out)} of {len(s)} samples ({a.criterion}, {a.k_per_class} per class) -> {a.out}")
+    clf = _classifier01(a.classifier, a.device) if a.classifier != "none" else None
+    out = label.select(s, a.criterion, a.k_per_class, classifier=clf, device=a.device)
+    idx, chosen = out if isinstance(out, tuple) else (out, s.subset(np.asarray(out, dtype=np.int64)))
+    chosen.save_npz(a.out)
+    print(f"selected {len(idx)} of {len(s)} samples ({a.criterion}, {a.k_per_class} per class) -> {a.out}")
     return 0
 
 
@@ -423,6 +422,7 @@ def cmd_demo(a):
     print("cdp-fast demo: real vs real+DDIM vs real+Contrastive-DP (HNM) on 8x8 digits", flush=True)
     res = run_demo(out=a.out, full=a.full, seeds=seeds, n_synthetic=a.n_synthetic, epochs=a.epochs,
                    eps=a.eps, attacks=attacks, test_n=a.test_n, real_n=a.real_n, device=a.device,
+                   conditions=tuple(v.strip() for v in a.conditions.split(",") if v.strip()),
                    progress=not a.no_progress, callback=cb)
     print()
     print(res["table"])
@@ -444,7 +444,7 @@ def cmd_bench(a):
     args = [v for v in a.bench_args if v != "--"]
     try:
         return mod.main(args)
-    except SystemExit as e:  # argparse inside the benchmark
+    except SystemExit as e:  # argparse inside the benchmark: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 2
 
 
@@ -519,7 +519,7 @@ def build_parser():
                          description="Pseudo-label generated samples (cdp_fast.label.pseudo_label).")
     lab.add_argument("samples", help="an out folder of `cdp-fast sample` or an npz")
     lab.add_argument("--classifier", default="digits",
-                     help="'digits' (bundled) or module:factory (default: digits)")
+                     help="classifier on [0, 1] images: 'digits' (bundled) or module:factory (default: digits)")
     lab.add_argument("--out", required=True, help="output npz (image, label, confidence)")
     lab.add_argument("--device", default=None, help="torch device (default: cpu)")
     lab.set_defaults(func=cmd_label)
@@ -528,10 +528,13 @@ def build_parser():
                          description="Select k samples per pseudo-class (cdp_fast.label.select).")
     sel.add_argument("samples", help="a labelled npz or out folder")
     sel.add_argument("--criterion", default="confidence",
-                     help="selection criterion understood by cdp_fast.label.select (default: confidence)")
+                     choices=("entropy", "confidence", "grad_norm", "robust_grad_norm", "separability"),
+                     help="score ranking the samples within each class (cdp_fast.label.select) "
+                          "(default: confidence)")
     sel.add_argument("--k-per-class", type=int, required=True, help="samples kept per class")
-    sel.add_argument("--classifier", default=None,
-                     help="classifier for criteria that need one: digits or module:factory (default: none)")
+    sel.add_argument("--classifier", default="digits",
+                     help="classifier on [0, 1] images scoring the samples: digits, module:factory, or none "
+                          "(separability with stored labels only) (default: digits)")
     sel.add_argument("--out", required=True, help="output npz")
     sel.add_argument("--device", default=None, help="torch device (default: cpu)")
     sel.set_defaults(func=cmd_select)
@@ -589,12 +592,14 @@ def build_parser():
     de.add_argument("--seeds", type=int, default=None, help="number of training seeds (default: 3; --full 5)")
     de.add_argument("--n-synthetic", type=int, default=None,
                     help="synthetic images per method (default: 1024; --full 4000)")
-    de.add_argument("--epochs", type=int, default=None, help="TRADES epochs (default: 15; --full 30)")
+    de.add_argument("--epochs", type=int, default=None, help="TRADES epochs (default: 10; --full 30)")
     de.add_argument("--eps", type=float, default=0.1, help="L-inf radius on [0, 1] pixels (default: 0.1)")
     de.add_argument("--attacks", default="clean,pgd,autoattack",
                     help="comma list of clean, pgd, autoattack (default: all three)")
     de.add_argument("--test-n", type=int, default=None, help="first N test digits only (default: all 450)")
     de.add_argument("--real-n", type=int, default=None, help="first N real training digits only (default: all 1347)")
+    de.add_argument("--conditions", default="real,real+ddim,real+cdp",
+                    help="comma list of the conditions to train: real, real+ddim, real+cdp (default: all)")
     de.add_argument("--out", default="cdp_demo", help="output folder (default: cdp_demo)")
     de.add_argument("--device", default=None, help="torch device (default: cpu)")
     de.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -602,7 +607,8 @@ def build_parser():
 
     be = sub.add_parser("bench", help="sampling throughput benchmark (benchmarks/throughput.py)",
                         description="Run benchmarks/throughput.py; every argument after 'bench' is passed "
-                                    "through (e.g. cdp-fast bench -- --config cifar). Needs a source checkout.")
+                                    "through (e.g. cdp-fast bench --config cifar; cdp-fast bench --help lists "
+                                    "them). Needs a source checkout.")
     be.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for benchmarks/throughput.py")
     be.set_defaults(func=cmd_bench)
     return p
@@ -611,7 +617,12 @@ def build_parser():
 def main(argv=None) -> int:
     """Entry point of `cdp-fast`; returns the exit status (0 ok, 1 environment, 2 bad arguments)."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(v) for v in argv]
     try:
+        if argv and argv[0] == "bench":
+            # everything after "bench" belongs to benchmarks/throughput.py (argparse.REMAINDER
+            # would stop at a leading option)
+            return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
         try:
             args = parser.parse_args(argv)
         except SystemExit as e:  # --help

@@ -1,0 +1,136 @@
+"""`cdp-fast` CLI: every subcommand in-process through cdp_fast.cli.main, one subprocess run of
+`python -m cdp_fast --help`, and bad arguments -> exit 2 with a one-line message."""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+
+from cdp_fast import cli  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBCOMMANDS = ("sample", "label", "select", "train", "eval", "demo", "bench")
+
+
+def _npz(path):
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def test_module_help_subprocess():
+    r = subprocess.run([sys.executable, "-m", "cdp_fast", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    for name in SUBCOMMANDS:
+        assert name in r.stdout
+
+
+def test_every_flag_is_documented(capsys):
+    parser = cli.build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subs.choices) == set(SUBCOMMANDS)
+    for name, sp in subs.choices.items():
+        for action in sp._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help and action.help.strip(), f"{name} {action.option_strings or action.dest}"
+        assert cli.main([name, "--help"]) == 0
+        out = capsys.readouterr().out
+        for action in sp._actions:
+            for opt in action.option_strings:
+                assert opt in out, f"{name}: {opt} missing from --help"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["nosuch"], "invalid choice"),
+    ([], "choose a subcommand"),
+    (["sample", "--bogus"], "unrecognized"),
+    (["sample", "--loss", "l2"], "invalid choice"),
+    (["sample", "--model", "no/such/model"], "model"),
+    (["sample", "-n", "0", "--no-progress"], "n must be"),
+    (["sample", "-n", "4", "--tau", "-1", "--no-progress"], "tau"),
+    (["sample", "--image-shape", "a,b"], "image-shape"),
+    (["eval", "--arch", "small-cnn"], "weights"),
+    (["demo", "--seeds", "0"], "seeds"),
+])
+def test_bad_arguments_exit_2_one_line(argv, needle, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert needle in err and err.startswith("cdp-fast")
+
+
+def test_sample_guided_npz_grid_and_out(tmp_path, capsys):
+    npz, png, out = tmp_path / "s.npz", tmp_path / "g.png", tmp_path / "gen"
+    rc = cli.main(["sample", "--model", "digits", "-n", "8", "--batch-size", "8", "--steps", "4",
+                   "--loss", "hnm", "--out", str(out), "--npz", str(npz), "--grid", str(png), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    d = _npz(npz)
+    assert d["image"].shape == (8, 8, 8, 1) and d["image"].dtype == np.uint8
+    assert d["label"].dtype == np.int64 and d["label"].min() >= 0 and d["label"].max() <= 9
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "manifest.json").is_file()
+    # same seed, unguided, in memory: different images (the guidance acted), same shape
+    npz2 = tmp_path / "u.npz"
+    assert cli.main(["sample", "-n", "8", "--batch-size", "8", "--steps", "4", "--loss", "none",
+                     "--npz", str(npz2), "--no-progress"]) == 0
+    assert _npz(npz2)["image"].shape == d["image"].shape
+
+
+def test_label_select_train_eval_pipeline(tmp_path, capsys):
+    raw, labelled, selected = tmp_path / "raw.npz", tmp_path / "lab.npz", tmp_path / "sel.npz"
+    assert cli.main(["sample", "-n", "20", "--batch-size", "10", "--steps", "4", "--loss", "none",
+                     "--labeler", "none", "--npz", str(raw), "--no-progress"]) == 0
+    assert "label" not in _npz(raw)
+    assert cli.main(["label", str(raw), "--classifier", "digits", "--out", str(labelled)]) == 0, \
+        capsys.readouterr().err
+    lab = _npz(labelled)
+    assert lab["label"].shape == (20,)
+    assert cli.main(["select", str(labelled), "--k-per-class", "1", "--out", str(selected)]) == 0, \
+        capsys.readouterr().err
+    sel = _npz(selected)
+    assert 1 <= len(sel["label"]) <= 10 and len(set(sel["label"].tolist())) == len(sel["label"])
+    weights = tmp_path / "clf.pt"
+    assert cli.main(["train", "--data", "digits", "--synthetic", str(labelled), "--epochs", "1", "--steps", "1",
+                     "--batch-size", "256", "--out", str(weights), "--no-progress"]) == 0, capsys.readouterr().err
+    res = tmp_path / "eval.json"
+    assert cli.main(["eval", "--weights", str(weights), "--n", "40", "--attacks", "clean,pgd",
+                     "--json", str(res)]) == 0, capsys.readouterr().err
+    r = json.loads(res.read_text())
+    assert 0.0 <= r["pgd"] <= r["clean"] <= 1.0
+
+
+def test_eval_bundled_classifier(capsys):
+    assert cli.main(["eval", "--arch", "digits", "--n", "100", "--attacks", "clean"]) == 0
+    out = capsys.readouterr().out
+    acc = float(out.split("clean")[1].split("%")[0])
+    assert acc > 90
+
+
+def test_demo_tiny(tmp_path, capsys):
+    rc = cli.main(["demo", "--seeds", "2", "--n-synthetic", "16", "--epochs", "1", "--attacks", "clean",
+                   "--test-n", "30", "--real-n", "64", "--out", str(tmp_path / "d"), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    for c in ("real+ddim", "real+cdp", "clean acc"):
+        assert c in out
+    assert (tmp_path / "d" / "results.json").is_file()
+
+
+def test_bench_passthrough(tmp_path, capsys):
+    js = tmp_path / "tp.json"
+    rc = cli.main(["bench", "--methods", "ddim-eager,diffusers,hnm-eager,ref-hnm", "--batch", "4", "--steps", "2",
+                   "--repeats", "1", "--compile", "false", "--out", str(js)])
+    assert rc == 0, capsys.readouterr().err
+    rec = json.loads(js.read_text())
+    assert set(rec["results"]) == {"ddim-eager", "diffusers", "hnm-eager", "ref-hnm"}
+    assert all(r["images_per_s"] > 0 for r in rec["results"].values())
+    # same x_T and model: our unguided DDIM matches diffusers' loop to float rounding
+    (row,) = [r for r in rec["ratios"] if r["method"] == "ddim-eager"]
+    assert row["max_abs_diff"] < 1e-4
+    assert cli.main(["bench", "--methods", "nope"]) == 2
