@@ -369,7 +369,7 @@ def cmd_train(a):
         model, data, synthetic=a.synthetic, real_fraction=a.real_fraction, epochs=a.epochs, eps=a.eps,
         step_size=a.step_size if a.step_size is not None else 2.5 * a.eps / max(1, a.steps),
         steps=a.steps, beta=a.beta, batch_size=a.batch_size, ema=None if a.ema == 0 else a.ema,
-        lr=a.lr, pad=a.pad if a.pad is not None else (1 if digits_defaults else 4),
+        lr=a.lr, warmup_epochs=a.warmup_epochs, pad=a.pad if a.pad is not None else (1 if digits_defaults else 4),
         flip=(not a.no_flip) and not digits_defaults, seed=a.seed, device=a.device,
         checkpoint=a.checkpoint, progress=not a.no_progress)
     _save_state(trained, a.out)
@@ -550,7 +550,7 @@ def build_parser():
     tr.add_argument("--synthetic", default=None, help="synthetic data: npz or out folder (default: none)")
     tr.add_argument("--real-fraction", type=float, default=0.3,
                     help="share of real images per batch when --synthetic is given (default: 0.3)")
-    tr.add_argument("--epochs", type=int, default=15, help="epochs (default: 15)")
+    tr.add_argument("--epochs", type=int, default=10, help="epochs (default: 10)")
     tr.add_argument("--eps", type=float, default=0.1, help="L-inf radius on [0, 1] pixels (default: 0.1)")
     tr.add_argument("--step-size", type=float, default=None, help="PGD step size (default: 2.5 eps / steps)")
     tr.add_argument("--steps", type=int, default=10, help="PGD steps (default: 10)")
@@ -558,6 +558,8 @@ def build_parser():
     tr.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
     tr.add_argument("--ema", type=float, default=0.995, help="EMA decay, 0 = off (default: 0.995)")
     tr.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
+    tr.add_argument("--warmup-epochs", type=int, default=1,
+                    help="linear learning-rate warm-up in epochs (default: 1)")
     tr.add_argument("--pad", type=int, default=None, help="random-crop padding (default: 1 digits, else 4)")
     tr.add_argument("--no-flip", action="store_true", help="no horizontal flips (always off for digits)")
     tr.add_argument("--checkpoint", default=None, help="resumable checkpoint path (default: none)")
