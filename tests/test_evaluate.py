@@ -1,6 +1,5 @@
 """evaluate(): clean / PGD / AutoAttack accuracies against closed forms on a linear model, where
 the exact L∞ robust accuracy is known, plus input forms, n_ex, modes and argument checks."""
-import numpy as np
 import pytest
 import torch
 from torch import nn
