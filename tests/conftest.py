@@ -14,6 +14,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n 2 on 2 cores: two workers with 2 OpenMP threads each oversubscribe the CPU
+    # (measured: the digits TRADES test went from 28 s to > 400 s).
+    torch.set_num_threads(1)
+
 try:
     from hypothesis import settings
 
