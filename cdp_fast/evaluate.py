@@ -3,7 +3,9 @@
 - clean: argmax accuracy, model in eval mode;
 - pgd: L∞ PGD-k with random start on the cross-entropy (Madry et al. 2018), k = ``pgd_steps``
   (20 by default), α = ``pgd_step_size`` (ε/4 by default), one restart, through
-  :func:`cdp_fast.attacks.pgd_attack`; the random start of batch b is seeded by (seed, b);
+  :func:`cdp_fast.attacks.pgd_attack` (same formula); the random start of point i is drawn
+  from (seed, i) alone, so the result does not depend on the batching or on the number of
+  processes;
 - autoattack: Croce & Hein (2020) through ``pyautoattack`` (the maintained packaging of the
   reference code, import name ``pyautoattack``; keyword-only constructor
   ``AutoAttack(model, *, attacks, device, eps, norm, seed, version)``;
@@ -19,6 +21,15 @@ average ~5 from other jobs), TRADES-trained small CNN on 8x8 digits, ε = 0.1, 2
 standard 108 s (robust accuracy 0.86), custom ("apgd-ce", "apgd-t") 25 s (0.86), PGD-20 0.5 s
 (0.87). ``n_ex`` evaluates the first ``n_ex`` points only (every attack, so the numbers stay
 comparable).
+
+Blocks and torch.distributed. The points are cut into blocks of ``batch_size`` (block b holds
+points [b·batch_size, (b + 1)·batch_size)); AutoAttack runs on each block separately (every
+point still faces every attack of the version; a point counts as robust when all fail). Under
+an initialised process group with world size N > 1 (``torchrun``; :func:`evaluate` joins it
+through :func:`cdp_fast.distributed.maybe_init` unless ``distributed=False``), rank r takes
+blocks b ≡ r (mod N), counts its correct points per attack and the counts are all-reduced:
+every rank returns the same dict, equal to the single-process result (each block is computed
+exactly as in one process). Every rank must call :func:`evaluate` with the same arguments.
 """
 from __future__ import annotations
 
@@ -49,14 +60,6 @@ def _as_images(x) -> torch.Tensor:
     return x
 
 
-def _predict(model, x, batch_size, device) -> torch.Tensor:
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            out.append(model(x[i:i + batch_size].to(device)).argmax(1).cpu())
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
-
-
 def autoattack_accuracy(model, x: torch.Tensor, y: torch.Tensor, *, eps: float,
                         version: str = "standard", attacks: Optional[Sequence[str]] = None,
                         batch_size: int = 256, seed: int = 0, device=None) -> float:
@@ -65,11 +68,11 @@ def autoattack_accuracy(model, x: torch.Tensor, y: torch.Tensor, *, eps: float,
     The model must be in eval mode (``evaluate`` does that). Raises ImportError naming the
     package when ``pyautoattack`` is missing.
     """
-    try:
-        from pyautoattack import AutoAttack
-    except ImportError as e:  # pragma: no cover - a declared runtime dependency
-        raise ImportError("AutoAttack needs the 'pyautoattack' package "
-                          "(pip install pyautoattack)") from e
+    return _autoattack_correct(model, x, y, eps=eps, version=version, attacks=attacks,
+                               batch_size=batch_size, seed=seed, device=device) / len(x)
+
+
+def _check_aa(version, attacks):
     if version not in ("standard", "custom", "plus", "rand"):
         raise ValueError(f"version must be 'standard', 'custom', 'plus' or 'rand', got {version!r}")
     if version == "custom":
@@ -81,6 +84,17 @@ def autoattack_accuracy(model, x: torch.Tensor, y: torch.Tensor, *, eps: float,
         attacks = list(attacks)
     elif attacks is not None:
         raise ValueError(f"aa_attacks is only used with version='custom' (got version={version!r})")
+    return attacks
+
+
+def _autoattack_correct(model, x, y, *, eps, version, attacks, batch_size, seed, device) -> int:
+    """Number of points of (x, y) that AutoAttack does not break (see autoattack_accuracy)."""
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError as e:  # pragma: no cover - a declared runtime dependency
+        raise ImportError("AutoAttack needs the 'pyautoattack' package "
+                          "(pip install pyautoattack)") from e
+    attacks = _check_aa(version, attacks)
     dev = torch.device(device) if device is not None else x.device
     adversary = AutoAttack(model, attacks=attacks, device=dev, eps=float(eps), norm="Linf",
                            seed=int(seed), version=version)
@@ -90,7 +104,18 @@ def autoattack_accuracy(model, x: torch.Tensor, y: torch.Tensor, *, eps: float,
     if float(delta) > eps + 1e-5 or float(x_adv.min()) < -1e-6 or float(x_adv.max()) > 1 + 1e-6:
         raise RuntimeError(f"AutoAttack returned points outside the ε-ball ({float(delta):.3g} "
                            f"> {eps}) or outside [0, 1]")
-    return float((y_adv.cpu() == y.cpu()).double().mean())
+    return int((y_adv.cpu() == y.cpu()).sum())
+
+
+def _pgd_starts(x: torch.Tensor, first: int, seed: int) -> torch.Tensor:
+    """Uniform draws u (B, C, H, W) in [0, 1) of the PGD random start, row j from the seed
+    (seed, 7, first + j) alone: randomness per point, independent of batching and sharding."""
+    out = torch.empty(x.shape, dtype=torch.float32)
+    for j in range(len(x)):
+        g = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([int(seed), 7, first + j]).generate_state(1)[0]))
+        out[j] = torch.rand(x.shape[1:], generator=g)
+    return out.to(x.dtype)
 
 
 def evaluate(model: nn.Module, x, y, *, eps: float = 8 / 255,
@@ -98,7 +123,7 @@ def evaluate(model: nn.Module, x, y, *, eps: float = 8 / 255,
              pgd_step_size: Optional[float] = None, batch_size: int = 256, seed: int = 0,
              progress: bool = False, version: str = "standard",
              aa_attacks: Optional[Sequence[str]] = None, n_ex: Optional[int] = None,
-             device=None) -> dict:
+             device=None, distributed: bool = True) -> dict:
     """Accuracy of ``model`` under the requested attacks (L∞, radius ``eps``).
 
     Args:
@@ -116,6 +141,9 @@ def evaluate(model: nn.Module, x, y, *, eps: float = 8 / 255,
             ``aa_attacks`` (e.g. ("apgd-ce", "apgd-t")).
         n_ex: evaluate only the first n_ex points (every attack, so results are comparable).
         device: defaults to the model's device.
+        distributed: under torch.distributed (world size > 1) split the blocks of points
+            over the ranks and all-reduce the counts (every rank must call); False
+            evaluates every point in this process.
     Returns:
         {"clean": acc, "pgd": acc, "autoattack": acc} (only the requested keys), floats in
         [0, 1].
@@ -144,6 +172,8 @@ def evaluate(model: nn.Module, x, y, *, eps: float = 8 / 255,
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if n_ex is not None and (isinstance(n_ex, bool) or not isinstance(n_ex, int) or n_ex < 1):
         raise ValueError(f"n_ex must be an int >= 1 or None, got {n_ex!r}")
+    if not isinstance(distributed, bool):
+        raise ValueError(f"distributed must be True or False, got {distributed!r}")
     x = _as_images(x)
     y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
     if y.dtype.is_floating_point or y.dim() != 1 or len(y) != len(x):
@@ -159,31 +189,44 @@ def evaluate(model: nn.Module, x, y, *, eps: float = 8 / 255,
         x, y = x[:n_ex], y[:n_ex]
     dev = torch.device(device) if device is not None else next(model.parameters()).device
 
-    from cdp_fast.attacks import eval_mode, pgd_attack
+    from cdp_fast.attacks import eval_mode
+    from cdp_fast.train import _pgd_attack_from
 
-    results = {}
+    if "autoattack" in attacks:
+        _check_aa(version, aa_attacks)   # on every rank, before any collective
+    rank, world = 0, 1
+    if distributed:
+        from cdp_fast import distributed as cdist
+
+        rank, world = cdist.maybe_init(dev)
+    blocks = list(range(0, len(x), batch_size))[rank::world]   # this rank's blocks
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    it = (tqdm(blocks, desc="evaluate", disable=not progress or rank != 0, leave=False)
+          if tqdm else blocks)
+    names = [a for a in ATTACKS if a in attacks]
+    correct = dict.fromkeys(names, 0)
     with eval_mode(model):
-        if "clean" in attacks:
-            results["clean"] = float((_predict(model, x, batch_size, dev) == y).double().mean())
-        if "pgd" in attacks:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:  # pragma: no cover
-                tqdm = None
-            starts = range(0, len(x), batch_size)
-            it = tqdm(starts, desc="PGD", disable=not progress, leave=False) if tqdm else starts
-            correct = 0
-            for b, i in enumerate(it):
-                xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
-                gen = torch.Generator(device=dev).manual_seed(
-                    int(np.random.SeedSequence([int(seed), 7, b]).generate_state(1)[0]))
-                xa = pgd_attack(model, xb, yb, eps=eps, step_size=pgd_step_size,
-                                steps=pgd_steps, random_start=True, generator=gen)
+        for i in it:
+            xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
+            if "clean" in names:
                 with torch.no_grad():
-                    correct += int((model(xa).argmax(1) == yb).sum())
-            results["pgd"] = correct / len(x)
-        if "autoattack" in attacks:
-            results["autoattack"] = autoattack_accuracy(
-                model, x, y, eps=eps, version=version, attacks=aa_attacks,
-                batch_size=batch_size, seed=seed, device=dev)
-    return results
+                    correct["clean"] += int((model(xb).argmax(1) == yb).sum())
+            if "pgd" in names:
+                u = _pgd_starts(x[i:i + batch_size], i, seed).to(dev)
+                xa = _pgd_attack_from(model, xb, yb, u, eps=eps, step_size=pgd_step_size,
+                                      steps=pgd_steps)
+                with torch.no_grad():
+                    correct["pgd"] += int((model(xa).argmax(1) == yb).sum())
+            if "autoattack" in names:
+                correct["autoattack"] += _autoattack_correct(
+                    model, xb, yb, eps=eps, version=version, attacks=aa_attacks,
+                    batch_size=batch_size, seed=seed, device=dev)
+    counts = torch.tensor([correct[a] for a in names], dtype=torch.int64, device=dev)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(counts)
+    return {a: int(c) / len(x) for a, c in zip(names, counts.tolist())}

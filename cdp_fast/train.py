@@ -44,14 +44,23 @@ The learning rate is a pure function of the update index, so the "scheduler stat
 index.
 
 Distributed data parallel (``torchrun --nproc_per_node=N``, or any initialised default
-process group with world size N > 1; :func:`cdp_fast.distributed.maybe_init` joins it): every
-rank walks the same global batch order and loads only rows ``rank::N`` of each global batch;
-after ``backward`` the gradients are all-reduced (weighted by each rank's share, so the update
-is the one of the global batch-mean loss, as DDP + DistributedSampler give), and rank 0's
-BatchNorm buffers are broadcast after every update (DDP's ``broadcast_buffers``). Each rank's
-attack/augmentation randomness is seeded by (seed, update, rank). Only rank 0 writes the
-checkpoint (its path must be visible to every rank to resume) and shows a progress bar.
-``batch_size`` is the global batch and must be divisible by N.
+process group with world size N > 1; :func:`cdp_fast.distributed.maybe_init` joins it, nccl
+on CUDA, gloo on CPU): the model is wrapped in ``torch.nn.parallel.DistributedDataParallel``
+(gradients all-reduced and averaged by DDP's bucketed reducer during ``backward``).
+:class:`MixedBatchSampler` gives every rank its disjoint share (rows ``rank::N``) of the same
+global mixed real/synthetic batch order, a function of (seed, epoch) (``set_epoch`` as
+torch's ``DistributedSampler``); ``batch_size`` is the global batch and must be divisible by N,
+so the shares are equal and DDP's average is the gradient of the global batch-mean loss. The
+random draws of an update (crops, flips, attack starts) are made for the whole global batch
+from (seed, update) on every rank and each rank keeps its rows: image j of global batch k gets
+the same randomness whatever N, so a run can be resumed with any number of processes. The
+inner attacks run on the unwrapped module (``ddp.module``), so their input gradients never
+touch DDP's gradient hooks. BatchNorm: each rank normalises with its local batch statistics
+unless ``sync_bn=True`` (``torch.nn.SyncBatchNorm``, CUDA/nccl only in torch); rank 0's
+running statistics are broadcast after every update (DDP's ``broadcast_buffers``, moved after
+the step) so parameters, buffers and hence the EMA are identical on every rank. Only rank 0
+writes the checkpoint (its path must be visible to every rank to resume) and shows a progress
+bar. Per-rank training throughput is gathered into ``model.throughput``.
 
 Inputs (``train_data`` and ``synthetic``): a tuple ``(x, y)`` of tensors / arrays (x float
 NCHW in [0, 1], or uint8 NHWC; y int64), a ``torch.utils.data.Dataset`` of (x, y) pairs (x
@@ -75,7 +84,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["train_trades", "train_pgd_at", "trades_loss", "pgd_at_loss", "as_source",
-           "augment_batch", "ema_decay", "cosine_lr", "mix_counts", "epoch_indices"]
+           "augment_batch", "ema_decay", "cosine_lr", "mix_counts", "epoch_indices",
+           "MixedBatchSampler"]
 
 _CKPT_VERSION = 1
 
@@ -165,25 +175,81 @@ def epoch_indices(seed: int, epoch: int, steps: int, n_real: int, n_syn_total: i
     return real.reshape(steps, r).astype(np.int64), syn.reshape(steps, s).astype(np.int64)
 
 
-def _step_seed(seed: int, step: int, rank: int = 0, world: int = 1) -> int:
-    key = [int(seed), 3, int(step)] + ([int(rank)] if world > 1 else [])
+def _step_seed(seed: int, step: int) -> int:
+    """Seed of update ``step``'s random draws; the same on every rank (each rank keeps its rows
+    of draws made for the whole global batch)."""
+    key = [int(seed), 3, int(step)]
     return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] & ((1 << 63) - 1))
 
 
-def _allreduce_grads(params, weight: float) -> None:
-    """Sum over ranks of ``weight · grad`` (weight = local batch / global batch): the gradient
-    of the global batch-mean loss, also when the ranks' shares differ by one image."""
-    import torch.distributed as dist
+class MixedBatchSampler:
+    """Distributed-aware real/synthetic mixing batch sampler (this loop's DistributedSampler).
 
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    flat = torch._utils._flatten_dense_tensors(grads).mul_(weight)
-    dist.all_reduce(flat)
-    for g, f in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        g.copy_(f)
+    Each epoch has ``steps_per_epoch`` global batches of ``batch_size`` images: the first
+    ``round(batch_size · real_fraction)`` positions are real images, the rest synthetic
+    (:func:`mix_counts`), in the order :func:`epoch_indices` derives from (seed, epoch). Rank r
+    of N gets rows ``r::N`` of every global batch, so the ranks' shares are disjoint, together
+    make the global batch, and do not depend on N beyond the split. Indices address the
+    concatenation ``real + synthetic`` (synthetic image j is ``n_real + j``), so the sampler
+    can also drive a ``DataLoader(ConcatDataset([real, synthetic]), batch_sampler=...)``.
+
+    Args:
+        n_real, n_synthetic: dataset sizes (n_synthetic = 0: real data only).
+        batch_size: global batch (divisible by world_size).
+        real_fraction: share of real images per batch when n_synthetic > 0.
+        steps_per_epoch: batches per epoch, default ``ceil(n_real / batch_size)``.
+        seed: data-order seed. rank, world_size: default from :mod:`cdp_fast.distributed`.
+    Iterating yields, per step, this rank's list of ``batch_size // world_size`` indices.
+    """
+
+    def __init__(self, n_real: int, n_synthetic: int, batch_size: int, real_fraction: float = 0.3,
+                 steps_per_epoch: Optional[int] = None, *, seed: int = 0,
+                 rank: Optional[int] = None, world_size: Optional[int] = None):
+        _check_number("n_real", n_real, 1, integer=True)
+        _check_number("n_synthetic", n_synthetic, 0, integer=True)
+        _check_number("batch_size", batch_size, 1, integer=True)
+        _check_number("real_fraction", real_fraction, 0.0, 1.0)
+        if steps_per_epoch is not None:
+            _check_number("steps_per_epoch", steps_per_epoch, 1, integer=True)
+        if rank is None or world_size is None:
+            from cdp_fast.distributed import world_info
+
+            r, w = world_info()
+            rank = r if rank is None else rank
+            world_size = w if world_size is None else world_size
+        _check_number("world_size", world_size, 1, integer=True)
+        _check_number("rank", rank, 0, world_size - 1, integer=True)
+        if batch_size % world_size:
+            raise ValueError(f"batch_size={batch_size} must be divisible by the world size "
+                             f"{world_size}")
+        if n_synthetic == 0 and real_fraction == 0.0:
+            raise ValueError("real_fraction=0 needs synthetic data (n_synthetic > 0)")
+        self.n_real, self.n_synthetic = int(n_real), int(n_synthetic)
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.per_batch = mix_counts(self.batch_size, float(real_fraction), self.n_synthetic > 0)
+        self.steps = (int(steps_per_epoch) if steps_per_epoch is not None
+                      else math.ceil(self.n_real / self.batch_size))
+        self.rows = np.arange(self.batch_size)[self.rank::self.world_size]  # global positions
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order the next iteration yields (call before each epoch)."""
+        _check_number("epoch", epoch, 0, integer=True)
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def global_batches(self) -> np.ndarray:
+        """(steps, batch_size) int64 indices into real + synthetic: every rank's batches."""
+        r, sidx = epoch_indices(self.seed, self.epoch, self.steps, self.n_real,
+                                self.n_synthetic, self.per_batch)
+        return np.concatenate([r, sidx + self.n_real], axis=1)
+
+    def __iter__(self):
+        for row in self.global_batches():
+            yield row[self.rows].tolist()
 
 
 @torch.no_grad()
@@ -313,21 +379,82 @@ def augment_batch(x: torch.Tensor, *, pad: int, flip: bool,
     """Random crop after zero padding by ``pad`` (torchvision ``RandomCrop(size, padding)``
     semantics: offsets uniform in [0, 2·pad]) and, if ``flip``, a horizontal flip with
     probability ½, independently per image. x: (B, C, H, W) -> same shape."""
-    b, c, h, w = x.shape
-    dev = x.device
+    return _apply_augment(x, *_augment_draws(len(x), pad, flip, generator, x.device), pad=pad)
+
+
+def _augment_draws(b: int, pad: int, flip: bool, generator, dev):
+    """Random draws of :func:`augment_batch` for b images: crop offsets (B,), (B,) and flip
+    mask (B,) (None where unused), in that order from ``generator``."""
+    oy = ox = m = None
     if pad > 0:
-        xp = F.pad(x, (pad, pad, pad, pad))
         oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=dev)
         ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=dev)
+    if flip:
+        m = torch.rand((b,), generator=generator, device=dev) < 0.5
+    return oy, ox, m
+
+
+def _apply_augment(x, oy, ox, m, *, pad: int) -> torch.Tensor:
+    b, c, h, w = x.shape
+    dev = x.device
+    if oy is not None:
+        xp = F.pad(x, (pad, pad, pad, pad))
         rows = (oy[:, None] + torch.arange(h, device=dev)[None])          # (B, H)
         cols = (ox[:, None] + torch.arange(w, device=dev)[None])          # (B, W)
         bi = torch.arange(b, device=dev)[:, None, None]
         x = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
         x = x.permute(0, 3, 1, 2).contiguous()
-    if flip:
-        m = torch.rand((b,), generator=generator, device=dev) < 0.5
+    if m is not None:
         x = torch.where(m[:, None, None, None], x.flip(3), x)
     return x
+
+
+def _input_grad(loss_fn, x_adv: torch.Tensor) -> torch.Tensor:
+    with torch.enable_grad():
+        xa = x_adv.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss_fn(xa), (xa,))
+    return g
+
+
+def _trades_attack_from(model, x, noise, *, eps, step_size, steps):
+    """:func:`cdp_fast.attacks.trades_attack` (Zhang et al. 2019, eq. (5)) with its Gaussian
+    start ``noise`` (B, C, H, W) given instead of drawn, so the draws can be made for the whole
+    global batch and sliced per rank. Same operations in the same order: for a noise drawn as
+    ``trades_attack`` draws it the result is bitwise the same (tested)."""
+    from cdp_fast._ext import pgd_step
+    from cdp_fast.attacks import eval_mode
+
+    with torch.no_grad(), eval_mode(model):
+        x = x.detach()
+        p_nat = F.softmax(model(x), dim=1)
+        x_adv = x + 0.001 * noise
+
+        def kl(xa):
+            return F.kl_div(F.log_softmax(model(xa), dim=1), p_nat, reduction="sum")
+
+        if steps == 0:
+            x_adv = pgd_step(x_adv, torch.zeros_like(x_adv), x, step_size=0.0, eps=eps)
+        for _ in range(steps):
+            x_adv = pgd_step(x_adv, _input_grad(kl, x_adv), x, step_size=step_size, eps=eps)
+    return x_adv.detach()
+
+
+def _pgd_attack_from(model, x, y, u, *, eps, step_size, steps):
+    """:func:`cdp_fast.attacks.pgd_attack` (Madry et al. 2018, random start) with the uniform
+    draws ``u`` (B, C, H, W) of its start given: x⁰ = clip(x + (2u − 1)·ε, 0, 1). Model in
+    eval mode; bitwise the same as ``pgd_attack`` for the same draws (tested)."""
+    from cdp_fast._ext import pgd_step
+    from cdp_fast.attacks import eval_mode
+
+    def ce(xa):
+        return F.cross_entropy(model(xa), y, reduction="sum")
+
+    with torch.no_grad(), eval_mode(model):
+        x = x.detach()
+        x_adv = torch.clamp(x + (2.0 * u - 1.0) * eps, 0.0, 1.0)
+        for _ in range(steps):
+            x_adv = pgd_step(x_adv, _input_grad(ce, x_adv), x, step_size=step_size, eps=eps)
+    return x_adv.detach()
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -393,7 +520,7 @@ def _ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
 def _fit(kind: str, model: nn.Module, train_data, *, synthetic, real_fraction, epochs, eps,
          step_size, steps, beta, batch_size, ema, progress, lr, momentum, weight_decay,
          nesterov, label_smoothing, augment, pad, flip, steps_per_epoch, warmup_epochs,
-         checkpoint, resume, seed, device, amp, compile, callback):
+         checkpoint, resume, seed, device, amp, compile, callback, sync_bn=False):
     # ---- validation (ValueError naming the argument)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -423,6 +550,8 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, real_fraction, e
         raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
     if callback is not None and not callable(callback):
         raise ValueError("callback must be callable or None")
+    if not isinstance(sync_bn, bool):
+        raise ValueError(f"sync_bn must be True or False, got {sync_bn!r}")
     epochs, steps, batch_size, pad, seed = int(epochs), int(steps), int(batch_size), int(pad), int(seed)
 
     real = as_source(train_data, "train_data")
@@ -444,6 +573,12 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, real_fraction, e
     rank, world = cdist.maybe_init(dev)
     if world > 1 and batch_size % world:
         raise ValueError(f"batch_size={batch_size} must be divisible by the world size {world}")
+    if sync_bn and world > 1 and dev.type != "cuda":
+        raise ValueError("sync_bn=True needs CUDA devices (nccl): torch.nn.SyncBatchNorm has no "
+                         f"CPU/gloo implementation (device is {dev})")
+    sampler = MixedBatchSampler(len(real), 0 if syn is None else len(syn), batch_size,
+                                float(real_fraction), spe, seed=seed, rank=rank,
+                                world_size=world)
     use_amp = (dev.type == "cuda") if amp == "auto" else bool(amp)
     use_compile = (dev.type == "cuda") if compile == "auto" else bool(compile)
 
@@ -470,6 +605,8 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, real_fraction, e
         "warmup_epochs": int(warmup_epochs), "seed": seed, "n_real": len(real),
         "n_synthetic": 0 if syn is None else len(syn),
     }
+    if sync_bn:   # (key absent otherwise: checkpoints of earlier versions still resume)
+        config["sync_bn"] = True
     start_epoch, step, history = 0, 0, []
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     if ckpt_path is not None and resume and ckpt_path.exists():
@@ -490,57 +627,82 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, real_fraction, e
         history = list(state["history"])
         torch.set_rng_state(state["rng"]["torch"].cpu())
 
-    fwd = model
+    restore_bn = []
+    if sync_bn and world > 1:
+        # SyncBatchNorm shares the BatchNorm modules' parameters and buffers; the original
+        # modules are put back after training.
+        for parent in list(model.modules()):
+            for name, child in parent.named_children():
+                if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                    restore_bn.append((parent, name, child))
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    net = model   # what the training forward calls (DDP wrapper under torch.distributed)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # broadcast_buffers=False: rank 0's buffers are broadcast after each update instead
+        # (below), before the EMA update, so the EMA is identical on every rank.
+        net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                  broadcast_buffers=False)
+    fwd, attack_fwd = net, model
     if use_compile:
-        fwd = torch.compile(model)
+        fwd = torch.compile(net)
+        attack_fwd = fwd if net is model else torch.compile(model)
     amp_ctx = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_amp else \
         (lambda: torch.autocast(dev.type, enabled=False))
-
-    from cdp_fast.attacks import eval_mode, pgd_attack, trades_attack
+    has_buffers = any(True for _ in model.buffers())
+    rows = torch.as_tensor(sampler.rows, device=dev)   # this rank's positions in a global batch
 
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a runtime dependency
         tqdm = None
 
+    run_images, run_seconds = 0, 0.0
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
-        ridx, sidx = epoch_indices(seed, epoch, spe, len(real),
-                                   0 if syn is None else len(syn), (n_real_b, n_syn_b))
+        sampler.set_epoch(epoch)
+        batches = sampler.global_batches()[:, sampler.rows]   # (spe, batch_size / world)
+        n_real = len(real)
         sums = torch.zeros(3, device=dev, dtype=torch.float64)  # loss, clean correct, adv correct
         seen = 0
         bar = (tqdm(total=spe, desc=f"{kind} epoch {epoch + 1}/{epochs}", leave=False,
                     disable=not progress or rank != 0) if tqdm is not None else None)
         model.train()
         for i in range(spe):
+            # This rank's rows of global batch i: real images first, then synthetic ones.
+            idx = batches[i]
             xs, ys = [], []
-            # Under torch.distributed every rank walks the same global batch order and loads
-            # only its share (rows rank::world of the real and of the synthetic indices).
-            if n_real_b and len(ridx[i][rank::world]):
-                xr, yr = real.get(ridx[i][rank::world])
+            if (idx < n_real).any():
+                xr, yr = real.get(idx[idx < n_real])
                 xs.append(xr), ys.append(yr)
-            if n_syn_b and len(sidx[i][rank::world]):
-                xg, yg = syn.get(sidx[i][rank::world])
+            if (idx >= n_real).any():
+                xg, yg = syn.get(idx[idx >= n_real] - n_real)
                 xs.append(xg), ys.append(yg)
             x = torch.cat(xs).to(dev, non_blocking=True)
             y = torch.cat(ys).to(dev, non_blocking=True)
-            gen = torch.Generator(device=dev).manual_seed(_step_seed(seed, step, rank, world))
+            # Draws for the whole global batch, in a fixed order; this rank keeps its rows.
+            gen = torch.Generator(device=dev).manual_seed(_step_seed(seed, step))
             if augment:
-                x = augment_batch(x, pad=pad, flip=flip, generator=gen)
+                draws = _augment_draws(batch_size, pad, flip, gen, dev)
+                x = _apply_augment(x, *(d if d is None else d[rows] for d in draws), pad=pad)
             for g in opt.param_groups:
                 g["lr"] = cosine_lr(lr, step, total, warmup)
             with amp_ctx():
                 if kind == "trades":
-                    x_adv = trades_attack(fwd, x, eps=eps, step_size=step_size, steps=steps,
-                                          generator=gen)
+                    noise = torch.randn((batch_size,) + tuple(x.shape[1:]), generator=gen,
+                                        device=dev, dtype=x.dtype)[rows]
+                    x_adv = _trades_attack_from(attack_fwd, x, noise, eps=eps,
+                                                step_size=step_size, steps=steps)
                     logits_nat = fwd(x)
                     logits_adv = fwd(x_adv)
                     loss = trades_loss(logits_nat, logits_adv, y, beta=beta,
                                        label_smoothing=label_smoothing)
                 else:
-                    with eval_mode(fwd):
-                        x_adv = pgd_attack(fwd, x, y, eps=eps, step_size=step_size, steps=steps,
-                                           random_start=True, generator=gen)
+                    u = torch.rand((batch_size,) + tuple(x.shape[1:]), generator=gen,
+                                   device=dev, dtype=x.dtype)[rows]
+                    x_adv = _pgd_attack_from(attack_fwd, x, y, u, eps=eps, step_size=step_size,
+                                             steps=steps)
                     logits_adv = fwd(x_adv)
                     logits_nat = None
                     loss = pgd_at_loss(logits_adv, y, label_smoothing=label_smoothing)
@@ -548,11 +710,9 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, real_fraction, e
                 # (on GPU the per-epoch check below avoids a sync per update)
                 raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, update {step}")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:
-                _allreduce_grads(params, len(y) / batch_size)
+            loss.backward()          # under DDP: gradients averaged over the ranks here
             opt.step()
-            if world > 1:
+            if world > 1 and has_buffers:
                 _broadcast_buffers(model)
             step += 1
             if ema_model is not None:
@@ -567,6 +727,11 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, real_fraction, e
                 bar.update(1)
         if bar is not None:
             bar.close()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seconds = time.perf_counter() - t0
+        run_images += seen
+        run_seconds += seconds
         if world > 1:
             import torch.distributed as dist
 
@@ -577,7 +742,7 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, real_fraction, e
         entry = {"epoch": epoch + 1, "loss": s[0] / seen,
                  "train_clean_acc": s[1] / seen if kind == "trades" else float("nan"),
                  "train_adv_acc": s[2] / seen, "lr": cosine_lr(lr, step - 1, total, warmup),
-                 "updates": step, "time_s": time.perf_counter() - t0}
+                 "updates": step, "time_s": seconds, "images_per_s": seen / seconds}
         history.append(entry)
         if not math.isfinite(entry["loss"]):
             raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}")
@@ -594,6 +759,13 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, real_fraction, e
             callback({"epoch": epoch + 1, "epochs": epochs, "history": history,
                       "model": model, "ema_model": ema_model})
 
+    # Throughput: images (training examples, attack passes not counted) per second of this
+    # rank's training loop, gathered from every rank (small objects, never tensors of data).
+    model.throughput = cdist.all_gather_object(
+        {"rank": rank, "images": run_images, "seconds": run_seconds,
+         "images_per_s": run_images / run_seconds if run_seconds > 0 else 0.0})
+    for parent, name, child in restore_bn:
+        setattr(parent, name, child)
     if ema_model is not None:
         model.load_state_dict(ema_model.state_dict())
     model.eval()
@@ -627,9 +799,15 @@ _DOC_ARGS = """
             torch.compile on CUDA only.
         callback: called after each epoch (after checkpointing) with a dict
             {epoch, epochs, history, model, ema_model}.
+        sync_bn: under torch.distributed, train with ``torch.nn.SyncBatchNorm`` (batch
+            statistics over the global batch; CUDA/nccl only, ValueError on CPU); the model's
+            own BatchNorm modules are put back afterwards. No effect in a single process.
     Returns:
         ``model`` with the EMA weights loaded (the last weights when ema=None), in eval mode,
-        with ``model.history``: one dict per epoch (loss, train accuracies, lr, time).
+        with ``model.history``: one dict per epoch (loss, train accuracies, lr, time_s,
+        images_per_s summed over ranks) and ``model.throughput``: one dict per rank
+        {rank, images, seconds, images_per_s} for the epochs this call ran (images = training
+        examples; the attack's extra passes are not counted).
     Raises:
         ValueError naming the argument for bad inputs or a checkpoint from other arguments.
 """
@@ -644,7 +822,8 @@ def train_trades(model: nn.Module, train_data, *, synthetic=None, real_fraction:
                  flip: bool = True, steps_per_epoch: Optional[int] = None,
                  warmup_epochs: int = 0, checkpoint=None, resume: bool = True, seed: int = 0,
                  device=None, amp="auto", compile="auto",
-                 callback: Optional[Callable[[dict], None]] = None) -> nn.Module:
+                 callback: Optional[Callable[[dict], None]] = None,
+                 sync_bn: bool = False) -> nn.Module:
     """TRADES adversarial training (Zhang et al. 2019) on real + synthetic data, the paper's
     recipe (App. D: Gowal et al. 2021's setting, β = 6, 10-step PGD, EMA 0.995).
 
@@ -659,7 +838,7 @@ def train_trades(model: nn.Module, train_data, *, synthetic=None, real_fraction:
                 weight_decay=weight_decay, nesterov=nesterov, label_smoothing=label_smoothing,
                 augment=augment, pad=pad, flip=flip, steps_per_epoch=steps_per_epoch,
                 warmup_epochs=warmup_epochs, checkpoint=checkpoint, resume=resume, seed=seed,
-                device=device, amp=amp, compile=compile, callback=callback)
+                device=device, amp=amp, compile=compile, callback=callback, sync_bn=sync_bn)
 
 
 def train_pgd_at(model: nn.Module, train_data, *, synthetic=None, real_fraction: float = 0.3,
@@ -671,7 +850,8 @@ def train_pgd_at(model: nn.Module, train_data, *, synthetic=None, real_fraction:
                  flip: bool = True, steps_per_epoch: Optional[int] = None,
                  warmup_epochs: int = 0, checkpoint=None, resume: bool = True, seed: int = 0,
                  device=None, amp="auto", compile="auto",
-                 callback: Optional[Callable[[dict], None]] = None) -> nn.Module:
+                 callback: Optional[Callable[[dict], None]] = None,
+                 sync_bn: bool = False) -> nn.Module:
     """Madry et al. (2018) PGD adversarial training with the same options as
     :func:`train_trades` (``beta`` is accepted for symmetry and ignored); the revised paper's
     App. F.1 variant."""
@@ -681,7 +861,7 @@ def train_pgd_at(model: nn.Module, train_data, *, synthetic=None, real_fraction:
                 weight_decay=weight_decay, nesterov=nesterov, label_smoothing=label_smoothing,
                 augment=augment, pad=pad, flip=flip, steps_per_epoch=steps_per_epoch,
                 warmup_epochs=warmup_epochs, checkpoint=checkpoint, resume=resume, seed=seed,
-                device=device, amp=amp, compile=compile, callback=callback)
+                device=device, amp=amp, compile=compile, callback=callback, sync_bn=sync_bn)
 
 
 train_trades.__doc__ += _DOC_ARGS
