@@ -268,66 +268,43 @@ def test_bf16_autocast_path_runs_on_cpu():
     assert all(p.dtype == torch.float32 for p in m.parameters())
 
 
-_DIST_WORKER = r"""
-import sys, torch
-sys.path.insert(0, sys.argv[2])
-import cdp_fast
-from cdp_fast.models import SmallCNN
-torch.manual_seed(1)
-x = torch.randint(0, 256, (40, 1, 8, 8)).float() / 255.0
-y = torch.randint(0, 10, (40,))
-xs = torch.randint(0, 256, (30, 1, 8, 8)).float() / 255.0
-ys = torch.randint(0, 10, (30,))
-torch.manual_seed(0)
-m = SmallCNN(width=4, feature_dim=16)
-# eps = 0: the TRADES point is x itself whatever each rank's random start, so the run is a
-# deterministic function of the data and must match the single-process run.
-m = cdp_fast.train_trades(m, (x, y), synthetic=(xs, ys), real_fraction=0.3, epochs=2, eps=0.0,
-                          step_size=0.05, steps=1, batch_size=10, lr=0.05, ema=0.9,
-                          augment=False, progress=False, checkpoint=sys.argv[3])
-torch.save({"state": m.state_dict(), "loss": [h["loss"] for h in m.history]}, sys.argv[1])
-"""
+# ----------------------------------------------------------------------------- distributed
+# (2-process DDP runs: tests/test_distributed_train.py)
+@given(b=st.integers(1, 7), steps=st.integers(0, 3), seed=st.integers(0, 2**31 - 1))
+def test_attacks_from_given_draws_equal_the_attacks_module_bitwise(b, steps, seed):
+    """The training loop draws attack starts for the whole global batch and keeps this rank's
+    rows; its attack functions must be cdp_fast.attacks' own, bitwise, for the same draws."""
+    from cdp_fast.attacks import pgd_attack, trades_attack
+    from cdp_fast.train import _pgd_attack_from, _trades_attack_from
+
+    m = _tiny_model(seed % 7).train()
+    x, y = _tiny_data(b, seed)
+    ref = trades_attack(m, x, eps=0.1, step_size=0.03, steps=steps,
+                        generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    got = _trades_attack_from(m, x, noise, eps=0.1, step_size=0.03, steps=steps)
+    assert torch.equal(got, ref) and m.training
+    from cdp_fast.attacks import eval_mode
+
+    with eval_mode(m):
+        ref = pgd_attack(m, x, y, eps=0.1, step_size=0.03, steps=steps, random_start=True,
+                         generator=torch.Generator().manual_seed(seed))
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed))
+    got = _pgd_attack_from(m, x, y, u, eps=0.1, step_size=0.03, steps=steps)
+    assert torch.equal(got, ref)
 
 
-@pytest.mark.slow
-def test_distributed_gloo_two_ranks_match_one_process(tmp_path):
-    """torchrun-style 2-process run (gloo, CPU): the all-reduced update equals the
-    single-process update of the same global batches; only rank 0 writes the checkpoint."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    script = tmp_path / "worker.py"
-    script.write_text(_DIST_WORKER)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    outs = []
-
-    def launch(rank, world, out, ckpt):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        return subprocess.Popen([sys.executable, str(script), str(out), root, str(ckpt)],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-    procs = [launch(r, 2, tmp_path / f"rank{r}.pt", tmp_path / "ddp.pt") for r in range(2)]
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        outs.append(out.decode()[-3000:])
-        assert p.returncode == 0, outs[-1]
-    single = launch(0, 1, tmp_path / "single.pt", tmp_path / "single-ckpt.pt")
-    out, _ = single.communicate(timeout=300)
-    assert single.returncode == 0, out.decode()[-3000:]
-    r0, r1, one = (torch.load(tmp_path / f, weights_only=True)
-                   for f in ("rank0.pt", "rank1.pt", "single.pt"))
-    for k in one["state"]:
-        assert torch.equal(r0["state"][k], r1["state"][k]), k          # ranks agree exactly
-        # all-reduce sums in another order than one batch: fp32 rounding only
-        torch.testing.assert_close(r0["state"][k], one["state"][k], rtol=1e-4, atol=1e-5)
-    assert r0["loss"] == pytest.approx(one["loss"], rel=1e-4)
-    assert (tmp_path / "ddp.pt").exists()
+def test_sync_bn_argument_and_single_process_throughput():
+    x, y = _tiny_data(40)
+    with pytest.raises(ValueError, match="sync_bn"):
+        cdp_fast.train_trades(_tiny_model(), (x, y), sync_bn="yes", **_FAST)
+    # sync_bn=True in one process is plain BatchNorm over the (global = local) batch.
+    a = cdp_fast.train_trades(_tiny_model(), (x, y), sync_bn=True, **_FAST)
+    b = cdp_fast.train_trades(_tiny_model(), (x, y), **_FAST)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    (t,) = b.throughput
+    assert t["rank"] == 0 and t["images"] == 40 and t["images_per_s"] > 0
+    assert b.history[0]["images_per_s"] > 0
 
 
 # ----------------------------------------------------------------------------- real data
