@@ -34,6 +34,8 @@ exactly as in one process). Every rank must call :func:`evaluate` with the same 
 from __future__ import annotations
 
 import math
+import sys
+import types
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -230,3 +232,16 @@ def evaluate(model: nn.Module, x, y, *, eps: float = 8 / 255,
 
         dist.all_reduce(counts)
     return {a: int(c) / len(x) for a, c in zip(names, counts.tolist())}
+
+
+class _CallableModule(types.ModuleType):
+    """The public name ``cdp_fast.evaluate`` (the function) equals this submodule's name: once
+    ``import cdp_fast.evaluate`` (or ``from cdp_fast.evaluate import ...``) has run before the
+    lazy attribute was read, Python binds ``cdp_fast.evaluate`` to the module. Calling the
+    module calls :func:`evaluate`, so ``cdp_fast.evaluate(model, x, y)`` works either way."""
+
+    def __call__(self, *args, **kwargs):
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -158,5 +158,8 @@ def test_pgd_randomness_is_per_point_so_batching_does_not_matter():
         assert res[0] == res[1] == res[2]
         per_seed.append(res[0]["pgd"])
     assert per_seed[0] != per_seed[1]
+    # `from cdp_fast.evaluate import ...` above bound cdp_fast.evaluate to the submodule when
+    # it ran first; calling it still evaluates.
+    assert cdp_fast.evaluate(model, x, y, eps=0.05, attacks=("clean",))["clean"] == res[0]["clean"]
     with pytest.raises(ValueError, match="distributed"):
         cdp_fast.evaluate(model, x, y, distributed="no")
