@@ -142,7 +142,8 @@ def evaluate(model: nn.Module, x, y, *, eps: float = 8 / 255,
         version: AutoAttack version, "standard" (the reported numbers) or "custom" with
             ``aa_attacks`` (e.g. ("apgd-ce", "apgd-t")).
         n_ex: evaluate only the first n_ex points (every attack, so results are comparable).
-        device: defaults to the model's device.
+        device: defaults to the model's device (under torchrun with CUDA: cuda:LOCAL_RANK;
+            the model is then moved there).
         distributed: under torch.distributed (world size > 1) split the blocks of points
             over the ranks and all-reduce the counts (every rank must call); False
             evaluates every point in this process.
@@ -189,7 +190,13 @@ def evaluate(model: nn.Module, x, y, *, eps: float = 8 / 255,
         raise ValueError(f"x must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
     if n_ex is not None:
         x, y = x[:n_ex], y[:n_ex]
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    from cdp_fast import distributed as cdist
+    from cdp_fast.train import _rank_device
+
+    dev = _rank_device(device, model, cdist) if distributed else (
+        torch.device(device) if device is not None else next(model.parameters()).device)
+    if next(model.parameters()).device != dev:
+        model.to(dev)
 
     from cdp_fast.attacks import eval_mode
     from cdp_fast.train import _pgd_attack_from
@@ -198,8 +205,6 @@ def evaluate(model: nn.Module, x, y, *, eps: float = 8 / 255,
         _check_aa(version, aa_attacks)   # on every rank, before any collective
     rank, world = 0, 1
     if distributed:
-        from cdp_fast import distributed as cdist
-
         rank, world = cdist.maybe_init(dev)
     blocks = list(range(0, len(x), batch_size))[rank::world]   # this rank's blocks
     try:

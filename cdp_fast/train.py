@@ -517,6 +517,16 @@ def _ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
             be.copy_(bm)
 
 
+def _rank_device(device, model: nn.Module, cdist) -> torch.device:
+    """``device``, else the model's device; under torchrun (WORLD_SIZE > 1) with CUDA, an
+    unindexed or absent CUDA device means ``cuda:LOCAL_RANK`` (one GPU per process)."""
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    if cdist.world_info()[1] > 1 and torch.cuda.is_available() and (
+            device is None or (dev.type == "cuda" and dev.index is None)):
+        dev = cdist.local_device()
+    return dev
+
+
 def _fit(kind: str, model: nn.Module, train_data, *, synthetic, real_fraction, epochs, eps,
          step_size, steps, beta, batch_size, ema, progress, lr, momentum, weight_decay,
          nesterov, label_smoothing, augment, pad, flip, steps_per_epoch, warmup_epochs,
@@ -566,9 +576,10 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, real_fraction, e
     total = epochs * spe
     warmup = int(warmup_epochs) * spe
 
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(dev)
     from cdp_fast import distributed as cdist
+
+    dev = _rank_device(device, model, cdist)
+    model.to(dev)
 
     rank, world = cdist.maybe_init(dev)
     if world > 1 and batch_size % world:
@@ -795,7 +806,8 @@ _DOC_ARGS = """
         steps_per_epoch, warmup_epochs: schedule shape (cosine after linear warm-up).
         checkpoint: path written atomically after each epoch; resume=True continues from it.
         seed: all randomness (data order, crops, attack starts) derives from it.
-        device: defaults to the model's device. amp / compile: "auto" = bf16 autocast and
+        device: defaults to the model's device; under torchrun with CUDA, None or "cuda"
+            means ``cuda:LOCAL_RANK``. amp / compile: "auto" = bf16 autocast and
             torch.compile on CUDA only.
         callback: called after each epoch (after checkpointing) with a dict
             {epoch, epochs, history, model, ema_model}.
