@@ -334,9 +334,13 @@ def _train_data(spec, split):
         from cdp_fast.models import digits
 
         return digits.load_digits_data(split)
+    if spec.startswith("cifar10:"):
+        from cdp_fast.data import load_cifar10
+
+        return load_cifar10(spec[len("cifar10:"):], train=split == "train")
     p = Path(spec)
     if not p.exists():
-        raise ValueError(f"data: {spec} is neither 'digits' nor an existing npz / out folder")
+        raise ValueError(f"data: {spec} is neither 'digits', 'cifar10:FOLDER' nor an existing npz / out folder")
     if split == "test":
         s = _to_samples(p)
         if s.labels is None:
@@ -546,7 +550,8 @@ def build_parser():
                          "digits (the bundled classifier's architecture) or module:factory (default: small-cnn)")
     tr.add_argument("--num-classes", type=int, default=10, help="number of classes (default: 10)")
     tr.add_argument("--data", default="digits",
-                    help="real training data: 'digits' (bundled train split) or an npz (default: digits)")
+                    help="real training data: 'digits' (bundled train split), 'cifar10:FOLDER' (local CIFAR-10 "
+                         "batches) or an npz (default: digits)")
     tr.add_argument("--synthetic", default=None, help="synthetic data: npz or out folder (default: none)")
     tr.add_argument("--real-fraction", type=float, default=0.3,
                     help="share of real images per batch when --synthetic is given (default: 0.3)")
@@ -577,7 +582,8 @@ def build_parser():
     ev.add_argument("--num-classes", type=int, default=10, help="number of classes (default: 10)")
     ev.add_argument("--weights", default=None, help="state_dict saved by `cdp-fast train`")
     ev.add_argument("--data", default="digits",
-                    help="test data: 'digits' (bundled test split) or a labelled npz (default: digits)")
+                    help="test data: 'digits' (bundled test split), 'cifar10:FOLDER' (its test batch) or a "
+                         "labelled npz (default: digits)")
     ev.add_argument("--n", type=int, default=None, help="evaluate on the first N test images (default: all)")
     ev.add_argument("--eps", type=float, default=0.1, help="L-inf radius (default: 0.1)")
     ev.add_argument("--attacks", default="clean,pgd,autoattack",
