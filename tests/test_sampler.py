@@ -291,3 +291,14 @@ def test_init_std_scales_the_starting_noise():
     a = cdp_fast.sample(ident, 3, loss=None, batch_size=3, **_kw())
     b = cdp_fast.sample(ident, 3, loss=None, batch_size=3, init_std=2.0, **_kw())
     np.testing.assert_allclose(b.images, 2 * a.images, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_compile_true_on_cpu_matches_eager():
+    feats = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(25, 8))
+    kw = _kw(loss="hnm", lam=20.0, tau=0.5, batch_size=4, features=feats)
+    eager = cdp_fast.sample(TinyEps(), 4, compile=False, **kw)
+    m = TinyEps()
+    compiled = cdp_fast.sample(m, 4, compile=True, **kw)
+    assert m.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(compiled.images, eager.images, rtol=1e-4, atol=1e-4)
