@@ -651,10 +651,14 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, real_fraction, e
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # broadcast_buffers=False: rank 0's buffers are broadcast after each update instead
+        # No buffer sync at forward: rank 0's buffers are broadcast after each update instead
         # (below), before the EMA update, so the EMA is identical on every rank.
-        net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                  broadcast_buffers=False)
+        import inspect
+
+        no_fwd_sync = ({"forward_sync_buffers": False}   # torch >= 2.13's name (init sync kept)
+                       if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                       else {"broadcast_buffers": False})
+        net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, **no_fwd_sync)
     fwd, attack_fwd = net, model
     if use_compile:
         fwd = torch.compile(net)

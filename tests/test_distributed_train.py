@@ -49,6 +49,13 @@ if evaluate_from != "-":
                                     pgd_step_size=0.025, batch_size=16, version="custom",
                                     aa_attacks=("apgd-ce",), seed=1)
 if world > 1:
+    # BatchNorm under DDP: local batch statistics, rank 0's running statistics broadcast after
+    # every update, so the EMA (weights and running statistics) is the same on both ranks.
+    torch.manual_seed(0)
+    bn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                             torch.nn.Flatten(), torch.nn.Linear(144, 10))
+    bn = cdp_fast.train_trades(bn, (x[:400], y[:400]), **{**kw, "epochs": 3})
+    res["bn_ema"] = bn.state_dict()
     try:
         cdp_fast.train_trades(SmallCNN(width=8, feature_dim=16), (x[:400], y[:400]),
                               sync_bn=True, **kw)
@@ -165,6 +172,9 @@ def test_ddp_trades_matches_one_process_resumes_across_world_sizes_and_evaluates
     assert set(ev1) == {"clean", "pgd", "autoattack"}
     assert ev1["autoattack"] <= ev1["pgd"] + 0.05 and ev1["pgd"] <= ev1["clean"]
     assert ev1["clean"] > 0.8 and ev1["pgd"] < ev1["clean"], ev1   # the attacks matter
+    for k, v in rd0["bn_ema"].items():
+        assert torch.equal(v, rd1["bn_ema"][k]), k
+    assert rd0["bn_ema"]["1.num_batches_tracked"] > 0
     # SyncBatchNorm has no CPU implementation in torch: a clear ValueError, not a crash.
     assert "sync_bn" in (rd0["sync_bn_error"] or "")
 
