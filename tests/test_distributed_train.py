@@ -48,6 +48,11 @@ if evaluate_from != "-":
     res["eval"] = cdp_fast.evaluate(ev, x[1400:1440], y[1400:1440], eps=0.1, pgd_steps=5,
                                     pgd_step_size=0.025, batch_size=16, version="custom",
                                     aa_attacks=("apgd-ce",), seed=1)
+if evaluate_from != "-":   # (the resume runs) PGD-AT too, 3 updates
+    torch.manual_seed(0)
+    pgd = cdp_fast.train_pgd_at(SmallCNN(width=8, feature_dim=16), (x[:400], y[:400]),
+                                **{**kw, "epochs": 3})
+    res["pgd_at_loss"] = [h["loss"] for h in pgd.history]
 if world > 1:
     # BatchNorm under DDP: local batch statistics, rank 0's running statistics broadcast after
     # every update, so the EMA (weights and running statistics) is the same on both ranks.
@@ -172,6 +177,8 @@ def test_ddp_trades_matches_one_process_resumes_across_world_sizes_and_evaluates
     assert set(ev1) == {"clean", "pgd", "autoattack"}
     assert ev1["autoattack"] <= ev1["pgd"] + 0.05 and ev1["pgd"] <= ev1["clean"]
     assert ev1["clean"] > 0.8 and ev1["pgd"] < ev1["clean"], ev1   # the attacks matter
+    np.testing.assert_allclose(rd0["pgd_at_loss"], rc["pgd_at_loss"], rtol=RTOL)
+    assert rd0["pgd_at_loss"] == rd1["pgd_at_loss"]
     for k, v in rd0["bn_ema"].items():
         assert torch.equal(v, rd1["bn_ema"][k]), k
     assert rd0["bn_ema"]["1.num_batches_tracked"] > 0
