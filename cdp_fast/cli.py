@@ -239,8 +239,16 @@ def cmd_sample(a):
         kw["real"] = _real_images(a.real, image_shape)
     labeler = _labeler(a.labeler, info, a.device)
     s = cdp_fast.sample(model, a.n, labeler=labeler, out=a.out, **kw)
+    from cdp_fast import distributed as cdist
+
+    if not cdist.is_main():  # under torchrun: rank 0 reports and writes the extras
+        return 0
     where = a.out or "memory"
     print(f"{len(s)} samples ({'guided: ' + loss if loss else 'unguided DDIM'}) -> {where}")
+    tp = s.meta.get("throughput")
+    if tp:
+        print(f"throughput: {sum(t['images_per_s'] for t in tp):.1f} images/s total over {len(tp)} "
+              "process(es); per rank: " + ", ".join(f"{t['rank']}: {t['images_per_s']:.1f}" for t in tp))
     if a.npz:
         s.save_npz(a.npz)
         print(f"wrote {a.npz}")
@@ -375,9 +383,16 @@ def cmd_train(a):
         steps=a.steps, beta=a.beta, batch_size=a.batch_size, ema=None if a.ema == 0 else a.ema,
         lr=a.lr, warmup_epochs=a.warmup_epochs, pad=a.pad if a.pad is not None else (1 if digits_defaults else 4),
         flip=(not a.no_flip) and not digits_defaults, seed=a.seed, device=a.device,
-        checkpoint=a.checkpoint, progress=not a.no_progress)
-    _save_state(trained, a.out)
-    print(f"trained {a.arch} ({a.epochs} epochs, TRADES eps={a.eps:g}) -> {a.out}")
+        checkpoint=a.checkpoint, progress=not a.no_progress, sync_bn=a.sync_bn)
+    from cdp_fast import distributed as cdist
+
+    if cdist.is_main():  # under torchrun every rank holds the same weights; rank 0 writes
+        _save_state(trained, a.out)
+        print(f"trained {a.arch} ({a.epochs} epochs, TRADES eps={a.eps:g}) -> {a.out}")
+        tp = getattr(trained, "throughput", None)
+        if tp:
+            print(f"throughput: {sum(t['images_per_s'] for t in tp):.1f} images/s total over {len(tp)} "
+                  "process(es); per rank: " + ", ".join(f"{t['rank']}: {t['images_per_s']:.1f}" for t in tp))
     return 0
 
 
@@ -399,6 +414,10 @@ def cmd_eval(a):
     attacks = tuple(v.strip() for v in a.attacks.split(",") if v.strip())
     model = model.to(a.device or "cpu").eval()
     res = cdp_fast.evaluate(model, x.to(a.device or "cpu"), y.to(a.device or "cpu"), eps=a.eps, attacks=attacks)
+    from cdp_fast import distributed as cdist
+
+    if not cdist.is_main():
+        return 0
     for k, v in res.items():
         if isinstance(v, float):
             print(f"{k:<12} {100 * v:6.2f}%")
@@ -566,6 +585,8 @@ def build_parser():
     tr.add_argument("--warmup-epochs", type=int, default=1,
                     help="linear learning-rate warm-up in epochs (default: 1)")
     tr.add_argument("--pad", type=int, default=None, help="random-crop padding (default: 1 digits, else 4)")
+    tr.add_argument("--sync-bn", action="store_true",
+                    help="SyncBatchNorm across torchrun processes (CUDA/nccl only)")
     tr.add_argument("--no-flip", action="store_true", help="no horizontal flips (always off for digits)")
     tr.add_argument("--checkpoint", default=None, help="resumable checkpoint path (default: none)")
     tr.add_argument("--seed", type=int, default=0, help="seed (default: 0)")

@@ -76,3 +76,16 @@ def test_two_processes_match_one_and_resume_across_world_sizes(tmp_path):
     assert fin.returncode == 0, of
     assert _bytes(out) == ref
     assert json.loads((out / "manifest.json").read_text())["complete"]
+
+
+@pytest.mark.slow
+def test_torchrun_cli_sample_reports_throughput_once(tmp_path):
+    out = tmp_path / "gen"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cdp_fast",
+           "sample", "--model", "digits", "-n", "16", "--steps", "3", "--batch-size", "4", "--loss", "hnm",
+           "--out", str(out), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("throughput:") == 1 and "over 2 process(es)" in res.stdout
+    assert json.loads((out / "manifest.json").read_text())["complete"]
