@@ -14,12 +14,10 @@ A benchmark script supplies callables; this module times them.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -189,17 +187,9 @@ def device_tag(device="cpu") -> str:
 
 
 def write_json(path, obj) -> None:
-    """Atomic write: temp file in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``obj`` as JSON atomically (cdp_fast.data.atomic_write_json)."""
+    from cdp_fast.data import atomic_write_json
+
+    atomic_write_json(path, obj)
+
+

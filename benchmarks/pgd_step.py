@@ -16,12 +16,10 @@ machine, versions, thread count, load average and git commit next to the numbers
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -65,19 +63,9 @@ def measure(stmt_fn, threads: int, min_run_time: float) -> dict:
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from cdp_fast.data import atomic_write_json as _write
+
+    _write(path, obj)
 
 
 def main(argv=None) -> int:

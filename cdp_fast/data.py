@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "Samples", "write_npz", "atomic_write_bytes", "atomic_write_json", "sha256_file",
+    "Samples", "write_npz", "atomic_write", "atomic_write_bytes", "atomic_write_json", "sha256_file",
     "to_uint8_nhwc", "load_cifar10",
 ]
 
@@ -78,6 +78,12 @@ def _atomic_write(path, write_fn) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write(path, write_fn) -> None:
+    """Atomically create ``path`` from ``write_fn(binary_file)``: temp name in the same
+    directory, fsync, rename, fsync of the directory. A crash leaves the old file or none."""
+    _atomic_write(path, write_fn)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

@@ -38,7 +38,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -133,19 +132,9 @@ def save_grid_png(path, images, nrow: int = 8, scale: int = 4) -> None:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from cdp_fast.data import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
 
 
 # ----------------------------------------------------------------------------- pieces

@@ -20,7 +20,6 @@ randomness in ``simulate`` is the training data.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 

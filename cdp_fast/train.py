@@ -73,7 +73,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -459,28 +458,10 @@ def _pgd_attack_from(model, x, y, u, *, eps, step_size, steps):
 
 # --------------------------------------------------------------------------- checkpoints
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:
-        dfd = os.open(str(path.parent), os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # pragma: no cover
-        pass
+    """torch.save to a temp file, fsync, rename, fsync the directory (cdp_fast.data.atomic_write)."""
+    from cdp_fast.data import atomic_write
+
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # --------------------------------------------------------------------------- the loop
