@@ -572,9 +572,9 @@ def sample(model, n, *, loss="hnm", features=None, embedding=None, guide_window=
         if isinstance(model, torch.nn.Module) and len(image_shape) == 3:
             model.to(memory_format=torch.channels_last)
             channels_last = True
+        # The feature extractor is left eager: compiled forward+backward through it was slower
+        # on the digits guidance (59 vs 71 img/s, CPU, 1 thread).
         run_model = torch.compile(model)
-        if isinstance(features, torch.nn.Module):
-            run_features = torch.compile(features)
     if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be None, float32, bfloat16 or float16, got {dtype!r}")
     if dtype in (torch.bfloat16, torch.float16):
