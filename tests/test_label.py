@@ -13,17 +13,6 @@ from cdp_fast.label import (CRITERIA, attack_generator, per_sample_grad_norm, ps
 from cdp_fast.models import SmallCNN, WideResNet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_per_worker():
-    """Under ``pytest -n 2`` on 2 cores, two workers x N intra-op threads oversubscribe the CPU
-    and OpenMP's spin-waiting made the digits training 15x slower (400 s instead of 28 s,
-    measured); one intra-op thread per test process."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(kind="cnn"):
     torch.manual_seed(0)
     if kind == "cnn":
