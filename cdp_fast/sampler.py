@@ -563,7 +563,7 @@ def sample(model, n, *, loss="hnm", features=None, embedding=None, guide_window=
             model = model.to(dev) if isinstance(model, torch.nn.Module) else model
     if isinstance(model, torch.nn.Module):
         model.eval()
-    run_model, run_features = model, features
+    run_model = model
     channels_last = False
     if compile is True or (compile == "auto" and dev.type == "cuda"):
         # Conv nets run faster on NHWC memory under inductor (measured on the digits UNet,
@@ -591,7 +591,7 @@ def sample(model, n, *, loss="hnm", features=None, embedding=None, guide_window=
     guidance = None
     if guided:
         guidance = ContrastiveGuidance(
-            loss=loss, lam=lam, tau=tau, tau_plus=tau_plus, beta=beta, features=run_features,
+            loss=loss, lam=lam, tau=tau, tau_plus=tau_plus, beta=beta, features=features,
             embedding=embedding, positive=positive, negatives=negatives,
             real=None if real is None else real.to(dev, torch.float32), labeler=labeler,
             guide_window=guide_window, alphas_cumprod=abar, seed=seed)
