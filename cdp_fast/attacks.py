@@ -109,12 +109,21 @@ def pgd_attack(model, x: torch.Tensor, y: torch.Tensor, *, eps=8 / 255, step_siz
     if not isinstance(y, torch.Tensor) or y.dtype != torch.long or y.shape != x.shape[:1]:
         raise ValueError(f"y must be an int64 tensor of shape ({x.shape[0]},)")
 
+    with torch.no_grad():
+        x = x.detach()
+        x_adv = _uniform_start(x, eps, generator) if random_start else x.clone()
+        return pgd_from_start(model, x, y, x_adv, eps=eps, step_size=step_size, steps=steps)
+
+
+def pgd_from_start(model, x, y, x_adv, *, eps, step_size, steps):
+    """The iterations of :func:`pgd_attack` from a given start ``x_adv`` (B, C, H, W), no
+    argument checks, model mode untouched. Shared with the training loop, which draws the
+    starts for a whole global batch and slices them per rank."""
     def ce(xa):
         return F.cross_entropy(model(xa), y, reduction="sum")
 
     with torch.no_grad():
         x = x.detach()
-        x_adv = _uniform_start(x, eps, generator) if random_start else x.clone()
         for _ in range(steps):
             g = _input_grad(ce, x_adv)
             x_adv = pgd_step(x_adv, g, x, step_size=step_size, eps=eps)
@@ -143,10 +152,17 @@ def trades_attack(model, x: torch.Tensor, *, eps, step_size, steps: int = 10,
         x_adv, (B, C, H, W), detached, in the ε-ball around x and in [0, 1].
     """
     _check_common(model, x, eps, step_size, steps)
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return trades_from_noise(model, x, noise, eps=eps, step_size=step_size, steps=steps)
+
+
+def trades_from_noise(model, x, noise, *, eps, step_size, steps):
+    """The body of :func:`trades_attack` with its Gaussian start ``noise`` (B, C, H, W) given
+    instead of drawn (x⁰ = x + 0.001·noise), no argument checks; model in eval mode during the
+    attack. Shared with the training loop, which draws noise for a whole global batch."""
     with torch.no_grad(), eval_mode(model):
         x = x.detach()
         p_nat = F.softmax(model(x), dim=1)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x_adv = x + 0.001 * noise
 
         def kl(xa):

@@ -408,52 +408,25 @@ def _apply_augment(x, oy, ox, m, *, pad: int) -> torch.Tensor:
     return x
 
 
-def _input_grad(loss_fn, x_adv: torch.Tensor) -> torch.Tensor:
-    with torch.enable_grad():
-        xa = x_adv.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(loss_fn(xa), (xa,))
-    return g
-
-
 def _trades_attack_from(model, x, noise, *, eps, step_size, steps):
     """:func:`cdp_fast.attacks.trades_attack` (Zhang et al. 2019, eq. (5)) with its Gaussian
     start ``noise`` (B, C, H, W) given instead of drawn, so the draws can be made for the whole
-    global batch and sliced per rank. Same operations in the same order: for a noise drawn as
-    ``trades_attack`` draws it the result is bitwise the same (tested)."""
-    from cdp_fast._ext import pgd_step
-    from cdp_fast.attacks import eval_mode
+    global batch and sliced per rank: :func:`cdp_fast.attacks.trades_from_noise`."""
+    from cdp_fast.attacks import trades_from_noise
 
-    with torch.no_grad(), eval_mode(model):
-        x = x.detach()
-        p_nat = F.softmax(model(x), dim=1)
-        x_adv = x + 0.001 * noise
-
-        def kl(xa):
-            return F.kl_div(F.log_softmax(model(xa), dim=1), p_nat, reduction="sum")
-
-        if steps == 0:
-            x_adv = pgd_step(x_adv, torch.zeros_like(x_adv), x, step_size=0.0, eps=eps)
-        for _ in range(steps):
-            x_adv = pgd_step(x_adv, _input_grad(kl, x_adv), x, step_size=step_size, eps=eps)
-    return x_adv.detach()
+    return trades_from_noise(model, x, noise, eps=eps, step_size=step_size, steps=steps)
 
 
 def _pgd_attack_from(model, x, y, u, *, eps, step_size, steps):
     """:func:`cdp_fast.attacks.pgd_attack` (Madry et al. 2018, random start) with the uniform
     draws ``u`` (B, C, H, W) of its start given: x⁰ = clip(x + (2u − 1)·ε, 0, 1). Model in
     eval mode; bitwise the same as ``pgd_attack`` for the same draws (tested)."""
-    from cdp_fast._ext import pgd_step
-    from cdp_fast.attacks import eval_mode
-
-    def ce(xa):
-        return F.cross_entropy(model(xa), y, reduction="sum")
+    from cdp_fast.attacks import eval_mode, pgd_from_start
 
     with torch.no_grad(), eval_mode(model):
         x = x.detach()
         x_adv = torch.clamp(x + (2.0 * u - 1.0) * eps, 0.0, 1.0)
-        for _ in range(steps):
-            x_adv = pgd_step(x_adv, _input_grad(ce, x_adv), x, step_size=step_size, eps=eps)
-    return x_adv.detach()
+        return pgd_from_start(model, x, y, x_adv, eps=eps, step_size=step_size, steps=steps)
 
 
 # --------------------------------------------------------------------------- checkpoints
