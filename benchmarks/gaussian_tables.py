@@ -12,14 +12,15 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cdp_fast import theory  # noqa: E402
+from harness import _git_commit  # noqa: E402  (provenance, shared with the other benchmarks)
 
 NS = (10, 20, 50, 100)
 ROWS = (None, 0.5, 1.0, 1.5)   # None = "Real"
@@ -130,15 +131,6 @@ def _atomic_write(path, text):
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _commit():
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except Exception:  # noqa: BLE001 - provenance is best effort
-        return None
-
-
 def run_setting(key, trials, seed):
     d, m2, eps = SETTINGS[key]
     angle = key[1]
@@ -237,7 +229,7 @@ def main(argv=None):
                   for k, rows in PAPER.items()},
         "orderings": orderings(ours),
         "machine": {"python": platform.python_version(), "numpy": np.__version__,
-                    "platform": platform.platform(), "commit": _commit()},
+                    "platform": platform.platform(), "commit": _git_commit()},
     }
     _atomic_write(os.path.join(args.out, "gaussian_tables.md"), md)
     _atomic_write(os.path.join(args.out, "gaussian_tables.json"), json.dumps(payload, indent=1))

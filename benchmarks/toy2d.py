@@ -20,7 +20,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -28,7 +27,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cdp_fast  # noqa: E402
+from harness import _git_commit  # noqa: E402  (provenance, shared with the other benchmarks)
 from cdp_fast.schedule import make_alphas_cumprod, timesteps as make_timesteps  # noqa: E402
 
 MU = (1.0, 1.0)
@@ -243,15 +244,6 @@ def _plot(panels, path, title):
     _atomic_write_bytes(path, buf.getvalue())
 
 
-def _commit():
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except Exception:  # noqa: BLE001 - provenance is best effort
-        return None
-
-
 STAT_DOC = [
     "Classes: side of the Bayes boundary xᵀμ = 0 (μ = (1, 1)); the labeler of the class-conditional "
     "variant is the same rule applied to the current x̂₀ during sampling.",
@@ -315,7 +307,7 @@ def main(argv=None):
                "steps": args.steps, "seed": args.seed, "seconds": elapsed, "definitions": STAT_DOC,
                "results": results,
                "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                           "platform": platform.platform(), "commit": _commit()}}
+                           "platform": platform.platform(), "commit": _git_commit()}}
     _atomic_write_bytes(os.path.join(args.out, "toy2d.md"), md.encode())
     _atomic_write_bytes(os.path.join(args.out, "toy2d.json"),
                         json.dumps(payload, indent=1, default=str).encode())
