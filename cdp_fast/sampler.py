@@ -677,10 +677,9 @@ def _shard_ok(out: Path, name, info) -> bool:
 
 
 def _verify_shards(out: Path, manifest, plan):
-    """Keep in the manifest only the shards whose file is intact; absorb the per-shard
-    records (``shard-*.json``) that ranks of a multi-process run leave beside their shards.
-    Missing, truncated or corrupted shards are dropped (and so regenerated)."""
-    expected = {_shard_name(k): (s, c) for k, s, c in plan}
+    """Keep in the manifest only the shards whose file is intact, then absorb the records
+    left by a multi-process run (:func:`_absorb_records`). Missing, truncated or corrupted
+    shards are dropped (and so regenerated)."""
     good = {}
     for name, info in manifest.get("shards", {}).items():
         if _shard_ok(out, name, info):
@@ -688,6 +687,16 @@ def _verify_shards(out: Path, manifest, plan):
         else:
             warnings.warn(f"{out / name} is missing, truncated or corrupted (sha256 mismatch); "
                           "it will be regenerated")
+    manifest["shards"] = good
+    _absorb_records(out, manifest, plan)
+
+
+def _absorb_records(out: Path, manifest, plan):
+    """Add to the manifest the shards that ranks of a multi-process run recorded beside
+    themselves (``shard-*.json``), each checked against its file; shards already in the
+    manifest are not read again."""
+    expected = {_shard_name(k): (s, c) for k, s, c in plan}
+    good = manifest["shards"]
     for rec in sorted(out.glob("shard-*.json")):
         name = rec.stem + ".npz"
         try:
@@ -698,7 +707,6 @@ def _verify_shards(out: Path, manifest, plan):
             continue
         if _shard_ok(out, name, info):
             good[name] = info
-    manifest["shards"] = good
 
 
 def _finish_manifest(out: Path, manifest, plan):
@@ -785,9 +793,8 @@ def write_shards(ctx, out, n, shard_size, args, *, progress=True):
     stats = distributed.all_gather_object({"rank": rank, "images": made, "seconds": elapsed,
                                            "images_per_s": made / elapsed if elapsed > 0 else 0.0})
     distributed.barrier()
-    if rank == 0:
-        manifest = json.loads((out / "manifest.json").read_text())
-        _verify_shards(out, manifest, plan)
+    if rank == 0:  # its manifest was verified at the start and holds its own shards since
+        _absorb_records(out, manifest, plan)
         _finish_manifest(out, manifest, plan)
     distributed.barrier()
     return stats
