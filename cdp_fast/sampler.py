@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -302,6 +303,57 @@ class ContrastiveGuidance:
         return g, self.lam
 
 
+# ----------------------------------------------------------------------------- compile
+_FROZEN_WEIGHTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _weights_fingerprint(model: torch.nn.Module):
+    """(storage, version, Σw, Σw²) of every parameter and buffer: changes when a weight does.
+
+    The version counter catches in-place updates (optimizer steps, ``load_state_dict``); the
+    sums catch writes through ``.data``, which bypass it.
+    """
+    tensors = list(model.parameters()) + list(model.buffers())
+    if not tensors:
+        return ()
+    with torch.no_grad():
+        sums = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in tensors
+                            if t.is_floating_point()] or [torch.zeros(2, dtype=torch.float64)])
+    return (tuple((t.data_ptr(), t._version) for t in tensors), tuple(sums.flatten().tolist()))
+
+
+def _compile_frozen(model):
+    """``torch.compile`` for CPU inference with inductor "freezing" on.
+
+    Freezing folds the weights into the graph as constants and prepacks the convolutions for
+    oneDNN with fused pointwise epilogues. Digits UNet, batch 128, 1 thread, forward: 66 ms
+    eager, 55 ms compiled, 50 ms channels_last eager, 40-42 ms compiled + frozen (so the
+    caller's module is left in its own layout). Compiling takes ~16 s instead of ~4 s (frozen
+    graphs skip inductor's cache); it is paid once per process and shape.
+
+    Frozen constants do not follow later in-place weight changes, and dynamo's guards would
+    reuse the stale graph. So the weights' fingerprint is kept per module: if it changed since
+    the module was last compiled here, the compile caches are reset (``torch.compiler.reset``)
+    and the module is compiled afresh. Callables that are not modules compile without freezing.
+    """
+    if not isinstance(model, torch.nn.Module):
+        return torch.compile(model)
+    fp = _weights_fingerprint(model)
+    prev = _FROZEN_WEIGHTS.get(model)
+    if prev is not None and prev != fp:
+        torch.compiler.reset()
+    _FROZEN_WEIGHTS[model] = fp
+    compiled = torch.compile(model)
+    from torch._inductor import config as inductor_config
+
+    def run(*args):
+        # The global option, scoped to this call: torch.compile(options={"freezing": True})
+        # does not reach the freezing pass (checked on torch 2.13: convolutions stay unfused).
+        with inductor_config.patch(freezing=True):
+            return compiled(*args)
+    return run
+
+
 # ----------------------------------------------------------------------------- validation
 def _is_int(v):
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
@@ -566,15 +618,17 @@ def sample(model, n, *, loss="hnm", features=None, embedding=None, guide_window=
     run_model = model
     channels_last = False
     if compile is True or (compile == "auto" and dev.type == "cuda"):
-        # Conv nets run faster on NHWC memory under inductor (measured on the digits UNet,
-        # CPU: channels_last alone 1.15x in eager). Values are unchanged; only the layout of
-        # the (caller's) module parameters changes.
-        if isinstance(model, torch.nn.Module) and len(image_shape) == 3:
-            model.to(memory_format=torch.channels_last)
-            channels_last = True
+        if dev.type == "cuda":
+            # cuDNN convolutions (and bf16 tensor cores) prefer NHWC. Values are unchanged;
+            # only the layout of the (caller's) module parameters changes.
+            if isinstance(model, torch.nn.Module) and len(image_shape) == 3:
+                model.to(memory_format=torch.channels_last)
+                channels_last = True
+            run_model = torch.compile(model)
+        else:
+            run_model = _compile_frozen(model)
         # The feature extractor is left eager: compiled forward+backward through it was slower
         # on the digits guidance (59 vs 71 img/s, CPU, 1 thread).
-        run_model = torch.compile(model)
     if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be None, float32, bfloat16 or float16, got {dtype!r}")
     if dtype in (torch.bfloat16, torch.float16):

@@ -300,5 +300,25 @@ def test_compile_true_on_cpu_matches_eager():
     eager = cdp_fast.sample(TinyEps(), 4, compile=False, **kw)
     m = TinyEps()
     compiled = cdp_fast.sample(m, 4, compile=True, **kw)
-    assert m.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert m.conv.weight.is_contiguous()  # CPU: the caller's module keeps its layout
     np.testing.assert_allclose(compiled.images, eager.images, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compile_true_on_cpu_follows_weight_changes():
+    """CPU compile freezes the weights into the graph; changing them must not give stale samples."""
+    kw = _kw(loss=None, batch_size=4)
+    m = TinyEps()
+    first = cdp_fast.sample(m, 4, compile=True, **kw)
+    np.testing.assert_allclose(first.images, cdp_fast.sample(m, 4, compile=False, **kw).images,
+                               rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        m.conv.weight.mul_(0.5)                 # in place: bumps the version counter
+    second = cdp_fast.sample(m, 4, compile=True, **kw)
+    assert np.abs(second.images - first.images).max() > 1e-2
+    np.testing.assert_allclose(second.images, cdp_fast.sample(m, 4, compile=False, **kw).images,
+                               rtol=1e-4, atol=1e-4)
+    m.conv.weight.data[0].add_(0.25)            # through .data: no version bump, caught by the sums
+    third = cdp_fast.sample(m, 4, compile=True, **kw)
+    np.testing.assert_allclose(third.images, cdp_fast.sample(m, 4, compile=False, **kw).images,
+                               rtol=1e-4, atol=1e-4)
