@@ -17,10 +17,15 @@ measured in one run:
   diffusers     diffusers.DDIMScheduler (leading spacing, set_alpha_to_one, no clipping) +
                 the same model, the canonical loop
 
-Reported per method: images/s (batch / median wall time of ``--repeats`` timed runs after one
-warm-up run, which also absorbs torch.compile), warm-up seconds, peak memory, and the largest
-|x_0 difference| to its yardstick (a correctness check: ours unguided vs diffusers should agree
+Each method is warmed up (one run, which absorbs torch.compile, then one run under the memory
+probe), then ``--repeats`` rounds each time every method once, in an order rotated per round:
+interleaving puts a method and its yardstick on the same machine state, which matters on a
+virtualised CPU whose speed drifts by tens of percent within a minute. Reported per method:
+images/s (batch / median wall time over the rounds), warm-up seconds, peak memory, and the
+largest |x_0 difference| to its yardstick (a correctness check: ours unguided vs diffusers should agree
 to float rounding; ours guided vs the reference to the loss's float rounding amplified by λ).
+A speed-up is the median over rounds of t_yardstick / t_method within the round, printed with
+its range over the rounds.
 
 Peak memory: CUDA — ``torch.cuda.max_memory_allocated`` (reset per method); CPU — the peak of
 the process's resident set above its level just before the method ran, sampled every 2 ms by
@@ -244,31 +249,51 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(method, setup, args, device, x_T):
+def warm_up(method, setup, args, device, x_T):
+    """Build the runner, run it once (absorbs torch.compile), then once more for peak memory."""
     run = make_runner(method, setup, args, device, x_T)
     sync(device)
     t0 = time.perf_counter()
-    out = run()
+    run()
     sync(device)
     warm = time.perf_counter() - t0
-    times = []
     with PeakMemory(device) as mem:
-        for _ in range(args.repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            out = run()
-            sync(device)
-            times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    res = {"images_per_s": args.batch / med, "median_s": med, "times_s": times, "warmup_s": warm,
-           "peak_mem_mib": mem.peak_bytes / 2**20, "x0": out}
+        out = run()
+    res = {"warmup_s": warm, "peak_mem_mib": mem.peak_bytes / 2**20, "x0": out, "times_s": []}
     if device.type == "cuda" and args.flops:
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False) as fc:
             run()
         res["flops"] = fc.get_total_flops()
-    return res
+    return run, res
+
+
+def timed_rounds(runners, results, args, device):
+    """``--repeats`` rounds; each round times every method once, in a rotated order.
+
+    Interleaving makes a method and its yardstick see the same machine state: on a shared or
+    virtualised CPU the speed drifts by tens of percent over a minute, which sequential blocks
+    of repeats would fold into the ratios.
+    """
+    names = list(runners)
+    for r in range(args.repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for m in order:
+            sync(device)
+            t0 = time.perf_counter()
+            runners[m]()
+            sync(device)
+            results[m]["times_s"].append(time.perf_counter() - t0)
+    for m in names:
+        med = statistics.median(results[m]["times_s"])
+        results[m].update(images_per_s=args.batch / med, median_s=med)
+
+
+def paired_speedup(results, m, ref):
+    """Median over rounds of t_ref / t_m (same round), and the range over rounds."""
+    per_round = [tr / tm for tm, tr in zip(results[m]["times_s"], results[ref]["times_s"])]
+    return statistics.median(per_round), min(per_round), max(per_round)
 
 
 def measured_peak_flops(device, dtype=torch.float32):
@@ -336,7 +361,8 @@ def parse_args(argv=None):
                     help="digits: bundled 8x8 UNet (CPU-sized); cifar: DDPM CIFAR-10 UNet + WRN-28-10")
     ap.add_argument("--batch", type=int, default=None, help="batch size (default: digits 128, cifar 512)")
     ap.add_argument("--steps", type=int, default=20, help="DDIM steps (uniform skip)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per method (median is reported)")
+    ap.add_argument("--repeats", type=int, default=7,
+                    help="interleaved timing rounds (each times every method once; medians are reported)")
     ap.add_argument("--methods", default=",".join(ALL_METHODS),
                     help=f"comma-separated subset of {','.join(ALL_METHODS)}")
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
@@ -368,17 +394,20 @@ def main(argv=None):
     setup = (build_digits if args.config == "digits" else build_cifar)(device)
     x_T = start_noise(args.batch, tuple(setup["image_shape"]), args.seed, device)
     print(f"config {args.config}: {setup['note']}; {setup['params'] / 1e6:.2f}M params; batch {args.batch}, "
-          f"{args.steps} steps, {args.repeats} timed runs; device {device}, {torch.get_num_threads()} threads",
+          f"{args.steps} steps, {args.repeats} interleaved rounds; device {device}, {torch.get_num_threads()} threads",
           flush=True)
     results = {}
+    runners = {}
     skipped = {}
     for m in args.methods:
-        print(f"  running {m} ...", flush=True)
+        print(f"  warming up {m} ...", flush=True)
         try:
-            results[m] = measure(m, setup, args, device, x_T)
+            runners[m], results[m] = warm_up(m, setup, args, device, x_T)
         except ImportError as e:  # an optional yardstick whose package is missing
             skipped[m] = str(e)
             print(f"  skipped {m}: {e}", flush=True)
+    print(f"  timing {args.repeats} interleaved rounds ...", flush=True)
+    timed_rounds(runners, results, args, device)
 
     peak = None
     if device.type == "cuda" and args.flops and any("flops" in r for r in results.values()):
@@ -400,17 +429,17 @@ def main(argv=None):
             line += f" {100 * r['mfu']:>6.2f}%"
         print(line)
     ratios = []
-    print(f"\n{'ratio':<26} {'speed-up':>9} {'goal':>6} {'max|Δx0|':>10}")
+    print(f"\n{'ratio (median of rounds)':<26} {'speed-up':>9} {'range':>13} {'goal':>6} {'max|Δx0|':>10}")
     for m, ref, goal in RATIOS:
         if m in results and ref in results:
-            sp = results[m]["images_per_s"] / results[ref]["images_per_s"]
+            sp, lo, hi = paired_speedup(results, m, ref)
             diff = results[m]["max_abs_diff_vs_" + ref]
             ok = None if goal is None else sp >= goal
-            ratios.append({"method": m, "yardstick": ref, "speedup": sp, "goal": goal, "met": ok,
-                           "max_abs_diff": diff})
+            ratios.append({"method": m, "yardstick": ref, "speedup": sp, "speedup_min": lo, "speedup_max": hi,
+                           "goal": goal, "met": ok, "max_abs_diff": diff})
             g = "" if goal is None else f"{goal:.1f}x"
             flag = "" if ok is None else (" met" if ok else " MISSED")
-            print(f"{m + ' / ' + ref:<26} {sp:>8.2f}x {g:>6} {diff:>10.2e}{flag}")
+            print(f"{m + ' / ' + ref:<26} {sp:>8.2f}x {lo:>5.2f}-{hi:<5.2f}x {g:>6} {diff:>10.2e}{flag}")
     if device.type == "cuda" and not peak:
         print("(MFU not measured: --no-flops)")
     elif device.type != "cuda":

@@ -578,7 +578,11 @@ def sample(model, n, *, loss="hnm", features=None, embedding=None, guide_window=
         seed: run seed; sample i depends only on (seed, i) (and its batch, when guided).
         device, dtype: device (default: the model's); dtype bf16/fp16 runs the networks under
             autocast (the sampler state stays fp32).
-        compile: "auto" (torch.compile on CUDA), True, or False.
+        compile: "auto" (torch.compile on CUDA), True, or False. On CUDA the ε-model is
+            compiled in channels_last (the caller's module is converted); on CPU
+            (``compile=True``) it is compiled with inductor freezing, left in its layout, and
+            recompiled if its weights changed since the last call. The feature extractor
+            stays eager. The first call pays the compile (~16 s for the digits UNet on CPU).
         progress: tqdm progress bar.
         init_std: x_T ~ N(0, init_std² I) (1 = the diffusion prior; App. C.2 also uses 2).
     Returns:

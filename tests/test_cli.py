@@ -134,3 +134,34 @@ def test_bench_passthrough(tmp_path, capsys):
     (row,) = [r for r in rec["ratios"] if r["method"] == "ddim-eager"]
     assert row["max_abs_diff"] < 1e-4
     assert cli.main(["bench", "--methods", "nope"]) == 2
+
+
+def test_throughput_rounds_interleave_and_pair_the_ratios(monkeypatch):
+    """Each round times every method once in a rotated order; a speed-up is the median over
+    rounds of t_yardstick / t_method from the same round (so a slow round hits both)."""
+    import importlib.util
+    import types
+
+    import torch
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
+    spec = importlib.util.spec_from_file_location("_throughput_under_test", path)
+    tp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tp)
+    calls, clock = [], [0.0]
+    # per-round machine slowness (x1, x3, x1): method "a" costs 1 unit, "b" 2 units
+    slow = [1.0, 3.0, 1.0]
+
+    def runner(name, cost):
+        def run():
+            calls.append(name)
+            clock[0] += cost * slow[(len(calls) - 1) // 2]  # two calls per round
+        return run
+    monkeypatch.setattr(tp.time, "perf_counter", lambda: clock[0])
+    results = {"a": {"times_s": []}, "b": {"times_s": []}}
+    args = types.SimpleNamespace(repeats=3, batch=10)
+    tp.timed_rounds({"a": runner("a", 1.0), "b": runner("b", 2.0)}, results, args, torch.device("cpu"))
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert results["a"]["times_s"] == [1.0, 3.0, 1.0] and results["b"]["times_s"] == [2.0, 6.0, 2.0]
+    assert results["a"]["images_per_s"] == 10.0 and results["b"]["median_s"] == 2.0
+    assert tp.paired_speedup(results, "a", "b") == (2.0, 2.0, 2.0)
