@@ -8,7 +8,8 @@ Every method runs in the same process on the same ε-model, features, batch, tim
 x_T (sample i's x_T is drawn exactly as ``cdp_fast.sample`` draws it), so the ratios are
 measured in one run:
 
-  ddim          cdp_fast.sample(loss=None)                         (ours, unguided)
+  ddim          cdp_fast.sample(loss=None)                         (ours, unguided; compile and
+                --dtype as given: bf16 autocast on CUDA by default)
   ddim-eager    the same with compile=False
   infonce, hnm  cdp_fast.sample(loss=..., features=f)              (ours, guided)
   hnm-eager     the same with compile=False
@@ -188,25 +189,28 @@ def make_runner(method, setup, args, device, x_T):
     shape = tuple(setup["image_shape"])
     B = args.batch
 
-    def ours(loss, compile_):
+    def ours(loss, compile_, eager=False):
+        # the networks' autocast dtype applies to the optimised methods; "-eager" stays fp32
+        dtype = None if eager else args.dtype
+
         def run():
             kw = {}
             if loss is not None:
                 kw = dict(setup[loss], features=feats)
             s = cdp_fast.sample(model, B, loss=loss, steps=args.steps, skip="uniform", image_shape=shape,
                                 batch_size=B, output="float", seed=args.seed, device=device,
-                                compile=compile_, progress=False, **kw)
+                                compile=compile_, dtype=dtype, progress=False, **kw)
             return torch.as_tensor(s.images)
         return run
 
     if method == "ddim":
         return ours(None, args.compile)
     if method == "ddim-eager":
-        return ours(None, False)
+        return ours(None, False, eager=True)
     if method == "hnm":
         return ours("hnm", args.compile)
     if method == "hnm-eager":
-        return ours("hnm", False)
+        return ours("hnm", False, eager=True)
     if method == "infonce":
         return ours("infonce", args.compile)
     if method in ("ref-hnm", "ref-infonce"):
@@ -368,6 +372,9 @@ def parse_args(argv=None):
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     ap.add_argument("--compile", choices=("auto", "true", "false"), default="true",
                     help="compile= passed to cdp_fast.sample for the non-'-eager' methods")
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="autocast dtype of the networks for ours (not the '-eager' methods); "
+                         "auto: bfloat16 on CUDA, float32 on CPU (the yardsticks are always fp32)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--no-flops", dest="flops", action="store_false", help="skip FLOP counting on CUDA")
     ap.add_argument("--seed", type=int, default=0)
@@ -391,10 +398,14 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    args.dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
     setup = (build_digits if args.config == "digits" else build_cifar)(device)
     x_T = start_noise(args.batch, tuple(setup["image_shape"]), args.seed, device)
     print(f"config {args.config}: {setup['note']}; {setup['params'] / 1e6:.2f}M params; batch {args.batch}, "
-          f"{args.steps} steps, {args.repeats} interleaved rounds; device {device}, {torch.get_num_threads()} threads",
+          f"{args.steps} steps, {args.repeats} interleaved rounds; device {device}, {torch.get_num_threads()} threads, "
+          f"ours in {args.dtype or torch.float32}",
           flush=True)
     results = {}
     runners = {}
@@ -452,6 +463,7 @@ def main(argv=None):
         "commit": git_commit(), "machine": machine_info(device), "versions": versions(),
         "config": {"name": args.config, "note": setup["note"], "params": setup["params"], "batch": args.batch,
                    "steps": args.steps, "skip": "uniform", "repeats": args.repeats, "compile": args.compile,
+                   "dtype": str(args.dtype or torch.float32),
                    "image_shape": list(setup["image_shape"]), "hnm": setup["hnm"], "infonce": setup["infonce"]},
         "peak_flops_measured": peak,
         "results": {m: {k: v for k, v in r.items() if k != "x0"} for m, r in results.items()},

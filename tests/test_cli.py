@@ -134,6 +134,14 @@ def test_bench_passthrough(tmp_path, capsys):
     (row,) = [r for r in rec["ratios"] if r["method"] == "ddim-eager"]
     assert row["max_abs_diff"] < 1e-4
     assert cli.main(["bench", "--methods", "nope"]) == 2
+    # bf16 autocast for ours (the yardstick stays fp32): runs, and the difference is bf16-sized
+    rc = cli.main(["bench", "--methods", "ddim,diffusers", "--batch", "4", "--steps", "2", "--repeats", "1",
+                   "--compile", "false", "--dtype", "bfloat16", "--out", str(js)])
+    assert rc == 0, capsys.readouterr().err
+    rec = json.loads(js.read_text())
+    assert rec["config"]["dtype"] == "torch.bfloat16"
+    (row,) = [r for r in rec["ratios"] if r["method"] == "ddim"]
+    assert 0 < row["max_abs_diff"] < 0.5
 
 
 def test_throughput_rounds_interleave_and_pair_the_ratios(monkeypatch):
