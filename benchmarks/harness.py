@@ -135,11 +135,14 @@ def measure_ceilings(device="cpu", *, quick: bool = True) -> dict:
 
 
 def _git_commit() -> str | None:
+    """HEAD's sha, with "-dirty" if tracked files differ from it, not counting
+    benchmarks/results/ (where benchmark runs write, so one run does not mark the next dirty)."""
     try:
         here = Path(__file__).resolve().parent
         res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                ":(exclude,top)benchmarks/results"],
+                               cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
         return res.stdout.strip() + ("-dirty" if dirty else "") if res.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None

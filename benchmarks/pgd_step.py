@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,16 +30,10 @@ sys.path.insert(0, str(ROOT))
 
 from cdp_fast import _ext  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import _git_commit  # noqa: E402  (provenance, shared with the other benchmarks)
 
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "csrc", "cdp_fast/_ext.py"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+
 
 
 def cpu_model() -> str:
@@ -139,7 +132,7 @@ def main(argv=None) -> int:
         "machine": {"platform": platform.platform(), "cpu": cpu_model(),
                     "cpu_count": os.cpu_count(), "loadavg_1m_at_end": os.getloadavg()[0],
                     "python": platform.python_version(), "torch": torch.__version__},
-        "git_commit": git_commit(),
+        "git_commit": _git_commit(),
     }
     atomic_write_json(args.out, record)
     print(f"wrote {args.out}")

@@ -52,7 +52,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -63,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from harness import _git_commit  # noqa: E402  (provenance, shared with the other benchmarks)
 
 ALL_METHODS = ("ddim", "ddim-eager", "diffusers", "hnm", "hnm-eager", "ref-hnm", "infonce", "ref-infonce")
 # (method, yardstick, goal) rows of the ratio table
@@ -337,17 +337,6 @@ def versions():
     return v
 
 
-def git_commit():
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def _atomic_write_text(path: Path, text: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -460,7 +449,7 @@ def main(argv=None):
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"throughput-{dev_name}.json"
     record = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(), "machine": machine_info(device), "versions": versions(),
+        "commit": _git_commit(), "machine": machine_info(device), "versions": versions(),
         "config": {"name": args.config, "note": setup["note"], "params": setup["params"], "batch": args.batch,
                    "steps": args.steps, "skip": "uniform", "repeats": args.repeats, "compile": args.compile,
                    "dtype": str(args.dtype or torch.float32),
