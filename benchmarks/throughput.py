@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import datetime as _dt
 import gc
@@ -189,30 +190,27 @@ def make_runner(method, setup, args, device, x_T):
     shape = tuple(setup["image_shape"])
     B = args.batch
 
-    def ours(loss, compile_, eager=False):
-        # the networks' autocast dtype applies to the optimised methods; "-eager" stays fp32
-        dtype = None if eager else args.dtype
+    def ours(loss, eager=False):
+        # The optimised methods take --compile and --dtype ("-eager" ones: no compile, fp32) and
+        # their own copy of the ε-model: compiling on CUDA converts the module to channels_last,
+        # which must not change the model the yardsticks run.
+        compile_, dtype = (False, None) if eager else (args.compile, args.dtype)
+        net = model if eager else setup.setdefault("model_ours", copy.deepcopy(model))
 
         def run():
             kw = {}
             if loss is not None:
                 kw = dict(setup[loss], features=feats)
-            s = cdp_fast.sample(model, B, loss=loss, steps=args.steps, skip="uniform", image_shape=shape,
+            s = cdp_fast.sample(net, B, loss=loss, steps=args.steps, skip="uniform", image_shape=shape,
                                 batch_size=B, output="float", seed=args.seed, device=device,
                                 compile=compile_, dtype=dtype, progress=False, **kw)
             return torch.as_tensor(s.images)
         return run
 
-    if method == "ddim":
-        return ours(None, args.compile)
-    if method == "ddim-eager":
-        return ours(None, False, eager=True)
-    if method == "hnm":
-        return ours("hnm", args.compile)
-    if method == "hnm-eager":
-        return ours("hnm", False, eager=True)
-    if method == "infonce":
-        return ours("infonce", args.compile)
+    if method in ("ddim", "ddim-eager"):
+        return ours(None, eager=method.endswith("-eager"))
+    if method in ("hnm", "hnm-eager", "infonce"):
+        return ours(method.split("-")[0], eager=method.endswith("-eager"))
     if method in ("ref-hnm", "ref-infonce"):
         from reference_cdp import reference_cdp
 

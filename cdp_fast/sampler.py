@@ -71,11 +71,15 @@ def _per_sample_randn(gens, shape, device, dtype=torch.float32):
 def call_model(model, x, t, y=None):
     """ε-prediction of any model: ``model(x, t)`` or ``model(x, t, y)``; an output with a
     ``.sample`` attribute (diffusers ``UNet2DOutput``) or a tuple is unwrapped."""
-    out = model(x, t) if y is None else model(x, t, y)
+    return _unwrap(model(x, t) if y is None else model(x, t, y))
+
+
+def _unwrap(out):
+    """The ε tensor of a model output: ``.sample`` (diffusers), the first of a tuple, or itself."""
     if hasattr(out, "sample"):
-        out = out.sample
-    elif isinstance(out, (tuple, list)):
-        out = out[0]
+        return out.sample
+    if isinstance(out, (tuple, list)):
+        return out[0]
     return out
 
 
@@ -326,9 +330,9 @@ def _compile_frozen(model):
     """``torch.compile`` for CPU inference with inductor "freezing" on.
 
     Freezing folds the weights into the graph as constants and prepacks the convolutions for
-    oneDNN with fused pointwise epilogues. Digits UNet, batch 128, 1 thread, forward: 66 ms
-    eager, 55 ms compiled, 50 ms channels_last eager, 40-42 ms compiled + frozen (so the
-    caller's module is left in its own layout). Compiling takes ~16 s instead of ~4 s (frozen
+    oneDNN with fused pointwise epilogues. Digits UNet, batch 128, 1 thread, forward
+    (interleaved runs): 51-66 ms eager, ~55 ms compiled, 38-45 ms compiled + frozen, with or
+    without channels_last (so the caller's module is left in its own layout). Compiling takes ~16 s instead of ~4 s (frozen
     graphs skip inductor's cache); it is paid once per process and shape.
 
     Frozen constants do not follow later in-place weight changes, and dynamo's guards would
@@ -370,11 +374,7 @@ def _compile_cuda_graphs(model):
 
     def run(*args):
         torch.compiler.cudagraph_mark_step_begin()
-        out = compiled(*args)
-        if hasattr(out, "sample"):
-            out = out.sample
-        elif isinstance(out, (tuple, list)):
-            out = out[0]
+        out = _unwrap(compiled(*args))
         return out.clone() if isinstance(out, torch.Tensor) else out
     return run
 
@@ -605,10 +605,10 @@ def sample(model, n, *, loss="hnm", features=None, embedding=None, guide_window=
             autocast (the sampler state stays fp32).
         compile: "auto" (torch.compile on CUDA), True, or False. On CUDA the ε-model is
             compiled in channels_last (the caller's module is converted) with CUDA graphs
-            (``mode="reduce-overhead"``); on CPU
-            (``compile=True``) it is compiled with inductor freezing, left in its layout, and
-            recompiled if its weights changed since the last call. The feature extractor
-            stays eager. The first call pays the compile (~16 s for the digits UNet on CPU).
+            (``mode="reduce-overhead"``); on CPU (``compile=True``) it is compiled with
+            inductor freezing, left in its layout, and recompiled if its weights changed
+            since the last call. The feature extractor stays eager. The first call pays the
+            compile (~16 s for the digits UNet on CPU).
         progress: tqdm progress bar.
         init_std: x_T ~ N(0, init_std² I) (1 = the diffusion prior; App. C.2 also uses 2).
     Returns:
