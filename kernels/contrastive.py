@@ -94,6 +94,26 @@ def _valid_tile(rm, rn, row_ok, col_ok, la, LK, IN_BATCH: tl.constexpr, HAS_LABE
 
 
 @triton.jit
+def _row_labels(LA, rm, row_ok, BLOCK_M: tl.constexpr, HAS_LABELS: tl.constexpr):
+    """The anchor rows' labels (zeros when there are none: _valid_tile then ignores them)."""
+    la = tl.zeros((BLOCK_M,), dtype=tl.int64)
+    if HAS_LABELS:
+        la = tl.load(LA + rm, mask=row_ok, other=0)
+    return la
+
+
+@triton.jit
+def _row_bwd_state(RA, L1, L0, G1, G0, rm, row_ok):
+    """The anchor rows' inverse norms, forward LSEs and their incoming gradients."""
+    ra = tl.load(RA + rm, mask=row_ok, other=0.0)
+    l1 = tl.load(L1 + rm, mask=row_ok, other=0.0)
+    l0 = tl.load(L0 + rm, mask=row_ok, other=0.0)
+    g1 = tl.load(G1 + rm, mask=row_ok, other=0.0)
+    g0 = tl.load(G0 + rm, mask=row_ok, other=0.0)
+    return ra, l1, l0, g1, g0
+
+
+@triton.jit
 def _stats_fwd_kernel(A, K, RA, RK, LA, LK, L1, L0, CNT, M, N, D, stride_a, stride_k, c1, c0, N_SPLIT,
                       IN_BATCH: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_BETA: tl.constexpr,
                       PRECISION: tl.constexpr,
@@ -105,9 +125,7 @@ def _stats_fwd_kernel(A, K, RA, RK, LA, LK, L1, L0, CNT, M, N, D, stride_a, stri
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rm < M
     ra = tl.load(RA + rm, mask=row_ok, other=0.0)
-    la = tl.zeros((BLOCK_M,), dtype=tl.int64)
-    if HAS_LABELS:
-        la = tl.load(LA + rm, mask=row_ok, other=0)
+    la = _row_labels(LA, rm, row_ok, BLOCK_M, HAS_LABELS)
     m1 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m0 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -168,14 +186,8 @@ def _stats_bwd_da_kernel(A, K, RA, RK, LA, LK, L1, L0, G1, G0, DA, M, N, D, stri
     row_ok = rm < M
     rd = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     d_ok = rd < D
-    ra = tl.load(RA + rm, mask=row_ok, other=0.0)
-    l1 = tl.load(L1 + rm, mask=row_ok, other=0.0)
-    l0 = tl.load(L0 + rm, mask=row_ok, other=0.0)
-    g1 = tl.load(G1 + rm, mask=row_ok, other=0.0)
-    g0 = tl.load(G0 + rm, mask=row_ok, other=0.0)
-    la = tl.zeros((BLOCK_M,), dtype=tl.int64)
-    if HAS_LABELS:
-        la = tl.load(LA + rm, mask=row_ok, other=0)
+    ra, l1, l0, g1, g0 = _row_bwd_state(RA, L1, L0, G1, G0, rm, row_ok)
+    la = _row_labels(LA, rm, row_ok, BLOCK_M, HAS_LABELS)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
@@ -210,14 +222,8 @@ def _stats_bwd_dk_kernel(A, K, RA, RK, LA, LK, L1, L0, G1, G0, DK, M, N, D, stri
     for m0 in range(0, M, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         row_ok = rm < M
-        ra = tl.load(RA + rm, mask=row_ok, other=0.0)
-        l1 = tl.load(L1 + rm, mask=row_ok, other=0.0)
-        l0 = tl.load(L0 + rm, mask=row_ok, other=0.0)
-        g1 = tl.load(G1 + rm, mask=row_ok, other=0.0)
-        g0 = tl.load(G0 + rm, mask=row_ok, other=0.0)
-        la = tl.zeros((BLOCK_M,), dtype=tl.int64)
-        if HAS_LABELS:
-            la = tl.load(LA + rm, mask=row_ok, other=0)
+        ra, l1, l0, g1, g0 = _row_bwd_state(RA, L1, L0, G1, G0, rm, row_ok)
+        la = _row_labels(LA, rm, row_ok, BLOCK_M, HAS_LABELS)
         s = _sim_tile(A, K, rm, rn, row_ok, col_ok, D, stride_a, stride_k, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         s = s * ra[:, None] * rk[None, :]
         valid = _valid_tile(rm, rn, row_ok, col_ok, la, LK, IN_BATCH, HAS_LABELS)
