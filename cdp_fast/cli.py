@@ -117,32 +117,28 @@ def load_model_spec(spec: str, device=None):
                      "folder, or module:factory")
 
 
-def _features(spec, model_info, device):
+def _network(spec, model_info, device, what, off):
+    """A --features / --labeler value: "auto" (the bundled model's, else ``off``), ``off``
+    (None), a bundled name (digits) or module:factory."""
     if spec in (None, "auto"):
-        spec = model_info.get("bundled") or "pixels"
-    if spec == "pixels":
+        spec = model_info.get("bundled") or off
+    if spec == off:
         return None
     if spec == "digits":
         from cdp_fast.models import digits
 
-        return digits.digits_features(device)
-    if ":" in spec:
-        return load_callable_spec(spec, "features")
-    raise ValueError(f"features: {spec!r} is not auto, pixels, digits or module:factory")
-
-
-def _labeler(spec, model_info, device, what="labeler"):
-    if spec in (None, "auto"):
-        spec = model_info.get("bundled") or "none"
-    if spec == "none":
-        return None
-    if spec == "digits":
-        from cdp_fast.models import digits
-
-        return digits.digits_labeler(device)
+        return getattr(digits, f"digits_{what}")(device)
     if ":" in spec:
         return load_callable_spec(spec, what)
-    raise ValueError(f"{what}: {spec!r} is not auto, none, digits or module:factory")
+    raise ValueError(f"{what}: {spec!r} is not auto, {off}, digits or module:factory")
+
+
+def _features(spec, model_info, device):
+    return _network(spec, model_info, device, "features", "pixels")
+
+
+def _labeler(spec, model_info, device):
+    return _network(spec, model_info, device, "labeler", "none")
 
 
 def _parse_shape(text):
