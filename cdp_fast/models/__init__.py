@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import re
 
-import torch
 from torch import nn
 
 from ._common import CIFAR10_MEAN, CIFAR10_STD, Normalize
+from .external import FeatureExtractor, as_feature_extractor
 from .preact import PreActResNet, preact_resnet18
 from .small_cnn import SmallCNN, small_cnn
 from .wrn import WideResNet, wrn_28_10
@@ -60,34 +60,3 @@ def get_model(name: str, num_classes: int = 10, **kw) -> nn.Module:
     if key in ("small-cnn", "smallcnn", "cnn"):
         return small_cnn(num_classes=num_classes, **kw)
     raise ValueError(f"name must be one of {MODEL_NAMES}, got {name!r}")
-
-
-class FeatureExtractor(nn.Module):
-    """Wraps a classifier for contrastive guidance: images in **[-1, 1]** (the sampler's
-    space) -> the classifier's penultimate features.
-
-    ``forward(x)``: x (B, C, H, W) in [-1, 1] is mapped to [0, 1] by ``(x + 1) / 2`` and passed
-    to ``model.features`` (which applies the model's own mean/std normalisation), giving
-    (B, d). No clamping: during sampling x_t (or the x0-prediction) can leave [-1, 1] and a
-    clamp would zero the guidance gradient there. Differentiable w.r.t. x.
-
-    The authors' public code instead fed raw x_t in [-1, 1] to a model that normalises as if
-    its input were in [0, 1]; the adapter fixes that (DESIGN.md §3).
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        if not hasattr(model, "features") or not callable(model.features):
-            raise ValueError("model must have a callable .features(x) method "
-                             "(a cdp_fast.models classifier)")
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.features((x + 1.0) * 0.5)
-
-
-def as_feature_extractor(model: nn.Module) -> FeatureExtractor:
-    """Feature extractor for guidance: takes images in [-1, 1] (sampler space), converts them
-    to [0, 1] and returns ``model.features`` of them, shape (B, d). See :class:`FeatureExtractor`.
-    """
-    return FeatureExtractor(model)
