@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 __all__ = ["call_model", "unwrap_output", "EpsModel", "FeatureExtractor", "as_feature_extractor"]
-]
 
 
 def unwrap_output(out):
