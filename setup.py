@@ -3,7 +3,7 @@
 
 Install with ``pip install --no-build-isolation [-e] .`` so that this script sees the torch
 already installed (an isolated build env would fetch another torch). Without torch at build
-time, or with CDP_FAST_SKIP_EXT=1, no extension is built and ``cdp_fast._ext`` JIT-builds the
+time, or with CDP_FAST_SKIP_EXT=1, no extension is built and ``cdp_fast.ops.pgd_step`` JIT-builds the
 same sources with ninja on first use (cached), or falls back to the PyTorch composite.
 
 Knobs (environment):

@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cdp_fast import theory  # noqa: E402
-from harness import _git_commit  # noqa: E402  (provenance, shared with the other benchmarks)
+from harness import git_commit  # noqa: E402  (provenance, shared with the other benchmarks)
 
 NS = (10, 20, 50, 100)
 ROWS = (None, 0.5, 1.0, 1.5)   # None = "Real"
@@ -229,7 +229,7 @@ def main(argv=None):
                   for k, rows in PAPER.items()},
         "orderings": orderings(ours),
         "machine": {"python": platform.python_version(), "numpy": np.__version__,
-                    "platform": platform.platform(), "commit": _git_commit()},
+                    "platform": platform.platform(), "commit": git_commit()},
     }
     _atomic_write(os.path.join(args.out, "gaussian_tables.md"), md)
     _atomic_write(os.path.join(args.out, "gaussian_tables.json"), json.dumps(payload, indent=1))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["bench", "peak_rss_growth", "measure_ceilings", "machine_info", "write_json", "device_tag"]
+__all__ = ["bench", "peak_rss_growth", "measure_ceilings", "machine_info", "write_json", "device_tag", "git_commit"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -134,7 +134,7 @@ def measure_ceilings(device="cpu", *, quick: bool = True) -> dict:
     return out
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     """HEAD's sha, with "-dirty" if tracked files differ from it, not counting
     benchmarks/results/ (where benchmark runs write, so one run does not mark the next dirty)."""
     try:
@@ -163,7 +163,7 @@ def machine_info(device="cpu") -> dict:
     info = {
         "device": str(device), "platform": platform.platform(), "python": platform.python_version(),
         "torch": torch.__version__, "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "commit": _git_commit(),
+        "torch_threads": torch.get_num_threads(), "commit": git_commit(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     try:

@@ -1,21 +1,19 @@
-"""Micro-benchmarks of the fused kernels: contrastive loss (HNM, forward + backward) and the
-DDIM update, each against the eager PyTorch reference and torch.compile(reference), measured
-in the same run (ratios printed; JSON with machine, versions, commit and the measured
-bandwidth/FLOP ceilings written to benchmarks/results/kernels-<device>.json).
+"""Micro-benchmarks of the ops, run together: the contrastive loss (HNM, forward + backward;
+benchmarks/ops/contrastive.py) and the DDIM update (benchmarks/ops/ddim.py), each against the
+eager PyTorch reference and torch.compile(reference), measured in the same run (ratios
+printed; JSON with machine, versions, commit and the measured bandwidth/FLOP ceilings written
+to benchmarks/results/kernels-<device>.json). The PGD step has its own script,
+benchmarks/ops/pgd_step.py.
 
     python benchmarks/kernels.py                  # CPU, small sizes (~1-2 min on 2 cores)
     python benchmarks/kernels.py --config gpu     # CUDA: m up to 65536, banks up to 1M, d 128/640
 
 Providers:
-  fused     cdp_fast.kernels (Triton on CUDA; on CPU the contrastive op's CPU kernel, i.e.
-            the chunked streaming PyTorch path; the DDIM update has no CPU kernel, so on CPU
-            "fused" is the reference itself)
-  eager     cdp_fast.losses.hnm_loss_ref / cdp_fast.backend.ddim_update_ref
+  fused     the op as cdp_fast runs it (cdp_fast.backend.choose: Triton on CUDA; on CPU the
+            contrastive op's chunked streaming PyTorch path, and for the DDIM update the
+            reference itself)
+  eager     cdp_fast.losses.hnm_loss_ref / cdp_fast.ops.ddim.ddim_update_ref
   compiled  torch.compile(reference) (inductor)
-Dense providers are skipped where their m×N working set would not fit (estimated).
-Model FLOPs of the loss: 6·m·N·d (forward 2mNd, backward dA and dK 4mNd; the fused backward
-recomputes s, doing 10·m·N·d); model bytes of the DDIM update: reads x, ε, g (+z) and writes
-x_prev (+x̂₀) once.
 """
 from __future__ import annotations
 
@@ -28,97 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+from ops import contrastive as bench_contrastive  # noqa: E402
+from ops import ddim as bench_ddim  # noqa: E402
 
-CONFIGS = {
-    "cpu": {
-        "loss": [  # (m, N or None for in-batch, d)
-            (512, None, 128), (512, 16384, 128), (4096, None, 128),
-            (512, 100_000, 64),
-        ],
-        "ddim": [(512, 3, 32, 32), (64, 3, 64, 64)],
-        "dense_budget_bytes": 3 << 30,
-    },
-    "gpu": {
-        "loss": [(m, None, d) for m in (512, 4096, 16384, 65536) for d in (128, 640)]
-                + [(m, n, d) for m in (512, 4096) for n in (100_000, 1_000_000) for d in (128, 640)],
-        "ddim": [(512, 3, 32, 32), (512, 3, 64, 64), (256, 3, 256, 256)],
-        "dense_budget_bytes": None,   # 60% of the device memory
-    },
-}
+#: bytes of device memory the dense providers may use (None: 60% of the GPU's)
+DENSE_BUDGET = {"cpu": 3 << 30, "gpu": None}
 
-
-def _loss_inputs(m, n, d, device, dtype):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(m, d, generator=g).to(device, dtype).requires_grad_()
-    p = torch.randn(m, d, generator=g).to(device, dtype)
-    k = None if n is None else torch.randn(n, d, generator=g).to(device, dtype).requires_grad_()
-    return a, p, k
-
-
-def bench_loss(cfg, device, dtype, providers, budget):
-    from cdp_fast import losses
-    from cdp_fast.kernels import contrastive as kc
-
-    rows = []
-    compiled_ref = torch.compile(losses.hnm_loss_ref, dynamic=False) if "compiled" in providers else None
-    for m, n, d in cfg:
-        a, p, k = _loss_inputs(m, n, d, device, dtype)
-        nn = m if n is None else n
-        ins = [a] + ([k] if k is not None else [])
-        kw = dict(tau=0.5, tau_plus=0.1, beta=1.0)
-        impls = {"fused": kc.hnm_loss_fused, "eager": losses.hnm_loss_ref, "compiled": compiled_ref}
-        dense_bytes = 8 * m * nn * 4          # ~8 live m×N fp32 buffers in the reference's backward
-        for prov in providers:
-            fn = impls[prov]
-            row = dict(op="hnm_loss", provider=prov, m=m, N=nn, d=d, bank=n is not None,
-                       dtype=str(dtype).replace("torch.", ""))
-            if prov != "fused" and dense_bytes > budget:
-                row["skipped"] = f"dense m×N working set ≈ {dense_bytes / 2**30:.1f} GiB > budget"
-                rows.append(row)
-                continue
-
-            def step(fn=fn):
-                for t in ins:
-                    t.grad = None
-                fn(a, p, k, **kw).backward()
-
-            try:
-                row.update(harness.bench(step, device=device, min_run_time=0.3))
-            except Exception as err:  # noqa: BLE001 (compile failures are reported, not fatal)
-                row["skipped"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-            if "median_ms" in row:
-                row["TFLOPs"] = 6 * m * nn * d / (row["median_ms"] * 1e-3) / 1e12
-            rows.append(row)
-        del a, p, k, ins
-    return rows
-
-
-def bench_ddim(cfg, device, dtype, providers):
-    from cdp_fast.backend import ddim_update_ref
-    from cdp_fast.kernels import ddim as kd
-
-    rows = []
-    compiled_ref = torch.compile(ddim_update_ref, dynamic=False) if "compiled" in providers else None
-    kw = dict(lam=0.7, abar_t=0.3, abar_prev=0.5, sigma=0.1, return_x0=False)
-    for shape in cfg:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        x, e, gg, z = (torch.randn(shape, generator=g).to(device, dtype) for _ in range(4))
-        impls = {
-            "fused": lambda: kd.ddim_update_op(x, e, gg, z, kw["lam"], kw["abar_t"], kw["abar_prev"],
-                                               kw["sigma"], False),
-            "eager": lambda: ddim_update_ref(x, e, gg, noise=z, **kw),
-            "compiled": lambda: compiled_ref(x, e, gg, noise=z, **kw),
-        }
-        nbytes = 5 * x.numel() * x.element_size()     # read x, ε, g, z; write x_prev
-        for prov in providers:
-            row = dict(op="ddim_update", provider=prov, shape=list(shape), dtype=str(dtype).replace("torch.", ""))
-            try:
-                row.update(harness.bench(impls[prov], device=device, min_run_time=0.3))
-                row["GBps"] = nbytes / (row["median_ms"] * 1e-3) / 1e9
-            except Exception as err:  # noqa: BLE001
-                row["skipped"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-            rows.append(row)
-    return rows
 
 
 def _key(r):
@@ -166,7 +79,7 @@ def print_table(rows, ceilings):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
+    ap.add_argument("--config", choices=sorted(DENSE_BUDGET), default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--providers", default="fused,eager,compiled")
     ap.add_argument("--only", choices=["loss", "ddim"], default=None)
@@ -187,14 +100,13 @@ def main(argv=None):
     torch._dynamo.config.recompile_limit = 64
     dtype = getattr(torch, args.dtype)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    cfg = CONFIGS[args.config]
-    budget = cfg["dense_budget_bytes"] or int(0.6 * torch.cuda.get_device_properties(0).total_memory)
+    budget = DENSE_BUDGET[args.config] or int(0.6 * torch.cuda.get_device_properties(0).total_memory)
     ceilings = harness.measure_ceilings(device, quick=device == "cpu")
     rows = []
     if args.only in (None, "loss"):
-        rows += bench_loss(cfg["loss"], device, dtype, providers, budget)
+        rows += bench_contrastive.bench(bench_contrastive.CONFIGS[args.config], device, dtype, providers, budget)
     if args.only in (None, "ddim"):
-        rows += bench_ddim(cfg["ddim"], device, dtype, providers)
+        rows += bench_ddim.bench(bench_ddim.CONFIGS[args.config], device, dtype, providers)
     for r in rows:
         if "TFLOPs" in r:
             r["fraction_of_matmul_ceiling"] = r["TFLOPs"] / ceilings[

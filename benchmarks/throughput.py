@@ -63,7 +63,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from harness import _git_commit  # noqa: E402  (provenance, shared with the other benchmarks)
+from harness import git_commit  # noqa: E402  (provenance, shared with the other benchmarks)
 
 ALL_METHODS = ("ddim", "ddim-eager", "diffusers", "hnm", "hnm-eager", "ref-hnm", "infonce", "ref-infonce")
 # (method, yardstick, goal) rows of the ratio table
@@ -165,7 +165,7 @@ def build_cifar(device):
     wrn = wrn_28_10().to(device).eval()
     for p in list(model.parameters()) + list(wrn.parameters()):
         p.requires_grad_(False)
-    from cdp_fast.sampler import DEFAULTS
+    from cdp_fast.guidance import DEFAULTS
 
     return {"model": model, "features": as_feature_extractor(wrn), "image_shape": (3, 32, 32),
             "note": "diffusers UNet2DModel, DDPM CIFAR-10 config, random init + WRN-28-10 (Swish) "
@@ -176,7 +176,7 @@ def build_cifar(device):
 
 def start_noise(n, shape, seed, device):
     """x_T exactly as cdp_fast.sample draws it: sample i from sample_seed(seed, i)."""
-    from cdp_fast.sampler import sample_seed
+    from cdp_fast.seeding import sample_seed
 
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, i)))
                         for i in range(n)]).to(device)
@@ -447,7 +447,7 @@ def main(argv=None):
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"throughput-{dev_name}.json"
     record = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _git_commit(), "machine": machine_info(device), "versions": versions(),
+        "commit": git_commit(), "machine": machine_info(device), "versions": versions(),
         "config": {"name": args.config, "note": setup["note"], "params": setup["params"], "batch": args.batch,
                    "steps": args.steps, "skip": "uniform", "repeats": args.repeats, "compile": args.compile,
                    "dtype": str(args.dtype or torch.float32),

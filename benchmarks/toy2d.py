@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cdp_fast  # noqa: E402
-from harness import _git_commit  # noqa: E402  (provenance, shared with the other benchmarks)
+from harness import git_commit  # noqa: E402  (provenance, shared with the other benchmarks)
 from cdp_fast.schedule import make_alphas_cumprod, timesteps as make_timesteps  # noqa: E402
 
 MU = (1.0, 1.0)
@@ -158,7 +158,7 @@ def generate(variant, *, n=200, steps=50, init_std=1.0, seed=0, real=None, model
                             image_shape=(2,), output="float", steps=steps, skip="uniform",
                             batch_size=n, seed=seed, progress=False, compile=False, **kw)
         return np.asarray(s.images, dtype=np.float32)
-    from cdp_fast.sampler import sample_seed
+    from cdp_fast.seeding import sample_seed
     abar = model.alphas_cumprod
     ts = make_timesteps(abar.numel(), steps, "uniform")
     gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in range(n)]
@@ -170,7 +170,7 @@ def generate(variant, *, n=200, steps=50, init_std=1.0, seed=0, real=None, model
         pos_idx = None
         if kw["positive"] == "real":   # the draw order of cdp_fast.sample: x_T, then the index
             pos_idx = torch.tensor([int(torch.randint(len(real), (1,), generator=g)) for g in gens])
-        guidance.begin(x_T, list(range(n)), real_positive_index=pos_idx)
+        guidance.reset(real_positive_index=pos_idx)
     x0 = cdp_fast.guided_ddim(model, x_T, alphas_cumprod=abar, timesteps=ts, guidance=guidance)
     return x0.detach().float().numpy()
 
@@ -307,7 +307,7 @@ def main(argv=None):
                "steps": args.steps, "seed": args.seed, "seconds": elapsed, "definitions": STAT_DOC,
                "results": results,
                "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                           "platform": platform.platform(), "commit": _git_commit()}}
+                           "platform": platform.platform(), "commit": git_commit()}}
     _atomic_write_bytes(os.path.join(args.out, "toy2d.md"), md.encode())
     _atomic_write_bytes(os.path.join(args.out, "toy2d.json"),
                         json.dumps(payload, indent=1, default=str).encode())

@@ -75,7 +75,7 @@ def run_ours(cfg) -> dict:
     import torch
 
     import cdp_fast
-    from cdp_fast import _ext
+    from cdp_fast.ops import pgd_step as pgd_op
 
     dev = torch.device(cfg["device"])
     n_real = cfg["batch"] * cfg["updates"]          # one epoch = `updates` updates
@@ -90,7 +90,7 @@ def run_ours(cfg) -> dict:
     total = time.perf_counter() - t0
     dt = model.history[-1]["time_s"]
     return {"updates_per_s": cfg["updates"] / dt, "seconds_per_update": dt / cfg["updates"],
-            "total_s_incl_warmup": total, "pgd_step_impl": _ext.resolved_impl(),
+            "total_s_incl_warmup": total, "pgd_step_impl": pgd_op.resolved_impl(),
             "amp_bf16": dev.type == "cuda", "compiled": dev.type == "cuda"}
 
 

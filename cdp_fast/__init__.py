@@ -20,7 +20,7 @@ _LAZY = {
     "Samples": ("cdp_fast.data", "Samples"),
     "timesteps": ("cdp_fast.schedule", "timesteps"),
     "make_alphas_cumprod": ("cdp_fast.schedule", "make_alphas_cumprod"),
-    "pgd_step": ("cdp_fast._ext", "pgd_step"),
+    "pgd_step": ("cdp_fast.ops.pgd_step", "pgd_step"),
     "train_trades": ("cdp_fast.train", "train_trades"),
     "train_pgd_at": ("cdp_fast.train", "train_pgd_at"),
     "evaluate": ("cdp_fast.evaluate", "evaluate"),
@@ -33,6 +33,8 @@ _LAZY = {
     "schedule": ("cdp_fast.schedule", None),
     "data": ("cdp_fast.data", None),
     "backend": ("cdp_fast.backend", None),
+    "ops": ("cdp_fast.ops", None),
+    "runtime": ("cdp_fast.runtime", None),
     "distributed": ("cdp_fast.distributed", None),
 }
 

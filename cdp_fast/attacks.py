@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cdp_fast._ext import _check_scalar_or_per_sample, pgd_step
+from cdp_fast.ops.pgd_step import check_scalar_or_per_sample, pgd_step
 
 __all__ = ["pgd_attack", "trades_attack", "eval_mode"]
 
@@ -58,7 +58,7 @@ def _check_common(model, x, eps, step_size, steps) -> None:
         raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
     for name, v in (("eps", eps), ("step_size", step_size)):
         if isinstance(v, torch.Tensor):
-            _check_scalar_or_per_sample(v, name, x)  # shape () or (B,), entries >= 0
+            check_scalar_or_per_sample(v, name, x)  # shape () or (B,), entries >= 0
             continue
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")

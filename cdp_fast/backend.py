@@ -1,19 +1,29 @@
-"""The one place that decides which implementation runs (STYLE.md habit 4).
+"""The one place that decides which implementation of an op runs (STYLE.md habit 4).
 
-``CDP_FAST_BACKEND`` = ``auto`` (default) | ``triton`` | ``torch`` (read at every call, so a
-test or a user can switch it at run time):
+:func:`choose` ``(op, tensor) -> "triton" | "interpret" | "torch" | "ext" | "composite"``; the
+ops in :mod:`cdp_fast.ops` execute the answer and never branch on the device themselves.
 
-=========  ====================================  =========================================
-value      CUDA tensors                          CPU tensors
-=========  ====================================  =========================================
-auto       Triton kernels (fp32/bf16/fp16;       PyTorch: chunked streaming losses
-           PyTorch if Triton is missing or       (:mod:`cdp_fast.chunked`), reference DDIM
-           the dtype is fp64)                    update
-triton     Triton kernels; raises RuntimeError   Triton *interpreter* when TRITON_INTERPRET=1,
-           if Triton cannot be imported          else RuntimeError (nothing can run it)
-torch      PyTorch (chunked losses, reference    same
-           DDIM update)
-=========  ====================================  =========================================
+``CDP_FAST_BACKEND`` = ``auto`` (default) | ``triton`` | ``torch``, read at every call (a test
+or a user can switch it at run time):
+
+=========  ===============================  ==================================  ===================
+value      contrastive, ddim: CUDA tensors   contrastive, ddim: CPU tensors      pgd_step (any device)
+=========  ===============================  ==================================  ===================
+auto       "triton" (fp32/bf16/fp16); else   "torch" (chunked streaming losses,  "ext" (the C++/CUDA
+           "torch" (fp64, no Triton)         reference DDIM update)              extension); else one
+                                                                                  warning, "composite"
+triton     "triton"; RuntimeError if Triton  "interpret" with TRITON_INTERPRET=1 "ext", or
+           cannot be imported or the dtype   (fp32 only), else RuntimeError      RuntimeError naming
+           is not fp32/bf16/fp16             (nothing can run it)                why it is unavailable
+torch      "torch"                           "torch"                             "composite" (warns
+                                                                                  once: ~10x slower)
+=========  ===============================  ==================================  ===================
+
+``triton`` means "the fused kernels or an error": for the PGD step that is the compiled
+extension. ``CDP_FAST_PGD_IMPL`` = ``auto`` | ``ext`` | ``composite`` is kept as an alias that
+applies to the PGD step alone and wins over ``CDP_FAST_BACKEND`` there (``ext`` = triton,
+``composite`` = torch); the ``impl=`` argument of :func:`cdp_fast.pgd_step` wins over both,
+without a warning.
 
 Why ``auto`` does not use the interpreter for CPU tensors even when ``TRITON_INTERPRET=1``:
 the interpreter executes every kernel instance in NumPy, 100–1000× slower than the PyTorch
@@ -22,32 +32,33 @@ GPU-less machine, so an interpreter-on-auto rule would silently turn every CPU s
 test into an interpreter run. The interpreted kernels are reached by asking for them
 (``CDP_FAST_BACKEND=triton``), which the kernel and sampler-equivalence tests do.
 An explicitly requested backend that cannot run raises; the automatic choice falls back
-quietly. A bad value raises ValueError.
-
-Contract used by the rest of the package (kept stable):
-  contrastive_impl(name) -> callable | None      name in {"hnm", "infonce"}; None = dense reference
-  ddim_update(x_t, eps, g, *, lam, abar_t, abar_prev, sigma, noise=None, return_x0=False)
-      -> (x_prev, x0_pred | None)
+quietly (the PGD step warns once, since its fallback costs ~10x). A bad value raises
+ValueError.
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["requested_backend", "contrastive_impl", "ddim_update", "ddim_update_ref",
-           "kernels_module", "triton_interpreting"]
+__all__ = ["OPS", "choose", "requested_backend", "triton_interpreting", "kernels_module"]
+
+OPS = ("contrastive", "ddim", "pgd_step")
+_ENV = "CDP_FAST_BACKEND"
+_PGD_ENV = "CDP_FAST_PGD_IMPL"
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_warned = set()
 
 
 def requested_backend() -> str:
     """The value of CDP_FAST_BACKEND (auto|triton|torch); ValueError for anything else."""
-    value = os.environ.get("CDP_FAST_BACKEND", "auto").strip().lower() or "auto"
+    value = os.environ.get(_ENV, "auto").strip().lower() or "auto"
     if value not in ("auto", "triton", "torch"):
-        raise ValueError(f"CDP_FAST_BACKEND must be auto, triton or torch, got {value!r}")
+        raise ValueError(f"{_ENV} must be auto, triton or torch, got {value!r}")
     return value
 
 
@@ -56,6 +67,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# ----------------------------------------------------------------------------- Triton kernels
 def _load_kernels_package():
     """Import ``cdp_fast.kernels``; from a source checkout that is not installed (the folder is
     ``<repo>/kernels``, mapped by [tool.setuptools.package-dir]) load it from there."""
@@ -100,111 +112,99 @@ def _kernels_or_error(name: str):
 
 
 def kernels_module(name: str):
-    """``cdp_fast.kernels.<name>`` (imports triton), or raise RuntimeError saying why not."""
+    """``cdp_fast.kernels.<name>`` (imports triton), or RuntimeError saying why not."""
     mod, err = _kernels_or_error(name)
     if mod is None:
-        raise RuntimeError(f"CDP_FAST_BACKEND=triton requested but the Triton kernels cannot be "
-                           f"imported ({err}); install triton (Linux) or use CDP_FAST_BACKEND=torch")
+        raise RuntimeError(f"{_ENV}=triton requested but the Triton kernels cannot be "
+                           f"imported ({err}); install triton (Linux) or use {_ENV}=torch")
     return mod
 
 
-def _cannot_run(what: str, device) -> RuntimeError:
-    return RuntimeError(
-        f"CDP_FAST_BACKEND=triton requested for {what} on a {device} tensor, but Triton can only run "
-        f"on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set before triton is imported; "
-        f"use CDP_FAST_BACKEND=torch or auto")
-
-
-def _torch_contrastive(name: str, anchor):
-    """The PyTorch streaming path: through the registered op on CPU (opaque to torch.compile,
-    its CPU kernel is the chunked code), the chunked autograd.Function elsewhere."""
-    from cdp_fast import chunked
-
-    mod, _ = _kernels_or_error("contrastive")
-    if mod is not None and anchor.device.type == "cpu":
-        return mod.hnm_loss_fused if name == "hnm" else mod.infonce_loss_fused
-    return chunked.hnm_loss_chunked if name == "hnm" else chunked.infonce_loss_chunked
-
-
-def contrastive_impl(name: str):
-    """The streaming implementation of loss ``name`` ("hnm" | "infonce") for the current
-    CDP_FAST_BACKEND: a callable with the loss's signature that picks Triton or PyTorch from
-    the tensors' device at call time (see the table in the module docstring)."""
-    if name not in ("hnm", "infonce"):
-        raise ValueError(f"unknown contrastive loss {name!r}")
+def _choose_triton_op(op: str, tensor: torch.Tensor) -> str:
     backend = requested_backend()
-    if backend == "triton":
-        kernels_module("contrastive")  # raise now if Triton cannot be imported at all
-
-    def impl(anchor, positive, candidates=None, **kwargs):
-        choice = requested_backend()
-        if choice == "triton":
-            mod = kernels_module("contrastive")
-            fn = mod.hnm_loss_fused if name == "hnm" else mod.infonce_loss_fused
-            if anchor.is_cuda:
-                if anchor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                    raise RuntimeError(f"the Triton contrastive kernels support fp32/bf16/fp16, got {anchor.dtype}")
-                return fn(anchor, positive, candidates, **kwargs)
-            if triton_interpreting():
-                if anchor.dtype != torch.float32:
-                    raise RuntimeError("the Triton interpreter runs the contrastive kernels in fp32 only; "
-                                       f"got {anchor.dtype}")
-                return fn(anchor, positive, candidates, interpret=True, **kwargs)
-            raise _cannot_run(f"the {name} loss", anchor.device)
-        if choice == "auto" and anchor.is_cuda and anchor.dtype != torch.float64:
-            mod, _ = _kernels_or_error("contrastive")
-            if mod is not None:
-                fn = mod.hnm_loss_fused if name == "hnm" else mod.infonce_loss_fused
-                return fn(anchor, positive, candidates, **kwargs)
-        return _torch_contrastive(name, anchor)(anchor, positive, candidates, **kwargs)
-
-    impl.__name__ = f"{name}_loss_{backend}"
-    return impl
-
-
-def ddim_update_ref(x_t, eps, g, *, lam, abar_t, abar_prev, sigma, noise=None, return_x0=False):
-    """DDIM eq. (12) of Song et al. 2021 with Δ = ε + λg in place of ε (Algorithm 1, line 7):
-
-        x̂_0     = (x_t − √(1−ᾱ_t)·Δ) / √ᾱ_t
-        x_{t-1} = √ᾱ_prev·x̂_0 + √(1−ᾱ_prev−σ²)·Δ + σ·z
-
-    x_t, eps, g, noise: same shape; lam, abar_t, abar_prev, sigma: Python floats.
-    """
-    delta = eps if (g is None or lam == 0) else eps + lam * g
-    x0 = (x_t - (1.0 - abar_t) ** 0.5 * delta) / abar_t ** 0.5
-    dir_coef = max(1.0 - abar_prev - sigma ** 2, 0.0) ** 0.5
-    x_prev = abar_prev ** 0.5 * x0 + dir_coef * delta
-    if sigma > 0 and noise is not None:
-        x_prev = x_prev + sigma * noise
-    return x_prev, (x0 if return_x0 else None)
-
-
-def ddim_update(x_t, eps, g, *, lam, abar_t, abar_prev, sigma, noise=None, return_x0=False):
-    """Dispatching DDIM update (formula: :func:`ddim_update_ref`; kernel: cdp_fast.kernels.ddim).
-
-    Returns (x_prev, x0_pred | None), x_prev in x_t's dtype and shape.
-    """
-    backend = requested_backend()
-    kw = dict(lam=lam, abar_t=abar_t, abar_prev=abar_prev, sigma=sigma, noise=noise, return_x0=return_x0)
     if backend == "torch":
-        return ddim_update_ref(x_t, eps, g, **kw)
-    if backend == "triton":
-        mod = kernels_module("ddim")
-        if x_t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise RuntimeError(f"the Triton DDIM kernel supports fp32/bf16/fp16, got {x_t.dtype}")
-        if x_t.is_cuda:
-            xp, x0 = mod.ddim_update_op(x_t, eps, g, noise, float(lam), float(abar_t),
-                                        float(abar_prev), float(sigma), bool(return_x0))
-        elif triton_interpreting():
-            xp, x0 = mod.ddim_update_triton(x_t, eps, g, float(lam), float(abar_t), float(abar_prev),
-                                            float(sigma), noise, bool(return_x0))
-        else:
-            raise _cannot_run("the DDIM update", x_t.device)
-        return xp, (x0 if return_x0 else None)
-    if x_t.is_cuda and x_t.dtype != torch.float64:
-        mod, _ = _kernels_or_error("ddim")
-        if mod is not None:
-            xp, x0 = mod.ddim_update_op(x_t, eps, g, noise, float(lam), float(abar_t),
-                                        float(abar_prev), float(sigma), bool(return_x0))
-            return xp, (x0 if return_x0 else None)
-    return ddim_update_ref(x_t, eps, g, **kw)
+        return "torch"
+    if backend == "auto":
+        if tensor.is_cuda and tensor.dtype in _TRITON_DTYPES and _kernels_or_error(op)[0] is not None:
+            return "triton"
+        return "torch"
+    kernels_module(op)  # triton requested: raise now if it cannot be imported at all
+    if tensor.is_cuda:
+        if tensor.dtype not in _TRITON_DTYPES:
+            raise RuntimeError(f"the Triton {op} kernels support fp32/bf16/fp16, got {tensor.dtype}")
+        return "triton"
+    if triton_interpreting():
+        if tensor.dtype != torch.float32:
+            raise RuntimeError(f"the Triton interpreter runs the {op} kernels in fp32 only; got {tensor.dtype}")
+        return "interpret"
+    raise RuntimeError(
+        f"{_ENV}=triton requested for the {op} op on a {tensor.device} tensor, but Triton can only "
+        f"run on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set before triton is "
+        f"imported; use {_ENV}=torch or auto")
+
+
+# ----------------------------------------------------------------------------- PGD step
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def _pgd_request(impl: str | None) -> tuple[str, bool]:
+    """(auto | ext | composite, whether the environment asked): the ``impl`` argument, else
+    CDP_FAST_PGD_IMPL, else CDP_FAST_BACKEND mapped (triton -> ext, torch -> composite)."""
+    if impl is not None:
+        if impl not in ("auto", "ext", "composite"):
+            raise ValueError(f"impl must be one of ('auto', 'ext', 'composite'), got {impl!r}")
+        return impl, False
+    alias = os.environ.get(_PGD_ENV, "").strip().lower()
+    if alias:
+        if alias not in ("auto", "ext", "composite"):
+            raise ValueError(f"{_PGD_ENV} must be auto, ext or composite, got {alias!r}")
+        if alias != "auto":
+            return alias, True
+    return {"auto": "auto", "triton": "ext", "torch": "composite"}[requested_backend()], True
+
+
+def _choose_pgd(impl: str | None) -> str:
+    from cdp_fast.ops import pgd_step as op
+
+    request, from_env = _pgd_request(impl)
+    if request == "composite":
+        if from_env:
+            _warn_once("pgd-forced", "cdp_fast.pgd_step: the environment forces the PyTorch composite "
+                       f"({_PGD_ENV}=composite or {_ENV}=torch); the fused C++/CUDA step is ~10x faster "
+                       "on CPU")
+        return "composite"
+    if op.load_extension():
+        return "ext"
+    if request == "ext":
+        raise RuntimeError(f"cdp_fast.pgd_step: the extension was requested but is unavailable: "
+                           f"{op.extension_error()}")
+    _warn_once("pgd-missing", "cdp_fast.pgd_step: the C++/CUDA extension is unavailable "
+               f"({op.extension_error()}); using the PyTorch composite instead")
+    return "composite"
+
+
+# ----------------------------------------------------------------------------- the choice
+def choose(op: str, tensor: torch.Tensor | None = None, *, impl: str | None = None) -> str:
+    """Which implementation of ``op`` runs for ``tensor`` under the current environment.
+
+    Args:
+        op: "contrastive" | "ddim" | "pgd_step".
+        tensor: the op's leading input (its device and dtype decide); unused for "pgd_step".
+        impl: "pgd_step" only: a per-call request ("auto" | "ext" | "composite") that wins over
+            the environment.
+    Returns:
+        "triton" (CUDA kernels), "interpret" (the kernels on CPU tensors in Triton's
+        interpreter), "torch" (the PyTorch path), "ext" (the compiled extension) or
+        "composite" (the PyTorch composite of the PGD step). See the module table.
+    Raises:
+        ValueError for an unknown op or environment value; RuntimeError when an explicitly
+        requested implementation cannot run, naming why.
+    """
+    if op == "pgd_step":
+        return _choose_pgd(impl)
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    return _choose_triton_op(op, tensor)

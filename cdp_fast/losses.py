@@ -1,11 +1,9 @@
 """Contrastive losses of Contrastive-DP (§4.2): InfoNCE and hard-negative-mining (HNM).
 
-This module holds the *reference*: plain, upcast PyTorch that mirrors DESIGN.md §4 line by
-line, computed in log space (log-sum-exp) so that τ = 0.05 with d = 2048 neither overflows
-nor underflows. It materialises the m×N similarity matrix. The public ``hnm_loss`` /
-``infonce_loss`` dispatch to the streaming implementations (Triton kernels on GPU, a chunked
-PyTorch path on CPU) when :mod:`cdp_fast.backend` provides them; ``*_ref`` always run this
-dense reference.
+The public face: argument checks, then the streaming op :mod:`cdp_fast.ops.contrastive`
+(Triton kernels on GPU, the chunked PyTorch path on CPU; :func:`cdp_fast.backend.choose`
+decides). ``*_ref`` are the dense references (:mod:`cdp_fast.ops.contrastive.reference`),
+plain upcast PyTorch that mirrors DESIGN.md §4 line by line.
 
 Notation (DESIGN.md §4; Robinson et al. 2021 "Contrastive learning with hard negative
 samples", eq. (3) and their public code; the paper's ℓ_HNM):
@@ -17,170 +15,27 @@ samples", eq. (3) and their public code; the paper's ℓ_HNM):
 HNM:
     imp_ij      = neg_ij^β
     reweight_i  = Σ_j imp_ij·neg_ij / mean_j imp_ij
-                = N_i · exp(LSE_j((1+β)s_ij/τ) − LSE_j(β s_ij/τ))
     Ng_i        = max((−τ⁺ N_i pos_i + reweight_i) / (1 − τ⁺), N_i·e^{−1/τ})
-    ℓ_i         = −log(pos_i / (pos_i + Ng_i)) = softplus(log Ng_i − log pos_i)
+    ℓ_i         = −log(pos_i / (pos_i + Ng_i))
 InfoNCE (HNM with β = 0, τ⁺ = 0 and no clamp):
-    ℓ_i = −log(pos_i / (pos_i + Σ_j neg_ij)) = softplus(LSE_j(s_ij/τ) − log pos_i)
-The loss is the mean of ℓ_i over the m anchors; an anchor with N_i = 0 (no valid negative)
-contributes ℓ_i = 0 (its denominator is pos_i alone).
-
-Gradients flow to the anchors and to the candidates (when the candidates are the anchors
-themselves, i.e. ``candidates=None``, both paths reach the same tensor); the positives are
-detached, as in Algorithm 1 (x_p is a fixed target for x_t).
+    ℓ_i = −log(pos_i / (pos_i + Σ_j neg_ij))
+The loss is the mean of ℓ_i over the m anchors; an anchor with no valid negative contributes
+ℓ_i = 0. Gradients flow to the anchors and the candidates; the positives are detached, as in
+Algorithm 1 (x_p is a fixed target for x_t).
 
 Shapes: anchor (m, d), positive (m, d), candidates (N, d) or None, anchor_labels (m,),
 candidate_labels (N,); returns a 0-dim tensor in the anchors' dtype.
 """
 from __future__ import annotations
 
-import math
-
-import torch
-import torch.nn.functional as F
+from cdp_fast.ops import contrastive as _op
+from cdp_fast.ops.contrastive.reference import (check_loss_args, hnm_loss_ref, hnm_rows_ref,
+                                                infonce_loss_ref, infonce_rows_ref, negative_mask)
 
 __all__ = [
-    "hnm_loss", "infonce_loss", "hnm_loss_ref", "infonce_loss_ref", "hnm_rows_ref",
+    "hnm_loss", "infonce_loss", "hnm_loss_ref", "infonce_loss_ref", "hnm_rows_ref", "infonce_rows_ref",
     "check_loss_args", "negative_mask",
 ]
-
-# Paper defaults (App. D, CIFAR-10 with WRN-28-10 features). They depend on the feature
-# extractor's scale; see cdp_fast.sampler.DEFAULTS.
-_NORM_EPS = 1e-12
-
-
-def check_loss_args(anchor, positive, candidates, tau, tau_plus=0.0, beta=0.0,
-                    anchor_labels=None, candidate_labels=None):
-    """Validate shapes and hyper-parameters; raise ValueError naming the argument."""
-    if not isinstance(anchor, torch.Tensor) or anchor.dim() != 2:
-        raise ValueError(f"anchor must be a (m, d) tensor, got {getattr(anchor, 'shape', type(anchor))}")
-    m, d = anchor.shape
-    if m < 1 or d < 1:
-        raise ValueError(f"anchor must be non-empty, got shape {tuple(anchor.shape)}")
-    if not isinstance(positive, torch.Tensor) or positive.shape != anchor.shape:
-        raise ValueError(
-            f"positive must have the anchor's shape {tuple(anchor.shape)}, got "
-            f"{tuple(getattr(positive, 'shape', ()))}")
-    if candidates is not None:
-        if not isinstance(candidates, torch.Tensor) or candidates.dim() != 2 or candidates.shape[1] != d:
-            raise ValueError(f"candidates must be a (N, {d}) tensor, got {tuple(getattr(candidates, 'shape', ()))}")
-        if candidates.shape[0] < 1:
-            raise ValueError("candidates must hold at least one row")
-    elif m < 2:
-        raise ValueError("in-batch negatives need at least 2 anchors (batch_size >= 2)")
-    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau must be a positive number, got {tau!r}")
-    if not (isinstance(tau_plus, (int, float)) and 0.0 <= tau_plus < 1.0):
-        raise ValueError(f"tau_plus must lie in [0, 1), got {tau_plus!r}")
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
-        raise ValueError(f"beta must be >= 0, got {beta!r}")
-    if (anchor_labels is None) != (candidate_labels is None) and candidates is not None:
-        raise ValueError("anchor_labels and candidate_labels must be given together when candidates are given")
-    if anchor_labels is not None and (anchor_labels.dim() != 1 or anchor_labels.shape[0] != m):
-        raise ValueError(f"anchor_labels must have shape ({m},), got {tuple(anchor_labels.shape)}")
-    if candidate_labels is not None:
-        n = m if candidates is None else candidates.shape[0]
-        if candidate_labels.dim() != 1 or candidate_labels.shape[0] != n:
-            raise ValueError(f"candidate_labels must have shape ({n},), got {tuple(candidate_labels.shape)}")
-
-
-def negative_mask(m, n, *, in_batch, anchor_labels=None, candidate_labels=None, device=None):
-    """Boolean (m, n) mask of valid negatives: not self (in-batch), and of another class
-    when labels are given."""
-    mask = torch.ones(m, n, dtype=torch.bool, device=device)
-    if in_batch:
-        mask.fill_diagonal_(False)
-    if anchor_labels is not None:
-        cl = anchor_labels if candidate_labels is None else candidate_labels
-        mask &= anchor_labels.view(-1, 1).to(device) != cl.view(1, -1).to(device)
-    return mask
-
-
-def _masked_lse(x, mask):
-    """Row-wise log-sum-exp over the masked entries. An empty row gives a large negative but
-    finite value (no inf − inf = NaN downstream, hence no NaN gradient); callers zero such
-    rows through ``mask.any(1)``."""
-    return torch.logsumexp(x.masked_fill(~mask, torch.finfo(x.dtype).min), dim=1)
-
-
-def _prepare(anchor, positive, candidates, anchor_labels, candidate_labels):
-    """Upcast to fp32 (at least), normalise, detach the positive; build the negative mask."""
-    work = torch.promote_types(anchor.dtype, torch.float32)
-    a = F.normalize(anchor.to(work), dim=1, eps=_NORM_EPS)
-    p = F.normalize(positive.detach().to(work), dim=1, eps=_NORM_EPS)
-    in_batch = candidates is None
-    k = a if in_batch else F.normalize(candidates.to(work), dim=1, eps=_NORM_EPS)
-    mask = negative_mask(a.shape[0], k.shape[0], in_batch=in_batch, anchor_labels=anchor_labels,
-                         candidate_labels=candidate_labels, device=a.device)
-    return a, p, k, mask
-
-
-def hnm_rows_ref(anchor, positive, candidates=None, *, tau, tau_plus, beta,
-                 anchor_labels=None, candidate_labels=None):
-    """Per-anchor HNM losses ℓ_i, shape (m,), in the working dtype (fp32 or fp64).
-
-    With ``beta=0, tau_plus=0`` and the clamp removed this is InfoNCE; the clamp is kept here
-    (it is part of ℓ_HNM), so use :func:`infonce_rows_ref` for InfoNCE.
-    """
-    a, p, k, mask = _prepare(anchor, positive, candidates, anchor_labels, candidate_labels)
-    s = (a @ k.T) / tau                                   # s_ij/τ, (m, N)
-    log_pos = (a * p).sum(1) / tau                        # log pos_i
-    n_i = mask.sum(1).to(s.dtype)                         # N_i
-    log_n = torch.log(n_i.clamp(min=1))
-    # log reweight_i = log N_i + LSE((1+β)s/τ) − LSE(β s/τ)
-    log_rw = log_n + _masked_lse((1 + beta) * s, mask) - _masked_lse(beta * s, mask)
-    # log(τ⁺ N_i pos_i); -inf when τ⁺ = 0
-    log_sub = (math.log(tau_plus) if tau_plus > 0 else -math.inf) + log_n + log_pos
-    # log(reweight − τ⁺N pos) where positive, else -inf (the clamp below then wins)
-    diff = log_sub - log_rw
-    ok = diff < 0
-    safe = torch.where(ok, diff, torch.full_like(diff, -1.0))
-    log_num = torch.where(ok, log_rw + torch.log1p(-torch.exp(safe)), torch.full_like(diff, -math.inf))
-    log_ng = log_num - math.log1p(-tau_plus)
-    log_clamp = log_n - 1.0 / tau                         # log(N_i e^{−1/τ})
-    log_ng = torch.maximum(log_ng, log_clamp)
-    has_neg = mask.any(1)
-    rows = F.softplus(log_ng - log_pos)
-    return torch.where(has_neg, rows, torch.zeros_like(rows))
-
-
-def infonce_rows_ref(anchor, positive, candidates=None, *, tau, anchor_labels=None,
-                     candidate_labels=None):
-    """Per-anchor InfoNCE losses ℓ_i = softplus(LSE_j(s_ij/τ) − log pos_i), shape (m,)."""
-    a, p, k, mask = _prepare(anchor, positive, candidates, anchor_labels, candidate_labels)
-    s = (a @ k.T) / tau
-    log_pos = (a * p).sum(1) / tau
-    lse = _masked_lse(s, mask)
-    rows = F.softplus(lse - log_pos)
-    return torch.where(mask.any(1), rows, torch.zeros_like(rows))
-
-
-def hnm_loss_ref(anchor, positive, candidates=None, *, tau, tau_plus=0.1, beta=1.0,
-                 anchor_labels=None, candidate_labels=None):
-    """Dense reference of the HNM loss (mean over anchors). See the module docstring."""
-    check_loss_args(anchor, positive, candidates, tau, tau_plus, beta, anchor_labels, candidate_labels)
-    rows = hnm_rows_ref(anchor, positive, candidates, tau=tau, tau_plus=tau_plus, beta=beta,
-                        anchor_labels=anchor_labels, candidate_labels=candidate_labels)
-    return rows.mean().to(anchor.dtype)
-
-
-def infonce_loss_ref(anchor, positive, candidates=None, *, tau, anchor_labels=None,
-                     candidate_labels=None):
-    """Dense reference of the InfoNCE loss (mean over anchors). See the module docstring."""
-    check_loss_args(anchor, positive, candidates, tau, 0.0, 0.0, anchor_labels, candidate_labels)
-    rows = infonce_rows_ref(anchor, positive, candidates, tau=tau, anchor_labels=anchor_labels,
-                            candidate_labels=candidate_labels)
-    return rows.mean().to(anchor.dtype)
-
-
-def _dispatch(name):
-    """The streaming implementation chosen by cdp_fast.backend, or None for the reference."""
-    try:
-        from cdp_fast import backend
-    except ImportError:
-        return None
-    fn = getattr(backend, "contrastive_impl", None)
-    return fn(name) if fn is not None else None
 
 
 def hnm_loss(anchor, positive, candidates=None, *, tau, tau_plus=0.1, beta=1.0,
@@ -202,11 +57,7 @@ def hnm_loss(anchor, positive, candidates=None, *, tau, tau_plus=0.1, beta=1.0,
         >>> hnm_loss(a, a.detach(), tau=0.5, tau_plus=0.1, beta=1.0).backward()
     """
     check_loss_args(anchor, positive, candidates, tau, tau_plus, beta, anchor_labels, candidate_labels)
-    impl = _dispatch("hnm")
-    if impl is not None:
-        return impl(anchor, positive, candidates, tau=tau, tau_plus=tau_plus, beta=beta,
-                    anchor_labels=anchor_labels, candidate_labels=candidate_labels)
-    return hnm_loss_ref(anchor, positive, candidates, tau=tau, tau_plus=tau_plus, beta=beta,
+    return _op.hnm_loss(anchor, positive, candidates, tau=tau, tau_plus=tau_plus, beta=beta,
                         anchor_labels=anchor_labels, candidate_labels=candidate_labels)
 
 
@@ -218,9 +69,5 @@ def infonce_loss(anchor, positive, candidates=None, *, tau, anchor_labels=None,
     Args/returns as :func:`hnm_loss` (no τ⁺, β).
     """
     check_loss_args(anchor, positive, candidates, tau, 0.0, 0.0, anchor_labels, candidate_labels)
-    impl = _dispatch("infonce")
-    if impl is not None:
-        return impl(anchor, positive, candidates, tau=tau, anchor_labels=anchor_labels,
-                    candidate_labels=candidate_labels)
-    return infonce_loss_ref(anchor, positive, candidates, tau=tau, anchor_labels=anchor_labels,
+    return _op.infonce_loss(anchor, positive, candidates, tau=tau, anchor_labels=anchor_labels,
                             candidate_labels=candidate_labels)

@@ -3,7 +3,8 @@ sampler, training and evaluation.
 
 - :func:`model_device` / :func:`rank_device`: the device a call works on (under torchrun with
   CUDA, one GPU per process: ``cuda:LOCAL_RANK``).
-- :func:`autocast`: a context factory for bf16/fp16 autocast, or a no-op for fp32.
+- :func:`autocast`: a context factory for bf16/fp16 autocast, or a no-op for fp32;
+  :func:`eval_mode`: eval mode for the duration of a call, each submodule's mode restored.
 - :func:`compile_frozen` (CPU) and :func:`compile_cuda_graphs` (CUDA): the sampler's two
   compile strategies for a fixed-shape inference network, with the measurements that chose
   them.
@@ -18,7 +19,7 @@ import weakref
 
 import torch
 
-__all__ = ["model_device", "rank_device", "autocast", "check_dtype", "compile_frozen",
+__all__ = ["model_device", "rank_device", "autocast", "check_dtype", "eval_mode", "compile_frozen",
            "compile_cuda_graphs", "weights_fingerprint"]
 
 
@@ -60,6 +61,24 @@ def autocast(device: torch.device, dtype=None):
     if dtype in (torch.bfloat16, torch.float16):
         return lambda: torch.autocast(torch.device(device).type, dtype=dtype)
     return contextlib.nullcontext
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Put every submodule of ``model`` in eval mode (BatchNorm statistics frozen, dropout off)
+    and restore each submodule's own previous ``training`` flag afterwards, even on error
+    (``model.train(was_training)`` would flip submodules that were deliberately frozen).
+    ``model`` may be None or a plain callable: then nothing is done."""
+    if not isinstance(model, torch.nn.Module):
+        yield model
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, was in modes:
+            m.training = was
 
 
 # ----------------------------------------------------------------------------- compile

@@ -1,7 +1,7 @@
 // Schema of the cdp_fast operator library (TORCH_LIBRARY); the kernels are registered per
 // device in pgd_step_cpu.cpp (CPU) and pgd_step_cuda.cu (CUDA, CUDAExtension builds only).
 // The fake (meta) implementation that torch.compile traces with is registered in Python:
-// cdp_fast/_ext.py, torch.library.register_fake("cdp_fast::pgd_step").
+// cdp_fast/ops/pgd_step.py, torch.library.register_fake("cdp_fast::pgd_step").
 //
 // No autograd kernel is registered: PGD steps take the gradient as an input and run under
 // torch.no_grad().
@@ -21,7 +21,7 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(cdp_fast, m) {
   // Where the fake implementation lives, so torch can import it when it needs it.
-  m.set_python_module("cdp_fast._ext");
+  m.set_python_module("cdp_fast.ops.pgd_step");
   // step_size, eps: shape () (one value) or (B,) (per sample, broadcast over dims 1..);
   // any floating dtype, rounded to x_adv's opmath type. Returns a new contiguous tensor.
   m.def("pgd_step(Tensor x_adv, Tensor grad, Tensor x_nat, Tensor step_size, Tensor eps) -> Tensor");

@@ -4,7 +4,7 @@
 //     y = clamp(min(max(x_adv + a*sign(g), x - e), x + e), 0, 1),   sign(0) = 0
 // computed per element in opmath precision (float for half/bfloat16, else the dtype itself)
 // and rounded once. Semantics chosen to be bitwise equal to the eager PyTorch composite
-// (cdp_fast._ext.pgd_step_ref): sign(NaN) = 0 like torch.sign, max/min propagate NaN like
+// (cdp_fast.ops.pgd_step.pgd_step_ref): sign(NaN) = 0 like torch.sign, max/min propagate NaN like
 // torch.maximum / torch.minimum / torch.clamp.
 #pragma once
 

@@ -1,5 +1,5 @@
 // CUDA kernel of cdp_fast::pgd_step (compiled only by CUDAExtension builds: setup.py and
-// cdp_fast/_ext.py add *.cu sources only when torch.version.cuda and CUDA_HOME are set).
+// cdp_fast/ops/pgd_step.py add *.cu sources only when torch.version.cuda and CUDA_HOME are set).
 //
 // Grid-stride elementwise loop, one read of x_adv, grad, x_nat and one write of y per
 // element, math in opmath (float for half/bfloat16). alpha / eps are either kernel arguments

@@ -1,65 +1,49 @@
-"""Fused Triton kernels of the contrastive losses (ℓ_HNM, InfoNCE): O(N) memory, no m×N matrix.
+"""Triton kernels of the contrastive losses (ℓ_HNM, InfoNCE): per-row log-sum-exp statistics
+of the m×N cosine similarities, forward and backward, without ever writing the m×N matrix.
 
-What is fused (DESIGN.md §5): the loss depends on the m×N cosine similarities s_ij = â_i·k̂_j
-only through three per-row statistics (derivation and gradients: :mod:`cdp_fast.chunked`)
+A leaf: imports torch and triton only. The op these kernels implement — its plain-PyTorch
+reference, the CPU path, the ``torch.library`` registration and the autograd glue — lives in
+:mod:`cdp_fast.ops.contrastive`; which implementation runs is decided in :mod:`cdp_fast.backend`.
+
+Formula (DESIGN.md §4; derivation of the gradients: :mod:`cdp_fast.ops.contrastive.chunked`).
+With â_i, k̂_j the L2-normalised anchor and candidate rows, s_ij = â_i·k̂_j and N(i) the valid
+negatives of anchor i (not itself when the candidates are the anchors; another class when
+labels are given), the losses depend on s only through
 
     L1_i = LSE_{j∈N(i)} ((1+β)·s_ij/τ),   L0_i = LSE_{j∈N(i)} (β·s_ij/τ),   N_i = |N(i)|.
 
-* forward  ``_stats_fwd_kernel``: one program per block of BLOCK_M anchors and range of
+* forward ``_stats_fwd_kernel``: one program per block of BLOCK_M anchors and range of
   candidates (the split keeps small-m/large-bank problems busy, see ``_splits``) streams the
   candidates in BLOCK_N tiles, computes the tile of s with ``tl.dot`` (fp32 accumulation;
-  the d axis is looped in BLOCK_K slices, so any d works), applies the masks (self-exclusion
-  when the candidates are the anchors; other-class restriction with labels; padding) and
-  updates two online log-sum-exps (running max + rescaled sum, as in flash-attention) and the
-  count N_i. Nothing of size m×N is ever written: memory O((m + N)·d).
-* backward: the tiles are recomputed. With D_ij = g1_i·P1_ij + g0_i·P0_ij
-  (P = masked row softmaxes, g = (1+β)/τ·dL1, β/τ·dL0):
-  ``_stats_bwd_da_kernel`` (grid over anchor blocks × d blocks × candidate splits) accumulates
-  dÂ_i = Σ_j D_ij k̂_j (per-split slabs summed afterwards);
-  ``_stats_bwd_dk_kernel`` (grid over candidate blocks × d blocks) is the transposed pass,
-  dK̂_j = Σ_i D_ij â_i. Each output element is owned by one program: no atomics.
-* L2 normalisation is folded in: the kernels take the raw rows plus 1/max(‖x‖, 1e-12)
-  (an O(m + N) vector computed in PyTorch) and scale s by r_a,i·r_k,j; the normalisation
-  Jacobian dx = r·(dx̂ − x̂(x̂·dx̂)) is applied in place afterwards (``addcmul_``: no N×d
-  temporaries). The O(m) epilogue (τ⁺ subtraction, clamp, softplus, mean, positive term) is
-  shared PyTorch code (:func:`cdp_fast.chunked.rows_from_stats`), differentiated by autograd.
+  the d axis is looped in BLOCK_K slices, so any d works), applies the masks and updates two
+  online log-sum-exps (running max + rescaled sum, as in flash-attention) and the count N_i.
+  Memory O((m + N)·d); nothing of size m×N is ever written.
+* backward: the tiles are recomputed. With D_ij = g1_i·P1_ij + g0_i·P0_ij (P = the masked row
+  softmaxes, g = (1+β)/τ·dL1, β/τ·dL0): ``_stats_bwd_da_kernel`` (grid: anchor blocks × d
+  blocks × candidate splits) accumulates dÂ_i = Σ_j D_ij k̂_j (per-split slabs summed
+  afterwards); ``_stats_bwd_dk_kernel`` (grid: candidate blocks × d blocks) is the transposed
+  pass dK̂_j = Σ_i D_ij â_i. Each output element is owned by one program: no atomics.
+* L2 normalisation is folded in: the launchers take the raw rows plus their inverse norms
+  r = 1/max(‖x‖, eps) (computed by the caller) and scale s by r_a,i·r_k,j; they return the
+  gradients with respect to the *normalised* rows (dÂ, dK̂), to which the caller applies the
+  normalisation Jacobian.
 
 Dtypes: fp32 / bf16 / fp16 inputs on GPU with fp32 accumulation; fp32 dots use
 ``input_precision="tf32x3"`` (≈fp32 accuracy on tensor cores: plain tf32's 10-bit mantissa
-would put ~1e-3 error into s and ×1/τ = ×20 into the loss at τ = 0.05). Under
-``TRITON_INTERPRET=1`` (CPU) fp32 only.
+would put ~1e-3 error into s and ×1/τ = ×20 into the loss at τ = 0.05). CPU tensors are only
+valid under ``TRITON_INTERPRET=1`` (Triton's NumPy interpreter, fp32 only); the launchers then
+use the smallest legal tiles and IEEE dots.
 
-Registration: ``cdp_fast::contrastive_stats`` and ``cdp_fast::contrastive_stats_backward`` are
-``torch.library.triton_op`` s (so torch.compile sees the kernels), with
-``register_kernel("cpu")`` = the chunked PyTorch path, ``register_fake`` and
-``register_autograd``. Inside the op body the device decides (CUDA → Triton, anything else →
-chunked PyTorch), so a compiled CPU graph never contains a Triton kernel. The interpreter path
-used by the tests (CPU tensors, ``TRITON_INTERPRET=1``) calls the same launchers through
-:class:`_InterpretedStats`.
+Not yet measured on a GPU: the tile sizes below are first choices, not tuned numbers.
 """
 from __future__ import annotations
-
-import os
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from cdp_fast import chunked
-
-__all__ = [
-    "contrastive_stats", "hnm_loss_fused", "infonce_loss_fused", "stats_triton", "stats_triton_backward",
-    "interpreting",
-]
-
-_NORM_EPS = 1e-12
-
-
-def interpreting() -> bool:
-    """True when Triton runs in its CPU interpreter (TRITON_INTERPRET=1 at import time)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+__all__ = ["stats_forward", "stats_backward"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,19 +219,20 @@ def _stats_bwd_dk_kernel(A, K, RA, RK, LA, LK, L1, L0, G1, G0, DK, M, N, D, stri
 
 
 # --------------------------------------------------------------------------------------------
-# launchers
+# launchers (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
 # --------------------------------------------------------------------------------------------
-def _blocks(d: int, dtype: torch.dtype):
-    """Tile sizes. Under the interpreter the smallest legal dot tiles (16) keep tests fast;
-    on GPU 64×64 tiles with 32..64-wide d slices (fp32 halves BLOCK_K to fit shared memory)."""
-    if interpreting():
+def _blocks(d: int, dtype: torch.dtype, device: torch.device):
+    """Tile sizes. CPU tensors (the interpreter): the smallest legal dot tiles (16) keep the
+    tests fast; on GPU 64×64 tiles with 32..64-wide d slices (fp32 halves BLOCK_K to fit
+    shared memory)."""
+    if device.type != "cuda":
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=16)
     bk = 32 if dtype == torch.float32 else 64
     bdo = min(128, max(16, triton.next_power_of_2(d)))
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk, BLOCK_DO=bdo)
 
 
-def _splits(m: int, n: int, bl: dict, device) -> tuple[int, int]:
+def _splits(m: int, n: int, bl: dict, device: torch.device) -> tuple[int, int]:
     """(S, candidates per split). One program per BLOCK_M anchors alone leaves an H100 idle
     when m is small and the bank is large (m = 512: 8 programs for 132 SMs), so the forward and
     the dA pass also split the candidates into S ranges (partial LSEs / partial dÂ slabs,
@@ -255,7 +240,7 @@ def _splits(m: int, n: int, bl: dict, device) -> tuple[int, int]:
     Under the interpreter S = 2 whenever there are >= 2 candidate tiles, so the tests exercise
     the combine."""
     n_tiles = triton.cdiv(n, bl["BLOCK_N"])
-    if interpreting() or torch.device(device).type != "cuda":
+    if device.type != "cuda":
         want = 2
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -264,17 +249,14 @@ def _splits(m: int, n: int, bl: dict, device) -> tuple[int, int]:
     return triton.cdiv(n, per), per
 
 
-def _precision(dtype):
-    if interpreting():
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    if device.type != "cuda":
         return "ieee"
     return "tf32x3" if dtype == torch.float32 else "ieee"
 
 
-def _inv_norm(x):
-    return 1.0 / torch.linalg.vector_norm(x.float(), dim=1).clamp(min=_NORM_EPS)
-
-
-def _common(a, k, a_labels, k_labels):
+def _prepare(a, k, a_labels, k_labels):
+    """Contiguous rows in a's dtype, int64 labels (a 1-element dummy when there are none)."""
     a = a.contiguous()
     k = k.contiguous()
     if k.dtype != a.dtype:
@@ -285,13 +267,21 @@ def _common(a, k, a_labels, k_labels):
     return a, k, la, lk, has_labels
 
 
-def stats_triton(a, k, a_labels, k_labels, inv_tau: float, beta: float, in_batch: bool):
-    """Forward statistics (L1, L0, N) (m,) fp32 with the Triton kernel (CUDA or interpreter)."""
-    a, k, la, lk, has_labels = _common(a, k, a_labels, k_labels)
+def stats_forward(a, k, ra, rk, a_labels, k_labels, inv_tau: float, beta: float, in_batch: bool):
+    """Forward statistics.
+
+    Args:
+        a: (m, d) raw anchors; k: (N, d) raw candidates (fp32/bf16/fp16).
+        ra, rk: (m,), (N,) fp32 inverse norms 1/max(‖x‖, eps).
+        a_labels, k_labels: (m,), (N,) int labels, or None.
+        inv_tau: 1/τ. beta: β >= 0. in_batch: the candidates are the anchors (mask i = j).
+    Returns:
+        (L1, L0, N), each (m,) fp32; L0 = log N when β = 0; empty rows give L1 = L0 = −inf.
+    """
+    a, k, la, lk, has_labels = _prepare(a, k, a_labels, k_labels)
     m, d = a.shape
     n = k.shape[0]
-    ra, rk = _inv_norm(a), _inv_norm(k)
-    bl = _blocks(d, a.dtype)
+    bl = _blocks(d, a.dtype, a.device)
     n_split, per = _splits(m, n, bl, a.device)
     L1p = torch.empty(n_split, m, dtype=torch.float32, device=a.device)
     L0p = torch.empty(n_split, m, dtype=torch.float32, device=a.device) if beta != 0 else L1p
@@ -300,7 +290,8 @@ def stats_triton(a, k, a_labels, k_labels, inv_tau: float, beta: float, in_batch
     wrap_triton(_stats_fwd_kernel)[grid](
         a, k, ra, rk, la, lk, L1p, L0p, cntp, m, n, d, a.stride(0), k.stride(0),
         (1.0 + beta) * inv_tau, beta * inv_tau, per,
-        IN_BATCH=in_batch, HAS_LABELS=has_labels, HAS_BETA=beta != 0, PRECISION=_precision(a.dtype),
+        IN_BATCH=in_batch, HAS_LABELS=has_labels, HAS_BETA=beta != 0,
+        PRECISION=_precision(a.dtype, a.device),
         BLOCK_M=bl["BLOCK_M"], BLOCK_N=bl["BLOCK_N"], BLOCK_K=bl["BLOCK_K"])
     # combine the splits: LSE over splits of the partial LSEs (all -inf stays -inf)
     L1 = torch.logsumexp(L1p, 0)
@@ -309,24 +300,19 @@ def stats_triton(a, k, a_labels, k_labels, inv_tau: float, beta: float, in_batch
     return L1, L0, cnt
 
 
-def _apply_norm_jacobian_(dxh, x, r):
-    """In place: dx = r·(dx̂ − x̂(x̂·dx̂)) with x̂ = r·x (F.normalize backward, ‖x‖ > eps)."""
-    xf = x.float()
-    # x̂(x̂·dx̂) = x·r²(x·dx̂); zero where ‖x‖ <= eps (the clamp makes the scale constant)
-    proj = (xf * dxh).sum(1) * r * r * (r < 1.0 / _NORM_EPS)
-    dxh.addcmul_(xf, proj.unsqueeze(1), value=-1.0)
-    dxh.mul_(r.unsqueeze(1))
-    return dxh
+def stats_backward(a, k, ra, rk, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: float, beta: float,
+                   in_batch: bool):
+    """Backward statistics: the gradients with respect to the normalised rows.
 
-
-def stats_triton_backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: float, beta: float,
-                          in_batch: bool):
-    """Backward of :func:`stats_triton`: (dA, dK) in the dtypes of a and k."""
-    a_dtype, k_dtype = a.dtype, k.dtype
-    a, k, la, lk, has_labels = _common(a, k, a_labels, k_labels)
+    Args: as :func:`stats_forward`, plus the forward's L1, L0 (m,) and their incoming
+    gradients dL1, dL0 (m,).
+    Returns:
+        (dÂ (m, d), dK̂ (N, d)), fp32: dÂ_i = Σ_j D_ij k̂_j, dK̂_j = Σ_i D_ij â_i with
+        D_ij = (1+β)/τ·dL1_i·P1_ij + β/τ·dL0_i·P0_ij.
+    """
+    a, k, la, lk, has_labels = _prepare(a, k, a_labels, k_labels)
     m, d = a.shape
     n = k.shape[0]
-    ra, rk = _inv_norm(a), _inv_norm(k)
     c1, c0 = (1.0 + beta) * inv_tau, beta * inv_tau
     has = torch.isfinite(L1)
     zero = torch.zeros_like(L1, dtype=torch.float32)
@@ -340,12 +326,13 @@ def stats_triton_backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: f
     gscale = torch.maximum(g1.abs().max(), g0.abs().max()).clamp(min=1e-30)
     g1 = (g1 / gscale).contiguous()
     g0 = (g0 / gscale).contiguous()
-    bl = _blocks(d, a.dtype)
+    bl = _blocks(d, a.dtype, a.device)
     n_split, per = _splits(m, n, bl, a.device)
     da_part = torch.empty(n_split, m, d, dtype=torch.float32, device=a.device)
     dk = torch.empty(n, d, dtype=torch.float32, device=a.device)
-    flags = dict(IN_BATCH=in_batch, HAS_LABELS=has_labels, HAS_BETA=beta != 0, PRECISION=_precision(a.dtype),
-                 BLOCK_M=bl["BLOCK_M"], BLOCK_N=bl["BLOCK_N"], BLOCK_K=bl["BLOCK_K"], BLOCK_DO=bl["BLOCK_DO"])
+    flags = dict(IN_BATCH=in_batch, HAS_LABELS=has_labels, HAS_BETA=beta != 0,
+                 PRECISION=_precision(a.dtype, a.device), BLOCK_M=bl["BLOCK_M"], BLOCK_N=bl["BLOCK_N"],
+                 BLOCK_K=bl["BLOCK_K"], BLOCK_DO=bl["BLOCK_DO"])
     nd = triton.cdiv(d, bl["BLOCK_DO"])
     wrap_triton(_stats_bwd_da_kernel)[(triton.cdiv(m, bl["BLOCK_M"]), nd, n_split)](
         a, k, ra, rk, la, lk, l1, l0, g1, g0, da_part, m, n, d, a.stride(0), k.stride(0), d,
@@ -354,130 +341,4 @@ def stats_triton_backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: f
     wrap_triton(_stats_bwd_dk_kernel)[(triton.cdiv(n, bl["BLOCK_N"]), nd)](
         a, k, ra, rk, la, lk, l1, l0, g1, g0, dk, m, n, d, a.stride(0), k.stride(0), dk.stride(0),
         c1, c0, **flags)
-    da = _apply_norm_jacobian_(da.mul_(gscale), a, ra).to(a_dtype)
-    dk = _apply_norm_jacobian_(dk.mul_(gscale), k, rk).to(k_dtype)
-    return da, dk
-
-
-# --------------------------------------------------------------------------------------------
-# torch.library registration
-# --------------------------------------------------------------------------------------------
-@triton_op("cdp_fast::contrastive_stats", mutates_args=())
-def contrastive_stats(a: torch.Tensor, k: torch.Tensor, a_labels: Optional[torch.Tensor],
-                      k_labels: Optional[torch.Tensor], inv_tau: float, beta: float,
-                      in_batch: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(a (m,d), k (N,d), labels (m,)/(N,) or None) -> (L1, L0, N), each (m,) float.
-
-    CUDA tensors (fp32/bf16/fp16) run the Triton kernels; fp64 and other devices the chunked
-    PyTorch path.
-    """
-    if a.device.type == "cuda" and a.dtype != torch.float64:
-        return stats_triton(a, k, a_labels, k_labels, inv_tau, beta, in_batch)
-    L1, L0, cnt = chunked.lse_stats_forward(a, k, a_labels, k_labels, inv_tau, beta, in_batch)
-    return L1, L0, cnt
-
-
-@triton_op("cdp_fast::contrastive_stats_backward", mutates_args=())
-def contrastive_stats_backward(a: torch.Tensor, k: torch.Tensor, a_labels: Optional[torch.Tensor],
-                               k_labels: Optional[torch.Tensor], L1: torch.Tensor, L0: torch.Tensor,
-                               dL1: torch.Tensor, dL0: torch.Tensor, inv_tau: float, beta: float,
-                               in_batch: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward of ``contrastive_stats``: (dA (m,d), dK (N,d))."""
-    if a.device.type == "cuda" and a.dtype != torch.float64:
-        return stats_triton_backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau, beta, in_batch)
-    return chunked.lse_stats_backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau, beta, in_batch)
-
-
-def _stats_cpu(a, k, a_labels, k_labels, inv_tau, beta, in_batch):
-    return chunked.lse_stats_forward(a, k, a_labels, k_labels, inv_tau, beta, in_batch)
-
-
-def _stats_bwd_cpu(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau, beta, in_batch):
-    return chunked.lse_stats_backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau, beta, in_batch)
-
-
-contrastive_stats.register_kernel("cpu")(_stats_cpu)
-contrastive_stats_backward.register_kernel("cpu")(_stats_bwd_cpu)
-
-
-def _stats_dtype(a):
-    return torch.float64 if a.dtype == torch.float64 else torch.float32
-
-
-@contrastive_stats.register_fake
-def _stats_fake(a, k, a_labels, k_labels, inv_tau, beta, in_batch):
-    m = a.shape[0]
-    dt = _stats_dtype(a)  # fp32, or fp64 for fp64 inputs (chunked path on every device)
-    return a.new_empty(m, dtype=dt), a.new_empty(m, dtype=dt), a.new_empty(m, dtype=dt)
-
-
-@contrastive_stats_backward.register_fake
-def _stats_bwd_fake(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau, beta, in_batch):
-    return torch.empty_like(a), torch.empty_like(k)
-
-
-def _setup_context(ctx, inputs, output):
-    a, k, a_labels, k_labels, inv_tau, beta, in_batch = inputs
-    L1, L0, cnt = output
-    ctx.save_for_backward(a, k, a_labels, k_labels, L1, L0)
-    ctx.args = (inv_tau, beta, in_batch)
-    ctx.mark_non_differentiable(cnt)
-
-
-def _backward(ctx, dL1, dL0, _dcnt):
-    a, k, a_labels, k_labels, L1, L0 = ctx.saved_tensors
-    inv_tau, beta, in_batch = ctx.args
-    dL1 = torch.zeros_like(L1) if dL1 is None else dL1
-    dL0 = torch.zeros_like(L0) if dL0 is None else dL0
-    da, dk = contrastive_stats_backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau, beta, in_batch)
-    return da, dk, None, None, None, None, None
-
-
-contrastive_stats.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _InterpretedStats(torch.autograd.Function):
-    """The Triton launchers on CPU tensors (TRITON_INTERPRET=1 only): tests and debugging."""
-
-    @staticmethod
-    def forward(ctx, a, k, a_labels, k_labels, inv_tau, beta, in_batch):
-        L1, L0, cnt = stats_triton(a, k, a_labels, k_labels, inv_tau, beta, in_batch)
-        ctx.save_for_backward(a, k, a_labels, k_labels, L1, L0)
-        ctx.args = (inv_tau, beta, in_batch)
-        ctx.mark_non_differentiable(cnt)
-        return L1, L0, cnt
-
-    @staticmethod
-    def backward(ctx, dL1, dL0, _dcnt):
-        a, k, la, lk, L1, L0 = ctx.saved_tensors
-        inv_tau, beta, in_batch = ctx.args
-        dL1 = torch.zeros_like(L1) if dL1 is None else dL1
-        dL0 = torch.zeros_like(L0) if dL0 is None else dL0
-        da, dk = stats_triton_backward(a, k, la, lk, L1, L0, dL1, dL0, inv_tau, beta, in_batch)
-        return da, dk, None, None, None, None, None
-
-
-def _stats_fn(interpret: bool):
-    if interpret:
-        if not interpreting():
-            raise RuntimeError("the interpreted Triton path needs TRITON_INTERPRET=1 before triton is imported")
-        return _InterpretedStats.apply
-    return contrastive_stats
-
-
-def hnm_loss_fused(anchor, positive, candidates=None, *, tau, tau_plus=0.1, beta=1.0,
-                   anchor_labels=None, candidate_labels=None, interpret=False):
-    """ℓ_HNM through ``cdp_fast::contrastive_stats`` (Triton on CUDA); same signature/value as
-    :func:`cdp_fast.losses.hnm_loss_ref`. ``interpret=True`` runs the Triton kernels on CPU
-    tensors under TRITON_INTERPRET=1."""
-    return chunked.contrastive_loss_chunked(
-        anchor, positive, candidates, tau=tau, tau_plus=tau_plus, beta=beta, clamp=True,
-        anchor_labels=anchor_labels, candidate_labels=candidate_labels, stats_fn=_stats_fn(interpret))
-
-
-def infonce_loss_fused(anchor, positive, candidates=None, *, tau, anchor_labels=None,
-                       candidate_labels=None, interpret=False):
-    """InfoNCE through ``cdp_fast::contrastive_stats``; see :func:`hnm_loss_fused`."""
-    return chunked.contrastive_loss_chunked(
-        anchor, positive, candidates, tau=tau, tau_plus=0.0, beta=0.0, clamp=False,
-        anchor_labels=anchor_labels, candidate_labels=candidate_labels, stats_fn=_stats_fn(interpret))
+    return da.mul_(gscale), dk.mul_(gscale)

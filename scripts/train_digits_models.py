@@ -36,7 +36,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cdp_fast.backend import ddim_update_ref  # noqa: E402
+from cdp_fast.ops.ddim import ddim_update_ref  # noqa: E402
 from cdp_fast.models import digits  # noqa: E402
 from cdp_fast.schedule import make_alphas_cumprod, timesteps  # noqa: E402
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cdp_fast import _ext
+from cdp_fast.ops import pgd_step as _ext
 from cdp_fast.attacks import eval_mode, pgd_attack, trades_attack
 
 EPS, ALPHA = 8 / 255, 2 / 255

@@ -1,12 +1,13 @@
-"""CDP_FAST_BACKEND semantics (cdp_fast.backend is the one place that decides) and the
-end-to-end equivalence of the sampler on the Triton (interpreted) and PyTorch backends."""
-import importlib.util
+"""CDP_FAST_BACKEND semantics (cdp_fast.backend.choose is the one place that decides; the ops
+execute its answer) and the end-to-end equivalence of the sampler on the Triton (interpreted)
+and PyTorch backends."""
 import os
 
 import pytest
 import torch
 
 from cdp_fast import backend, losses
+from cdp_fast.ops.ddim import ddim_update, ddim_update_ref
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 kc = pytest.importorskip("cdp_fast.kernels.contrastive")
@@ -16,6 +17,27 @@ kd = pytest.importorskip("cdp_fast.kernels.ddim")
 def _ddim_args():
     x, e, g = (torch.randn(2, 3, 4) for _ in range(3))
     return (x, e, g), dict(lam=0.5, abar_t=0.3, abar_prev=0.6, sigma=0.0, return_x0=True)
+
+
+@pytest.mark.parametrize("value,dtype,expected", [
+    ("auto", torch.float32, "torch"), ("torch", torch.float32, "torch"), ("auto", torch.float64, "torch"),
+    ("triton", torch.float32, "interpret")])
+def test_choose_on_cpu_tensors(monkeypatch, value, dtype, expected):
+    if expected == "interpret" and not INTERP:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("CDP_FAST_BACKEND", value)
+    for op in ("contrastive", "ddim"):
+        assert backend.choose(op, torch.zeros(2, dtype=dtype)) == expected
+    with pytest.raises(ValueError, match="op must be one of"):
+        backend.choose("matmul", torch.zeros(2))
+
+
+def test_explicit_triton_interpreter_is_fp32_only(monkeypatch):
+    if not INTERP:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("CDP_FAST_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="fp32 only"):
+        backend.choose("contrastive", torch.zeros(2, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("value,expected", [(None, "auto"), ("", "auto"), ("auto", "auto"),
@@ -32,17 +54,12 @@ def test_bad_backend_value_raises_valueerror(monkeypatch):
     monkeypatch.setenv("CDP_FAST_BACKEND", "cuda")
     with pytest.raises(ValueError, match="CDP_FAST_BACKEND"):
         backend.requested_backend()
+    a = torch.randn(4, 3, requires_grad=True)
     with pytest.raises(ValueError, match="CDP_FAST_BACKEND"):
-        backend.contrastive_impl("hnm")
+        losses.hnm_loss(a, a.detach(), tau=0.5)
     args, kw = _ddim_args()
     with pytest.raises(ValueError, match="CDP_FAST_BACKEND"):
-        backend.ddim_update(*args, **kw)
-
-
-def test_unknown_loss_name_raises(monkeypatch):
-    monkeypatch.setenv("CDP_FAST_BACKEND", "auto")
-    with pytest.raises(ValueError, match="unknown contrastive loss"):
-        backend.contrastive_impl("triplet")
+        ddim_update(*args, **kw)
 
 
 def test_explicit_triton_without_device_or_interpreter_raises(monkeypatch):
@@ -54,7 +71,7 @@ def test_explicit_triton_without_device_or_interpreter_raises(monkeypatch):
         losses.hnm_loss(a, a.detach(), tau=0.5)
     args, kw = _ddim_args()
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        backend.ddim_update(*args, **kw)
+        ddim_update(*args, **kw)
 
 
 def _spy(monkeypatch, module, name):
@@ -76,9 +93,9 @@ def test_dispatch_reaches_the_right_implementation(monkeypatch, value):
     if value == "triton" and not INTERP:
         pytest.skip("needs TRITON_INTERPRET=1")
     monkeypatch.setenv("CDP_FAST_BACKEND", value)
-    fwd = _spy(monkeypatch, kc, "stats_triton")
-    bwd = _spy(monkeypatch, kc, "stats_triton_backward")
-    upd = _spy(monkeypatch, kd, "ddim_update_triton")
+    fwd = _spy(monkeypatch, kc, "stats_forward")
+    bwd = _spy(monkeypatch, kc, "stats_backward")
+    upd = _spy(monkeypatch, kd, "ddim_update")
     a = torch.randn(6, 5, requires_grad=True)
     k = torch.randn(7, 5, requires_grad=True)
     out = losses.hnm_loss(a, a.detach() + 0.1, k, tau=0.5)
@@ -86,13 +103,13 @@ def test_dispatch_reaches_the_right_implementation(monkeypatch, value):
     ref = losses.hnm_loss_ref(a, a.detach() + 0.1, k, tau=0.5)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     args, kw = _ddim_args()
-    xp, x0 = backend.ddim_update(*args, **kw)
-    rxp, rx0 = backend.ddim_update_ref(*args, **kw)
+    xp, x0 = ddim_update(*args, **kw)
+    rxp, rx0 = ddim_update_ref(*args, **kw)
     torch.testing.assert_close(xp, rxp)
     torch.testing.assert_close(x0, rx0)
     used = value == "triton"
-    assert (fwd == ["stats_triton"]) == used and (bwd == ["stats_triton_backward"]) == used
-    assert (upd == ["ddim_update_triton"]) == used
+    assert (fwd == ["stats_forward"]) == used and (bwd == ["stats_backward"]) == used
+    assert (upd == ["ddim_update"]) == used
 
 
 def test_ddim_update_contract(monkeypatch):
@@ -101,7 +118,7 @@ def test_ddim_update_contract(monkeypatch):
         monkeypatch.setenv("CDP_FAST_BACKEND", value)
         (x, e, g), kw = _ddim_args()
         kw["return_x0"] = False
-        xp, x0 = backend.ddim_update(x, e, g, **kw)
+        xp, x0 = ddim_update(x, e, g, **kw)
         assert x0 is None and xp.shape == x.shape and xp.dtype == x.dtype
 
 
@@ -120,8 +137,6 @@ class _TinyEps(torch.nn.Module):
         return torch.tanh(self.conv(x)) + 1e-3 * t.float().view(-1, 1, 1, 1)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("cdp_fast.sampler") is None,
-                    reason="cdp_fast.sampler (the lead's sampler) does not exist yet")
 @pytest.mark.skipif(not INTERP, reason="the Triton backend runs on CPU only under TRITON_INTERPRET=1")
 @pytest.mark.parametrize("loss", ["hnm", "infonce"])
 def test_sampler_same_samples_on_triton_and_torch(monkeypatch, loss):
@@ -135,8 +150,8 @@ def test_sampler_same_samples_on_triton_and_torch(monkeypatch, loss):
     outs = {}
     for value in ("torch", "triton"):
         monkeypatch.setenv("CDP_FAST_BACKEND", value)
-        fwd = _spy(monkeypatch, kc, "stats_triton")
-        upd = _spy(monkeypatch, kd, "ddim_update_triton")
+        fwd = _spy(monkeypatch, kc, "stats_forward")
+        upd = _spy(monkeypatch, kd, "ddim_update")
         outs[value] = torch.as_tensor(cdp_fast.sample(model, 6, **kw).images)
         monkeypatch.undo()  # drop the spies (and the env) before the next backend
         assert bool(fwd) == bool(upd) == (value == "triton"), (value, len(fwd), len(upd))
@@ -155,7 +170,7 @@ def test_explicit_triton_without_triton_raises(monkeypatch):
     monkeypatch.setattr(backend, "_import_kernels", no_triton)
     monkeypatch.setenv("CDP_FAST_BACKEND", "triton")
     with pytest.raises(RuntimeError, match="triton"):
-        backend.contrastive_impl("hnm")
+        backend.choose("contrastive", torch.zeros(2))
     monkeypatch.setenv("CDP_FAST_BACKEND", "auto")
     a = torch.randn(5, 4, requires_grad=True)
     out = losses.hnm_loss(a, a.detach(), tau=0.5)

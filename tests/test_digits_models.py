@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from cdp_fast.backend import ddim_update_ref  # noqa: E402
+from cdp_fast.ops.ddim import ddim_update_ref  # noqa: E402
 from cdp_fast.models import digits  # noqa: E402
 from cdp_fast.models.unet import UNet, timestep_embedding  # noqa: E402
 from cdp_fast.schedule import make_alphas_cumprod, timesteps  # noqa: E402

@@ -345,7 +345,8 @@ def test_cuda_compile_with_cuda_graphs_matches_eager(loss):
 def test_cuda_graph_wrapper_logic_on_cpu():
     """The CUDA-graph wrapper's own logic (step marking, unwrapping, copying out) on CPU, where
     torch skips the graphs and runs the compiled model: same values as the module."""
-    from cdp_fast.sampler import _compile_cuda_graphs
+    from cdp_fast.models.external import EpsModel
+    from cdp_fast.runtime import compile_cuda_graphs
 
     class Wrapped(torch.nn.Module):  # diffusers-style output object
         def __init__(self):
@@ -357,10 +358,52 @@ def test_cuda_graph_wrapper_logic_on_cpu():
 
     x, t = torch.randn(3, 1, 5, 5), torch.tensor([5, 5, 5])
     for m in (TinyEps(), Wrapped()):
-        run = _compile_cuda_graphs(m)
+        eps = EpsModel(m)
+        run = eps.with_runner(compile_cuda_graphs(eps.forward))
         ref = m(x, t)
         ref = getattr(ref, "sample", ref)
         with torch.no_grad():
             a, b = run(x, t), run(x, t)
         assert a.data_ptr() != b.data_ptr()
         torch.testing.assert_close(a, ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["hnm", "infonce"])
+def test_public_guided_ddim_with_contrastive_guidance(loss):
+    """DESIGN.md's pairing, used as written: guided_ddim(..., guidance=ContrastiveGuidance(...))
+    with no hidden set-up call; it equals what sample() makes from the same x_T, and a
+    reset() makes the same guidance object reusable for the next trajectory."""
+    m = TinyEps()
+    kw = _kw(loss=loss, lam=5.0, tau=0.5, batch_size=4, output="float", steps=4)
+    ref = cdp_fast.sample(m, 4, **kw)
+    abar = cdp_fast.make_alphas_cumprod("linear", 1000)
+    ts = cdp_fast.timesteps(1000, 4, "uniform")
+    x_T = torch.stack([torch.randn(1, 5, 5, generator=torch.Generator().manual_seed(sample_seed(0, i)))
+                       for i in range(4)])
+    g = cdp_fast.ContrastiveGuidance(loss=loss, lam=5.0, tau=0.5)
+    first = cdp_fast.guided_ddim(m, x_T, alphas_cumprod=abar, timesteps=ts, guidance=g)
+    torch.testing.assert_close(first, torch.as_tensor(ref.images), rtol=1e-5, atol=1e-5)
+    g.reset()
+    again = cdp_fast.guided_ddim(m, x_T, alphas_cumprod=abar, timesteps=ts, guidance=g)
+    torch.testing.assert_close(again, first)
+    plain = cdp_fast.guided_ddim(m, x_T, alphas_cumprod=abar, timesteps=ts)
+    assert (first - plain).abs().max() > 1e-4   # the guidance did something
+
+
+def test_sample_does_not_modify_the_callers_model():
+    """sample() leaves the module's training flags, device and layout as they were."""
+    m = TinyEps().train()
+    m.conv.eval()                       # a deliberately mixed state must come back as it was
+    cdp_fast.sample(m, 2, loss=None, batch_size=2, **_kw())
+    assert m.training and not m.conv.training
+    assert m.conv.weight.device.type == "cpu" and m.conv.weight.is_contiguous()
+
+
+def test_contrastive_guidance_checks_its_arguments():
+    for kw, name in ((dict(loss="nce"), "loss"), (dict(tau=0.0), "tau"), (dict(lam=-1.0), "lam"),
+                     (dict(tau_plus=1.0), "tau_plus"), (dict(positive="real"), "real"),
+                     (dict(guide_window=(3, 1)), "guide_window")):
+        args = dict(loss="hnm", lam=1.0, tau=1.0)
+        args.update(kw)
+        with pytest.raises(ValueError, match=name):
+            cdp_fast.ContrastiveGuidance(**args)

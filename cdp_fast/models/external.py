@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["call_model", "unwrap_output", "EpsModel", "FeatureExtractor", "as_feature_extractor"]
+__all__ = ["call_model", "unwrap_output", "EpsModel", "as_eps_model", "FeatureExtractor", "as_feature_extractor",
+           "load_diffusers_unet"]
 
 
 def unwrap_output(out):
@@ -36,16 +37,34 @@ def call_model(model, x, t, y=None):
 
 
 class EpsModel:
-    """``model`` as a function ``(x, t[, y]) -> ε`` that always returns a tensor; what the
-    sampler compiles (so a compiled call returns the unwrapped tensor, and nothing unwraps
-    twice). ``module`` is the nn.Module behind it (None for plain callables)."""
+    """``model`` as a function ``(x, t, y=None) -> ε`` that always returns a tensor: the one
+    place a model output is unwrapped (:meth:`forward`), and what the sampler compiles.
 
-    def __init__(self, model):
+    ``module`` is the nn.Module behind it (None for plain callables). :meth:`with_runner`
+    returns the same adapter running another implementation of :meth:`forward` (e.g. a
+    compiled one), so a compiled call returns the unwrapped tensor and nothing unwraps twice.
+    """
+
+    def __init__(self, model, run=None):
         self.model = model
         self.module = model if isinstance(model, nn.Module) else None
+        self._run = run if run is not None else self.forward
+
+    def forward(self, x, t, y=None):
+        """x (B, *shape), t (B,) long, y (B,) long or None -> ε (B, *shape)."""
+        return call_model(self.model, x, t, y)
+
+    def with_runner(self, run) -> "EpsModel":
+        """This adapter, with ``run(x, t, y)`` (e.g. ``torch.compile(self.forward)``) called."""
+        return EpsModel(self.model, run)
 
     def __call__(self, x, t, y=None):
-        return call_model(self.model, x, t, y)
+        return self._run(x, t, y)
+
+
+def as_eps_model(model) -> EpsModel:
+    """``model`` as an :class:`EpsModel` (an EpsModel is returned as it is)."""
+    return model if isinstance(model, EpsModel) else EpsModel(model)
 
 
 class FeatureExtractor(nn.Module):
@@ -77,3 +96,29 @@ def as_feature_extractor(model: nn.Module) -> FeatureExtractor:
     to [0, 1] and returns ``model.features`` of them, shape (B, d). See :class:`FeatureExtractor`.
     """
     return FeatureExtractor(model)
+
+
+def load_diffusers_unet(path):
+    """A local diffusers ``UNet2DModel`` folder, or a pipeline folder with ``unet/`` (and
+    ``scheduler/``), loaded with ``local_files_only=True``.
+
+    Returns (model, info): info holds ``image_shape`` (C, H, W), ``alphas_cumprod`` (the
+    folder's DDIM scheduler's ᾱ, or None without ``scheduler/``) and ``num_classes`` (the
+    config's ``num_class_embeds``, or None)."""
+    try:
+        from diffusers import DDIMScheduler, UNet2DModel
+    except ImportError as e:
+        raise ImportError("loading a diffusers model folder needs diffusers: "
+                          "pip install 'cdp_fast[diffusers]'") from e
+    path = Path(path)
+    sub = "unet" if (path / "unet").is_dir() else None
+    model = UNet2DModel.from_pretrained(str(path), subfolder=sub, local_files_only=True)
+    cfg = model.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
+    hw = (size, size) if isinstance(size, int) else size
+    info = {"image_shape": (cfg.in_channels, *hw), "alphas_cumprod": None,
+            "num_classes": getattr(cfg, "num_class_embeds", None)}
+    if (path / "scheduler").is_dir():
+        sched = DDIMScheduler.from_pretrained(str(path), subfolder="scheduler", local_files_only=True)
+        info["alphas_cumprod"] = sched.alphas_cumprod
+    return model, info

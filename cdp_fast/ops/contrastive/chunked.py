@@ -1,9 +1,9 @@
-"""Streaming (chunked) PyTorch path of the contrastive losses: O((m + N)·d + m·chunk) memory.
+"""The PyTorch path of the contrastive statistics op: O((m + N)·d + m·chunk) memory.
 
-The dense reference (:mod:`cdp_fast.losses`) materialises the m×N similarity matrix; this
-module computes the same ℓ_HNM / InfoNCE by streaming the candidates in chunks, exactly the
-algorithm of the Triton kernels in :mod:`cdp_fast.kernels.contrastive` (DESIGN.md §5), so it is
-both the CPU backend and a readable statement of what the kernels do.
+The dense reference (:mod:`.reference`) materialises the m×N similarity matrix; this module
+computes the same statistics by streaming the candidates in chunks, exactly the algorithm of
+the Triton kernels in :mod:`cdp_fast.kernels.contrastive` (DESIGN.md §5), so it is both the
+CPU implementation (``impl="torch"``) and a readable statement of what the kernels do.
 
 Decomposition (shared with the kernels)
 ---------------------------------------
@@ -16,8 +16,9 @@ The loss depends on the m×N similarities only through three per-row statistics:
 with s_ij = â_i·k̂_j the cosine similarity (â, k̂ L2-normalised, F.normalize semantics,
 eps = 1e-12). The *statistics op* ``(a, k) -> (L1, L0, N)`` is the only part that touches
 m×N data; everything after it is O(m) PyTorch (:func:`rows_from_stats`) that repeats the
-reference's log-space formulas line for line, so autograd differentiates the epilogue (clamp,
-τ⁺ subtraction, softplus) exactly as it differentiates the reference.
+reference's log-space formulas line for line (:func:`cdp_fast.ops.contrastive.rows_from_stats`),
+so autograd differentiates the epilogue (clamp, τ⁺ subtraction, softplus) exactly as it
+differentiates the reference.
 
 Gradient of ℓ_i w.r.t. s_ij (derivation; what the backward passes compute)
 ------------------------------------------------------------------------
@@ -58,12 +59,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "lse_stats_forward", "lse_stats_backward", "rows_from_stats", "ContrastiveStats",
-    "contrastive_loss_chunked", "hnm_loss_chunked", "infonce_loss_chunked", "default_chunk",
-]
+from .reference import NORM_EPS
 
-_NORM_EPS = 1e-12  # F.normalize's eps, as in cdp_fast.losses
+__all__ = ["lse_stats_forward", "lse_stats_backward", "normalize_backward", "default_chunk"]
 
 
 def default_chunk(m: int, n: int) -> int:
@@ -75,14 +73,14 @@ def _work_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-def _normalize_backward(x, y, norm, dy):
-    """F.normalize backward: y = x / max(‖x‖, eps); returns dx (in x's work dtype).
+def normalize_backward(y, norm, dy):
+    """F.normalize backward: y = x / max(‖x‖, eps) (N, d), norm = ‖x‖ (N,), dy (N, d) -> dx.
 
     dx = (dy − y·(y·dy)) / ‖x‖ where ‖x‖ > eps, dy / eps otherwise (the clamp is constant).
     """
-    big = (norm > _NORM_EPS).unsqueeze(1)
+    big = (norm > NORM_EPS).unsqueeze(1)
     proj = (y * dy).sum(1, keepdim=True)
-    return torch.where(big, dy - y * proj, dy) / norm.clamp(min=_NORM_EPS).unsqueeze(1)
+    return torch.where(big, dy - y * proj, dy) / norm.clamp(min=NORM_EPS).unsqueeze(1)
 
 
 def _block_mask(rows, c0, c1, in_batch, la, lk):
@@ -107,7 +105,7 @@ def _block_buffers(count, m, chunk, dtype, device):
 def _normalized(x, work):
     x = x.to(work)
     norm = torch.linalg.vector_norm(x, dim=1)
-    return x / norm.clamp(min=_NORM_EPS).unsqueeze(1), norm
+    return x / norm.clamp(min=NORM_EPS).unsqueeze(1), norm
 
 
 def lse_stats_forward(a, k, a_labels, k_labels, inv_tau: float, beta: float, in_batch: bool,
@@ -182,100 +180,6 @@ def lse_stats_backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: floa
             D.masked_fill_(~mask, 0.0)
         dan.addmm_(D, kn)
         dkn = D.T @ an
-        dk[s0:s1] = _normalize_backward(None, kn, knorm, dkn).to(k.dtype)
-    da = _normalize_backward(None, an, anorm, dan).to(a.dtype)
+        dk[s0:s1] = normalize_backward(kn, knorm, dkn).to(k.dtype)
+    da = normalize_backward(an, anorm, dan).to(a.dtype)
     return da, dk
-
-
-class ContrastiveStats(torch.autograd.Function):
-    """Autograd wrapper of the chunked statistics op: (a, k) -> (L1, L0, N)."""
-
-    @staticmethod
-    def forward(ctx, a, k, a_labels, k_labels, inv_tau, beta, in_batch, chunk):
-        L1, L0, cnt = lse_stats_forward(a, k, a_labels, k_labels, inv_tau, beta, in_batch, chunk)
-        ctx.save_for_backward(a, k, a_labels, k_labels, L1, L0)
-        ctx.args = (inv_tau, beta, in_batch, chunk)
-        ctx.mark_non_differentiable(cnt)
-        return L1, L0, cnt
-
-    @staticmethod
-    def backward(ctx, dL1, dL0, _dcnt):
-        a, k, la, lk, L1, L0 = ctx.saved_tensors
-        inv_tau, beta, in_batch, chunk = ctx.args
-        dL1 = torch.zeros_like(L1) if dL1 is None else dL1
-        dL0 = torch.zeros_like(L0) if dL0 is None else dL0
-        da, dk = lse_stats_backward(a, k, la, lk, L1, L0, dL1, dL0, inv_tau, beta, in_batch, chunk)
-        return da, dk, None, None, None, None, None, None
-
-
-def rows_from_stats(L1, L0, cnt, log_pos, *, tau: float, tau_plus: float, clamp: bool):
-    """Per-anchor losses ℓ_i (m,) from the statistics; the reference's formulas in log space.
-
-    HNM: clamp=True (with τ⁺ and β folded into L0/L1). InfoNCE: tau_plus=0, clamp=False,
-    β = 0 (then L0 = log N_i and log_rw = L1). Rows with N_i = 0 give 0.
-    """
-    has = cnt > 0
-    zero = torch.zeros_like(L1)
-    L1 = torch.where(has, L1, zero)                    # finite stand-ins: no inf·0 in backward
-    L0 = torch.where(has, L0, zero)
-    log_n = torch.log(cnt.clamp(min=1))
-    log_rw = log_n + L1 - L0
-    if tau_plus > 0:
-        diff = math.log(tau_plus) + log_n + log_pos - log_rw
-        ok = diff < 0
-        safe = torch.where(ok, diff, torch.full_like(diff, -1.0))
-        log_num = torch.where(ok, log_rw + torch.log1p(-torch.exp(safe)),
-                              torch.full_like(diff, -math.inf))
-        log_ng = log_num - math.log1p(-tau_plus)
-    else:
-        log_ng = log_rw
-    if clamp:
-        log_ng = torch.maximum(log_ng, log_n - 1.0 / tau)
-    rows = F.softplus(log_ng - log_pos)
-    return torch.where(has, rows, torch.zeros_like(rows))
-
-
-def contrastive_loss_chunked(anchor, positive, candidates=None, *, tau, tau_plus=0.0, beta=0.0,
-                             clamp=True, anchor_labels=None, candidate_labels=None, chunk=None,
-                             stats_fn=None):
-    """Mean loss via the statistics op (``stats_fn``; default: the chunked autograd op).
-
-    ``stats_fn(a, k, a_labels, k_labels, inv_tau, beta, in_batch) -> (L1, L0, N)`` is how the
-    Triton backend plugs in its own op; the positive term and the epilogue are shared.
-    """
-    work = _work_dtype(anchor.dtype)
-    in_batch = candidates is None
-    k = anchor if in_batch else candidates
-    # negative_mask's rule: labels apply only when anchor_labels is given; the candidates'
-    # labels default to the anchors' (in-batch).
-    a_labels = anchor_labels
-    k_labels = None
-    if anchor_labels is not None:
-        k_labels = candidate_labels if candidate_labels is not None else anchor_labels
-    if stats_fn is None:
-        L1, L0, cnt = ContrastiveStats.apply(anchor, k, a_labels, k_labels, 1.0 / tau, float(beta),
-                                             in_batch, chunk)
-    else:
-        L1, L0, cnt = stats_fn(anchor, k, a_labels, k_labels, 1.0 / tau, float(beta), in_batch)
-    an = F.normalize(anchor.to(work), dim=1, eps=_NORM_EPS)
-    pn = F.normalize(positive.detach().to(work), dim=1, eps=_NORM_EPS)
-    log_pos = (an * pn).sum(1) / tau
-    rows = rows_from_stats(L1.to(work), L0.to(work), cnt.to(work), log_pos, tau=tau,
-                           tau_plus=tau_plus, clamp=clamp)
-    return rows.mean().to(anchor.dtype)
-
-
-def hnm_loss_chunked(anchor, positive, candidates=None, *, tau, tau_plus=0.1, beta=1.0,
-                     anchor_labels=None, candidate_labels=None, chunk=None):
-    """ℓ_HNM (same signature and value as :func:`cdp_fast.losses.hnm_loss_ref`), streamed."""
-    return contrastive_loss_chunked(anchor, positive, candidates, tau=tau, tau_plus=tau_plus,
-                                    beta=beta, clamp=True, anchor_labels=anchor_labels,
-                                    candidate_labels=candidate_labels, chunk=chunk)
-
-
-def infonce_loss_chunked(anchor, positive, candidates=None, *, tau, anchor_labels=None,
-                         candidate_labels=None, chunk=None):
-    """InfoNCE (same signature and value as :func:`cdp_fast.losses.infonce_loss_ref`), streamed."""
-    return contrastive_loss_chunked(anchor, positive, candidates, tau=tau, tau_plus=0.0, beta=0.0,
-                                    clamp=False, anchor_labels=anchor_labels,
-                                    candidate_labels=candidate_labels, chunk=chunk)

@@ -1,4 +1,4 @@
-"""cdp_fast::pgd_step (csrc/) against its reference ``pgd_step_ref`` (cdp_fast/_ext.py), and the
+"""cdp_fast::pgd_step (csrc/) against its reference ``pgd_step_ref`` (cdp_fast/ops/pgd_step.py), and the
 reference against a literal NumPy transcription of the formula
 
     y = clamp(min(max(x_adv + α·sign(g), x − ε), x + ε), 0, 1),   sign(0) = 0.
@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from cdp_fast import _ext
-from cdp_fast._ext import pgd_step, pgd_step_ref
+from cdp_fast import backend
+from cdp_fast.ops import pgd_step as _ext
+from cdp_fast.ops.pgd_step import pgd_step, pgd_step_ref
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given  # noqa: E402
@@ -243,15 +244,36 @@ def test_forced_composite_warns_once_and_matches(ext, monkeypatch):
     xa, g, x = make_inputs((3, 3, 5, 5), torch.float32, seed=2)
     fused = pgd_step(xa, g, x, step_size=0.02, eps=0.05, impl="ext")
     monkeypatch.setenv("CDP_FAST_PGD_IMPL", "composite")
-    monkeypatch.setitem(_ext._state, "warned", False)
+    monkeypatch.setattr(backend, "_warned", set())
     outs, warns = _count_warnings(lambda: pgd_step(xa, g, x, step_size=0.02, eps=0.05), 3)
     assert len(warns) == 1 and "CDP_FAST_PGD_IMPL=composite" in str(warns[0].message)
     for o in outs:
         assert_bitwise(o, fused)
     # An explicit per-call choice does not warn.
-    monkeypatch.setitem(_ext._state, "warned", False)
+    monkeypatch.setattr(backend, "_warned", set())
     _, warns = _count_warnings(lambda: pgd_step(xa, g, x, step_size=0.02, eps=0.05, impl="composite"), 2)
     assert warns == []
+
+
+@pytest.mark.parametrize("env,expected", [({"CDP_FAST_BACKEND": "torch"}, "composite"),
+                                          ({"CDP_FAST_BACKEND": "triton"}, "ext"),
+                                          ({"CDP_FAST_BACKEND": "auto"}, "ext"),
+                                          ({"CDP_FAST_BACKEND": "torch", "CDP_FAST_PGD_IMPL": "ext"}, "ext"),
+                                          ({"CDP_FAST_BACKEND": "triton", "CDP_FAST_PGD_IMPL": "composite"},
+                                           "composite")])
+def test_one_backend_rule_with_the_pgd_alias(ext, monkeypatch, env, expected):
+    """CDP_FAST_BACKEND governs the PGD step too (torch -> composite, triton -> the extension);
+    CDP_FAST_PGD_IMPL, kept as an alias, wins for this op."""
+    monkeypatch.delenv("CDP_FAST_PGD_IMPL", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert _ext.resolved_impl() == expected
+        assert backend.choose("pgd_step") == expected
+    monkeypatch.setenv("CDP_FAST_PGD_IMPL", "fast")
+    with pytest.raises(ValueError, match="CDP_FAST_PGD_IMPL"):
+        backend.choose("pgd_step")
 
 
 def test_unavailable_extension_falls_back_with_one_warning(ext, monkeypatch):
@@ -259,7 +281,9 @@ def test_unavailable_extension_falls_back_with_one_warning(ext, monkeypatch):
     xa, g, x = make_inputs((3, 3, 5, 5), torch.float32, seed=4)
     fused = pgd_step(xa, g, x, step_size=0.02, eps=0.05, impl="ext")
     monkeypatch.delenv("CDP_FAST_PGD_IMPL", raising=False)
-    for k, v in (("tried", True), ("op", None), ("error", "simulated: no compiler"), ("warned", False)):
+    monkeypatch.delenv("CDP_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(backend, "_warned", set())
+    for k, v in (("tried", True), ("op", None), ("error", "simulated: no compiler")):
         monkeypatch.setitem(_ext._state, k, v)
     outs, warns = _count_warnings(lambda: pgd_step(xa, g, x, step_size=0.02, eps=0.05), 3)
     assert len(warns) == 1 and "simulated: no compiler" in str(warns[0].message)

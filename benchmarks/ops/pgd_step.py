@@ -1,12 +1,12 @@
 """Micro-benchmark of the fused L∞ PGD step (cdp_fast::pgd_step) against the eager PyTorch
 composite it replaces, on CPU, measured in the same run.
 
-    python benchmarks/pgd_step.py [--batch 512] [--threads N] [--dtype float32] [--no-compile]
+    python benchmarks/ops/pgd_step.py [--batch 512] [--threads N] [--dtype float32] [--no-compile]
 
 Rows (all compute clamp(min(max(x_adv + α·sign(g), x − ε), x + ε), 0, 1)):
   fused             the C++ op, α, ε Python floats
   fused-per-sample  the C++ op, α, ε tensors of shape (B,)
-  composite         cdp_fast._ext.pgd_step_ref in eager mode (~8 kernels, 7 temporaries)
+  composite         cdp_fast.ops.pgd_step.pgd_step_ref in eager mode (~8 kernels, 7 temporaries)
   composite-compiled  the same function under torch.compile (inductor fuses it as well;
                     shown for honesty, it is the alternative to writing an extension)
 Timing: torch.utils.benchmark.Timer.blocked_autorange; median and 20th/80th percentiles of
@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from torch.utils.benchmark import Timer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from cdp_fast import _ext  # noqa: E402
+from cdp_fast.ops import pgd_step as op  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import _git_commit  # noqa: E402  (provenance, shared with the other benchmarks)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from harness import git_commit  # noqa: E402  (provenance, shared with the other benchmarks)
 
 
 
@@ -73,8 +73,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pgd_step-cpu.json")
     args = ap.parse_args(argv)
 
-    if not _ext.load_extension():
-        print(f"extension unavailable: {_ext._state['error']}", file=sys.stderr)
+    if not op.load_extension():
+        print(f"extension unavailable: {op.extension_error()}", file=sys.stderr)
         return 1
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
@@ -87,12 +87,12 @@ def main(argv=None) -> int:
 
     fused = torch.ops.cdp_fast.pgd_step.default
     a0, e0 = torch.tensor(a, dtype=torch.float64), torch.tensor(e, dtype=torch.float64)
-    ref = _ext.pgd_step_ref
+    ref = op.pgd_step_ref
     rows = {
         # The raw op: what attacks pay per step besides the Python argument checks.
         "fused": lambda: fused(xa, g, x, a0, e0),
         "fused-per-sample": lambda: fused(xa, g, x, a_t, e_t),
-        "fused-python-api": lambda: _ext.pgd_step(xa, g, x, step_size=a, eps=e, impl="ext"),
+        "fused-python-api": lambda: op.pgd_step(xa, g, x, step_size=a, eps=e, impl="ext"),
         "composite": lambda: ref(xa, g, x, step_size=a, eps=e),
     }
     if not args.no_compile:
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         "machine": {"platform": platform.platform(), "cpu": cpu_model(),
                     "cpu_count": os.cpu_count(), "loadavg_1m_at_end": os.getloadavg()[0],
                     "python": platform.python_version(), "torch": torch.__version__},
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
     }
     atomic_write_json(args.out, record)
     print(f"wrote {args.out}")

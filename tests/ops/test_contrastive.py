@@ -1,5 +1,7 @@
-"""Fused contrastive kernels (Triton, interpreted on CPU) and the chunked PyTorch path against
-the dense references of cdp_fast.losses: values and gradients, odd shapes, masks.
+"""The contrastive-statistics op (cdp_fast.ops.contrastive): the Triton kernels (interpreted on
+CPU, ``impl="interpret"``; CUDA, gpu-marked) and the chunked PyTorch path (``impl="torch"``)
+against the dense references (cdp_fast.ops.contrastive.reference): values and gradients, odd
+shapes, masks; the registration (opcheck, torch.compile); the memory bound.
 
 Tolerances (why):
 * Triton (interpreter, fp32) vs the fp64 reference: the logits are c·s with |s| <= 1 and
@@ -16,15 +18,18 @@ import os
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdp_fast import chunked, losses
+from cdp_fast import losses
+from cdp_fast.ops import contrastive as op
+from cdp_fast.ops.contrastive import chunked
 
-kc = pytest.importorskip("cdp_fast.kernels.contrastive")
+pytest.importorskip("cdp_fast.kernels.contrastive")
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -80,7 +85,7 @@ def _logit_scale(pr):
 @given(pr=problems())
 def test_triton_interpreted_matches_reference(pr):
     ref, gref, ins = _ref(pr)
-    tri, gtri, _ = _run(kc.hnm_loss_fused, kc.infonce_loss_fused, pr, torch.float32, interpret=True)
+    tri, gtri, _ = _run(op.hnm_loss, op.infonce_loss, pr, torch.float32, impl="interpret")
     c = _logit_scale(pr)
     assert abs(tri.item() - ref.item()) <= 2e-5 * c + 1e-6, (tri.item(), ref.item())
     for gt, gr, x in zip(gtri, gref, ins):
@@ -93,14 +98,15 @@ def test_triton_interpreted_matches_reference(pr):
 @given(pr=problems(), chunk=st.integers(1, 17))
 def test_chunked_matches_reference_fp64(pr, chunk):
     ref, gref, _ = _ref(pr)
-    out, gout, _ = _run(chunked.hnm_loss_chunked, chunked.infonce_loss_chunked, pr, torch.float64,
-                        chunk=chunk)
+    # the chunk size is the torch path's only knob: every size from 1 candidate per block up
+    with mock.patch.object(chunked, "default_chunk", lambda m, n: chunk):
+        out, gout, _ = _run(op.hnm_loss, op.infonce_loss, pr, torch.float64, impl="torch")
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
     for go, gr in zip(gout, gref):
         torch.testing.assert_close(go, gr, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "op"] + (["triton"] if INTERP else []))
+@pytest.mark.parametrize("impl", ["torch", "interpret"] if INTERP else ["torch"])
 def test_rows_without_negatives_contribute_zero(impl):
     """All candidates share anchor 0's class: ℓ_0 = 0 and no NaN anywhere (per-row N_i)."""
     a = torch.randn(5, 7, requires_grad=True)
@@ -109,11 +115,8 @@ def test_rows_without_negatives_contribute_zero(impl):
     lk = torch.zeros(9, dtype=torch.long)
     lk[4:] = 1
     ref = losses.hnm_loss_ref(a, a.detach(), k, tau=0.3, anchor_labels=la, candidate_labels=lk)
-    if impl == "chunked":
-        out = chunked.hnm_loss_chunked(a, a.detach(), k, tau=0.3, anchor_labels=la, candidate_labels=lk, chunk=4)
-    else:
-        out = kc.hnm_loss_fused(a, a.detach(), k, tau=0.3, anchor_labels=la, candidate_labels=lk,
-                                interpret=impl == "triton")
+    with mock.patch.object(chunked, "default_chunk", lambda m, n: 4):
+        out = op.hnm_loss(a, a.detach(), k, tau=0.3, anchor_labels=la, candidate_labels=lk, impl=impl)
     ga = torch.autograd.grad(ref, (a, k))
     go = torch.autograd.grad(out, (a, k))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
@@ -123,17 +126,34 @@ def test_rows_without_negatives_contribute_zero(impl):
 
 
 def test_opcheck_contrastive_stats():
-    """Schema, fake kernel, autograd registration and CPU kernel agree (torch.library.opcheck)."""
+    """Schema, fake kernel, autograd registration and the torch implementation agree
+    (torch.library.opcheck)."""
     a = torch.randn(9, 6, requires_grad=True)
     k = torch.randn(13, 6, requires_grad=True)
     la, lk = torch.randint(0, 3, (9,)), torch.randint(0, 3, (13,))
-    for args in [(a, k, None, None, 2.0, 1.0, False), (a, k, la, lk, 2.0, 0.0, False),
-                 (a, a, la, la, 0.5, 2.0, True)]:
+    for args in [(a, k, None, None, 2.0, 1.0, False, "torch"), (a, k, la, lk, 2.0, 0.0, False, "torch"),
+                 (a, a, la, la, 0.5, 2.0, True, "torch")]:
         torch.library.opcheck(torch.ops.cdp_fast.contrastive_stats.default, args)
-    L1, L0, _ = torch.ops.cdp_fast.contrastive_stats(a, k, None, None, 2.0, 1.0, False)
+    L1, L0, _ = torch.ops.cdp_fast.contrastive_stats(a, k, None, None, 2.0, 1.0, False, "torch")
     args = (a.detach(), k.detach(), None, None, L1.detach(), L0.detach(), torch.randn(9), torch.randn(9),
-            2.0, 1.0, False)
+            2.0, 1.0, False, "torch")
     torch.library.opcheck(torch.ops.cdp_fast.contrastive_stats_backward.default, args)
+
+
+@pytest.mark.skipif(not INTERP, reason="the Triton kernels run on CPU only under TRITON_INTERPRET=1")
+def test_interpreted_op_matches_torch_op_statistics():
+    """The op's two implementations give the same per-row statistics and gradients, through
+    the one registration (forward op, autograd glue, backward op)."""
+    a = torch.randn(21, 9, requires_grad=True)
+    k = torch.randn(35, 9, requires_grad=True)
+    la, lk = torch.randint(0, 3, (21,)), torch.randint(0, 3, (35,))
+    outs = {}
+    for impl in ("torch", "interpret"):
+        L1, L0, cnt = op.contrastive_stats(a, k, la, lk, 3.0, 1.0, False, impl)
+        grads = torch.autograd.grad(L1.sum() + 0.5 * L0.sum(), (a, k))
+        outs[impl] = (L1, L0, cnt) + grads
+    for x, y in zip(outs["interpret"], outs["torch"]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
 def test_torch_compile_fullgraph(monkeypatch):
@@ -215,7 +235,7 @@ def test_triton_cuda_matches_reference(dtype, m, n, d):
         return [out.double()] + [g.double() for g in torch.autograd.grad(out, ins)]
 
     ref = run(losses.hnm_loss_ref, torch.float64)
-    tri = run(kc.hnm_loss_fused, dtype)
+    tri = run(lambda *a, **k: op.hnm_loss(*a, impl="triton", **k), dtype)
     same = run(losses.hnm_loss_ref, dtype)
     for t, r, s in zip(tri, ref, same):
         if dtype == torch.float32:

@@ -1,4 +1,10 @@
-"""The fused L∞ PGD step: loading the C++/CUDA op ``cdp_fast::pgd_step`` and its reference.
+"""The fused L∞ PGD step op: its reference, building/loading the C++/CUDA extension
+``cdp_fast::pgd_step`` (csrc/), and the public :func:`pgd_step`.
+
+Homes: kernels ``csrc/pgd_step*.{h,cpp,cu}`` (``TORCH_LIBRARY`` schema, CPU and CUDA impls);
+here the reference, the loader and ``register_fake``; tests ``tests/ops/test_pgd_step.py``;
+benchmark ``benchmarks/ops/pgd_step.py``. :func:`cdp_fast.backend.choose` picks "ext" or
+"composite" (``CDP_FAST_BACKEND``, with ``CDP_FAST_PGD_IMPL`` as an alias for this op).
 
 One PGD step (Madry et al. 2018, eq. (2); the update of the TRADES public code,
 ``yaodongyu/TRADES/trades.py``), per element, with α = ``step_size`` and ε = ``eps``:
@@ -9,7 +15,7 @@ The eager PyTorch composite of this line makes ~8 passes over memory (sign, mul,
 add, max, min, clamp, each allocating a full-size temporary); the extension reads x_adv, g,
 x once and writes y once.
 
-Where the op comes from (first that works, decided once per process):
+Where the extension comes from (first that works, tried once per process):
   1. ``cdp_fast._C``: built ahead of time by ``setup.py`` (``pip install --no-build-isolation``),
      skipped when a source in csrc/ is newer than it (an editable install edited since);
   2. a JIT build of ``csrc/`` with ninja (``torch.utils.cpp_extension.load``), cached in
@@ -17,11 +23,7 @@ Where the op comes from (first that works, decided once per process):
      hashes the sources, the torch/CUDA/Python versions and the machine architecture (first
      use ~30-45 s on 2 cores, then a library load; concurrent processes wait on torch's lock
      file in that directory instead of building twice);
-  3. otherwise ONE warning and :func:`pgd_step_ref`, the PyTorch composite.
-``CDP_FAST_PGD_IMPL`` = ``auto`` (default) | ``ext`` (the extension or an error) |
-``composite`` (force the composite; warns once, since a stale environment variable should not
-cost a 10x slowdown silently). The ``impl=`` argument of :func:`pgd_step` overrides it per call
-without a warning.
+  3. otherwise :mod:`cdp_fast.backend` warns once and :func:`pgd_step_ref` (the composite) runs.
 
 Autograd: the op has none. Attack steps run under ``torch.no_grad()`` (the gradient ``g`` is
 an input); :func:`pgd_step` raises if asked to differentiate through it.
@@ -33,19 +35,19 @@ import os
 import platform
 import sys
 import threading
-import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["pgd_step", "pgd_step_ref", "load_extension", "extension_available", "resolved_impl"]
+from cdp_fast import backend
 
-_ENV = "CDP_FAST_PGD_IMPL"
-_IMPLS = ("auto", "ext", "composite")
+__all__ = ["pgd_step", "pgd_step_ref", "load_extension", "extension_available", "extension_error",
+           "resolved_impl", "check_scalar_or_per_sample"]
+
 _OP_NAME = "cdp_fast::pgd_step"
 
 _lock = threading.Lock()
-_state = {"op": None, "error": None, "tried": False, "warned": False, "fake": False}
+_state = {"op": None, "error": None, "tried": False, "fake": False}
 
 
 # --------------------------------------------------------------------------- reference
@@ -87,7 +89,9 @@ def pgd_step_ref(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, *
 
 
 # --------------------------------------------------------------------------- validation
-def _check_scalar_or_per_sample(v, name: str, x: torch.Tensor) -> None:
+def check_scalar_or_per_sample(v, name: str, x: torch.Tensor) -> None:
+    """α or ε: a float >= 0, or a floating tensor of shape () or (B,) with entries >= 0;
+    ValueError naming ``name`` otherwise."""
     if isinstance(v, torch.Tensor):
         if not v.is_floating_point():
             raise ValueError(f"{name} must be a float or a floating tensor, got dtype {v.dtype}")
@@ -124,14 +128,14 @@ def _validate(x_adv, grad, x_nat, step_size, eps) -> None:
                          f"got {grad.dtype} and {x_nat.dtype}")
     if grad.device != x_adv.device or x_nat.device != x_adv.device:
         raise ValueError("x_adv, grad and x_nat must be on one device")
-    _check_scalar_or_per_sample(step_size, "step_size", x_adv)
-    _check_scalar_or_per_sample(eps, "eps", x_adv)
+    check_scalar_or_per_sample(step_size, "step_size", x_adv)
+    check_scalar_or_per_sample(eps, "eps", x_adv)
 
 
 # --------------------------------------------------------------------------- loading
 def _csrc_dir() -> Path | None:
-    here = Path(__file__).resolve().parent
-    for cand in (here / "csrc", here.parent / "csrc"):  # installed package data / repo checkout
+    pkg = Path(__file__).resolve().parent.parent   # cdp_fast/
+    for cand in (pkg / "csrc", pkg.parent / "csrc"):  # installed package data / repo checkout
         if (cand / "pgd_step.cpp").is_file():
             return cand
     return None
@@ -261,42 +265,22 @@ def extension_available() -> bool:
     return load_extension()
 
 
-def _requested(impl: str | None) -> str:
-    value = impl if impl is not None else (os.environ.get(_ENV, "auto").strip().lower() or "auto")
-    if value not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS} (argument or ${_ENV}), got {value!r}")
-    return value
-
-
-def _warn_once(msg: str) -> None:
-    if not _state["warned"]:
-        _state["warned"] = True
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+def extension_error() -> str | None:
+    """Why the extension could not be loaded (None if it loaded or was not tried yet)."""
+    return _state["error"]
 
 
 @torch.compiler.assume_constant_result
-def _resolve_env() -> str:
-    """'ext' or 'composite' for the environment's choice; evaluated once at trace time under
+def _env_choice() -> str:
+    """The environment's choice ("ext" | "composite"); evaluated once at trace time under
     torch.compile (building the extension is not traceable)."""
-    return resolved_impl(None)
+    return backend.choose("pgd_step")
 
 
 def resolved_impl(impl: str | None = None) -> str:
-    """Which implementation :func:`pgd_step` runs: ``"ext"`` or ``"composite"``."""
-    req = _requested(impl)
-    if req == "composite":
-        if impl is None:
-            _warn_once(f"cdp_fast.pgd_step: {_ENV}=composite forces the PyTorch composite "
-                       "(the fused C++/CUDA step is ~10x faster on CPU)")
-        return "composite"
-    if load_extension():
-        return "ext"
-    if req == "ext":
-        raise RuntimeError(f"cdp_fast.pgd_step: the extension was requested but is unavailable: "
-                           f"{_state['error']}")
-    _warn_once("cdp_fast.pgd_step: the C++/CUDA extension is unavailable "
-               f"({_state['error']}); using the PyTorch composite instead")
-    return "composite"
+    """Which implementation :func:`pgd_step` runs: ``"ext"`` or ``"composite"``
+    (:func:`cdp_fast.backend.choose`)."""
+    return backend.choose("pgd_step", impl=impl)
 
 
 def _as_op_arg(v, x: torch.Tensor) -> torch.Tensor:
@@ -316,8 +300,8 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, *,
         x_nat: the clean input the ε-ball is centred on, same shape/dtype/device.
         step_size: α >= 0, a Python float or a tensor of shape () or (B,) (per sample).
         eps: ε >= 0, a Python float or a tensor of shape () or (B,) (per sample).
-        impl: None (``$CDP_FAST_PGD_IMPL``, default ``auto``) | ``"auto"`` | ``"ext"`` |
-            ``"composite"``.
+        impl: None (the environment: :mod:`cdp_fast.backend`) | ``"auto"`` | ``"ext"`` |
+            ``"composite"`` (wins over the environment, no warning).
     Returns:
         A new contiguous tensor of ``x_adv``'s shape and dtype. Bitwise equal to
         :func:`pgd_step_ref` (elementwise sign/min/max/add in the same precision).
@@ -337,7 +321,7 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, *,
             for t in (x_adv, grad, x_nat, step_size, eps)):
         raise RuntimeError("cdp_fast.pgd_step has no autograd formula; call it under "
                            "torch.no_grad() (PGD steps take the gradient as an input)")
-    which = _resolve_env() if impl is None else resolved_impl(impl)
+    which = _env_choice() if impl is None else resolved_impl(impl)
     if which == "composite":
         return pgd_step_ref(x_adv, grad, x_nat, step_size=step_size, eps=eps)
     return torch.ops.cdp_fast.pgd_step.default(

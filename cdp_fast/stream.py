@@ -1,0 +1,235 @@
+"""Resumable streaming of a long generation run into an out directory: fixed-size shards, the
+manifest, resume, the split of shards over torchrun ranks, and the fingerprints that tell a
+resumed run whether its arguments changed. Knows nothing of sampling: it calls
+``generate(start, count)`` for the rows of each missing shard.
+
+Layout of ``out/`` (DESIGN.md §6): ``shard-000123.npz`` (see :mod:`cdp_fast.data`),
+``manifest.json`` (arguments, counts, seeding, each finished shard's size and sha256,
+``complete``) and, during a multi-process run, one ``shard-000123.json`` record per shard
+written by its rank (folded into the manifest by rank 0 at the end). Every file is written
+atomically; a killed run resumed with the same arguments rewrites only the missing shards,
+byte-identically; a missing, truncated or corrupted shard is detected by its sha256 and
+regenerated; changed arguments refuse to resume and name what changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from cdp_fast import distributed
+from cdp_fast.data import atomic_write_bytes, atomic_write_json, npz_bytes, sha256_file
+
+__all__ = ["ShardPlan", "write_shards", "fingerprint", "shard_name", "SEEDING"]
+
+#: What the manifest says about randomness (checked by nobody; read by people).
+SEEDING = ("sample i draws x_T, eta-noise and its real positive from torch.Generator seeded with "
+           "cdp_fast.seeding.sample_seed(seed, i)")
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:06d}.npz"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Where and how a run of ``n`` rows is cut: shard k holds rows
+    [k·shard_size, min(n, (k+1)·shard_size)). ``args`` (JSON-serialisable) must match for a
+    resume."""
+
+    out: Path
+    n: int
+    shard_size: int
+    args: dict
+
+    @property
+    def shards(self) -> list:
+        """[(k, start, count)] for every shard of the run."""
+        return [(k, s, min(self.shard_size, self.n - s)) for k, s in enumerate(range(0, self.n, self.shard_size))]
+
+
+# ----------------------------------------------------------------------------- manifest
+def _load_or_start_manifest(plan: ShardPlan):
+    path = plan.out / "manifest.json"
+    if path.exists():
+        try:
+            manifest = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"out: {path} is not valid JSON ({e}); remove it to start afresh") from None
+        old, args = manifest.get("args", {}), plan.args
+        changed = sorted(k for k in set(old) | set(args) if old.get(k) != args.get(k))
+        if changed:
+            detail = ", ".join(f"{k}: {old.get(k)!r} -> {args.get(k)!r}" for k in changed)
+            raise ValueError(f"out: {plan.out} holds a run with different arguments ({detail}); "
+                             "use another directory or the original arguments to resume")
+        return manifest
+    manifest = {
+        "format": "cdp_fast.samples", "version": 1, "args": plan.args, "n": plan.n,
+        "shard_size": plan.shard_size, "num_shards": len(plan.shards), "seeding": SEEDING,
+        "shards": {}, "complete": False,
+    }
+    plan.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, manifest)
+    return manifest
+
+
+def _shard_ok(out: Path, name, info) -> bool:
+    f = out / name
+    return f.exists() and f.stat().st_size == info.get("bytes") and sha256_file(f) == info.get("sha256")
+
+
+def _verify_shards(plan: ShardPlan, manifest):
+    """Keep in the manifest only the shards whose file is intact, then absorb the records
+    left by a multi-process run (:func:`_absorb_records`). Missing, truncated or corrupted
+    shards are dropped (and so regenerated)."""
+    good = {}
+    for name, info in manifest.get("shards", {}).items():
+        if _shard_ok(plan.out, name, info):
+            good[name] = info
+        else:
+            warnings.warn(f"{plan.out / name} is missing, truncated or corrupted (sha256 mismatch); "
+                          "it will be regenerated")
+    manifest["shards"] = good
+    _absorb_records(plan, manifest)
+
+
+def _absorb_records(plan: ShardPlan, manifest):
+    """Add to the manifest the shards that ranks of a multi-process run recorded beside
+    themselves (``shard-*.json``), each checked against its file; shards already in the
+    manifest are not read again."""
+    expected = {shard_name(k): (s, c) for k, s, c in plan.shards}
+    good = manifest["shards"]
+    for rec in sorted(plan.out.glob("shard-*.json")):
+        name = rec.stem + ".npz"
+        try:
+            info = json.loads(rec.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if name in good or name not in expected or (info.get("start"), info.get("count")) != expected[name]:
+            continue
+        if _shard_ok(plan.out, name, info):
+            good[name] = info
+
+
+def _finish_manifest(plan: ShardPlan, manifest):
+    manifest["complete"] = all(shard_name(k) in manifest["shards"] for k, _, _ in plan.shards)
+    atomic_write_json(plan.out / "manifest.json", manifest)
+    for rec in plan.out.glob("shard-*.json"):
+        if rec.stem + ".npz" in manifest["shards"]:
+            rec.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- the loop
+def write_shards(plan: ShardPlan, generate: Callable[[int, int], Iterable[dict]], *, device=None,
+                 progress: bool = True, desc: str = "cdp_fast.sample") -> list:
+    """Generate every missing shard of ``plan`` into ``plan.out``, in this process or, under
+    torchrun, shared among the ranks (shard k on rank k % world_size).
+
+    Args:
+        plan: the run's :class:`ShardPlan`.
+        generate: ``generate(start, count)`` yields dicts of numpy arrays (the same keys each
+            time: ``image`` and any others, e.g. ``label``, ``confidence``) whose rows,
+            concatenated, are rows [start, start + count) of the run; each chunk advances
+            the progress bar. The shard also gets ``index`` (the row numbers).
+        device: this rank's device (nccl for CUDA, else gloo, when a process group is made).
+        progress: a tqdm bar on rank 0. desc: its label.
+    Returns:
+        Per-rank throughput: [{rank, images, seconds, images_per_s}] (every rank's).
+    """
+    from tqdm.auto import tqdm
+
+    out = plan.out
+    rank, world = distributed.maybe_init(device)
+    shards = plan.shards
+    if rank == 0:
+        manifest = _load_or_start_manifest(plan)
+        for stray in out.glob(".shard-*.tmp"):
+            stray.unlink(missing_ok=True)
+    distributed.barrier()
+    if rank != 0:
+        manifest = _load_or_start_manifest(plan)
+    _verify_shards(plan, manifest)
+    distributed.barrier()
+    todo = [p for p in shards if shard_name(p[0]) not in manifest["shards"] and p[0] % world == rank]
+    total = plan.n if world == 1 else sum(c for _, _, c in todo)
+    bar = tqdm(total=total, initial=total - sum(c for _, _, c in todo), disable=not progress or rank != 0,
+               desc=desc + (f" [rank 0 of {world}]" if world > 1 else ""), unit="img")
+    made, t0 = 0, time.perf_counter()
+
+    def persist(k, start, count, arrays):
+        # runs on the writer thread: serialise, write atomically, then record the shard
+        data = npz_bytes(arrays)
+        name = shard_name(k)
+        atomic_write_bytes(out / name, data)
+        info = {"start": start, "count": count, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        manifest["shards"][name] = info
+        if world == 1:
+            manifest["complete"] = len(manifest["shards"]) == len(shards)
+            atomic_write_json(out / "manifest.json", manifest)
+        else:  # one small record per shard; rank 0 folds them into the manifest at the end
+            atomic_write_json(out / f"shard-{k:06d}.json", info)
+
+    # Shard k is written by one background thread while shard k+1 is generated: at most one
+    # shard waits in memory, and shards are recorded in order.
+    pending = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdp_fast-shard-writer") as writer:
+        for k, start, count in todo:
+            chunks = []
+            for chunk in generate(start, count):
+                chunks.append(chunk)
+                bar.update(len(next(iter(chunk.values()))))
+            # member order image, index, then the rest: the shards' bytes are part of the format
+            cat = {key: np.concatenate([c[key] for c in chunks]) for key in chunks[0]}
+            arrays = {"image": cat.pop("image"), "index": np.arange(start, start + count, dtype=np.int64),
+                      **cat}
+            if pending is not None:
+                pending.result()  # re-raises a failed write
+            pending = writer.submit(persist, k, start, count, arrays)
+            made += count
+        if pending is not None:
+            pending.result()
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    stats = distributed.all_gather_object({"rank": rank, "images": made, "seconds": elapsed,
+                                           "images_per_s": made / elapsed if elapsed > 0 else 0.0})
+    distributed.barrier()
+    if rank == 0:  # its manifest was verified at the start and holds its own shards since
+        _absorb_records(plan, manifest)
+        _finish_manifest(plan, manifest)
+    distributed.barrier()
+    return stats
+
+
+# ----------------------------------------------------------------------------- fingerprints
+def fingerprint(obj) -> str | None:
+    """A content hash of a model/callable/tensor/array, so a resumed run can tell it changed
+    (modules: class name and state_dict; other callables: their qualified name)."""
+    if obj is None:
+        return None
+    h = hashlib.sha256()
+    if isinstance(obj, torch.Tensor):
+        h.update(str((tuple(obj.shape), str(obj.dtype))).encode())
+        h.update(obj.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                 if obj.dtype != torch.bool else obj.cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+    if isinstance(obj, np.ndarray):
+        h.update(np.ascontiguousarray(obj).tobytes())
+        return h.hexdigest()[:16]
+    if isinstance(obj, torch.nn.Module):
+        h.update(type(obj).__qualname__.encode())
+        for k, v in obj.state_dict().items():
+            h.update(k.encode())
+            if isinstance(v, torch.Tensor):
+                h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+    name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    mod = getattr(obj, "__module__", "")
+    return f"{mod}.{name}"
