@@ -5,20 +5,13 @@ The public face: argument checks, then the streaming op :mod:`cdp_fast.ops.contr
 decides). ``*_ref`` are the dense references (:mod:`cdp_fast.ops.contrastive.reference`),
 plain upcast PyTorch that mirrors DESIGN.md §4 line by line.
 
-Notation (DESIGN.md §4; Robinson et al. 2021 "Contrastive learning with hard negative
-samples", eq. (3) and their public code; the paper's ℓ_HNM):
-    a_i, p_i, k_j   L2-normalised anchor, positive, candidate embeddings
-    s_ij = a_i·k_j
-    pos_i  = exp(a_i·p_i / τ)
-    neg_ij = exp(s_ij / τ),   j ∈ N(i)  (N(i): candidates ≠ i, of another class if labels)
-    N_i    = |N(i)|
-HNM:
-    imp_ij      = neg_ij^β
-    reweight_i  = Σ_j imp_ij·neg_ij / mean_j imp_ij
-    Ng_i        = max((−τ⁺ N_i pos_i + reweight_i) / (1 − τ⁺), N_i·e^{−1/τ})
-    ℓ_i         = −log(pos_i / (pos_i + Ng_i))
-InfoNCE (HNM with β = 0, τ⁺ = 0 and no clamp):
-    ℓ_i = −log(pos_i / (pos_i + Σ_j neg_ij))
+With L2-normalised embeddings, pos_i = exp(a_i·p_i/τ), neg_ij = exp(a_i·k_j/τ) over the valid
+negatives N(i) (candidates ≠ i; of another class when labels are given), N_i = |N(i)|:
+HNM (Robinson et al. 2021, eq. (3); the paper's ℓ_HNM), with imp_ij = neg_ij^β,
+    Ng_i = max((−τ⁺ N_i pos_i + Σ_j imp_ij·neg_ij / mean_j imp_ij) / (1 − τ⁺), N_i·e^{−1/τ}),
+    ℓ_i  = −log(pos_i / (pos_i + Ng_i));
+InfoNCE: ℓ_i = −log(pos_i / (pos_i + Σ_j neg_ij)). The log-space derivation is in the
+reference's docstring.
 The loss is the mean of ℓ_i over the m anchors; an anchor with no valid negative contributes
 ℓ_i = 0. Gradients flow to the anchors and the candidates; the positives are detached, as in
 Algorithm 1 (x_p is a fixed target for x_t).

@@ -1,4 +1,6 @@
 """Contrastive-guided DDIM sampling: the pure loop :func:`guided_ddim` and the driver :func:`sample`.
+(Over 400 lines because :func:`sample` documents and validates every one of its ~30 arguments;
+the jobs around it live in guidance, stream, seeding, runtime and models.external.)
 
 Implements Algorithm 1 of Ouyang, Xie & Cheng, "Improving Adversarial Robustness by
 Contrastive Guided Diffusion Process" (Contrastive-DP): at every DDIM step
