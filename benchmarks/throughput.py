@@ -135,7 +135,7 @@ def build_digits(device):
         model = digits.build_eps_model().to(device).eval()
         feats = digits.DigitsFeatures(digits.build_classifier().to(device)).eval()
         note = "digits UNet architecture, random init (assets missing)"
-    from cdp_fast.demo import DIGITS_GUIDANCE
+    from cdp_fast.models.digits import DIGITS_GUIDANCE
 
     g = DIGITS_GUIDANCE
     return {"model": model, "features": feats, "image_shape": digits.IMAGE_SHAPE, "note": note,

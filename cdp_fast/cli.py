@@ -1,18 +1,28 @@
 """The `cdp-fast` command (also `python -m cdp_fast`): one entry point, seven subcommands.
 
+It holds the argument grammar (one ``_add_<name>`` per subcommand), the subcommands
+(``cmd_<name>``: call the library, print) and the exit-status mapping (:func:`main`); what a
+flag's value names (a model, a network, data) is resolved in :mod:`cdp_fast.specs`. Over ~400
+lines on purpose: the ~90 flags, each with its help text, stay in the file of the code that
+reads them, so a flag and its use change together.
+
     cdp-fast demo                                   # the embedded digits experiment
     cdp-fast sample --model digits -n 512 --loss hnm --out gen/ --grid grid.png
     cdp-fast label gen/ --classifier digits --out labelled.npz
     cdp-fast select labelled.npz --k-per-class 50 --out selected.npz
     cdp-fast train --arch small-cnn --data digits --synthetic selected.npz --eps 0.1 --out clf.pt
     cdp-fast eval --arch small-cnn --weights clf.pt --data digits --eps 0.1
-    cdp-fast bench [throughput.py options]
+    cdp-fast bench [throughput.py options]          # source checkout only
 
 Models (``--model``, ``--features``, ``--labeler``, ``--classifier``) are named as a bundled
 name (``digits``), a local diffusers folder (``UNet2DModel.from_pretrained(path,
 local_files_only=True)``; a pipeline folder with ``unet/`` and ``scheduler/`` also gives the
 noise schedule), or ``module:factory`` (a callable returning the model; ``module:attr`` may
 also name a ready nn.Module).
+
+``bench`` runs ``benchmarks/throughput.py`` from the source checkout this package was
+installed from (``pip install -e .``); the benchmarks are not part of the installed package,
+so elsewhere it exits with status 2 and says so.
 
 Errors in arguments print one line on stderr and exit with status 2 (argparse's own errors
 included); a missing optional dependency exits with status 1 and names the extra to install.
@@ -21,10 +31,13 @@ Only this module prints; the library reports through ``progress=`` / ``callback=
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
+
+from cdp_fast import specs
+# re-exported: the spec loaders were public names of this module before cdp_fast.specs existed
+from cdp_fast.specs import load_callable_spec, load_model_spec
 
 __all__ = ["main", "build_parser", "load_model_spec", "load_callable_spec"]
 
@@ -42,115 +55,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message} (see --help)")
 
 
-# ----------------------------------------------------------------------------- model specs
-def _import_attr(spec: str, what: str):
-    mod_name, _, attr = spec.partition(":")
-    if not mod_name or not attr:
-        raise ValueError(f"{what}: {spec!r} is not of the form module:factory")
-    try:
-        obj = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ValueError(f"{what}: cannot import module {mod_name!r} ({e})") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"{what}: module {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
-
-
-def load_callable_spec(spec: str, what: str):
-    """``module:factory`` -> factory() (or the attribute itself when it is an nn.Module)."""
-    import torch
-
-    obj = _import_attr(spec, what)
-    if isinstance(obj, torch.nn.Module):
-        return obj
-    if not callable(obj):
-        raise ValueError(f"{what}: {spec!r} is not callable")
-    out = obj()
-    if not callable(out):
-        raise ValueError(f"{what}: {spec!r} returned {type(out).__name__}, which is not callable")
-    return out
-
-
-def _diffusers_model(path: Path):
-    try:
-        from diffusers import DDIMScheduler, UNet2DModel
-    except ImportError as e:
-        raise ImportError("loading a diffusers model folder needs diffusers: "
-                          "pip install 'cdp_fast[diffusers]'") from e
-    sub = "unet" if (path / "unet").is_dir() else None
-    model = UNet2DModel.from_pretrained(str(path), subfolder=sub, local_files_only=True)
-    cfg = model.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
-    hw = (size, size) if isinstance(size, int) else size
-    info = {"image_shape": (cfg.in_channels, *hw), "alphas_cumprod": None,
-            "num_classes": getattr(cfg, "num_class_embeds", None)}
-    if (path / "scheduler").is_dir():
-        sched = DDIMScheduler.from_pretrained(str(path), subfolder="scheduler", local_files_only=True)
-        info["alphas_cumprod"] = sched.alphas_cumprod
-    return model, info
-
-
-def load_model_spec(spec: str, device=None):
-    """An ε-model from ``digits`` / a diffusers folder / ``module:factory``.
-
-    Returns (model, info): info holds ``image_shape`` (or None), ``alphas_cumprod`` (or None)
-    and, for bundled models, default ``features``, ``labeler``, ``guidance`` and ``sampling``.
-    """
-    if spec == "digits":
-        from cdp_fast.demo import DIGITS_GUIDANCE, DIGITS_SAMPLING
-        from cdp_fast.models import digits
-
-        model = digits.load_digits_eps_model(device)
-        return model, {"image_shape": digits.IMAGE_SHAPE, "alphas_cumprod": None, "bundled": "digits",
-                       "guidance": DIGITS_GUIDANCE, "sampling": DIGITS_SAMPLING}
-    p = Path(spec)
-    if p.is_dir():
-        model, info = _diffusers_model(p)
-        return (model.to(device) if device else model), info
-    if ":" in spec and not p.exists():
-        model = load_callable_spec(spec, "model")
-        return (model.to(device) if device and hasattr(model, "to") else model), {"image_shape": None,
-                                                                                  "alphas_cumprod": None}
-    raise ValueError(f"model: {spec!r} is not a bundled name (digits), an existing diffusers model "
-                     "folder, or module:factory")
-
-
-def _network(spec, model_info, device, what, off):
-    """A --features / --labeler value: "auto" (the bundled model's, else ``off``), ``off``
-    (None), a bundled name (digits) or module:factory."""
-    if spec in (None, "auto"):
-        spec = model_info.get("bundled") or off
-    if spec == off:
-        return None
-    if spec == "digits":
-        from cdp_fast.models import digits
-
-        return getattr(digits, f"digits_{what}")(device)
-    if ":" in spec:
-        return load_callable_spec(spec, what)
-    raise ValueError(f"{what}: {spec!r} is not auto, {off}, digits or module:factory")
-
-
-def _features(spec, model_info, device):
-    return _network(spec, model_info, device, "features", "pixels")
-
-
-def _labeler(spec, model_info, device):
-    return _network(spec, model_info, device, "labeler", "none")
-
-
-def _parse_shape(text):
-    try:
-        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"image-shape: {text!r} is not a comma-separated list of ints, e.g. 3,32,32") from None
-    if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"image-shape: {text!r} must hold positive ints")
-    return shape
-
-
+# ----------------------------------------------------------------------------- flag values
 def _dtype(name):
     import torch
 
@@ -161,41 +66,6 @@ def _compile_flag(v):
     return {"auto": "auto", "true": True, "false": False}[v]
 
 
-def _real_images(spec, image_shape):
-    """Real images in [-1, 1] for positive/negatives="real": ``digits`` or an npz / out folder."""
-    if spec is None:
-        return None
-    if spec == "digits":
-        from cdp_fast.models import digits
-
-        x, _ = digits.load_digits_data("train")
-        return digits.to_model_space(x)
-    from cdp_fast.data import Samples
-
-    return Samples.load(spec).to_tensor() * 2 - 1
-
-
-def _class_labels(spec):
-    if spec is None:
-        return None
-    import numpy as np
-
-    p = Path(spec)
-    if p.is_file():
-        if p.suffix == ".npy":
-            return np.load(p, allow_pickle=False).astype(np.int64)
-        from cdp_fast.data import Samples
-
-        s = Samples.load(p)
-        if s.labels is None:
-            raise ValueError(f"class-labels: {spec} holds no labels")
-        return np.asarray(s.labels, dtype=np.int64)
-    try:
-        return np.asarray([int(v) for v in spec.split(",")], dtype=np.int64)
-    except ValueError:
-        raise ValueError(f"class-labels: {spec!r} is neither a file (.npy / .npz) nor a comma list of ints") from None
-
-
 # ----------------------------------------------------------------------------- subcommands
 def cmd_sample(a):
     import numpy as np
@@ -203,8 +73,8 @@ def cmd_sample(a):
     import cdp_fast
     from cdp_fast.demo import save_grid_png
 
-    model, info = load_model_spec(a.model, a.device)
-    image_shape = _parse_shape(a.image_shape) if a.image_shape else info.get("image_shape")
+    model, info = specs.load_model_spec(a.model, a.device)
+    image_shape = specs.parse_shape(a.image_shape) if a.image_shape else info.get("image_shape")
     if image_shape is None:
         raise ValueError("image-shape: required for a module:factory model (e.g. --image-shape 3,32,32)")
     loss = None if a.loss == "none" else a.loss
@@ -217,7 +87,7 @@ def cmd_sample(a):
         tau=a.tau if a.tau is not None else g.get("tau"),
         tau_plus=a.tau_plus, beta=a.beta, positive=a.positive, negatives=a.negatives,
         num_classes=a.num_classes if a.num_classes is not None else info.get("num_classes"),
-        class_labels=_class_labels(a.class_labels),
+        class_labels=specs.load_class_labels(a.class_labels),
         steps=a.steps if a.steps is not None else samp.get("steps", 200),
         skip=a.skip if a.skip is not None else samp.get("skip", "quadratic"),
         eta=a.eta, image_shape=image_shape,
@@ -230,9 +100,9 @@ def cmd_sample(a):
     else:
         kw.update(T=a.T, betas=a.betas or "linear")
     if loss is not None:
-        kw["features"] = _features(a.features, info, a.device)
-        kw["real"] = _real_images(a.real, image_shape)
-    labeler = _labeler(a.labeler, info, a.device)
+        kw["features"] = specs.load_features(a.features, info, a.device)
+        kw["real"] = specs.load_real_images(a.real, image_shape)
+    labeler = specs.load_labeler(a.labeler, info, a.device)
     s = cdp_fast.sample(model, a.n, labeler=labeler, out=a.out, **kw)
     from cdp_fast import distributed as cdist
 
@@ -269,34 +139,14 @@ def cmd_sample(a):
     return 0
 
 
-def _to_samples(path):
-    from cdp_fast.data import Samples
-
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"samples: {path} does not exist")
-    return Samples.load(p)
-
-
-def _classifier01(spec, device):
-    """A classifier on [0, 1] images (the convention of cdp_fast.label / train / evaluate)."""
-    if spec == "digits":
-        from cdp_fast.models import digits
-
-        return digits.load_digits_classifier(device)
-    if spec and ":" in spec:
-        return load_callable_spec(spec, "classifier")
-    raise ValueError(f"classifier: {spec!r} is not digits or module:factory")
-
-
 def cmd_label(a):
     import numpy as np
 
     from cdp_fast import label
     from cdp_fast.data import Samples
 
-    s = _to_samples(a.samples)
-    clf = _classifier01(a.classifier, a.device)
+    s = specs.load_samples(a.samples)
+    clf = specs.load_classifier(a.classifier, a.device)
     res = label.pseudo_label(clf, s, device=a.device)
     labelled = Samples(np.asarray(s.images[:]), np.asarray(res["label"], dtype=np.int64),
                        np.asarray(res["confidence"], dtype=np.float32))
@@ -311,8 +161,8 @@ def cmd_select(a):
 
     from cdp_fast import label
 
-    s = _to_samples(a.samples)
-    clf = _classifier01(a.classifier, a.device) if a.classifier != "none" else None
+    s = specs.load_samples(a.samples)
+    clf = specs.load_classifier(a.classifier, a.device) if a.classifier != "none" else None
     out = label.select(s, a.criterion, a.k_per_class, classifier=clf, device=a.device)
     idx, chosen = out if isinstance(out, tuple) else (out, s.subset(np.asarray(out, dtype=np.int64)))
     chosen.save_npz(a.out)
@@ -320,57 +170,20 @@ def cmd_select(a):
     return 0
 
 
-def _classifier_arch(arch, num_classes, trained_digits=False):
-    if arch == "digits":
-        from cdp_fast.models import digits
-
-        return digits.load_digits_classifier() if trained_digits else digits.build_classifier()
-    if ":" in arch:
-        return load_callable_spec(arch, "arch")
-    from cdp_fast.models import get_model
-
-    return get_model(arch, num_classes=num_classes)
-
-
-def _train_data(spec, split):
-    if spec == "digits":
-        from cdp_fast.models import digits
-
-        return digits.load_digits_data(split)
-    if spec.startswith("cifar10:"):
-        from cdp_fast.data import load_cifar10
-
-        return load_cifar10(spec[len("cifar10:"):], train=split == "train")
-    p = Path(spec)
-    if not p.exists():
-        raise ValueError(f"data: {spec} is neither 'digits', 'cifar10:FOLDER' nor an existing npz / out folder")
-    if split == "test":
-        s = _to_samples(p)
-        if s.labels is None:
-            raise ValueError(f"data: {spec} has no labels")
-        import torch
-
-        return s.to_tensor(), torch.as_tensor(s.labels, dtype=torch.int64)
-    return str(p)
-
-
 def _save_state(model, path):
-    import io
-
     import torch
 
-    from cdp_fast.demo import _atomic_write_bytes
+    from cdp_fast.data import atomic_write
 
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_write(Path(path), lambda f: torch.save(state, f))
 
 
 def cmd_train(a):
     import cdp_fast
 
-    model = _classifier_arch(a.arch, a.num_classes)
-    data = _train_data(a.data, "train")
+    model = specs.build_classifier(a.arch, a.num_classes)
+    data = specs.load_train_data(a.data, "train")
     digits_defaults = a.data == "digits"
     trained = cdp_fast.train_trades(
         model, data, synthetic=a.synthetic, real_fraction=a.real_fraction, epochs=a.epochs, eps=a.eps,
@@ -396,14 +209,14 @@ def cmd_eval(a):
 
     import cdp_fast
 
-    model = _classifier_arch(a.arch, a.num_classes, trained_digits=not a.weights)
+    model = specs.build_classifier(a.arch, a.num_classes, trained_digits=not a.weights)
     if a.weights:
         if not Path(a.weights).is_file():
             raise ValueError(f"weights: {a.weights} does not exist")
         model.load_state_dict(torch.load(a.weights, map_location="cpu", weights_only=True))
     elif a.arch != "digits":
         raise ValueError("weights: required (a state_dict saved by `cdp-fast train`)")
-    x, y = _train_data(a.data, "test")
+    x, y = specs.load_train_data(a.data, "test")
     if a.n is not None:
         x, y = x[:a.n], y[:a.n]
     attacks = tuple(v.strip() for v in a.attacks.split(",") if v.strip())
@@ -417,9 +230,9 @@ def cmd_eval(a):
         if isinstance(v, float):
             print(f"{k:<12} {100 * v:6.2f}%")
     if a.json:
-        from cdp_fast.demo import _atomic_write_bytes
+        from cdp_fast.data import atomic_write_bytes
 
-        _atomic_write_bytes(Path(a.json), (json.dumps(res, indent=2, default=float) + "\n").encode())
+        atomic_write_bytes(Path(a.json), (json.dumps(res, indent=2, default=float) + "\n").encode())
     return 0
 
 
@@ -449,13 +262,15 @@ def cmd_demo(a):
 
 
 def cmd_bench(a):
+    """Run the checkout's benchmarks/throughput.py (it is not part of the installed package: it
+    imports its sibling benchmark modules and yardsticks such as diffusers' loop)."""
     import importlib.util
 
     root = Path(__file__).resolve().parent.parent
     script = root / "benchmarks" / "throughput.py"
     if not script.is_file():
-        raise ValueError("bench: benchmarks/throughput.py is not here; run it from a source checkout "
-                         "(pip install -e .)")
+        raise ValueError(f"bench: needs a source checkout: {script} does not exist (the benchmarks are not "
+                         "installed with the package; clone the repository and pip install -e . there)")
     spec = importlib.util.spec_from_file_location("cdp_fast_throughput", script)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -467,12 +282,7 @@ def cmd_bench(a):
 
 
 # ----------------------------------------------------------------------------- parser
-def build_parser():
-    p = _Parser(prog=PROG, description="Contrastive-guided diffusion (Contrastive-DP) for robust training.")
-    p.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = p.add_subparsers(dest="command", metavar="{sample,label,select,train,eval,demo,bench}",
-                           parser_class=_Parser)
-
+def _add_sample(sub):
     s = sub.add_parser("sample", help="generate (guided) DDIM samples",
                        description="Generate Contrastive-DP / DDIM samples (cdp_fast.sample). Options with "
                                    "'default: per model' take the bundled model's tuned value for --model "
@@ -480,6 +290,14 @@ def build_parser():
     s.add_argument("--model", default="digits",
                    help="eps-model: 'digits' (bundled), a diffusers folder, or module:factory (default: digits)")
     s.add_argument("-n", "--n", type=int, default=64, help="number of samples (default: 64)")
+    _add_guidance_flags(s)
+    _add_ddim_flags(s)
+    _add_sample_output_flags(s)
+    s.set_defaults(func=cmd_sample)
+
+
+def _add_guidance_flags(s):
+    """sample: the contrastive loss, its networks and its data."""
     s.add_argument("--loss", choices=("none", "infonce", "hnm"), default="hnm",
                    help="contrastive loss; none = plain DDIM (default: hnm)")
     s.add_argument("--features", default="auto",
@@ -506,6 +324,10 @@ def build_parser():
     s.add_argument("--labeler", default="auto",
                    help="pseudo-labeller: auto (the bundled model's classifier, else none), none, digits, or "
                         "module:factory taking x in [-1, 1] (default: auto)")
+
+
+def _add_ddim_flags(s):
+    """sample: the DDIM sampler and the noise schedule."""
     s.add_argument("--steps", type=int, default=None, help="DDIM steps (default: per model; library 200)")
     s.add_argument("--skip", choices=("uniform", "quadratic"), default=None,
                    help="timestep sub-sequence (default: per model; library quadratic)")
@@ -517,6 +339,10 @@ def build_parser():
                    help="per-sample shape C,H,W (default: from the model; required for module:factory)")
     s.add_argument("--batch-size", type=int, default=None,
                    help="batch size = contrastive batch m (default: per model; library 512)")
+
+
+def _add_sample_output_flags(s):
+    """sample: where the samples go, seed, device and precision."""
     s.add_argument("--out", default=None, help="directory for shards + manifest (resumable); default: in memory")
     s.add_argument("--npz", default=None, help="also write all samples to this npz (image uint8 NHWC, label)")
     s.add_argument("--grid", default=None,
@@ -531,8 +357,9 @@ def build_parser():
     s.add_argument("--compile", choices=("auto", "true", "false"), default="auto",
                    help="torch.compile the eps-model: auto = on CUDA only (default: auto)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_sample)
 
+
+def _add_label(sub):
     lab = sub.add_parser("label", help="pseudo-label samples with a classifier",
                          description="Pseudo-label generated samples (cdp_fast.label.pseudo_label).")
     lab.add_argument("samples", help="an out folder of `cdp-fast sample` or an npz")
@@ -542,6 +369,8 @@ def build_parser():
     lab.add_argument("--device", default=None, help="torch device (default: cpu)")
     lab.set_defaults(func=cmd_label)
 
+
+def _add_select(sub):
     sel = sub.add_parser("select", help="keep the best k samples per class",
                          description="Select k samples per pseudo-class (cdp_fast.label.select).")
     sel.add_argument("samples", help="a labelled npz or out folder")
@@ -557,6 +386,8 @@ def build_parser():
     sel.add_argument("--device", default=None, help="torch device (default: cpu)")
     sel.set_defaults(func=cmd_select)
 
+
+def _add_train(sub):
     tr = sub.add_parser("train", help="TRADES adversarial training on real + synthetic data",
                         description="TRADES adversarial training (cdp_fast.train_trades).")
     tr.add_argument("--arch", default="small-cnn",
@@ -590,6 +421,8 @@ def build_parser():
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub):
     ev = sub.add_parser("eval", help="clean / PGD / AutoAttack accuracy",
                         description="Evaluate a classifier (cdp_fast.evaluate); inputs in [0, 1].")
     ev.add_argument("--arch", default="small-cnn",
@@ -608,6 +441,8 @@ def build_parser():
     ev.add_argument("--device", default=None, help="torch device (default: cpu)")
     ev.set_defaults(func=cmd_eval)
 
+
+def _add_demo(sub):
     de = sub.add_parser("demo", help="the embedded digits experiment (real vs +DDIM vs +Contrastive-DP)",
                         description="Run the miniature Figure-3 experiment on scikit-learn's 8x8 digits "
                                     "(cdp_fast.demo.run_demo); prints the table, writes JSON, a plot and grids.")
@@ -629,12 +464,31 @@ def build_parser():
     de.add_argument("--no-progress", action="store_true", help="no progress bars")
     de.set_defaults(func=cmd_demo)
 
-    be = sub.add_parser("bench", help="sampling throughput benchmark (benchmarks/throughput.py)",
+
+def _add_bench(sub):
+    be = sub.add_parser("bench", help="sampling throughput benchmark (benchmarks/throughput.py; source "
+                                      "checkout only)",
                         description="Run benchmarks/throughput.py; every argument after 'bench' is passed "
                                     "through (e.g. cdp-fast bench --config cifar; cdp-fast bench --help lists "
-                                    "them). Needs a source checkout.")
+                                    "them). Needs a source checkout (pip install -e .): the benchmarks are "
+                                    "not installed with the package.")
     be.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for benchmarks/throughput.py")
     be.set_defaults(func=cmd_bench)
+
+
+def build_parser():
+    """The `cdp-fast` parser: global flags, then one _add_<name>(sub) per subcommand."""
+    p = _Parser(prog=PROG, description="Contrastive-guided diffusion (Contrastive-DP) for robust training.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="{sample,label,select,train,eval,demo,bench}",
+                           parser_class=_Parser)
+    _add_sample(sub)
+    _add_label(sub)
+    _add_select(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_demo(sub)
+    _add_bench(sub)
     return p
 
 
@@ -652,9 +506,9 @@ def main(argv=None) -> int:
         except SystemExit as e:  # --help
             return e.code if isinstance(e.code, int) else 0
         if args.version:
-            from cdp_fast import __version__
+            import cdp_fast
 
-            print(f"cdp_fast {__version__}")
+            print(f"cdp_fast {cdp_fast.__version__}")
             return 0
         if args.command is None:
             raise UsageError(f"{PROG}: choose a subcommand: sample, label, select, train, eval, demo, bench "

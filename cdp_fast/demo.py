@@ -7,8 +7,9 @@ fixed training budget. Here, on scikit-learn's bundled 8×8 digits with the mode
 
 1. generate ``n_synthetic`` samples with the bundled ε-model twice from the *same* starting
    noise (same seed ⇒ same x_T for sample i): plain DDIM (λ = 0) and Contrastive-DP with the
-   HNM loss on the bundled classifier's features (:data:`DIGITS_GUIDANCE`); pseudo-label both
-   with the bundled classifier (``cdp_fast.sample(labeler=...)``);
+   HNM loss on the bundled classifier's features
+   (:data:`cdp_fast.models.digits.DIGITS_GUIDANCE`); pseudo-label both with the bundled
+   classifier (``cdp_fast.sample(labeler=...)``);
 2. for each condition — ``real`` (the 1347 real training digits only), ``real+ddim``,
    ``real+cdp`` — and each seed, TRADES-train a fresh small CNN
    (:func:`cdp_fast.models.small_cnn`; SGD lr 0.05 after a 1-epoch linear warm-up, shared by
@@ -25,7 +26,8 @@ fixed training budget. Here, on scikit-learn's bundled 8×8 digits with the mode
 
 The numbers are whatever this run measures. Nothing is tuned per condition: the training
 hyper-parameters are shared by the three conditions, and λ, τ were chosen once from
-sample statistics (see :data:`DIGITS_GUIDANCE`), never from adversarial accuracy.
+sample statistics (see :data:`cdp_fast.models.digits.DIGITS_GUIDANCE`), never from
+adversarial accuracy.
 
 Defaults (``full=False``) fit a 2-core CPU in minutes: one synthetic set per method (seed 0)
 shared by all training seeds, 10 epochs, 5-step PGD inside TRADES, AutoAttack as APGD-CE +
@@ -34,51 +36,24 @@ APGD-T. ``full=True`` regenerates the synthetic sets per seed and uses more synt
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cdp_fast.data import atomic_write_bytes
+# the presets live with the models they were tuned for; re-exported here for callers of
+# cdp_fast.demo.DIGITS_GUIDANCE / DIGITS_SAMPLING
+from cdp_fast.models.digits import DIGITS_GUIDANCE, DIGITS_SAMPLING
+
 __all__ = ["run_demo", "format_table", "DIGITS_GUIDANCE", "DIGITS_SAMPLING", "write_png", "image_grid",
            "save_grid_png", "CONDITIONS"]
 
-#: λ, τ for contrastive guidance on the bundled digits features (128-d ReLU penultimate layer
-#: of the bundled classifier, batch m = 128, 50 uniform DDIM steps, guidance at every step).
-#: The paper's values (HNM τ=10, λ=1e5; InfoNCE τ=0.1, λ=2e4; App. D) are for 640-d
-#: WRN-28-10 features on CIFAR-10 with m = 512.
-#:
-#: HNM was chosen once by :func:`guidance_sweep` (256 samples, seed 1000, τ⁺=0.1, β=1;
-#: measured 2026-11-23 on the 2-core dev CPU). Criterion, fixed before looking: the lowest
-#: mean cosine between *other-class* features (classes more separated, the paper's aim)
-#: among settings whose share of samples the classifier labels with > 80% confidence stays
-#: within 0.05 of unguided DDIM. Never chosen from adversarial accuracy.
-#:
-#:     τ     λ       conf>0.8   cos other-class   cos same-class
-#:     -     0         0.934        0.702            0.937      (unguided DDIM)
-#:     0.1   1e2       0.918        0.688            0.904
-#:     0.1   1e3       0.719        0.652            0.794      (quality drops)
-#:     0.1   1e4       0.766        0.712            0.836
-#:     1     1e3       0.918        0.648            0.906
-#:     1     1e4       0.828        0.564            0.826      (quality drops 0.11)
-#:     10    1e3       0.926        0.693            0.933
-#:     10    1e4       0.895        0.639            0.908      <- chosen
-#:     (λ = 10 and λ = 100 change nothing measurable at τ = 1 and τ = 10.)
-#:
-#: InfoNCE was not swept: τ = 0.1 (the paper's) and λ = 2e3 (the paper's 2e4 scaled down by
-#: the same factor 10 as HNM's λ). It is used by the benchmark and ``cdp-fast sample --loss
-#: infonce``; treat it as a starting point.
-DIGITS_GUIDANCE = {
-    "hnm": {"lam": 10_000.0, "tau": 10.0, "tau_plus": 0.1, "beta": 1.0},
-    "infonce": {"lam": 2_000.0, "tau": 0.1},
-}
-#: DDIM settings for the digits (uniform skip: quadratic skip repeats timesteps at 50 steps).
-DIGITS_SAMPLING = {"steps": 50, "skip": "uniform", "eta": 0.0, "batch_size": 128}
 CONDITIONS = ("real", "real+ddim", "real+cdp")
 ATTACKS = ("clean", "pgd", "autoattack")
 #: AutoAttack components of the default (quick) run: APGD-CE + APGD-T, the two attacks of
@@ -90,22 +65,20 @@ QUICK_AA = ("apgd-ce", "apgd-t")
 
 # ----------------------------------------------------------------------------- PNG
 def write_png(path, img: np.ndarray) -> None:
-    """Write a uint8 image (H, W) grey or (H, W, 3) RGB as PNG with zlib only, atomically."""
+    """Write a uint8 image (H, W) grey or (H, W, 1|3) RGB as PNG (Pillow), atomically."""
     img = np.ascontiguousarray(img)
     if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3)):
         raise ValueError(f"img must be uint8 (H, W) or (H, W, 1|3), got {img.dtype} {img.shape}")
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError("writing PNG grids needs Pillow: pip install 'cdp_fast[demo]'") from e
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
-    h, w = img.shape[:2]
-    color = 0 if img.ndim == 2 else 2
-    raw = b"".join(b"\x00" + img[r].tobytes() for r in range(h))  # filter type 0 per row
-
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    _atomic_write_bytes(Path(path), png)
+    buf = io.BytesIO()
+    # uint8 (H, W) -> mode "L", (H, W, 3) -> "RGB"; Pillow infers it (its mode= is deprecated)
+    Image.fromarray(img).save(buf, format="PNG")
+    atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def image_grid(images: np.ndarray, nrow: int = 8, scale: int = 4, pad: int = 1) -> np.ndarray:
@@ -129,12 +102,6 @@ def image_grid(images: np.ndarray, nrow: int = 8, scale: int = 4, pad: int = 1) 
 def save_grid_png(path, images, nrow: int = 8, scale: int = 4) -> None:
     """Save uint8 NHWC images as a PNG grid."""
     write_png(path, image_grid(np.asarray(images), nrow=nrow, scale=scale))
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    from cdp_fast.data import atomic_write_bytes
-
-    atomic_write_bytes(path, data)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -191,8 +158,8 @@ def guidance_sweep(taus=(0.1, 1.0, 10.0), lams=(10.0, 100.0, 1000.0, 10000.0), *
                    seed=1000, steps=None, progress=False) -> list:
     """Sample statistics of guided digits for a grid of (τ, λ), plus the unguided baseline
     (λ = 0), each on ``n`` samples from the same starting noise (seed ``seed``, disjoint from
-    the demo's seeds). Used once to choose :data:`DIGITS_GUIDANCE`; the criterion is in its
-    comment. Returns a list of dicts (tau, lam, and :func:`synthetic_stats`)."""
+    the demo's seeds). Used once to choose :data:`cdp_fast.models.digits.DIGITS_GUIDANCE`; the
+    criterion is in its comment. Returns a list of dicts (tau, lam, and :func:`synthetic_stats`)."""
     from cdp_fast.models import digits
 
     feats = digits.digits_features()
@@ -413,7 +380,7 @@ def run_demo(*, out="cdp_demo", full: bool = False, seeds=None, n_synthetic: int
             files["plot"] = str(out / "results.png")
         files["json"] = str(out / "results.json")
         results["files"] = files
-        _atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+        atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     else:
         results["files"] = files
     return results

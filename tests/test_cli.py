@@ -65,6 +65,53 @@ def test_bad_arguments_exit_2_one_line(argv, needle, capsys):
     assert needle in err and err.startswith("cdp-fast")
 
 
+def test_spec_loaders_live_in_specs_and_stay_importable_from_cli():
+    from cdp_fast import specs
+
+    assert cli.load_model_spec is specs.load_model_spec
+    assert cli.load_callable_spec is specs.load_callable_spec
+    model, info = cli.load_model_spec("digits")
+    from cdp_fast.models import digits
+
+    assert info["guidance"] is digits.DIGITS_GUIDANCE and info["sampling"] is digits.DIGITS_SAMPLING
+    assert info["image_shape"] == digits.IMAGE_SHAPE
+    with pytest.raises(ValueError, match="module:factory"):
+        specs.import_attr("nocolon", "model")
+    assert specs.parse_shape("3x32x32") == (3, 32, 32)
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_model_spec_loads_a_local_diffusers_folder(tmp_path, pipeline):
+    """--model FOLDER goes through cdp_fast.models.external.load_diffusers_unet: a UNet2DModel
+    folder, or a pipeline folder whose scheduler/ also gives alphas_cumprod."""
+    pytest.importorskip("diffusers")
+    import torch
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet.save_pretrained(str(tmp_path / "unet") if pipeline else str(tmp_path))
+    if pipeline:
+        DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear").save_pretrained(str(tmp_path / "scheduler"))
+    model, info = cli.load_model_spec(str(tmp_path))
+    assert isinstance(model, UNet2DModel)
+    assert info["image_shape"] == (3, 8, 8) and info["num_classes"] is None
+    if pipeline:
+        assert info["alphas_cumprod"].shape == (1000,)
+        torch.testing.assert_close(model(torch.zeros(1, 3, 8, 8), torch.tensor([5])).sample,
+                                   unet(torch.zeros(1, 3, 8, 8), torch.tensor([5])).sample)
+    else:
+        assert info["alphas_cumprod"] is None
+
+
+def test_bench_outside_a_checkout_says_so(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "cdp_fast" / "cli.py"))
+    assert cli.main(["bench", "--methods", "ddim"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "source checkout" in err and "throughput.py" in err
+
+
 def test_sample_guided_npz_grid_and_out(tmp_path, capsys):
     npz, png, out = tmp_path / "s.npz", tmp_path / "g.png", tmp_path / "gen"
     rc = cli.main(["sample", "--model", "digits", "-n", "8", "--batch-size", "8", "--steps", "4",

@@ -1,8 +1,7 @@
 """The demo in a reduced configuration: table structure, files, and that the numbers are
-measured (they move with the seed), plus the PNG writer."""
+measured (they move with the seed), plus the PNG writer (decoded with Pillow)."""
 import json
-import struct
-import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,32 +97,52 @@ def test_demo_bad_arguments():
         demo.run_demo(out=None, conditions=("real+gan",))
 
 
-def _read_png(data):
+def _read_png(path):
+    Image = pytest.importorskip("PIL.Image")
+    data = Path(path).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(data):
-        (n,) = struct.unpack(">I", data[pos:pos + 4])
-        tag, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
-        (crc,) = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
-        assert crc == zlib.crc32(tag + body) & 0xFFFFFFFF
-        chunks[tag] = chunks.get(tag, b"") + body
-        pos += 12 + n
-    w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    ch = {0: 1, 2: 3}[color]
-    raw = zlib.decompress(chunks[b"IDAT"])
-    rows = [raw[r * (w * ch + 1):(r + 1) * (w * ch + 1)] for r in range(h)]
-    assert all(row[0] == 0 for row in rows)
-    return np.frombuffer(b"".join(row[1:] for row in rows), np.uint8).reshape(h, w, ch)
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return np.asarray(im)
 
 
-@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 3)])
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 3), (6, 2, 1)])
 def test_png_round_trip(tmp_path, shape):
     img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     demo.write_png(tmp_path / "x.png", img)
-    back = _read_png((tmp_path / "x.png").read_bytes())
+    back = _read_png(tmp_path / "x.png")
+    assert back.dtype == np.uint8
     np.testing.assert_array_equal(back.reshape(img.shape), img)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]  # no temp file left behind
     with pytest.raises(ValueError, match="uint8"):
         demo.write_png(tmp_path / "y.png", img.astype(np.float32))
+
+
+def test_save_grid_png_pixels_round_trip(tmp_path):
+    """The file holds exactly image_grid's array, grey (C=1) and RGB (C=3)."""
+    rng = np.random.default_rng(1)
+    for c in (1, 3):
+        imgs = rng.integers(0, 256, (5, 3, 4, c), dtype=np.uint8)
+        demo.save_grid_png(tmp_path / f"g{c}.png", imgs, nrow=2, scale=3)
+        back = _read_png(tmp_path / f"g{c}.png")
+        np.testing.assert_array_equal(back, demo.image_grid(imgs, nrow=2, scale=3))
+
+
+def test_png_without_pillow_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    with pytest.raises(ImportError, match=r"cdp_fast\[demo\]"):
+        demo.write_png(tmp_path / "x.png", np.zeros((2, 2), np.uint8))
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_digits_presets_live_with_the_digits_models():
+    from cdp_fast.models import digits
+
+    assert demo.DIGITS_GUIDANCE is digits.DIGITS_GUIDANCE
+    assert demo.DIGITS_SAMPLING is digits.DIGITS_SAMPLING
+    assert digits.DIGITS_GUIDANCE["hnm"] == {"lam": 10_000.0, "tau": 10.0, "tau_plus": 0.1, "beta": 1.0}
 
 
 def test_image_grid_layout():

@@ -32,7 +32,7 @@ def test_quickstart_runs_as_written(tmp_path, monkeypatch):
 
 
 def test_cli_reads_cifar10_folders(tmp_path):
-    from cdp_fast.cli import _train_data
+    from cdp_fast.specs import load_train_data
 
     root = tmp_path / "cifar-10-batches-bin"
     root.mkdir()
@@ -40,7 +40,7 @@ def test_cli_reads_cifar10_folders(tmp_path):
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         rec = np.concatenate([rng.integers(0, 10, (2, 1)), rng.integers(0, 256, (2, 3072))], 1)
         rec.astype(np.uint8).tofile(root / f"{name}.bin")
-    x, y = _train_data(f"cifar10:{tmp_path}", "train")
+    x, y = load_train_data(f"cifar10:{tmp_path}", "train")
     assert x.shape == (10, 3, 32, 32)
-    xt, _ = _train_data(f"cifar10:{tmp_path}", "test")
+    xt, _ = load_train_data(f"cifar10:{tmp_path}", "test")
     assert xt.shape == (2, 3, 32, 32)
