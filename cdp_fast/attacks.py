@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from cdp_fast.ops.pgd_step import check_scalar_or_per_sample, pgd_step
 
-__all__ = ["pgd_attack", "trades_attack", "eval_mode"]
+__all__ = ["pgd_attack", "trades_attack", "eval_mode", "pgd_from_start", "pgd_from_draws",
+           "trades_from_noise"]
 
 _LOSSES = ("ce",)
 
@@ -130,6 +131,19 @@ def pgd_from_start(model, x, y, x_adv, *, eps, step_size, steps):
     return x_adv.detach()
 
 
+def pgd_from_draws(model, x, y, u, *, eps, step_size, steps):
+    """:func:`pgd_attack` (Madry et al. 2018, random start) with the uniform draws ``u``
+    (B, C, H, W) in [0, 1) of its start given instead of drawn: x⁰ = clip(x + (2u − 1)·ε, 0, 1),
+    then :func:`pgd_from_start`. Model in eval mode during the attack (each submodule's mode
+    restored); bitwise the same as ``pgd_attack`` for the same draws (tested). No argument
+    checks. Shared with the training loop (draws for a whole global batch, sliced per rank) and
+    :func:`cdp_fast.evaluate` (draws per point). Returns x_adv (B, C, H, W), detached."""
+    with torch.no_grad(), eval_mode(model):
+        x = x.detach()
+        x_adv = torch.clamp(x + (2.0 * u - 1.0) * eps, 0.0, 1.0)
+        return pgd_from_start(model, x, y, x_adv, eps=eps, step_size=step_size, steps=steps)
+
+
 def trades_attack(model, x: torch.Tensor, *, eps, step_size, steps: int = 10,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """TRADES inner maximisation (Zhang et al. 2019, eq. (5); public code ``trades.py``):
@@ -159,7 +173,8 @@ def trades_attack(model, x: torch.Tensor, *, eps, step_size, steps: int = 10,
 def trades_from_noise(model, x, noise, *, eps, step_size, steps):
     """The body of :func:`trades_attack` with its Gaussian start ``noise`` (B, C, H, W) given
     instead of drawn (x⁰ = x + 0.001·noise), no argument checks; model in eval mode during the
-    attack. Shared with the training loop, which draws noise for a whole global batch."""
+    attack. Shared with the training loop, which draws noise for a whole global batch and
+    slices it per rank. Returns x_adv (B, C, H, W), detached."""
     with torch.no_grad(), eval_mode(model):
         x = x.detach()
         p_nat = F.softmax(model(x), dim=1)

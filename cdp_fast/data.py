@@ -1,4 +1,9 @@
-"""Sample storage: deterministic npz shards, the manifest, and the lazy :class:`Samples` view.
+"""Image data at rest and on its way into a classifier: npz shards, the manifest, the lazy
+:class:`Samples` view, the one image conversion (:func:`images_to_float01`) and the one input
+adapter of training (:func:`as_source`).
+
+(Over 400 lines: storage, its lazy view and the adapters reading from that view share the
+layout conventions below, and splitting them would scatter those conventions.)
 
 Formats (DESIGN.md §6):
   - ``shard-000123.npz``: keys ``image`` (uint8 NHWC for ``output="uint8"``, else float32
@@ -23,12 +28,16 @@ import struct
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+if TYPE_CHECKING:   # torch is imported where it is used: storage alone never loads it
+    import torch
+
 __all__ = [
     "Samples", "write_npz", "atomic_write", "atomic_write_bytes", "atomic_write_json", "sha256_file",
-    "to_uint8_nhwc", "load_cifar10",
+    "to_uint8_nhwc", "images_to_float01", "as_source", "load_cifar10",
 ]
 
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
@@ -173,6 +182,39 @@ def _npz_keys(path):
 
 
 # ----------------------------------------------------------------------------- conversions
+def images_to_float01(arr, name: str = "images", *, model_space: bool = False):
+    """Images as the float NCHW tensor in [0, 1] that classifiers take (the one conversion).
+
+    - uint8 (N, H, W, C), or grey (N, H, W) -> float32 (N, C, H, W) = value / 255, contiguous;
+    - float (N, C, H, W) in [0, 1] passes through (same dtype, device and storage);
+    - float with ``model_space=True``: images in model space [-1, 1] (a :class:`Samples` of
+      ``output="float"``) -> float32 ``((x + 1) · ½).clamp(0, 1)``, any shape.
+
+    ``arr`` is a torch tensor or anything ``np.asarray`` takes (a memory-mapped shard view
+    included; read-only arrays are copied, never written). Range and layout checks beyond the
+    uint8 rank are the caller's. Raises ValueError naming ``name`` for other dtypes or ranks.
+    """
+    import torch
+
+    if isinstance(arr, torch.Tensor):
+        t = arr
+    else:
+        a = np.asarray(arr)
+        t = torch.from_numpy(a if a.flags.writeable else a.copy())
+    if t.dtype == torch.uint8:
+        if t.dim() not in (3, 4):
+            raise ValueError(f"{name} as uint8 must be NHWC (N, H, W, C) or grey (N, H, W), "
+                             f"got shape {tuple(t.shape)}")
+        if t.dim() == 3:  # (N, H, W) grey
+            t = t.unsqueeze(-1)
+        return t.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    if not t.is_floating_point():
+        raise ValueError(f"{name} images must be uint8 NHWC or float NCHW in [0, 1], got {t.dtype}")
+    if model_space:
+        return ((t.float() + 1) * 0.5).clamp_(0, 1)
+    return t
+
+
 def to_uint8_nhwc(x):
     """Model-space images in [-1, 1] -> uint8 via ``(x * 127.5 + 128).clamp(0, 255)``
     (DESIGN.md conventions), NCHW -> NHWC for 4-D input. Accepts a torch tensor."""
@@ -351,18 +393,131 @@ class Samples:
 
     def to_tensor(self, indices=None):
         """Images as a float32 torch tensor NCHW in [0, 1] (uint8 NHWC input), or the float
-        model-space images mapped from [-1, 1] to [0, 1] (3-D images) — the training format."""
-        import torch
-
+        model-space images mapped from [-1, 1] to [0, 1] (3-D images) — the training format
+        (:func:`images_to_float01`)."""
         arr = self.images[:] if indices is None else self.images[np.asarray(indices)]
         arr = np.asarray(arr)
-        if arr.dtype == np.uint8:
-            t = torch.from_numpy(arr.copy()).float().div_(255.0)
-            if t.dim() == 4:
-                t = t.permute(0, 3, 1, 2).contiguous()
-            return t
-        t = torch.from_numpy(np.array(arr, dtype=np.float32))
-        return ((t + 1) / 2).clamp(0, 1)
+        if arr.dtype != np.uint8:
+            return images_to_float01(arr.astype(np.float32, copy=False), model_space=True)
+        if arr.ndim != 4:
+            # Not a batch of NHWC images (one image, or grey (N, H, W)): this method has always
+            # returned those scaled with their layout untouched.
+            import torch
+
+            return torch.from_numpy(arr.copy()).float().div_(255.0)
+        return images_to_float01(arr)
+
+
+# ----------------------------------------------------------------------------- training inputs
+class _Source:
+    """Uniform random access to (x float32 NCHW in [0, 1], y int64) batches (:func:`as_source`)."""
+
+    def __init__(self, get: Callable[[np.ndarray], tuple], n: int, image_shape: tuple, what: str):
+        self._get, self.n, self.image_shape, self.what = get, n, image_shape, what
+
+    def __len__(self):
+        return self.n
+
+    def get(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._get(idx)
+
+
+def as_source(data, name: str = "train_data") -> _Source:
+    """Wrap any input form of :func:`cdp_fast.train_trades` as a batch source.
+
+    Accepted forms: a tuple ``(x, y)`` of tensors / arrays (x float NCHW in [0, 1], or uint8
+    NHWC; y integers), a ``torch.utils.data.Dataset`` of (x, y) pairs (x float CHW in [0, 1]),
+    a :class:`Samples` (uint8 NHWC images, or float images in [-1, 1] model space; labels
+    required) or a path (npz with image/label or arr_0/arr_1 keys, or an out directory of
+    :func:`cdp_fast.sample`, read lazily).
+
+    Returns an object with ``len()``, ``image_shape`` (C, H, W) and ``get(idx)``: idx (B,)
+    int64 -> (x float32 (B, C, H, W) in [0, 1], y int64 (B,)). Raises ValueError naming
+    ``name`` for anything else.
+    """
+    import torch
+
+    if isinstance(data, (str, os.PathLike)):
+        data = Samples.load(data)
+    if hasattr(data, "images") and hasattr(data, "labels"):  # cdp_fast.Samples (duck-typed)
+        images, labels = data.images, data.labels
+        if labels is None:
+            raise ValueError(f"{name} has no labels: pseudo-label it first "
+                             "(cdp_fast.label.pseudo_label)")
+        labels = np.asarray(labels).astype(np.int64)
+        n = len(images)
+        if len(labels) != n:
+            raise ValueError(f"{name}: {len(labels)} labels for {n} images")
+        dtype = np.dtype(getattr(images, "dtype", np.uint8))
+        if n == 0:
+            raise ValueError(f"{name} is empty")
+        probe = np.asarray(images[np.array([0])])
+        if dtype == np.uint8:
+            shape = tuple(images_to_float01(probe, name).shape[1:])
+
+            def get(idx):
+                order = np.argsort(idx, kind="stable")  # sorted reads are shard-friendly
+                arr = np.asarray(images[idx[order]])
+                x = torch.empty((len(idx),) + shape)
+                x[torch.from_numpy(order)] = images_to_float01(arr, name)
+                return x, torch.from_numpy(labels[idx])
+        else:  # float model-space images in [-1, 1] (Samples output="float")
+            shape = tuple(probe.shape[1:])
+
+            def get(idx):
+                x = images_to_float01(np.asarray(images[idx], dtype=np.float32), name,
+                                      model_space=True)
+                return x, torch.from_numpy(labels[idx])
+        return _Source(get, n, shape, name)
+    if isinstance(data, (tuple, list)):
+        if len(data) != 2:
+            raise ValueError(f"{name} must be an (x, y) pair, got {len(data)} items")
+        x, y = data
+        if not isinstance(x, torch.Tensor):
+            x = torch.as_tensor(np.asarray(x))
+        y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+        if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"{name} labels must be integers, got {y.dtype}")
+        y = y.long().cpu()
+        if x.dim() < 3 or len(x) != len(y) or len(x) == 0:
+            raise ValueError(f"{name}: x {tuple(x.shape)} and y {tuple(y.shape)} must be a "
+                             "non-empty image batch and matching labels")
+        if x.dtype == torch.uint8:
+            shape = tuple(images_to_float01(x[:1], name).shape[1:])
+
+            def get(idx):
+                i = torch.from_numpy(idx)
+                return images_to_float01(x[i.to(x.device)].cpu(), name), y[i]
+        else:
+            if not x.is_floating_point() or x.dim() != 4:
+                raise ValueError(f"{name} x must be float NCHW in [0, 1] or uint8 NHWC, "
+                                 f"got {x.dtype} {tuple(x.shape)}")
+            lo, hi = float(x.min()), float(x.max())
+            if lo < 0.0 or hi > 1.0:
+                raise ValueError(f"{name} x must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+            shape = tuple(x.shape[1:])
+
+            def get(idx):
+                i = torch.from_numpy(idx)
+                return x[i.to(x.device)].float(), y[i]
+        return _Source(get, len(x), shape, name)
+    if isinstance(data, torch.utils.data.Dataset):
+        try:
+            n = len(data)
+        except TypeError:
+            raise ValueError(f"{name} must be a map-style Dataset with len()") from None
+        if n == 0:
+            raise ValueError(f"{name} is empty")
+        x0, _ = data[0]
+        shape = tuple(torch.as_tensor(x0).shape)
+
+        def get(idx):
+            xs, ys = zip(*(data[int(i)] for i in idx))
+            x = torch.stack([torch.as_tensor(v) for v in xs]).float()
+            return x, torch.as_tensor([int(v) for v in ys], dtype=torch.int64)
+        return _Source(get, n, shape, name)
+    raise ValueError(f"{name} must be an (x, y) pair, a Dataset, a Samples or a path; got "
+                     f"{type(data).__name__}")
 
 
 # ----------------------------------------------------------------------------- real data

@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdp_fast.data import images_to_float01
+
 __all__ = ["pseudo_label", "select", "scores", "per_sample_grad_norm", "attack_generator",
            "CRITERIA"]
 
@@ -60,7 +62,7 @@ class _Images:
     """Batched float NCHW [0, 1] view of any accepted image container."""
 
     def __init__(self, images, name: str = "images"):
-        self.samples = None
+        self.samples, self.name = None, name
         if hasattr(images, "images") and hasattr(images, "labels"):  # cdp_fast.Samples
             self.samples = images
             images = images.images
@@ -91,19 +93,9 @@ class _Images:
         return self.n
 
     def batch(self, start: int, stop: int) -> torch.Tensor:
-        chunk = self.raw[start:stop]
-        if self.kind == "uint8":
-            t = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.array(chunk))
-            if t.dim() == 3:
-                t = t.unsqueeze(-1)
-            return t.permute(0, 3, 1, 2).float().div(255.0)
-        if isinstance(chunk, torch.Tensor):
-            t = chunk.float()
-        else:
-            t = torch.from_numpy(np.array(chunk, dtype=np.float32))
-        if self.kind == "float_pm1":
-            t = ((t + 1) * 0.5).clamp(0, 1)
-        return t
+        """Images [start, stop) as float32 (B, C, H, W) in [0, 1]."""
+        return images_to_float01(self.raw[start:stop], self.name,
+                                 model_space=self.kind == "float_pm1").float()
 
     def batches(self, batch_size: int):
         for i in range(0, self.n, batch_size):

@@ -226,3 +226,36 @@ def test_cifar10_python_batches_with_restricted_unpickler(tmp_path):
         pickle.dump({b"data": Evil(), b"labels": [0]}, f)
     with pytest.raises(pickle.UnpicklingError):
         load_cifar10(tmp_path, train=False)
+
+
+def test_images_to_float01_is_the_one_conversion(tmp_path):
+    """uint8 NHWC and grey NHW -> float32 NCHW / 255 (contiguous); float NCHW passes through
+    untouched; model space [-1, 1] -> [0, 1]; read-only memory maps are read, never written;
+    train / label / evaluate / Samples.to_tensor all go through it."""
+    from cdp_fast.data import as_source, images_to_float01
+
+    u8 = np.random.default_rng(0).integers(0, 256, (5, 4, 3, 2), dtype=np.uint8)   # NHWC
+    ref = torch.from_numpy(u8.astype(np.float32) / 255).permute(0, 3, 1, 2)
+    for form in (u8, torch.from_numpy(u8)):
+        t = images_to_float01(form)
+        assert t.dtype == torch.float32 and t.is_contiguous() and torch.equal(t, ref)
+    assert torch.equal(images_to_float01(u8[..., 0]), ref[:, :1])                    # grey
+    f = torch.rand(5, 2, 4, 3, dtype=torch.float64)
+    assert images_to_float01(f) is f
+    pm1 = np.linspace(-1.2, 1.2, 24, dtype=np.float32).reshape(2, 3, 4)
+    got = images_to_float01(pm1, model_space=True)
+    assert torch.equal(got, ((torch.from_numpy(pm1) + 1) * 0.5).clamp(0, 1))
+    np.save(tmp_path / "u8.npy", u8)
+    mm = np.load(tmp_path / "u8.npy", mmap_mode="r")
+    assert torch.equal(images_to_float01(mm), ref)
+    with pytest.raises(ValueError, match="pix images must be uint8"):
+        images_to_float01(np.zeros((2, 3, 4, 4), np.int32), "pix")
+    with pytest.raises(ValueError, match="pix as uint8 must be NHWC"):
+        images_to_float01(np.zeros((2, 3), np.uint8), "pix")
+    # The callers agree with it.
+    assert torch.equal(Samples(u8).to_tensor(), ref)
+    src = as_source((u8, np.arange(5)))
+    assert src.image_shape == (2, 4, 3) and torch.equal(src.get(np.array([4, 1]))[0], ref[[4, 1]])
+    from cdp_fast.train import as_source as reexported
+
+    assert reexported is as_source

@@ -2,6 +2,9 @@
 every input form, argument checks, bitwise checkpoint resume and, on real data (scikit-learn's
 8x8 digits), that TRADES training yields a robust classifier."""
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +17,8 @@ import cdp_fast
 from cdp_fast.models import SmallCNN
 from cdp_fast.train import (augment_batch, cosine_lr, ema_decay, epoch_indices, mix_counts,
                             trades_loss)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _digits():
@@ -263,15 +268,14 @@ def test_bf16_autocast_path_runs_on_cpu():
 def test_attacks_from_given_draws_equal_the_attacks_module_bitwise(b, steps, seed):
     """The training loop draws attack starts for the whole global batch and keeps this rank's
     rows; its attack functions must be cdp_fast.attacks' own, bitwise, for the same draws."""
-    from cdp_fast.attacks import pgd_attack, trades_attack
-    from cdp_fast.train import _pgd_attack_from, _trades_attack_from
+    from cdp_fast.attacks import pgd_attack, pgd_from_draws, trades_attack, trades_from_noise
 
     m = _tiny_model(seed % 7).train()
     x, y = _tiny_data(b, seed)
     ref = trades_attack(m, x, eps=0.1, step_size=0.03, steps=steps,
                         generator=torch.Generator().manual_seed(seed))
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
-    got = _trades_attack_from(m, x, noise, eps=0.1, step_size=0.03, steps=steps)
+    got = trades_from_noise(m, x, noise, eps=0.1, step_size=0.03, steps=steps)
     assert torch.equal(got, ref) and m.training
     from cdp_fast.attacks import eval_mode
 
@@ -279,8 +283,18 @@ def test_attacks_from_given_draws_equal_the_attacks_module_bitwise(b, steps, see
         ref = pgd_attack(m, x, y, eps=0.1, step_size=0.03, steps=steps, random_start=True,
                          generator=torch.Generator().manual_seed(seed))
     u = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed))
-    got = _pgd_attack_from(m, x, y, u, eps=0.1, step_size=0.03, steps=steps)
+    got = pgd_from_draws(m, x, y, u, eps=0.1, step_size=0.03, steps=steps)
     assert torch.equal(got, ref)
+
+
+def test_modules_import_with_docstrings_stripped():
+    """``python -OO`` drops docstrings (``__doc__`` is None): nothing may build on them at import
+    time (train.py used to append its Args section with ``__doc__ +=``)."""
+    mods = "cdp_fast, cdp_fast.train, cdp_fast.robustness, cdp_fast.label, cdp_fast.data, " \
+           "cdp_fast.attacks, cdp_fast.batches, cdp_fast.trainloop"
+    r = subprocess.run([sys.executable, "-OO", "-c", f"import {mods}"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
 
 
 def test_sync_bn_argument_and_single_process_throughput():

@@ -1,11 +1,12 @@
-"""Clean, PGD and AutoAttack accuracy of a classifier on images in [0, 1].
+"""Robustness evaluation: clean, PGD and AutoAttack accuracy of a classifier on images in
+[0, 1] (:func:`evaluate`, public as ``cdp_fast.evaluate``).
 
 - clean: argmax accuracy, model in eval mode;
 - pgd: L∞ PGD-k with random start on the cross-entropy (Madry et al. 2018), k = ``pgd_steps``
   (20 by default), α = ``pgd_step_size`` (ε/4 by default), one restart, through
   :func:`cdp_fast.attacks.pgd_attack` (same formula); the random start of point i is drawn
-  from (seed, i) alone, so the result does not depend on the batching or on the number of
-  processes;
+  from (seed, i) alone (:func:`pgd_starts`), so the result does not depend on the batching or
+  on the number of processes;
 - autoattack: Croce & Hein (2020) through ``pyautoattack`` (the maintained packaging of the
   reference code, import name ``pyautoattack``; keyword-only constructor
   ``AutoAttack(model, *, attacks, device, eps, norm, seed, version)``;
@@ -34,15 +35,17 @@ exactly as in one process). Every rank must call :func:`evaluate` with the same 
 from __future__ import annotations
 
 import math
-import sys
-import types
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["evaluate", "autoattack_accuracy", "ATTACKS"]
+from cdp_fast.attacks import eval_mode, pgd_from_draws
+from cdp_fast.data import images_to_float01
+from cdp_fast.runtime import model_device, rank_device
+
+__all__ = ["evaluate", "autoattack_accuracy", "pgd_starts", "ATTACKS"]
 
 ATTACKS = ("clean", "pgd", "autoattack")
 _AA_NAMES = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
@@ -52,14 +55,12 @@ def _as_images(x) -> torch.Tensor:
     """float NCHW in [0, 1] (tensor or array) or uint8 NHWC -> float NCHW tensor."""
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(np.asarray(x))
-    if x.dtype == torch.uint8:
-        if x.dim() != 4:
-            raise ValueError(f"x as uint8 must be NHWC (N, H, W, C), got shape {tuple(x.shape)}")
-        return x.permute(0, 3, 1, 2).float().div(255.0)
-    if not x.is_floating_point() or x.dim() != 4:
+    if x.dtype == torch.uint8 and x.dim() != 4:
+        raise ValueError(f"x as uint8 must be NHWC (N, H, W, C), got shape {tuple(x.shape)}")
+    if x.dtype != torch.uint8 and (not x.is_floating_point() or x.dim() != 4):
         raise ValueError(f"x must be float NCHW in [0, 1] or uint8 NHWC, got {x.dtype} "
                          f"{tuple(x.shape)}")
-    return x
+    return images_to_float01(x, "x")
 
 
 def autoattack_accuracy(model, x: torch.Tensor, y: torch.Tensor, *, eps: float,
@@ -109,9 +110,10 @@ def _autoattack_correct(model, x, y, *, eps, version, attacks, batch_size, seed,
     return int((y_adv.cpu() == y.cpu()).sum())
 
 
-def _pgd_starts(x: torch.Tensor, first: int, seed: int) -> torch.Tensor:
-    """Uniform draws u (B, C, H, W) in [0, 1) of the PGD random start, row j from the seed
-    (seed, 7, first + j) alone: randomness per point, independent of batching and sharding."""
+def pgd_starts(x: torch.Tensor, first: int, seed: int) -> torch.Tensor:
+    """Uniform draws u (B, C, H, W) in [0, 1) of :func:`evaluate`'s PGD random start for the
+    points ``first, first + 1, ...`` of x (B, C, H, W): row j from the seed (seed, 7, first + j)
+    alone, so the randomness is per point, independent of batching and sharding."""
     out = torch.empty(x.shape, dtype=torch.float32)
     for j in range(len(x)):
         g = torch.Generator().manual_seed(
@@ -191,15 +193,10 @@ def evaluate(model: nn.Module, x, y, *, eps: float = 8 / 255,
     if n_ex is not None:
         x, y = x[:n_ex], y[:n_ex]
     from cdp_fast import distributed as cdist
-    from cdp_fast.train import _rank_device
 
-    dev = _rank_device(device, model, cdist) if distributed else (
-        torch.device(device) if device is not None else next(model.parameters()).device)
-    if next(model.parameters()).device != dev:
+    dev = rank_device(device, model) if distributed else model_device(model, device)
+    if model_device(model) != dev:
         model.to(dev)
-
-    from cdp_fast.attacks import eval_mode
-    from cdp_fast.train import _pgd_attack_from
 
     if "autoattack" in attacks:
         _check_aa(version, aa_attacks)   # on every rank, before any collective
@@ -222,9 +219,9 @@ def evaluate(model: nn.Module, x, y, *, eps: float = 8 / 255,
                 with torch.no_grad():
                     correct["clean"] += int((model(xb).argmax(1) == yb).sum())
             if "pgd" in names:
-                u = _pgd_starts(x[i:i + batch_size], i, seed).to(dev)
-                xa = _pgd_attack_from(model, xb, yb, u, eps=eps, step_size=pgd_step_size,
-                                      steps=pgd_steps)
+                u = pgd_starts(x[i:i + batch_size], i, seed).to(dev)
+                xa = pgd_from_draws(model, xb, yb, u, eps=eps, step_size=pgd_step_size,
+                                    steps=pgd_steps)
                 with torch.no_grad():
                     correct["pgd"] += int((model(xa).argmax(1) == yb).sum())
             if "autoattack" in names:
@@ -238,15 +235,3 @@ def evaluate(model: nn.Module, x, y, *, eps: float = 8 / 255,
         dist.all_reduce(counts)
     return {a: int(c) / len(x) for a, c in zip(names, counts.tolist())}
 
-
-class _CallableModule(types.ModuleType):
-    """The public name ``cdp_fast.evaluate`` (the function) equals this submodule's name: once
-    ``import cdp_fast.evaluate`` (or ``from cdp_fast.evaluate import ...``) has run before the
-    lazy attribute was read, Python binds ``cdp_fast.evaluate`` to the module. Calling the
-    module calls :func:`evaluate`, so ``cdp_fast.evaluate(model, x, y)`` works either way."""
-
-    def __call__(self, *args, **kwargs):
-        return evaluate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

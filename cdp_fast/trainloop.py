@@ -1,0 +1,329 @@
+"""The training loop's parts behind :func:`cdp_fast.train_trades` / :func:`cdp_fast.train_pgd_at`:
+objectives, schedules, the run's configuration, optimizer, checkpoint files, DDP wrapping and
+one epoch. :mod:`cdp_fast.train` puts them together top-down and documents the recipe, the
+determinism and the distributed semantics they implement.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cdp_fast.attacks import pgd_from_draws, trades_from_noise
+from cdp_fast.batches import MixedBatchSampler, apply_augment, augment_draws, step_seed
+from cdp_fast.data import atomic_write
+
+__all__ = ["trades_loss", "pgd_at_loss", "ema_decay", "cosine_lr", "RunConfig", "make_optimizer",
+           "save_checkpoint", "load_checkpoint", "wrap_model", "Loop", "run_epoch",
+           "epoch_entry"]
+
+_CKPT_VERSION = 1
+
+
+# --------------------------------------------------------------------------- objectives
+def trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, *,
+                beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """TRADES objective (Zhang et al. 2019, eq. (5); public ``trades.py``):
+    ``CE(f(x), y) + β · KL(p(x) ‖ p(x'))`` averaged over the batch (KL "batchmean").
+
+    Shapes: logits (B, K), y (B,) int64 -> scalar. Computed in fp32.
+    """
+    logits_nat = logits_nat.float()
+    logits_adv = logits_adv.float()
+    natural = F.cross_entropy(logits_nat, y, label_smoothing=label_smoothing)
+    robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1),
+                      reduction="batchmean")
+    return natural + beta * robust
+
+
+def pgd_at_loss(logits_adv: torch.Tensor, y: torch.Tensor, *,
+                label_smoothing: float = 0.0) -> torch.Tensor:
+    """Madry et al. (2018) adversarial training objective: CE(f(x'), y), batch mean."""
+    return F.cross_entropy(logits_adv.float(), y, label_smoothing=label_smoothing)
+
+
+# --------------------------------------------------------------------------- schedules
+def ema_decay(ema: float, k: int) -> float:
+    """EMA decay after the k-th update (k >= 1): min(ema, (1 + k) / (10 + k)) (Gowal et al.
+    2020's warm-up, DM-Improves-AT ``ema_update(dynamic_decay=True)``)."""
+    return min(float(ema), (1.0 + k) / (10.0 + k))
+
+
+def cosine_lr(lr: float, step: int, total: int, warmup: int = 0) -> float:
+    """Learning rate of update ``step`` (0-based): linear warm-up over ``warmup`` updates, then
+    ``lr · ½(1 + cos(π · (step − warmup) / (total − warmup)))``."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    span = max(1, total - warmup)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
+
+
+# --------------------------------------------------------------------------- setup
+@dataclass(frozen=True)
+class RunConfig:
+    """A run's arguments after validation (the integer ones as ints; :mod:`cdp_fast.train`
+    validates them): its configuration, read by every part below."""
+    kind: str
+    real_fraction: float
+    epochs: int
+    eps: float
+    step_size: float
+    steps: int
+    beta: float
+    batch_size: int
+    ema: Optional[float]
+    progress: bool
+    lr: float
+    momentum: float
+    weight_decay: float
+    nesterov: bool
+    label_smoothing: float
+    augment: bool
+    pad: int
+    flip: bool
+    steps_per_epoch: Optional[int]
+    warmup_epochs: int
+    seed: int
+    amp: Any
+    compile: Any
+    sync_bn: bool
+
+
+def make_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.SGD:
+    """SGD, weight decay on every parameter except the normalisation layers' (DM-Improves-AT's
+    ``group_weight``)."""
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
+                  nn.modules.instancenorm._InstanceNorm)
+    no_decay = set()
+    for m in model.modules():
+        if isinstance(m, norm_types):
+            no_decay.update(id(p) for p in m.parameters(recurse=False))
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if id(p) not in no_decay], "weight_decay": run.weight_decay},
+        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.SGD(groups, lr=run.lr, momentum=run.momentum, nesterov=bool(run.nesterov))
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, *, config, epoch, step, model, opt, ema_model, history) -> None:
+    """Everything a resume needs, written atomically (temp + fsync + rename:
+    :func:`cdp_fast.data.atomic_write`)."""
+    state = {
+        "version": _CKPT_VERSION, "config": config, "epoch": epoch, "step": step,
+        "model": model.state_dict(), "optimizer": opt.state_dict(),
+        "ema": None if ema_model is None else ema_model.state_dict(),
+        "history": history, "rng": {"torch": torch.get_rng_state()},
+    }
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: Path, dev, config, model, opt, ema_model) -> tuple[int, int, list]:
+    """Restore model, optimizer, EMA and RNG from ``path`` in place; (epoch, update, history).
+    ValueError if it was written with other arguments or by another format version."""
+    state = torch.load(path, map_location=dev, weights_only=True)
+    if state.get("version") != _CKPT_VERSION:
+        raise ValueError(f"checkpoint {path} has an unknown format version")
+    old = state["config"]
+    diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+    if diff:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
+        raise ValueError(f"checkpoint {path} was written with different arguments "
+                         f"({details}); pass a new checkpoint path or resume=False")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    if ema_model is not None:
+        ema_model.load_state_dict(state["ema"])
+    torch.set_rng_state(state["rng"]["torch"].cpu())
+    return int(state["epoch"]), int(state["step"]), list(state["history"])
+
+
+# --------------------------------------------------------------------------- DDP
+def wrap_model(model: nn.Module, dev: torch.device, world: int, run: RunConfig):
+    """(model, fwd, attack_fwd, restore_bn): the module trained (SyncBatchNorm-converted when
+    asked), what the training forward calls (DDP wrapper under torch.distributed, compiled
+    when asked), what the inner attack calls (never DDP: its input gradients must not reach
+    DDP's gradient hooks), and the (parent, name, BatchNorm) to put back afterwards."""
+    restore_bn = []
+    if run.sync_bn and world > 1:
+        # SyncBatchNorm shares the BatchNorm modules' parameters and buffers; the original
+        # modules are put back after training.
+        for parent in list(model.modules()):
+            for name, child in parent.named_children():
+                if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                    restore_bn.append((parent, name, child))
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # No buffer sync at forward: rank 0's buffers are broadcast after each update instead,
+        # before the EMA update, so the EMA is identical on every rank.
+        no_fwd_sync = ({"forward_sync_buffers": False}   # torch >= 2.13's name (init sync kept)
+                       if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                       else {"broadcast_buffers": False})
+        net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, **no_fwd_sync)
+    fwd, attack_fwd = net, model
+    if (dev.type == "cuda") if run.compile == "auto" else bool(run.compile):
+        fwd = torch.compile(net)
+        attack_fwd = fwd if net is model else torch.compile(model)
+    return model, fwd, attack_fwd, restore_bn
+
+
+@torch.no_grad()
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's BatchNorm statistics everywhere (DDP's broadcast_buffers semantics)."""
+    import torch.distributed as dist
+
+    for b in model.buffers():
+        dist.broadcast(b, 0)
+
+
+# --------------------------------------------------------------------------- one epoch
+@dataclass(frozen=True)
+class Loop:
+    """What every update of a run reads (set up once per run by :mod:`cdp_fast.train`)."""
+    run: RunConfig
+    real: Any
+    syn: Any
+    sampler: MixedBatchSampler
+    model: nn.Module          # the module trained (its state is checkpointed)
+    fwd: Callable             # training forward (DDP / compiled)
+    attack_fwd: Callable      # inner attack's forward
+    opt: torch.optim.Optimizer
+    ema_model: Optional[nn.Module]
+    dev: torch.device
+    rank: int
+    world: int
+    use_amp: bool
+    has_buffers: bool
+    rows: torch.Tensor        # this rank's positions in a global batch
+    total: int                # updates of the whole run (cosine schedule)
+    warmup: int               # warm-up updates
+
+
+def run_epoch(loop: Loop, epoch: int, step: int):
+    """Train one epoch from update ``step``; (next update, sums (3,) float64 of loss · B,
+    clean correct, adversarial correct on this rank, images seen on this rank)."""
+    run, sampler = loop.run, loop.sampler
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a runtime dependency
+        tqdm = None
+    sampler.set_epoch(epoch)
+    batches = sampler.global_batches()[:, sampler.rows]   # (spe, batch_size / world)
+    n_real = len(loop.real)
+    sums = torch.zeros(3, device=loop.dev, dtype=torch.float64)
+    seen = 0
+    bar = (tqdm(total=len(batches), desc=f"{run.kind} epoch {epoch + 1}/{run.epochs}",
+                leave=False, disable=not run.progress or loop.rank != 0)
+           if tqdm is not None else None)
+    loop.model.train()
+    for idx in batches:
+        # This rank's rows of the global batch: real images first, then synthetic ones.
+        xs, ys = [], []
+        if (idx < n_real).any():
+            xr, yr = loop.real.get(idx[idx < n_real])
+            xs.append(xr), ys.append(yr)
+        if (idx >= n_real).any():
+            xg, yg = loop.syn.get(idx[idx >= n_real] - n_real)
+            xs.append(xg), ys.append(yg)
+        x = torch.cat(xs).to(loop.dev, non_blocking=True)
+        y = torch.cat(ys).to(loop.dev, non_blocking=True)
+        loss, logits_nat, logits_adv = _update(loop, x, y, epoch, step)
+        step += 1
+        with torch.no_grad():
+            sums[0] += loss.detach().double() * len(y)
+            if logits_nat is not None:
+                sums[1] += (logits_nat.argmax(1) == y).sum()
+            sums[2] += (logits_adv.argmax(1) == y).sum()
+        seen += len(y)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if loop.dev.type == "cuda":
+        torch.cuda.synchronize(loop.dev)
+    return step, sums, seen
+
+
+def _update(loop: Loop, x, y, epoch: int, step: int):
+    """Update ``step`` on this rank's rows (x, y): draws, attack, loss, SGD step, buffer
+    broadcast, EMA. Returns (loss, clean logits or None, adversarial logits)."""
+    run, dev, rows = loop.run, loop.dev, loop.rows
+    # Draws for the whole global batch, in a fixed order; this rank keeps its rows.
+    gen = torch.Generator(device=dev).manual_seed(step_seed(run.seed, step))
+    if run.augment:
+        draws = augment_draws(run.batch_size, run.pad, run.flip, gen, dev)
+        x = apply_augment(x, *(d if d is None else d[rows] for d in draws), pad=run.pad)
+    for g in loop.opt.param_groups:
+        g["lr"] = cosine_lr(run.lr, step, loop.total, loop.warmup)
+    global_shape = (run.batch_size,) + tuple(x.shape[1:])
+    amp = (torch.autocast(dev.type, dtype=torch.bfloat16) if loop.use_amp
+           else torch.autocast(dev.type, enabled=False))
+    with amp:
+        if run.kind == "trades":
+            noise = torch.randn(global_shape, generator=gen, device=dev, dtype=x.dtype)[rows]
+            x_adv = trades_from_noise(loop.attack_fwd, x, noise, eps=run.eps,
+                                      step_size=run.step_size, steps=run.steps)
+            logits_nat = loop.fwd(x)
+            logits_adv = loop.fwd(x_adv)
+            loss = trades_loss(logits_nat, logits_adv, y, beta=run.beta,
+                               label_smoothing=run.label_smoothing)
+        else:
+            u = torch.rand(global_shape, generator=gen, device=dev, dtype=x.dtype)[rows]
+            x_adv = pgd_from_draws(loop.attack_fwd, x, y, u, eps=run.eps,
+                                   step_size=run.step_size, steps=run.steps)
+            logits_adv = loop.fwd(x_adv)
+            logits_nat = None
+            loss = pgd_at_loss(logits_adv, y, label_smoothing=run.label_smoothing)
+    if dev.type == "cpu" and not bool(torch.isfinite(loss.detach())):
+        # (on GPU the per-epoch check on the history entry avoids a sync per update)
+        raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, update {step}")
+    loop.opt.zero_grad(set_to_none=True)
+    loss.backward()          # under DDP: gradients averaged over the ranks here
+    loop.opt.step()
+    if loop.world > 1 and loop.has_buffers:
+        _broadcast_buffers(loop.model)
+    if loop.ema_model is not None:
+        _ema_update(loop.ema_model, loop.model, ema_decay(run.ema, step + 1))
+    return loss, logits_nat, logits_adv
+
+
+@torch.no_grad()
+def _ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema ← decay · ema + (1 − decay) · model, parameters and float buffers (BatchNorm
+    statistics averaged like the weights they go with); integer buffers are copied."""
+    ep = [p for p in ema_model.parameters()]
+    mp = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ep, mp, 1.0 - decay)
+    for be, bm in zip(ema_model.buffers(), model.buffers()):
+        if be.is_floating_point():
+            be.lerp_(bm, 1.0 - decay)
+        else:
+            be.copy_(bm)
+
+
+def epoch_entry(loop: Loop, epoch: int, step: int, sums, seen: int, seconds: float) -> dict:
+    """The history entry of an epoch, its sums and image count all-reduced over the ranks."""
+    run = loop.run
+    if loop.world > 1:
+        import torch.distributed as dist
+
+        sums = torch.cat([sums, sums.new_tensor([float(seen)])])
+        dist.all_reduce(sums)
+        seen = int(round(sums[3].item()))
+    s = sums.tolist()
+    return {"epoch": epoch + 1, "loss": s[0] / seen,
+            "train_clean_acc": s[1] / seen if run.kind == "trades" else float("nan"),
+            "train_adv_acc": s[2] / seen,
+            "lr": cosine_lr(run.lr, step - 1, loop.total, loop.warmup),
+            "updates": step, "time_s": seconds, "images_per_s": seen / seconds}
