@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdp_fast.data import images_to_float01
+from cdp_fast.runtime import model_device
 
 __all__ = ["pseudo_label", "select", "scores", "per_sample_grad_norm", "attack_generator",
            "CRITERIA"]
@@ -102,15 +103,6 @@ class _Images:
             yield i, self.batch(i, min(self.n, i + batch_size))
 
 
-def _device_of(model: nn.Module, device):
-    if device is not None:
-        return torch.device(device)
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def _check_bs(batch_size, name="batch_size"):
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"{name} must be an int >= 1, got {batch_size!r}")
@@ -133,7 +125,7 @@ def pseudo_label(classifier: nn.Module, images, *, batch_size: int = 512, device
         raise ValueError(f"classifier must be a torch.nn.Module, got {type(classifier).__name__}")
     _check_bs(batch_size)
     imgs = _Images(images)
-    dev = _device_of(classifier, device)
+    dev = model_device(classifier, device)
     from cdp_fast.attacks import eval_mode
 
     labels, conf, ent = [], [], []
@@ -234,7 +226,7 @@ def scores(samples, criterion: str, *, classifier: Optional[nn.Module] = None,
     from cdp_fast.attacks import eval_mode, trades_attack
 
     if criterion in ("grad_norm", "robust_grad_norm"):
-        dev = _device_of(classifier, device)
+        dev = model_device(classifier, device)
         out = []
         with eval_mode(classifier):
             for b, (i, xb) in enumerate(imgs.batches(batch_size)):
@@ -255,7 +247,7 @@ def scores(samples, criterion: str, *, classifier: Optional[nn.Module] = None,
             raise ValueError("criterion 'separability' needs features= or a classifier with a "
                              ".features(x) method")
         features = classifier.features
-    dev = _device_of(classifier, device) if classifier is not None else torch.device(device or "cpu")
+    dev = model_device(classifier, device)   # (CPU or ``device`` without a classifier)
     ctx = eval_mode(classifier) if classifier is not None else contextlib.nullcontext()
     classes, inv = np.unique(labels, return_inverse=True)
     inv = torch.from_numpy(inv.reshape(-1).astype(np.int64))
