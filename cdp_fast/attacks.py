@@ -22,32 +22,18 @@ pieces. A ``generator=`` cannot be traced (graph break); compiled code uses the 
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
 from cdp_fast.ops.pgd_step import check_scalar_or_per_sample, pgd_step
+from cdp_fast.runtime import eval_mode  # re-exported: cdp_fast.attacks.eval_mode is public
 
 __all__ = ["pgd_attack", "trades_attack", "eval_mode", "pgd_from_start", "pgd_from_draws",
            "trades_from_noise"]
 
 _LOSSES = ("ce",)
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    """Put every submodule of ``model`` in eval mode (BatchNorm statistics frozen, dropout off)
-    and restore each submodule's own previous ``training`` flag afterwards, even on error
-    (``model.train(was_training)`` would flip submodules that were deliberately frozen)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, was in modes:
-            m.training = was
 
 
 def _check_common(model, x, eps, step_size, steps) -> None:

@@ -126,7 +126,7 @@ def pseudo_label(classifier: nn.Module, images, *, batch_size: int = 512, device
     _check_bs(batch_size)
     imgs = _Images(images)
     dev = model_device(classifier, device)
-    from cdp_fast.attacks import eval_mode
+    from cdp_fast.runtime import eval_mode
 
     labels, conf, ent = [], [], []
     with torch.no_grad(), eval_mode(classifier):
@@ -223,7 +223,8 @@ def scores(samples, criterion: str, *, classifier: Optional[nn.Module] = None,
     if criterion == "confidence":
         return pl["confidence"].astype(np.float64), labels
 
-    from cdp_fast.attacks import eval_mode, trades_attack
+    from cdp_fast.attacks import trades_attack
+    from cdp_fast.runtime import eval_mode
 
     if criterion in ("grad_norm", "robust_grad_norm"):
         dev = model_device(classifier, device)

@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cdp_fast.attacks import eval_mode, pgd_from_draws
+from cdp_fast.attacks import pgd_from_draws
+from cdp_fast.runtime import eval_mode
 from cdp_fast.data import images_to_float01
 from cdp_fast.runtime import model_device, rank_device
 
