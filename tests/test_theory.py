@@ -242,3 +242,52 @@ def test_closed_forms_reject_bad_arguments():
         T.err_robust([1.0, 0.0], [1.0, 1.0], 1.0, -0.1)
     with pytest.raises(ValueError, match="mu"):
         T.err_standard([1.0, 0.0], [0.0, 0.0])
+
+
+# ----------------------------------------------------------------------------- finite test sets
+
+def test_holdout_accuracy_mean_sd_and_correlation_match_the_formulas():
+    """Over K = 400 independent test sets of N = 2000 points, the measured accuracies of a fixed
+    θ average to 1 - eq. (6) / 1 - eq. (7) (within 5 standard errors of a mean of K), and their
+    standard deviations and correlation are those of ``holdout_sd`` (relative SE of an SD over
+    K draws ≈ 1/√(2K) = 3.5%, tolerance 20%; SE of a correlation ≈ (1 - ρ²)/√K ≈ 0.04,
+    tolerance 0.2)."""
+    mu, eps, N, K = T.make_mu(2, 2.0, 30), 0.5, 2000, 400
+    theta = mu + np.array([0.2, -0.1])
+    acc_true = 1 - T.err_standard(theta, mu)
+    rob_true = 1 - T.err_robust(theta, mu, 1.0, eps)
+    rng = np.random.default_rng(0)
+    meas = np.array([T.holdout_accuracy(theta, *T.draw_holdout(mu, N, rng=rng), eps)
+                     for _ in range(K)])
+    sd_a, sd_r, rho = T.holdout_sd(acc_true, rob_true, N)
+    assert abs(meas[:, 0].mean() - acc_true) <= 5 * sd_a / math.sqrt(K)
+    assert abs(meas[:, 1].mean() - rob_true) <= 5 * sd_r / math.sqrt(K)
+    assert meas[:, 0].std() == pytest.approx(sd_a, rel=0.2)
+    assert meas[:, 1].std() == pytest.approx(sd_r, rel=0.2)
+    assert np.corrcoef(meas.T)[0, 1] == pytest.approx(rho, abs=0.2)
+    assert np.all(meas[:, 1] <= meas[:, 0])
+
+
+def test_holdout_accuracy_batch_eps0_and_bad_arguments():
+    mu = T.make_mu(3, 1.0, 20)
+    x, y = T.draw_holdout(mu, 500, sigma=1.5, rng=1)
+    assert x.shape == (500, 3) and y.shape == (500,) and set(np.unique(y)) <= {-1.0, 1.0}
+    thetas = np.random.default_rng(2).standard_normal((4, 3))
+    acc, rob = T.holdout_accuracy(thetas, x, y, 0.2)
+    for i, t in enumerate(thetas):
+        a, r = T.holdout_accuracy(t, x, y, 0.2)
+        assert (a, r) == (acc[i], rob[i])
+        assert a == np.mean(y * (x @ t) > 0)
+    a0, r0 = T.holdout_accuracy(thetas, x, y, 0.0)
+    np.testing.assert_array_equal(a0, r0)
+    # a 10k-point test set: the numbers quoted in benchmarks/gaussian_tables.py
+    sd_a, sd_r, rho = T.holdout_sd(0.92135, 0.76025, 10_000)
+    assert (round(sd_a, 4), round(sd_r, 4), round(rho, 2)) == (0.0027, 0.0043, 0.52)
+    with pytest.raises(ValueError, match="theta"):
+        T.holdout_accuracy(np.ones(2), x, y)
+    with pytest.raises(ValueError, match="eps"):
+        T.holdout_accuracy(thetas, x, y, -1.0)
+    with pytest.raises(ValueError, match="n_test"):
+        T.draw_holdout(mu, 0)
+    with pytest.raises(ValueError, match="rob"):
+        T.holdout_sd(0.7, 0.8, 100)
