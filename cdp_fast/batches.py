@@ -7,7 +7,8 @@
   same on every rank;
 - :func:`augment_batch` (= :func:`augment_draws` + :func:`apply_augment`): random crop after
   zero padding and horizontal flips on tensors, the draws separable from their application so
-  they can be made for the whole global batch and sliced per rank;
+  they can be made for the whole global batch and sliced per rank; :func:`augment_defaults`:
+  the padding and flips that fit an image size when the caller leaves them to the library;
 - :func:`check_number`: the ValueError-naming-the-argument check shared with
   :mod:`cdp_fast.train`.
 
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["mix_counts", "epoch_indices", "step_seed", "MixedBatchSampler", "augment_batch",
-           "augment_draws", "apply_augment", "check_number"]
+           "augment_draws", "apply_augment", "augment_defaults", "check_number"]
 
 
 def check_number(name, v, lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
@@ -167,6 +168,28 @@ class MixedBatchSampler:
 
 
 # --------------------------------------------------------------------------- augmentation
+def augment_defaults(image_shape, pad: Optional[int] = None,
+                     flip: Optional[bool] = None) -> tuple[int, bool]:
+    """(pad, flip) for images of shape (C, H, W), each None replaced by the rule that fits the
+    input (a given value is returned unchanged):
+
+    - pad: ``min(H, W) / 8`` rounded half up, at least 1 — CIFAR's customary 4 at 32×32
+      (Gowal et al. 2021 / ``core/data/cifar10s.py``: ``RandomCrop(32, padding=4)``), 1 at
+      8×8, 4 at 28×28. A fixed 4 on 8×8 digits crops away up to half of every digit: TRADES
+      on the digits then reaches about a third of its clean accuracy (tests/test_train.py);
+    - flip: True only for 3-channel images (natural images such as CIFAR-10, whose classes
+      are mirror-symmetric), never for 1-channel ones (digits, MNIST: a mirrored 2, 3, 7 is
+      no longer that digit). Pass flip=False for 3-channel signs or text (e.g. GTSRB), whose
+      meaning changes under a mirror.
+    """
+    c, h, w = (int(v) for v in tuple(image_shape)[-3:])
+    if pad is None:
+        pad = max(1, math.floor(min(h, w) / 8 + 0.5))
+    if flip is None:
+        flip = c == 3
+    return pad, flip
+
+
 def augment_batch(x: torch.Tensor, *, pad: int, flip: bool,
                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Random crop after zero padding by ``pad`` (torchvision ``RandomCrop(size, padding)``

@@ -3,38 +3,81 @@ public entry points, their objectives and the training loop. Data order, mixing 
 augmentation: :mod:`cdp_fast.batches`; input forms: :func:`cdp_fast.data.as_source`; the inner
 attacks: :mod:`cdp_fast.attacks`.
 
-The recipe is the paper's (App. D, "Adversarial Training": "we follow the same setting as
-Gowal et al. (2021)") as DM-Improves-AT implements it (facts of its public code,
-``train-wa.py`` / ``gowal21uncovering/utils/watrain.py``):
+The paper's setting (App. D, "Adversarial Training": "we follow the same setting as Gowal et
+al. (2021)"), with the facts of the public trainers cited by file (the Contrastive-DP authors'
+``adversarial_robustness_pytorch-main/`` is a fork of ``imrahulr/adversarial_robustness_pytorch``;
+its README trains with ``train-wa.py`` — missing from their snapshot, present upstream — whose
+``WATrainer`` is ``gowal21uncovering/utils/watrain.py``):
 
 - every batch mixes real and synthetic images at a fixed ratio: ``real_fraction`` = 0.3 of the
-  batch is real (DM-Improves-AT's ``--unsup-fraction 0.7``); an "epoch" is
-  ``ceil(len(real) / batch_size)`` updates whatever the synthetic set size (their
-  ``update_steps`` per epoch is derived from the real set size the same way);
-- TRADES (Zhang et al. 2019, eq. (5) and the public ``trades.py``), β = 6 by default:
+  batch is real (``--unsup-fraction 0.7``, ``core/data/semisup.py``); an "epoch" is
+  ``ceil(len(real) / batch_size)`` updates whatever the synthetic set size (their epoch length
+  is derived from the real set size the same way);
+- TRADES (Zhang et al. 2019, eq. (5)), β = 6 by default:
 
       L = CE(f(x), y) + β · (1/B) Σ_i KL(p(x_i) ‖ p(x'_i)),   p = softmax ∘ f,
 
-  where x' comes from :func:`cdp_fast.attacks.trades_attack` (10 L∞ PGD steps on the same KL,
-  model in eval mode during the attack, as in Zhang et al.'s code; DM-Improves-AT instead keeps
-  BatchNorm in train mode with frozen statistics there). In code that is
-  ``F.kl_div(log_softmax(f(x')), softmax(f(x)), reduction="batchmean")``: the natural
-  distribution is the *target* of ``kl_div``, so gradients flow through both f(x) and f(x');
+  where x' comes from :func:`cdp_fast.attacks.trades_attack` (10 L∞ PGD steps on the same KL).
+  In code that is ``F.kl_div(log_softmax(f(x')), softmax(f(x)), reduction="batchmean")``: the
+  natural distribution is the *target* of ``kl_div``, so gradients flow through both f(x) and
+  f(x'); the clean forward and the adversarial forward both run in train mode, one after the
+  other, each updating the BatchNorm running statistics;
 - PGD-AT (Madry et al. 2018): L = CE(f(x'), y) with x' from
-  :func:`cdp_fast.attacks.pgd_attack` (random start, model in eval mode for the attack);
-- optional label smoothing on the clean CE term (DM-Improves-AT's ``--ls``);
+  :func:`cdp_fast.attacks.pgd_attack` (uniform random start, model in eval mode for the
+  attack, as ``core/utils/train.py``'s ``Trainer.adversarial_loss``);
 - SGD with Nesterov momentum 0.9, weight decay 5e-4 on every parameter except those of the
-  normalisation layers (DM-Improves-AT's ``group_weight``), cosine learning-rate schedule per
+  normalisation layers (``watrain.py``'s ``group_weight``), cosine learning-rate schedule per
   update (optionally after a linear warm-up);
-- EMA of the weights ("stochastic weight averaging with decay 0.995", App. D) with the
-  warm-up of Gowal et al.: decay_k = min(ema, (1 + k) / (10 + k)) after the k-th update
-  (k = 1, 2, ...). The float buffers (BatchNorm running statistics) are averaged the same way
-  (DM-Improves-AT instead copies the live model's statistics into the average at each epoch
-  end; averaging keeps statistics consistent with the averaged weights);
-- augmentation on tensors: random crop after zero padding (``pad``, 4 for CIFAR; use 1 or 2
-  for 8x8 digits) and an optional horizontal flip (off for digits);
+- an EMA of the weights ("stochastic weight averaging with decay 0.995", App. D);
+- augmentation on tensors: random crop after zero padding and horizontal flips, by default
+  fitted to the input (:func:`cdp_fast.batches.augment_defaults`: padding ``min(H, W)/8``
+  rounded, at least 1 — 4 at 32×32 as ``RandomCrop(32, padding=4)`` in
+  ``core/data/cifar10s.py``, 1 at 8×8 — and flips only for 3-channel images);
 - on CUDA: bf16 autocast and ``torch.compile`` (``amp="auto"``, ``compile="auto"``); on CPU
   fp32 eager unless asked.
+
+Two recipes (``recipe=``) differ in five places; everything else above is common:
+
+=====================  ====================================  ==================================
+                       ``"gowal"`` (default, the paper's)    ``"zhang"`` (before recipes)
+=====================  ====================================  ==================================
+TRADES attack start    clip(x + U(−ε, ε), 0, 1)              x + 0.001·N(0, I)
+                       (``gowal21uncovering/utils/           (``yaodongyu/TRADES`` ``trades.py``;
+                       trades.py`` L33–34)                   the authors' ``core/utils/trades.py``
+                                                             L30)
+TRADES attack mode     train mode, BatchNorm on batch        eval mode (running statistics)
+                       statistics, running statistics        (``trades.py``; ``core/utils/
+                       frozen; p(x) in that mode too         trades.py`` L27)
+                       (``gowal21uncovering/utils/
+                       trades.py`` L29–35, ``track_bn_stats``
+                       in ``core/utils/utils.py``)
+label smoothing        0.1 on the clean CE of TRADES         0
+(``label_smoothing=    (``gowal21uncovering/utils/trades.py``
+None``)                L22, L27); 0 for PGD-AT (``core/
+                       utils/train.py``: plain
+                       ``nn.CrossEntropyLoss``)
+EMA decay after        0 (an exact copy) while k < 2.5 % of  min(ema, (1 + k)/(10 + k)) from
+update k               the run's updates, then min(ema,      the first update
+                       (1 + δ)/(10 + δ)), δ = k − warm-up
+                       (``watrain.py`` ``ema_update``,
+                       ``warmup_steps = 0.025 · epochs ·
+                       update_steps``)
+EMA's BatchNorm        the model's, copied at the end of     averaged like the weights
+statistics             every epoch; only parameters are      (integer buffers copied after
+                       averaged (``watrain.py``              every update)
+                       ``update_bn``, which aliases the
+                       buffers: equal at every epoch end)
+=====================  ====================================  ==================================
+
+``recipe`` sets these five; the only one an argument overrides is the label smoothing
+(``label_smoothing=None``: the recipe's; a number: that). PGD-AT's attack (uniform start, eval
+mode) is the same in both recipes, so for :func:`train_pgd_at` the recipes differ in the EMA
+only (and in the label smoothing when passed explicitly). Not reproduced by either recipe:
+``watrain.py``'s BatchNorm momentum 1.0 on the first update (then 0.01) and its one-cycle
+learning-rate schedule stepped per epoch (``core/utils/train.py``); the model's own BatchNorm
+momentum is used, and the cosine schedule above. ``"zhang"`` is this library's behaviour before
+``recipe`` existed, bit for bit (its default call then used pad 4 and flips; pass them to
+reproduce an old default run).
 
 Determinism and resume. Every random choice is a function of (``seed``, epoch) — the data
 order — or (``seed``, update index) — crops, flips, attack starts — through dedicated
@@ -60,8 +103,11 @@ global batch k gets the same randomness whatever N, so a run can be resumed with
 processes. The inner attacks run on the unwrapped module (``ddp.module``), so their input
 gradients never touch DDP's gradient hooks. BatchNorm: each rank normalises with its local
 batch statistics unless ``sync_bn=True`` (``torch.nn.SyncBatchNorm``, CUDA/nccl only in
-torch); rank 0's running statistics are broadcast after every update (DDP's
-``broadcast_buffers``, moved after the step) so parameters, buffers and hence the EMA are
+torch) — in the training forwards and, with recipe="gowal", in the TRADES attack too, so a
+BatchNorm model's attack (like its training forward) depends on how the global batch is split
+over the ranks; models without BatchNorm train the same whatever N. Rank 0's running
+statistics are broadcast after every update (DDP's ``broadcast_buffers``, moved after the
+step) and the EMA starts from rank 0's model, so parameters, buffers and hence the EMA are
 identical on every rank. Only rank 0 writes the checkpoint (its path must be visible to every
 rank to resume) and shows a progress bar. Per-rank training throughput is gathered into
 ``model.throughput``.
@@ -75,6 +121,7 @@ path (npz with image/label or arr_0/arr_1 keys, or an out directory of :func:`cd
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -84,17 +131,17 @@ import torch
 from torch import nn
 
 from cdp_fast import distributed as cdist
-from cdp_fast.batches import (MixedBatchSampler, augment_batch, check_number, epoch_indices,
-                              mix_counts)
+from cdp_fast.batches import (MixedBatchSampler, augment_batch, augment_defaults, check_number,
+                              epoch_indices, mix_counts)
 from cdp_fast.data import as_source
 from cdp_fast.runtime import rank_device
-from cdp_fast.trainloop import (Loop, RunConfig, cosine_lr, ema_decay, epoch_entry,
-                                load_checkpoint, make_optimizer, pgd_at_loss, run_epoch,
+from cdp_fast.trainloop import (RECIPES, Loop, RunConfig, broadcast_state, cosine_lr, ema_decay,
+                                epoch_entry, load_checkpoint, make_optimizer, pgd_at_loss, run_epoch,
                                 save_checkpoint, trades_loss, wrap_model)
 
 __all__ = ["train_trades", "train_pgd_at", "trades_loss", "pgd_at_loss", "as_source",
-           "augment_batch", "ema_decay", "cosine_lr", "mix_counts", "epoch_indices",
-           "MixedBatchSampler"]
+           "augment_batch", "augment_defaults", "ema_decay", "cosine_lr", "mix_counts",
+           "epoch_indices", "MixedBatchSampler", "RECIPES"]
 
 
 # --------------------------------------------------------------------------- public API
@@ -103,14 +150,16 @@ def train_trades(model: nn.Module, train_data, *, synthetic=None, real_fraction:
                  beta: float = 6.0, batch_size: int, ema: Optional[float] = 0.995,
                  progress: bool = True, lr: float = 0.2, momentum: float = 0.9,
                  weight_decay: float = 5e-4, nesterov: bool = True,
-                 label_smoothing: float = 0.0, augment: bool = True, pad: int = 4,
-                 flip: bool = True, steps_per_epoch: Optional[int] = None,
+                 label_smoothing: Optional[float] = None, augment: bool = True,
+                 pad: Optional[int] = None, flip: Optional[bool] = None,
+                 steps_per_epoch: Optional[int] = None,
                  warmup_epochs: int = 0, checkpoint=None, resume: bool = True, seed: int = 0,
                  device=None, amp="auto", compile="auto",
                  callback: Optional[Callable[[dict], None]] = None,
-                 sync_bn: bool = False) -> nn.Module:
+                 sync_bn: bool = False, recipe: str = "gowal") -> nn.Module:
     """TRADES adversarial training (Zhang et al. 2019) on real + synthetic data, the paper's
-    recipe (App. D: Gowal et al. 2021's setting, β = 6, 10-step PGD, EMA 0.995).
+    recipe by default (App. D: Gowal et al. 2021's setting, β = 6, 10-step PGD, EMA 0.995;
+    ``recipe="gowal"``, see the module docstring for both recipes and their sources).
 
     Example:
         >>> model = cdp_fast.models.get_model("wrn-28-10-swish")
@@ -133,8 +182,13 @@ def train_trades(model: nn.Module, train_data, *, synthetic=None, real_fraction:
         progress: tqdm bar per epoch.
         lr, momentum, weight_decay, nesterov: SGD (DM-Improves-AT: lr 0.2 at batch 512,
             Nesterov, 5e-4).
-        label_smoothing: on the clean CE term (TRADES) or the adversarial CE (PGD-AT).
-        augment, pad, flip: random crop with zero padding ``pad`` and horizontal flips.
+        label_smoothing: on the clean CE term (TRADES) or the adversarial CE (PGD-AT); None
+            (default): the recipe's — 0.1 for TRADES with "gowal", 0 otherwise.
+        augment, pad, flip: random crop with zero padding ``pad`` and horizontal flips (no
+            effect when ``augment=False``). None (default) fits them to the images (C, H, W)
+            (:func:`cdp_fast.batches.augment_defaults`): pad = min(H, W)/8 rounded half up,
+            at least 1 (4 at 32×32, 1 at 8×8); flip = True for 3-channel images only (never
+            for 1-channel digits / MNIST). Pass flip=False for signs or text (e.g. GTSRB).
         steps_per_epoch, warmup_epochs: schedule shape (cosine after linear warm-up).
         checkpoint: path written atomically after each epoch; resume=True continues from it.
         seed: all randomness (data order, crops, attack starts) derives from it.
@@ -146,6 +200,14 @@ def train_trades(model: nn.Module, train_data, *, synthetic=None, real_fraction:
         sync_bn: under torch.distributed, train with ``torch.nn.SyncBatchNorm`` (batch
             statistics over the global batch; CUDA/nccl only, ValueError on CPU); the model's
             own BatchNorm modules are put back afterwards. No effect in a single process.
+        recipe: ``"gowal"`` (default: Gowal et al. 2021 as the paper used it — uniform attack
+            start, train-mode BatchNorm with frozen statistics in the attack, label smoothing
+            0.1, EMA copied for the first 2.5 % of updates then ramped, BatchNorm statistics
+            of the EMA model copied from the model each epoch) or ``"zhang"`` (this library's
+            behaviour before recipes, bit for bit: Zhang et al.'s ``trades.py`` attack —
+            x + 0.001·N(0, I) start, eval mode — no label smoothing, EMA ramp from the first
+            update with averaged BatchNorm statistics). Part of the checkpoint's
+            configuration; checkpoints written before recipes existed resume as "zhang".
     Returns:
         ``model`` with the EMA weights loaded (the last weights when ema=None), in eval mode,
         with ``model.history``: one dict per epoch (loss, train accuracies, lr, time_s,
@@ -161,7 +223,8 @@ def train_trades(model: nn.Module, train_data, *, synthetic=None, real_fraction:
                 weight_decay=weight_decay, nesterov=nesterov, label_smoothing=label_smoothing,
                 augment=augment, pad=pad, flip=flip, steps_per_epoch=steps_per_epoch,
                 warmup_epochs=warmup_epochs, checkpoint=checkpoint, resume=resume, seed=seed,
-                device=device, amp=amp, compile=compile, callback=callback, sync_bn=sync_bn)
+                device=device, amp=amp, compile=compile, callback=callback, sync_bn=sync_bn,
+                recipe=recipe)
 
 
 def train_pgd_at(model: nn.Module, train_data, *, synthetic=None, real_fraction: float = 0.3,
@@ -169,12 +232,13 @@ def train_pgd_at(model: nn.Module, train_data, *, synthetic=None, real_fraction:
                  beta: float = 6.0, batch_size: int, ema: Optional[float] = 0.995,
                  progress: bool = True, lr: float = 0.2, momentum: float = 0.9,
                  weight_decay: float = 5e-4, nesterov: bool = True,
-                 label_smoothing: float = 0.0, augment: bool = True, pad: int = 4,
-                 flip: bool = True, steps_per_epoch: Optional[int] = None,
+                 label_smoothing: Optional[float] = None, augment: bool = True,
+                 pad: Optional[int] = None, flip: Optional[bool] = None,
+                 steps_per_epoch: Optional[int] = None,
                  warmup_epochs: int = 0, checkpoint=None, resume: bool = True, seed: int = 0,
                  device=None, amp="auto", compile="auto",
                  callback: Optional[Callable[[dict], None]] = None,
-                 sync_bn: bool = False) -> nn.Module:
+                 sync_bn: bool = False, recipe: str = "gowal") -> nn.Module:
     """Madry et al. (2018) PGD adversarial training with the same options as
     :func:`train_trades` (``beta`` is accepted for symmetry and ignored); the revised paper's
     App. F.1 variant.
@@ -182,7 +246,9 @@ def train_pgd_at(model: nn.Module, train_data, *, synthetic=None, real_fraction:
     Args:
         as :func:`train_trades`, except: ``beta`` is ignored; ``eps``, ``step_size``,
         ``steps`` define the PGD attack with random start (:func:`cdp_fast.attacks.pgd_attack`)
-        whose point alone is trained on; ``label_smoothing`` applies to that adversarial CE;
+        whose point alone is trained on; ``label_smoothing`` applies to that adversarial CE
+        (None: 0 in both recipes, as ``core/utils/train.py``'s ``Trainer.adversarial_loss``);
+        ``recipe`` sets the EMA only (the attack is the same in both);
         ``history``'s ``train_clean_acc`` is NaN (no clean forward pass).
     Returns:
         as :func:`train_trades`.
@@ -195,7 +261,8 @@ def train_pgd_at(model: nn.Module, train_data, *, synthetic=None, real_fraction:
                 weight_decay=weight_decay, nesterov=nesterov, label_smoothing=label_smoothing,
                 augment=augment, pad=pad, flip=flip, steps_per_epoch=steps_per_epoch,
                 warmup_epochs=warmup_epochs, checkpoint=checkpoint, resume=resume, seed=seed,
-                device=device, amp=amp, compile=compile, callback=callback, sync_bn=sync_bn)
+                device=device, amp=amp, compile=compile, callback=callback, sync_bn=sync_bn,
+                recipe=recipe)
 
 
 # --------------------------------------------------------------------------- a run, top-down
@@ -206,6 +273,8 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, checkpoint, resu
     weights into ``model``. The parts live in :mod:`cdp_fast.trainloop`."""
     run = _validate(kind, model, callback=callback, **options)
     real, syn, spe = _sources(train_data, synthetic, run)
+    pad, flip = augment_defaults(real.image_shape, run.pad, run.flip)
+    run = dataclasses.replace(run, pad=pad, flip=flip)
     dev = rank_device(device, model)
     model.to(dev)
     rank, world = cdist.maybe_init(dev)
@@ -232,12 +301,16 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, checkpoint, resu
                                                      ema_model)
 
     model, fwd, attack_fwd, restore_bn = wrap_model(model, dev, world, run)
+    if world > 1 and ema_model is not None:
+        # DDP gave every rank rank 0's weights; the EMA (copied before) must start from them
+        # too, or ranks that built the model with different random inits keep different EMAs.
+        broadcast_state(ema_model)
     use_amp = (dev.type == "cuda") if run.amp == "auto" else bool(run.amp)
     loop = Loop(run=run, real=real, syn=syn, sampler=sampler, model=model, fwd=fwd,
                 attack_fwd=attack_fwd, opt=opt, ema_model=ema_model, dev=dev, rank=rank,
                 world=world, use_amp=use_amp, has_buffers=any(True for _ in model.buffers()),
                 rows=torch.as_tensor(sampler.rows, device=dev), total=run.epochs * spe,
-                warmup=run.warmup_epochs * spe)
+                warmup=run.warmup_epochs * spe, recipe=RECIPES[run.recipe])
     run_images, run_seconds = 0, 0.0
     for epoch in range(start_epoch, run.epochs):
         t0 = time.perf_counter()
@@ -275,8 +348,10 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, checkpoint, resu
 def _validate(kind, model, *, real_fraction, epochs, eps, step_size, steps, beta, batch_size,
               ema, progress, lr, momentum, weight_decay, nesterov, label_smoothing, augment,
               pad, flip, steps_per_epoch, warmup_epochs, seed, amp, compile, callback,
-              sync_bn) -> RunConfig:
-    """ValueError naming the first bad argument (in this order), else the run's RunConfig."""
+              sync_bn, recipe) -> RunConfig:
+    """ValueError naming the first bad argument (in this order), else the run's RunConfig
+    (label_smoothing resolved from the recipe; pad / flip may still be None: the images'
+    shape decides them)."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_number("real_fraction", real_fraction, 0.0, 1.0)
@@ -291,8 +366,15 @@ def _validate(kind, model, *, real_fraction, epochs, eps, step_size, steps, beta
     check_number("lr", lr, 0.0, lo_open=True)
     check_number("momentum", momentum, 0.0, 1.0, hi_open=True)
     check_number("weight_decay", weight_decay, 0.0)
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
+    if label_smoothing is None:
+        label_smoothing = RECIPES[recipe].label_smoothing[kind]
     check_number("label_smoothing", label_smoothing, 0.0, 1.0, hi_open=True)
-    check_number("pad", pad, 0, integer=True)
+    if pad is not None:
+        check_number("pad", pad, 0, integer=True)
+    if flip not in (None, True, False):
+        raise ValueError(f"flip must be None, True or False, got {flip!r}")
     check_number("warmup_epochs", warmup_epochs, 0, integer=True)
     check_number("seed", seed, 0, integer=True)
     if steps_per_epoch is not None:
@@ -311,9 +393,10 @@ def _validate(kind, model, *, real_fraction, epochs, eps, step_size, steps, beta
                      step_size=step_size, steps=int(steps), beta=beta, batch_size=int(batch_size),
                      ema=ema, progress=progress, lr=lr, momentum=momentum,
                      weight_decay=weight_decay, nesterov=nesterov,
-                     label_smoothing=label_smoothing, augment=augment, pad=int(pad), flip=flip,
+                     label_smoothing=label_smoothing, augment=augment,
+                     pad=None if pad is None else int(pad), flip=flip,
                      steps_per_epoch=steps_per_epoch, warmup_epochs=int(warmup_epochs),
-                     seed=int(seed), amp=amp, compile=compile, sync_bn=sync_bn)
+                     seed=int(seed), amp=amp, compile=compile, sync_bn=sync_bn, recipe=recipe)
 
 
 def _sources(train_data, synthetic, run: RunConfig):
@@ -346,4 +429,6 @@ def _checkpoint_config(run: RunConfig, spe: int, real, syn) -> dict:
     }
     if run.sync_bn:   # (key absent otherwise: checkpoints of earlier versions still resume)
         config["sync_bn"] = True
+    # (checkpoints of earlier versions have no "recipe": load_checkpoint reads them as "zhang")
+    config["recipe"] = run.recipe
     return config

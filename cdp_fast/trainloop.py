@@ -1,7 +1,7 @@
 """The training loop's parts behind :func:`cdp_fast.train_trades` / :func:`cdp_fast.train_pgd_at`:
-objectives, schedules, the run's configuration, optimizer, checkpoint files, DDP wrapping and
-one epoch. :mod:`cdp_fast.train` puts them together top-down and documents the recipe, the
-determinism and the distributed semantics they implement.
+the two recipes, objectives, schedules, the run's configuration, optimizer, checkpoint files,
+DDP wrapping and one epoch. :mod:`cdp_fast.train` puts them together top-down and documents
+the recipes, the determinism and the distributed semantics they implement.
 """
 from __future__ import annotations
 
@@ -15,15 +15,51 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdp_fast.attacks import pgd_from_draws, trades_from_noise
+from cdp_fast.attacks import pgd_from_draws, trades_from_draws, trades_from_noise
 from cdp_fast.batches import MixedBatchSampler, apply_augment, augment_draws, step_seed
 from cdp_fast.data import atomic_write
 
-__all__ = ["trades_loss", "pgd_at_loss", "ema_decay", "cosine_lr", "RunConfig", "make_optimizer",
-           "save_checkpoint", "load_checkpoint", "wrap_model", "Loop", "run_epoch",
-           "epoch_entry"]
+__all__ = ["Recipe", "RECIPES", "trades_loss", "pgd_at_loss", "ema_decay", "cosine_lr",
+           "RunConfig", "make_optimizer", "save_checkpoint", "load_checkpoint", "wrap_model",
+           "broadcast_state", "Loop", "run_epoch", "epoch_entry"]
 
 _CKPT_VERSION = 1
+
+
+# --------------------------------------------------------------------------- recipes
+@dataclass(frozen=True)
+class Recipe:
+    """What a ``recipe=`` name sets (:mod:`cdp_fast.train` documents the sources).
+
+    trades_start: the TRADES attack's start, "uniform" (clip(x + U(−ε, ε), 0, 1)) or "normal"
+        (x + 0.001·N(0, I)); PGD-AT starts uniformly in both recipes.
+    trades_mode: the model's mode during the TRADES attack, "train" (batch statistics, running
+        statistics frozen) or "eval"; PGD-AT attacks in eval mode in both recipes.
+    label_smoothing: the default ``label_smoothing`` per objective ("trades": on the clean CE,
+        "pgd_at": on the adversarial CE) when the caller passes None.
+    ema_warmup: fraction of the run's updates during which the EMA is an exact copy of the
+        model; the decay ramp (1 + δ)/(10 + δ) starts after it (δ = updates − warm-up).
+    ema_buffers: "copy" (the model's buffers — BatchNorm statistics — copied into the EMA model
+        at the end of every epoch; only parameters are averaged) or "average" (buffers averaged
+        like the parameters, integer buffers copied after every update).
+    """
+    trades_start: str
+    trades_mode: str
+    label_smoothing: dict
+    ema_warmup: float
+    ema_buffers: str
+
+
+RECIPES = {
+    "gowal": Recipe(trades_start="uniform", trades_mode="train",
+                    label_smoothing={"trades": 0.1, "pgd_at": 0.0}, ema_warmup=0.025,
+                    ema_buffers="copy"),
+    "zhang": Recipe(trades_start="normal", trades_mode="eval",
+                    label_smoothing={"trades": 0.0, "pgd_at": 0.0}, ema_warmup=0.0,
+                    ema_buffers="average"),
+}
+# Checkpoints written before ``recipe`` existed were trained with today's "zhang" behaviour.
+_LEGACY_RECIPE = "zhang"
 
 
 # --------------------------------------------------------------------------- objectives
@@ -49,10 +85,16 @@ def pgd_at_loss(logits_adv: torch.Tensor, y: torch.Tensor, *,
 
 
 # --------------------------------------------------------------------------- schedules
-def ema_decay(ema: float, k: int) -> float:
-    """EMA decay after the k-th update (k >= 1): min(ema, (1 + k) / (10 + k)) (Gowal et al.
-    2020's warm-up, DM-Improves-AT ``ema_update(dynamic_decay=True)``)."""
-    return min(float(ema), (1.0 + k) / (10.0 + k))
+def ema_decay(ema: float, k: int, warmup: float = 0.0) -> float:
+    """EMA decay after the k-th update (k >= 1): 0 (the EMA becomes a copy of the model) while
+    k < ``warmup``, then min(ema, (1 + δ) / (10 + δ)) with δ = k − warmup
+    (``gowal21uncovering/utils/watrain.py``: ``ema_update(..., warmup_steps,
+    dynamic_decay=True)``, warmup_steps = 0.025 · the run's updates). With warmup = 0 this is
+    min(ema, (1 + k) / (10 + k)) from the first update (the "zhang" recipe)."""
+    if k < warmup:
+        return 0.0
+    delta = k - warmup
+    return min(float(ema), (1.0 + delta) / (10.0 + delta))
 
 
 def cosine_lr(lr: float, step: int, total: int, warmup: int = 0) -> float:
@@ -93,6 +135,7 @@ class RunConfig:
     amp: Any
     compile: Any
     sync_bn: bool
+    recipe: str = "gowal"
 
 
 def make_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.SGD:
@@ -132,10 +175,10 @@ def load_checkpoint(path: Path, dev, config, model, opt, ema_model) -> tuple[int
     state = torch.load(path, map_location=dev, weights_only=True)
     if state.get("version") != _CKPT_VERSION:
         raise ValueError(f"checkpoint {path} has an unknown format version")
-    old = state["config"]
-    diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+    old, new = _comparable(state["config"]), _comparable(config)
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
-        details = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
         raise ValueError(f"checkpoint {path} was written with different arguments "
                          f"({details}); pass a new checkpoint path or resume=False")
     model.load_state_dict(state["model"])
@@ -144,6 +187,18 @@ def load_checkpoint(path: Path, dev, config, model, opt, ema_model) -> tuple[int
         ema_model.load_state_dict(state["ema"])
     torch.set_rng_state(state["rng"]["torch"].cpu())
     return int(state["epoch"]), int(state["step"]), list(state["history"])
+
+
+def _comparable(config: dict) -> dict:
+    """The part of a checkpoint configuration a resume must match: a missing ``recipe`` is the
+    one every checkpoint before its introduction was trained with, and ``pad`` / ``flip`` do
+    not matter without augmentation (their defaults now depend on the image size)."""
+    config = dict(config)
+    config.setdefault("recipe", _LEGACY_RECIPE)
+    if not config.get("augment", True):
+        config.pop("pad", None)
+        config.pop("flip", None)
+    return config
 
 
 # --------------------------------------------------------------------------- DDP
@@ -187,6 +242,15 @@ def _broadcast_buffers(model: nn.Module) -> None:
         dist.broadcast(b, 0)
 
 
+@torch.no_grad()
+def broadcast_state(model: nn.Module) -> None:
+    """Rank 0's parameters and buffers everywhere, in place."""
+    import torch.distributed as dist
+
+    for t in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(t, 0)
+
+
 # --------------------------------------------------------------------------- one epoch
 @dataclass(frozen=True)
 class Loop:
@@ -208,6 +272,7 @@ class Loop:
     rows: torch.Tensor        # this rank's positions in a global batch
     total: int                # updates of the whole run (cosine schedule)
     warmup: int               # warm-up updates
+    recipe: Recipe            # what run.recipe names
 
 
 def run_epoch(loop: Loop, epoch: int, step: int):
@@ -250,6 +315,9 @@ def run_epoch(loop: Loop, epoch: int, step: int):
             bar.update(1)
     if bar is not None:
         bar.close()
+    if loop.ema_model is not None and loop.recipe.ema_buffers == "copy":
+        # (every rank's buffers are rank 0's after each update, so the copies agree)
+        _copy_buffers(loop.ema_model, loop.model)
     if loop.dev.type == "cuda":
         torch.cuda.synchronize(loop.dev)
     return step, sums, seen
@@ -271,9 +339,17 @@ def _update(loop: Loop, x, y, epoch: int, step: int):
            else torch.autocast(dev.type, enabled=False))
     with amp:
         if run.kind == "trades":
-            noise = torch.randn(global_shape, generator=gen, device=dev, dtype=x.dtype)[rows]
-            x_adv = trades_from_noise(loop.attack_fwd, x, noise, eps=run.eps,
-                                      step_size=run.step_size, steps=run.steps)
+            recipe = loop.recipe
+            if recipe.trades_start == "uniform":
+                u = torch.rand(global_shape, generator=gen, device=dev, dtype=x.dtype)[rows]
+                x_adv = trades_from_draws(loop.attack_fwd, x, u, eps=run.eps,
+                                          step_size=run.step_size, steps=run.steps,
+                                          mode=recipe.trades_mode)
+            else:
+                noise = torch.randn(global_shape, generator=gen, device=dev, dtype=x.dtype)[rows]
+                x_adv = trades_from_noise(loop.attack_fwd, x, noise, eps=run.eps,
+                                          step_size=run.step_size, steps=run.steps,
+                                          mode=recipe.trades_mode)
             logits_nat = loop.fwd(x)
             logits_adv = loop.fwd(x_adv)
             loss = trades_loss(logits_nat, logits_adv, y, beta=run.beta,
@@ -294,22 +370,41 @@ def _update(loop: Loop, x, y, epoch: int, step: int):
     if loop.world > 1 and loop.has_buffers:
         _broadcast_buffers(loop.model)
     if loop.ema_model is not None:
-        _ema_update(loop.ema_model, loop.model, ema_decay(run.ema, step + 1))
+        decay = ema_decay(run.ema, step + 1, loop.recipe.ema_warmup * loop.total)
+        _ema_update(loop.ema_model, loop.model, decay,
+                    buffers=loop.recipe.ema_buffers == "average")
     return loss, logits_nat, logits_adv
 
 
 @torch.no_grad()
-def _ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema ← decay · ema + (1 − decay) · model, parameters and float buffers (BatchNorm
-    statistics averaged like the weights they go with); integer buffers are copied."""
+def _ema_update(ema_model: nn.Module, model: nn.Module, decay: float, *,
+                buffers: bool = True) -> None:
+    """ema ← decay · ema + (1 − decay) · model on the parameters (decay 0: an exact copy) and,
+    if ``buffers``, on the float buffers (BatchNorm statistics averaged like the weights they
+    go with; integer buffers copied)."""
     ep = [p for p in ema_model.parameters()]
     mp = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ep, mp, 1.0 - decay)
+    if decay == 0.0:
+        torch._foreach_copy_(ep, mp)
+    else:
+        torch._foreach_lerp_(ep, mp, 1.0 - decay)
+    if not buffers:
+        return
     for be, bm in zip(ema_model.buffers(), model.buffers()):
         if be.is_floating_point():
             be.lerp_(bm, 1.0 - decay)
         else:
             be.copy_(bm)
+
+
+@torch.no_grad()
+def _copy_buffers(ema_model: nn.Module, model: nn.Module) -> None:
+    """The model's buffers (BatchNorm running statistics, ``num_batches_tracked``) into the EMA
+    model, values only (``watrain.py``'s ``update_bn`` assigns the tensors themselves, so its
+    average shares them from then on; at the epoch ends, the only points where the EMA model
+    is read, the two are equal)."""
+    for be, bm in zip(ema_model.buffers(), model.buffers()):
+        be.copy_(bm)
 
 
 def epoch_entry(loop: Loop, epoch: int, step: int, sums, seen: int, seconds: float) -> dict:
