@@ -200,7 +200,9 @@ def make_runner(method, setup, args, device, x_T):
         def run():
             kw = {}
             if loss is not None:
-                kw = dict(setup[loss], features=feats)
+                # the yardstick is Algorithm 1 as written (every step, anchor form, no head):
+                # ours runs that same method, so the ratio compares implementations
+                kw = dict(setup[loss], features=feats, form="anchors", guide_window=None, embedding=None)
             s = cdp_fast.sample(net, B, loss=loss, steps=args.steps, skip="uniform", image_shape=shape,
                                 batch_size=B, output="float", seed=args.seed, device=device,
                                 compile=compile_, dtype=dtype, progress=False, **kw)

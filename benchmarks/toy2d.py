@@ -148,15 +148,18 @@ def generate(variant, *, n=200, steps=50, init_std=1.0, seed=0, real=None, model
         real, _ = oracle_samples(500, seed=seed + 1)
     labeler = sign_labeler()
     loss = opts.pop("loss")
+    # App. C.2's setting as measured here: the anchor form at every step, no head (the toy is
+    # the paper's illustration, not the authors' CIFAR-10 recipe)
     kw = dict(tau_plus=opts.pop("tau_plus", 0.1), beta=opts.pop("beta", 1.0),
-              positive=opts.pop("positive", "previous"), negatives=opts.pop("negatives", "batch"))
+              positive=opts.pop("positive", "previous"), negatives=opts.pop("negatives", "batch"),
+              form="anchors", embedding=None)
     lam, tau = opts.pop("lam", None), opts.pop("tau", None)
     if opts:
         raise ValueError(f"variant: unknown options {sorted(opts)}")
     if via == "sample" or (via == "auto" and init_std == 1.0):
         s = cdp_fast.sample(model, n, loss=loss, lam=lam, tau=tau, real=real, labeler=labeler,
                             image_shape=(2,), output="float", steps=steps, skip="uniform",
-                            batch_size=n, seed=seed, progress=False, compile=False, **kw)
+                            batch_size=n, seed=seed, progress=False, compile=False, guide_window=None, **kw)
         return np.asarray(s.images, dtype=np.float32)
     from cdp_fast.seeding import sample_seed
     abar = model.alphas_cumprod

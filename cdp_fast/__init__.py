@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "sample": ("cdp_fast.sampler", "sample"),
     "guided_ddim": ("cdp_fast.sampler", "guided_ddim"),
+    "guided_ddpm": ("cdp_fast.sampler", "guided_ddpm"),
     "ContrastiveGuidance": ("cdp_fast.sampler", "ContrastiveGuidance"),
     "Samples": ("cdp_fast.data", "Samples"),
     "timesteps": ("cdp_fast.schedule", "timesteps"),

@@ -1,11 +1,41 @@
 """Contrastive guidance λ∇_{x_t}ℓ for guided sampling (Contrastive-DP, Algorithm 1, line 6),
-with the pair strategies of App. C.1, the online embedding head ("with embedding", App. D.1)
-and the paper's default hyper-parameters.
+with the pair strategies of App. C.1, the online embedding head ("with embedding", App. D.1),
+the authors' loss forms and the paper's default hyper-parameters.
 
 :class:`ContrastiveGuidance` is a callable ``guidance(x_t, t, eps, step) -> (g, λ) | None``,
 the protocol of :func:`cdp_fast.guided_ddim`; it keeps the features of the previous step
 (the "previous" positive) between calls, so one instance follows one batch trajectory:
 call :meth:`ContrastiveGuidance.reset` before the next one (:func:`cdp_fast.sample` does).
+
+Faithful to the paper and the authors' code (YiDongOuYang/Contrastive-Guided-Diffusion-Process;
+file names below are in that repository):
+
+- λ∇ℓ is added to the ε-prediction (Algorithm 1 line 6; ``ddim-main-contrast/functions/
+  denoising.py``: ``et += delta``), and the gradient is taken with respect to x_t only.
+- ``form="authors"`` (the default with in-batch negatives): HNM is the symmetric 2B-row loss of
+  ``adv_training/hard_negative_sample.py`` (rows e(x_t) and e(x_{t+1}); each row's negatives the
+  other 2B − 2 rows; mean over 2B rows; the code's clamps) — :func:`cdp_fast.losses.
+  hnm_loss_symmetric`; InfoNCE is ``adv_training/infonce.py`` (queries e(x_t) against the keys
+  e(x_{t+1}) of the batch) — :func:`cdp_fast.losses.infonce_loss_keys`. The paper's λ values
+  (App. D.1) mean these forms. ``form="anchors"`` is the earlier form of this package: B
+  anchors e(x_t), negatives the other e(x_t), the positive detached. Its gradient has the
+  same direction as the authors' HNM (cosine 1.000 measured on the digits features) but
+  about (2B−1)/B ≈ 2× the norm when the push-apart term dominates (the linearised gradients
+  at τ = 10 differ by exactly that factor on the repulsion and by ~1 on the attraction), so
+  the same λ guides about twice as hard.
+- With mean reduction the per-sample gradient scales as 1/B: λ is tied to the batch size
+  (the paper's B = 512 for CIFAR-10, 128 for MNIST / GTSRB).
+- The head (``embedding="mlp"``) is the code's ``EmbeddingModel``: Linear(d, 128), ReLU,
+  Linear(128, 128), L2-normalised (the loss normalises), Adam lr 1e-2, one step per guided
+  step after the guidance gradient is read, trained through both e(x_t) and e(x_{t+1}) in
+  the authors' form. The authors create it once and keep it for the whole run; here it is
+  created at the start of every *shard* of a :func:`cdp_fast.sample` run and carried through
+  that shard's batches (``reset(keep_head=True)``), which keeps resume exact and the output
+  independent of the number of processes.
+- The authors skip the first step of a trajectory (no x_{t+1} yet: ``len(xs) >= 2``) and, on
+  CIFAR-10, guide only t >= 400 (``i >= 400``; their MNIST / GTSRB code guides 50 < t < 150);
+  the paper's Algorithm 1 guides every step. The window is chosen by :func:`cdp_fast.sample`
+  (``guide_window="auto"``); this class guides every step unless given a window.
 """
 from __future__ import annotations
 
@@ -17,10 +47,20 @@ from cdp_fast import losses
 from cdp_fast.schedule import as_alphas_cumprod
 from cdp_fast.seeding import sample_seed
 
-__all__ = ["ContrastiveGuidance", "MLPHead", "check_options", "DEFAULTS", "LOSSES", "POSITIVES", "NEGATIVES"]
+__all__ = ["ContrastiveGuidance", "MLPHead", "check_options", "resolve_form", "resolve_embedding", "DEFAULTS",
+           "LOSSES", "POSITIVES", "NEGATIVES", "FORMS"]
 
-#: Paper defaults (App. D.1: CIFAR-10, WRN-28-10 features, 200 quadratic steps, batch 512).
-#: λ and τ are tied to the feature extractor's scale: re-tune them for other features.
+#: Paper defaults (App. D.1: CIFAR-10, WRN-28-10 features, 200 quadratic steps, batch 512;
+#: the authors' code: hard_negative_sample.py ``temperature = 10``, ``criterion(..., 0.1, 512,
+#: 1.0)``, ``delta.grad*100000``). λ and τ are tied to the feature extractor's scale and the
+#: batch size: re-tune them for other features. The authors' InfoNCE code multiplies by 1000
+#: where the paper says λ = 2e4; the paper's value is kept.
+#:
+#: What HNM does at τ = 10: cosine similarities in [−1, 1] give logits s/τ in [−0.1, 0.1], so
+#: every exp(s/τ) is within 10% of 1 and the importance weights neg^β are nearly uniform. The
+#: HNM gradient is then InfoNCE's up to a factor: measured on the digits features, cosine
+#: 1.000 and norm ratio 0.9 between β = 1, τ⁺ = 0.1 and β = 0, τ⁺ = 0. Hard-negative mining
+#: only reweights once τ is small enough for the similarities to spread the weights (τ ≲ 1).
 DEFAULTS = {
     "infonce": {"tau": 0.1, "lam": 20_000.0},
     "hnm": {"tau": 10.0, "lam": 100_000.0, "tau_plus": 0.1, "beta": 1.0},
@@ -28,6 +68,30 @@ DEFAULTS = {
 LOSSES = ("infonce", "hnm")
 POSITIVES = ("previous", "real")
 NEGATIVES = ("batch", "real", "class")
+FORMS = ("authors", "anchors")
+EMBEDDINGS = ("auto", None, "mlp")
+
+
+def resolve_form(form, negatives):
+    """``form=None``: the authors' form, except with a real negative bank (they have none), where
+    the anchor form is used. An explicit "authors" with negatives="real" is an error."""
+    if form is None:
+        return "anchors" if negatives == "real" else "authors"
+    if form not in FORMS:
+        raise ValueError(f"form must be None, 'authors' or 'anchors', got {form!r}")
+    if form == "authors" and negatives == "real":
+        raise ValueError("form='authors' has no real-bank variant (the authors' negatives are the batch); "
+                         "use form='anchors' with negatives='real'")
+    return form
+
+
+def resolve_embedding(embedding, loss):
+    """``embedding="auto"``: the head for HNM (the authors' code trains one for HNM, and Table 5
+    has HNM "with embedding" ahead of "without" at 50K and 200K images), none for InfoNCE (the
+    authors' InfoNCE code uses the raw features; the paper reports no InfoNCE head)."""
+    if embedding == "auto":
+        return "mlp" if loss == "hnm" else None
+    return embedding
 
 
 class MLPHead(torch.nn.Module):
@@ -53,15 +117,16 @@ def _number(name, v, *, lo=None, lo_open=False, hi=None, hi_open=False):
                          f"got {v!r}")
 
 
-def check_options(*, positive="previous", negatives="batch", embedding=None, guide_window=None):
+def check_options(*, positive="previous", negatives="batch", embedding=None, guide_window=None, form=None):
     """ValueError naming the argument unless the pair strategies, the head and the window are
     valid values (shared by :class:`ContrastiveGuidance` and :func:`cdp_fast.sample`)."""
     if positive not in POSITIVES:
         raise ValueError(f"positive must be one of {POSITIVES}, got {positive!r}")
     if negatives not in NEGATIVES:
         raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
-    if embedding not in (None, "mlp"):
-        raise ValueError(f"embedding must be None or 'mlp', got {embedding!r}")
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"embedding must be 'auto', None or 'mlp', got {embedding!r}")
+    resolve_form(form, negatives)
     if guide_window is not None and not (
             isinstance(guide_window, (tuple, list)) and len(guide_window) == 2
             and all(isinstance(v, (int, float)) for v in guide_window)
@@ -70,28 +135,35 @@ def check_options(*, positive="previous", negatives="batch", embedding=None, gui
 
 
 class ContrastiveGuidance:
-    """λ∇_{x_t}ℓ_contra for Algorithm 1, with the pair strategies of App. C.1.
+    """λ∇_{x_t}ℓ_contra for Algorithm 1, with the pair strategies of App. C.1 (see the module
+    docstring for the sources of every choice).
 
-    Per step: anchors a = e(x_t) with e = head∘f (f = ``features`` or flattened pixels;
-    ``head`` = identity or the online MLP), positives p = e(x_{t+1}) of the same sample
-    (``positive="previous"``, detached; at the first guided step the anchor itself,
-    detached) or e(real image assigned to the sample) (``"real"``); negatives the other batch
-    samples (``"batch"``), a real bank (``"real"``) or the other-class batch samples
-    (``"class"``: classes from ``class_labels``, else the argmax of ``labeler`` on the current
-    x̂_0 = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t, clamped to [-1, 1] for images). Returns (∇_{x_t}ℓ, λ), or
-    None outside ``guide_window`` (t_lo <= t <= t_hi) or when λ = 0.
+    Per step, with e = head∘f (f = ``features`` or flattened pixels; head = identity or the
+    online MLP): z = e(x_t); the positives w = e(x_{t+1}) of the same samples
+    (``positive="previous"``) or e(the real image assigned to each sample) (``"real"``);
+    negatives the other batch rows (``"batch"``), a real bank (``"real"``) or the other-class
+    batch rows (``"class"``: classes from ``class_labels``, else the argmax of ``labeler`` on
+    the current x̂_0 = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t, clamped to [-1, 1] for images). The loss:
+    ``form="authors"``: :func:`cdp_fast.losses.hnm_loss_symmetric` /
+    :func:`cdp_fast.losses.infonce_loss_keys` on (z, w); with positive="previous" the first
+    step of a trajectory is not guided (no x_{t+1} yet). ``form="anchors"``:
+    :func:`cdp_fast.losses.hnm_loss` / ``infonce_loss`` with anchors z, the positives detached
+    (at the first step the anchor itself) and candidates the other anchors or the bank.
+    Returns (∇_{x_t}ℓ, λ), or None outside ``guide_window`` (t_lo <= t <= t_hi), at an
+    unguided first step, or when λ = 0.
 
-    ``embedding="mlp"``: the head is initialised from ``seed`` at the first guided step of a
-    trajectory and trained by one Adam step (lr 1e-2, as the authors' code) on the same loss
-    per guided step. :meth:`reset` starts a new trajectory with a fresh head (keeping sample i
-    a function of (seed, i) and resume exact).
+    ``embedding="mlp"``: the head is initialised from ``seed`` at the first guided step after
+    a :meth:`reset` that does not keep it, and trained by one Adam step (lr 1e-2) on the same
+    loss per guided step.
 
     Args:
         loss: "hnm" or "infonce". lam: λ >= 0. tau: τ > 0. tau_plus: τ⁺ ∈ [0, 1) and beta:
             β >= 0 (HNM only).
         features: f: (B, *shape) in [-1, 1] -> (B, d), differentiable; None = pixels.
-        embedding: None or "mlp". positive: "previous" | "real". negatives: "batch" | "real"
-            | "class".
+        embedding: "auto" (the head for HNM, none for InfoNCE: :func:`resolve_embedding`),
+            None or "mlp". positive: "previous" | "real". negatives: "batch" | "real" | "class".
+        form: None (the authors', or "anchors" with a real bank: :func:`resolve_form`),
+            "authors" or "anchors".
         real: (N, *shape) real images in [-1, 1] for the "real" modes.
         labeler: x -> logits (B, K), for negatives="class" without class labels.
         guide_window: (t_lo, t_hi) or None (every step).
@@ -103,9 +175,9 @@ class ContrastiveGuidance:
         >>> x0 = cdp_fast.guided_ddim(model, x_T, alphas_cumprod=abar, timesteps=ts, guidance=g)
     """
 
-    def __init__(self, *, loss, lam, tau, tau_plus=0.1, beta=1.0, features=None, embedding=None,
+    def __init__(self, *, loss, lam, tau, tau_plus=0.1, beta=1.0, features=None, embedding="auto",
                  positive="previous", negatives="batch", real=None, labeler=None,
-                 guide_window=None, alphas_cumprod=None, seed=0, feature_batch=512):
+                 guide_window=None, alphas_cumprod=None, seed=0, feature_batch=512, form=None):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         _number("lam", lam, lo=0)
@@ -113,20 +185,23 @@ class ContrastiveGuidance:
         _number("tau_plus", tau_plus, lo=0, hi=1, hi_open=True)
         _number("beta", beta, lo=0)
         check_options(positive=positive, negatives=negatives, embedding=embedding,
-                      guide_window=guide_window)
+                      guide_window=guide_window, form=form)
         if (positive == "real" or negatives == "real") and not (isinstance(real, torch.Tensor) and len(real)):
             raise ValueError(f"real images are required for positive={positive!r} / negatives={negatives!r}")
         self.loss, self.lam, self.tau = loss, float(lam), float(tau)
         self.tau_plus, self.beta = float(tau_plus), float(beta)
-        self.features, self.embedding = features, embedding
+        self.features, self.embedding = features, resolve_embedding(embedding, loss)
+        self.form = resolve_form(form, negatives)
         self.positive, self.negatives = positive, negatives
         self.real, self.labeler, self.guide_window, self.seed = real, labeler, guide_window, seed
         self.abar = None if alphas_cumprod is None else as_alphas_cumprod(alphas_cumprod)
         self.feature_batch = feature_batch
         self._real_raw = None            # f(real), computed once
+        self._head = None                # the online MLP, created at the first guided step
+        self._opt = None
         self.reset()
 
-    def reset(self, class_labels=None, real_positive_index=None):
+    def reset(self, class_labels=None, real_positive_index=None, keep_head=False):
         """Start a new batch trajectory.
 
         Args:
@@ -134,13 +209,17 @@ class ContrastiveGuidance:
                 labeler classifies the current x̂_0).
             real_positive_index: (B,) row of ``real`` that is each sample's positive
                 (positive="real"); default: sample j's positive is real[j % N].
+            keep_head: carry the online head (and its optimiser state) into this trajectory,
+                as the authors' code carries one head through a run; False re-initialises it
+                from ``seed`` at the next guided step.
         """
         self.class_labels = class_labels
         self.real_positive_index = real_positive_index
         self._prev_raw = None            # f(x_{t+1}) of the last guided step
         self._prev_x = None              # x_{t+1} when the last step was not guided
-        self._head = None                # the online MLP, created at the first guided step
-        self._opt = None
+        if not keep_head:
+            self._head = None
+            self._opt = None
 
     # f: x -> (B, d)
     def _f(self, x):
@@ -171,6 +250,7 @@ class ContrastiveGuidance:
         return raw if self._head is None else self._head(raw)
 
     def _positive_raw(self, x, raw):
+        """f of the positives, (B, d) detached; None at an unguided first step (authors' form)."""
         if self.positive == "real":
             idx = self.real_positive_index
             if idx is None:
@@ -180,7 +260,7 @@ class ContrastiveGuidance:
             return self._prev_raw
         if self._prev_x is not None:
             return self._f(self._prev_x).float()
-        return raw.detach()
+        return None if self.form == "authors" else raw.detach()
 
     def _labels(self, x, t, eps):
         if self.class_labels is not None:
@@ -195,6 +275,17 @@ class ContrastiveGuidance:
             x0 = x0.clamp(-1, 1)
         return self.labeler(x0).argmax(1)
 
+    def _loss(self, z, w, cand, labels):
+        if self.form == "authors":
+            if self.loss == "hnm":
+                return losses.hnm_loss_symmetric(z, w, tau=self.tau, tau_plus=self.tau_plus, beta=self.beta,
+                                                 labels=labels)
+            return losses.infonce_loss_keys(z, w, tau=self.tau, labels=labels)
+        if self.loss == "hnm":
+            return losses.hnm_loss(z, w, cand, tau=self.tau, tau_plus=self.tau_plus, beta=self.beta,
+                                   anchor_labels=labels)
+        return losses.infonce_loss(z, w, cand, tau=self.tau, anchor_labels=labels)
+
     def __call__(self, x, t, eps, step):
         in_window = self.guide_window is None or (self.guide_window[0] <= t <= self.guide_window[1])
         if not in_window or self.lam == 0:
@@ -204,20 +295,25 @@ class ContrastiveGuidance:
         x_in = x.detach().requires_grad_(True)
         with torch.enable_grad():
             raw = self._f(x_in).float()
-            self._ensure_head(raw.shape[1], x.device)
-            anchor = self._embed(raw)
             with torch.no_grad():
-                pos = self._embed(self._positive_raw(x, raw))
+                pos_raw = self._positive_raw(x, raw)
+            if pos_raw is None:                 # the authors' `len(xs) >= 2`: no x_{t+1} yet
+                self._prev_raw = raw.detach()
+                self._prev_x = x.detach()
+                return None
+            self._ensure_head(raw.shape[1], x.device)
+            z = self._embed(raw)
+            # the authors' head also learns from the x_{t+1} rows; the anchor form keeps its
+            # positives fixed targets (Algorithm 1)
+            with torch.set_grad_enabled(self.form == "authors" and self._head is not None):
+                w = self._embed(pos_raw)
+            with torch.no_grad():
                 cand = self._embed(self._real_features(x.device)) if self.negatives == "real" else None
                 labels = self._labels(x, t, eps) if self.negatives == "class" else None
-            if self.loss == "hnm":
-                ell = losses.hnm_loss(anchor, pos, cand, tau=self.tau, tau_plus=self.tau_plus,
-                                      beta=self.beta, anchor_labels=labels)
-            else:
-                ell = losses.infonce_loss(anchor, pos, cand, tau=self.tau, anchor_labels=labels)
+            ell = self._loss(z, w, cand, labels)
             if self._head is not None:
                 params = list(self._head.parameters())
-                grads = torch.autograd.grad(ell, [x_in] + params)
+                grads = torch.autograd.grad(ell, [x_in] + params, allow_unused=True)
                 g = grads[0]
                 for p_, g_ in zip(params, grads[1:]):
                     p_.grad = g_

@@ -42,12 +42,15 @@ import torch
 from cdp_fast import distributed, runtime
 from cdp_fast.guidance import DEFAULTS, LOSSES, ContrastiveGuidance, check_options
 from cdp_fast.models.external import EpsModel, as_eps_model, call_model
-from cdp_fast.ops.ddim import ddim_update
+from cdp_fast.ops.ddim import ddim_update, ddpm_update
 from cdp_fast.schedule import as_alphas_cumprod, make_alphas_cumprod, timesteps as make_timesteps
 from cdp_fast.seeding import generators, per_sample_randn, sample_seed
 from cdp_fast.stream import ShardPlan, fingerprint, write_shards
 
-__all__ = ["sample", "guided_ddim", "ContrastiveGuidance", "DEFAULTS", "call_model", "sample_seed"]
+SOLVERS = ("ddim", "ddpm")
+
+__all__ = ["sample", "guided_ddim", "guided_ddpm", "ContrastiveGuidance", "DEFAULTS", "call_model", "sample_seed",
+           "SOLVERS", "authors_window"]
 
 
 # ----------------------------------------------------------------------------- pure loop
@@ -58,6 +61,73 @@ def _check_eps(eps, x, step, t):
         raise ValueError(
             f"model output at step {step} (t={t}) has shape {tuple(eps.shape)}, expected "
             f"{tuple(x.shape)} (the input's shape)")
+
+
+def _check_timesteps(alphas_cumprod, timesteps):
+    abar = as_alphas_cumprod(alphas_cumprod)
+    ts = torch.as_tensor(timesteps, dtype=torch.long).flatten().cpu()
+    if ts.numel() < 1:
+        raise ValueError("timesteps is empty")
+    if (ts < 0).any() or (ts >= abar.numel()).any():
+        raise ValueError(f"timesteps must lie in [0, {abar.numel() - 1}]")
+    if (ts[1:] > ts[:-1]).any():
+        raise ValueError("timesteps must be descending")
+    return abar, ts.tolist()
+
+
+def _noise_source(generator, x):
+    """A function drawing one (B, *shape) standard normal tensor: from per-sample generators
+    (a sequence of B: drawn on CPU per sample), one torch.Generator (on CPU), or the device RNG."""
+    per_sample = generator is not None and not isinstance(generator, torch.Generator)
+    if per_sample and len(generator) != x.shape[0]:
+        raise ValueError(f"generator: got {len(generator)} generators for a batch of {x.shape[0]}")
+
+    def draw():
+        if per_sample:
+            return per_sample_randn(generator, x.shape[1:], x.device, x.dtype)
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype,
+                           device="cpu" if generator is not None else x.device).to(x.device)
+    return draw
+
+
+def _guided_loop(model, x_T, abar, t_list, update, *, guidance, draw, callback, y):
+    """The loop shared by the solvers: ε-model, guidance, ``update(x, eps, g, lam, t, t_prev,
+    a_t, a_prev, draw, want_x0) -> (x_prev, x0)``; repeated timesteps are skipped; non-finite
+    values are reported with their step after the loop (no host sync inside it)."""
+    eps_model = as_eps_model(model)
+    x = x_T
+    B = x.shape[0]
+    bad = torch.zeros((), dtype=torch.long, device=x.device)  # first non-finite step + 1 (no host sync)
+    for step, t in enumerate(t_list):
+        t_prev = t_list[step + 1] if step + 1 < len(t_list) else -1
+        if t_prev == t:  # repeated t (quadratic skip): ᾱ_prev = ᾱ_t makes the update the identity
+            continue
+        a_t = float(abar[t])
+        a_prev = float(abar[t_prev]) if t_prev >= 0 else 1.0
+        t_batch = torch.full((B,), t, dtype=torch.long, device=x.device)
+        with torch.no_grad():
+            eps = eps_model(x, t_batch, y)
+        _check_eps(eps, x, step, t)
+        eps = eps.to(x.dtype)
+        g, lam = None, 0.0
+        if guidance is not None:
+            res = guidance(x, t, eps, step)
+            if res is not None:
+                g, lam = res
+        finite = torch.isfinite(eps).all()
+        if g is not None:
+            finite = finite & torch.isfinite(g).all()
+        bad = torch.where((bad == 0) & ~finite, torch.full_like(bad, step + 1), bad)
+        with torch.no_grad():
+            x_new, x0 = update(x, eps, g, float(lam), t, t_prev, a_t, a_prev, draw, callback is not None)
+        if callback is not None:
+            callback({"step": step, "t": t, "x": x_new, "x0": x0, "eps": eps})
+        x = x_new
+    bad_step = int(bad)  # the loop's only host sync
+    if bad_step:
+        s = bad_step - 1
+        raise ValueError(f"model output or guidance gradient at step {s} (t={t_list[s]}) is not finite")
+    return x
 
 
 def guided_ddim(model, x_T, *, alphas_cumprod, timesteps, guidance=None, eta=0.0,
@@ -82,64 +152,43 @@ def guided_ddim(model, x_T, *, alphas_cumprod, timesteps, guidance=None, eta=0.0
     Returns:
         x_0, (B, *shape) float, model space (≈ [-1, 1]; not clipped).
     """
-    abar = as_alphas_cumprod(alphas_cumprod)
-    ts = torch.as_tensor(timesteps, dtype=torch.long).flatten().cpu()
-    if ts.numel() < 1:
-        raise ValueError("timesteps is empty")
-    if (ts < 0).any() or (ts >= abar.numel()).any():
-        raise ValueError(f"timesteps must lie in [0, {abar.numel() - 1}]")
-    if (ts[1:] > ts[:-1]).any():
-        raise ValueError("timesteps must be descending")
+    abar, t_list = _check_timesteps(alphas_cumprod, timesteps)
     if not (isinstance(eta, (int, float)) and eta >= 0):
         raise ValueError(f"eta must be >= 0, got {eta!r}")
-    eps_model = as_eps_model(model)
-    x = x_T
-    B = x.shape[0]
-    per_sample = generator is not None and not isinstance(generator, torch.Generator)
-    if per_sample and len(generator) != B:
-        raise ValueError(f"generator: got {len(generator)} generators for a batch of {B}")
-    t_list = ts.tolist()
-    bad = torch.zeros((), dtype=torch.long, device=x.device)  # first non-finite step + 1 (no host sync)
-    for step, t in enumerate(t_list):
-        t_prev = t_list[step + 1] if step + 1 < len(t_list) else -1
-        if t_prev == t:  # repeated t (quadratic skip): ᾱ_prev = ᾱ_t makes the update the identity
-            continue
-        a_t = float(abar[t])
-        a_prev = float(abar[t_prev]) if t_prev >= 0 else 1.0
-        t_batch = torch.full((B,), t, dtype=torch.long, device=x.device)
-        with torch.no_grad():
-            eps = eps_model(x, t_batch, y)
-        _check_eps(eps, x, step, t)
-        eps = eps.to(x.dtype)
-        g, lam = None, 0.0
-        if guidance is not None:
-            res = guidance(x, t, eps, step)
-            if res is not None:
-                g, lam = res
-        sigma = 0.0
-        noise = None
+
+    def update(x, eps, g, lam, t, t_prev, a_t, a_prev, draw, want_x0):
+        sigma, noise = 0.0, None
         if eta > 0 and t_prev >= 0:
             sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)
-            if per_sample:
-                noise = per_sample_randn(generator, x.shape[1:], x.device, x.dtype)
-            else:
-                noise = torch.randn(x.shape, generator=generator, dtype=x.dtype,
-                                    device="cpu" if generator is not None else x.device).to(x.device)
-        finite = torch.isfinite(eps).all()
-        if g is not None:
-            finite = finite & torch.isfinite(g).all()
-        bad = torch.where((bad == 0) & ~finite, torch.full_like(bad, step + 1), bad)
-        with torch.no_grad():
-            x_new, x0 = ddim_update(x, eps, g, lam=float(lam), abar_t=a_t, abar_prev=a_prev, sigma=sigma,
-                                    noise=noise, return_x0=callback is not None)
-        if callback is not None:
-            callback({"step": step, "t": t, "x": x_new, "x0": x0, "eps": eps})
-        x = x_new
-    bad_step = int(bad)  # the loop's only host sync
-    if bad_step:
-        s = bad_step - 1
-        raise ValueError(f"model output or guidance gradient at step {s} (t={t_list[s]}) is not finite")
-    return x
+            noise = draw()
+        return ddim_update(x, eps, g, lam=lam, abar_t=a_t, abar_prev=a_prev, sigma=sigma, noise=noise,
+                           return_x0=want_x0)
+
+    return _guided_loop(model, x_T, abar, t_list, update, guidance=guidance,
+                        draw=_noise_source(generator, x_T), callback=callback, y=y)
+
+
+def guided_ddpm(model, x_T, *, alphas_cumprod, timesteps, guidance=None, clip_x0=True,
+                generator=None, callback=None, y=None):
+    """Guided DDPM ancestral sampling (Ho et al. 2020; the revised paper's DDPM rows and the
+    authors' MNIST / GTSRB sampler, ``minimal-diffusion-main/main_nonddp.py``): at each step
+    Δ = ε + λ∇ℓ, x̂_0 from Δ (clipped to [-1, 1] when ``clip_x0``), then the posterior mean
+    plus √β̃·z (:func:`cdp_fast.ops.ddim.ddpm_update`; noise at every step with t > 0, as
+    diffusers' ``DDPMScheduler``).
+
+    Args: as :func:`guided_ddim` (no η: the variance is the posterior's); ``generator``: a
+    torch.Generator or B per-sample generators for z.
+    Returns:
+        x_0, (B, *shape) float, model space.
+    """
+    abar, t_list = _check_timesteps(alphas_cumprod, timesteps)
+
+    def update(x, eps, g, lam, t, t_prev, a_t, a_prev, draw, want_x0):
+        return ddpm_update(x, eps, g, lam=lam, abar_t=a_t, abar_prev=a_prev, noise=draw() if t > 0 else None,
+                           clip_x0=clip_x0, return_x0=want_x0)
+
+    return _guided_loop(model, x_T, abar, t_list, update, guidance=guidance,
+                        draw=_noise_source(generator, x_T), callback=callback, y=y)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -147,14 +196,30 @@ def _is_int(v):
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
-def _validate(n, loss, positive, negatives, embedding, guide_window, real, class_labels, labeler,
-              num_classes, batch_size, steps, eta, output, image_shape, compile, shard_size, init_std):
+def authors_window(T: int) -> tuple[int, int]:
+    """The authors' CIFAR-10 guidance window scaled to T steps: t >= 0.4·T (their
+    ``ddim-main-contrast/functions/denoising.py``: ``i >= 400`` at T = 1000)."""
+    return (math.ceil(0.4 * T), T - 1)
+
+
+def _validate(n, loss, positive, negatives, embedding, guide_window, form, solver, clip_x0, real,
+              class_labels, labeler, num_classes, batch_size, steps, eta, output, image_shape, compile,
+              shard_size, init_std):
     """The sampling arguments (the loss's own are checked by ContrastiveGuidance)."""
     if not _is_int(n) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     if loss not in (None,) + LOSSES:
         raise ValueError(f"loss must be one of None, 'none', 'infonce', 'hnm'; got {loss!r}")
-    check_options(positive=positive, negatives=negatives, embedding=embedding, guide_window=guide_window)
+    check_options(positive=positive, negatives=negatives, embedding=embedding,
+                  guide_window=None if guide_window == "auto" else guide_window, form=form)
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if clip_x0 not in (None, True, False):
+        raise ValueError(f"clip_x0 must be None, True or False, got {clip_x0!r}")
+    if solver == "ddim" and clip_x0:
+        raise ValueError("clip_x0=True needs solver='ddpm' (DDIM here follows the official code: no clipping)")
+    if solver == "ddpm" and eta not in (0, 0.0):
+        raise ValueError(f"eta is a DDIM option; solver='ddpm' uses the posterior variance (got eta={eta!r})")
     if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if not _is_int(steps) or steps < 1:
@@ -198,7 +263,10 @@ class _Run:
     """Everything a batch of a :func:`sample` run needs, fixed for the run."""
 
     eps_model: EpsModel
-    guidance: Optional[ContrastiveGuidance]   # None: plain DDIM (also for λ = 0)
+    guidance: Optional[ContrastiveGuidance]   # None: no guidance (also for λ = 0)
+    solver: str                               # "ddim" | "ddpm"
+    clip_x0: bool                             # DDPM only
+    head_scope: int                           # rows per online-head lifetime (the shard size)
     alphas_cumprod: torch.Tensor
     timesteps: torch.Tensor
     eta: float
@@ -250,11 +318,16 @@ def _generate_group(run: _Run, start: int, count: int):
         if guidance.positive == "real":
             real_pos = torch.tensor([int(torch.randint(len(guidance.real), (1,), generator=g)) for g in gens],
                                     dtype=torch.long, device=run.device)
+        # the head lives for a shard (the authors': a run), so resume stays exact
         guidance.reset(class_labels=cls if guidance.negatives == "class" else None,
-                       real_positive_index=real_pos)
+                       real_positive_index=real_pos, keep_head=start % run.head_scope != 0)
     with run.autocast():
-        x0 = guided_ddim(run.eps_model, x_T, alphas_cumprod=run.alphas_cumprod, timesteps=run.timesteps,
-                         guidance=guidance, eta=run.eta, generator=gens if run.eta > 0 else None, y=y)
+        if run.solver == "ddpm":
+            x0 = guided_ddpm(run.eps_model, x_T, alphas_cumprod=run.alphas_cumprod, timesteps=run.timesteps,
+                             guidance=guidance, clip_x0=run.clip_x0, generator=gens, y=y)
+        else:
+            x0 = guided_ddim(run.eps_model, x_T, alphas_cumprod=run.alphas_cumprod, timesteps=run.timesteps,
+                             guidance=guidance, eta=run.eta, generator=gens if run.eta > 0 else None, y=y)
     x0 = x0[:count].float()
     labels = conf = None
     if run.labeler is not None:
@@ -321,12 +394,12 @@ def _manifest_args(model, n, kw):
 
 
 # ----------------------------------------------------------------------------- driver
-def sample(model, n, *, loss="hnm", features=None, embedding=None, guide_window=None, lam=None,
+def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_window="auto", lam=None,
            tau=None, tau_plus=0.1, beta=1.0, positive="previous", negatives="batch", real=None,
            num_classes=None, class_labels=None, labeler=None, steps=200, skip="quadratic", eta=0.0,
            T=1000, betas="linear", alphas_cumprod=None, image_shape=(3, 32, 32), batch_size=512,
            out=None, shard_size=None, output="uint8", seed=0, device=None, dtype=None,
-           compile="auto", progress=True, init_std=1.0):
+           compile="auto", progress=True, init_std=1.0, form=None, solver="ddim", clip_x0=None):
     """Generate ``n`` Contrastive-DP samples (Algorithm 1), optionally streamed to disk.
 
     Args (DESIGN.md §3; shapes in brackets):
@@ -336,9 +409,19 @@ def sample(model, n, *, loss="hnm", features=None, embedding=None, guide_window=
         n: number of samples (>= 1).
         loss: None/"none" (plain DDIM), "infonce" or "hnm".
         features: f: x_t [(B, *image_shape) in [-1, 1]] -> (B, d); None = flattened pixels.
-        embedding: None or "mlp" (online 2-layer head, see
-            :class:`cdp_fast.guidance.ContrastiveGuidance`).
-        guide_window: (t_lo, t_hi): guide only when t_lo <= t <= t_hi.
+        embedding: "auto" (default: the online 2-layer head for HNM — the authors' code and the
+            paper's better variant, Table 5 "with embedding" — and none for InfoNCE), None or
+            "mlp". The head lives for one shard (``shard_size`` rows, also without ``out``):
+            with it, sample i also depends on the earlier batches of its shard (the authors
+            keep one head for a whole run; a shard keeps resume exact and the output
+            independent of the process count).
+        guide_window: "auto" (default: the authors' CIFAR-10 window t >= 0.4·T,
+            :func:`authors_window`; their MNIST/GTSRB code used (51, 149)), None (every step,
+            as the paper's Algorithm 1), or (t_lo, t_hi): guide only when t_lo <= t <= t_hi.
+            The first step of a trajectory is never guided in the authors' form (no x_{t+1}).
+        form: None (the authors' loss form; the anchor form with negatives="real"),
+            "authors" or "anchors": see :mod:`cdp_fast.guidance` (the paper's λ values mean
+            the authors' form; the anchor form's gradient is ~2× as large at the same λ).
         lam, tau, tau_plus, beta: λ, τ, τ⁺, β. ``lam``/``tau`` None = the paper's default for
             ``loss`` (:data:`cdp_fast.guidance.DEFAULTS`: InfoNCE τ=0.1, λ=2e4; HNM τ=10, τ⁺=0.1, β=1, λ=1e5 —
             tuned for CIFAR-10 WRN-28-10 features; other features need other values). λ=0 is
@@ -352,7 +435,11 @@ def sample(model, n, *, loss="hnm", features=None, embedding=None, guide_window=
         labeler: classifier x [(B, *image_shape) in [-1, 1]] -> logits (B, K); gives
             ``labels`` (argmax) and ``confidence`` (max softmax), and the classes of
             negatives="class" when no class_labels are given.
-        steps, skip, eta, T, betas: DDIM sub-sequence (cdp_fast.timesteps), η, schedule.
+        steps, skip, eta, T, betas: sub-sequence (cdp_fast.timesteps), η (DDIM), schedule.
+        solver: "ddim" (default, the paper's) or "ddpm" (ancestral; the revised paper's DDPM
+            rows and the authors' MNIST/GTSRB sampler: :func:`guided_ddpm`).
+        clip_x0: clip x̂_0 to [-1, 1] in the DDPM step (None: True for "ddpm"; "ddim" does not
+            clip, as the official DDIM code).
         alphas_cumprod: a foreign ᾱ table (e.g. a diffusers scheduler's) instead of betas/T.
         image_shape: per-sample shape, e.g. (3, 32, 32) or (2,).
         batch_size: samples per model call and the contrastive batch m.
@@ -386,8 +473,9 @@ def sample(model, n, *, loss="hnm", features=None, embedding=None, guide_window=
     """
     if loss == "none":
         loss = None
-    _validate(n, loss, positive, negatives, embedding, guide_window, real, class_labels, labeler,
-              num_classes, batch_size, steps, eta, output, image_shape, compile, shard_size, init_std)
+    _validate(n, loss, positive, negatives, embedding, guide_window, form, solver, clip_x0, real,
+              class_labels, labeler, num_classes, batch_size, steps, eta, output, image_shape, compile,
+              shard_size, init_std)
     runtime.check_dtype(dtype)
     if alphas_cumprod is not None:
         abar = as_alphas_cumprod(alphas_cumprod)
@@ -395,6 +483,7 @@ def sample(model, n, *, loss="hnm", features=None, embedding=None, guide_window=
     else:
         abar = make_alphas_cumprod(betas, T)
     ts = make_timesteps(T, steps, skip)
+    window = authors_window(T) if guide_window == "auto" else guide_window
     guidance = None
     if loss is not None:
         d = DEFAULTS[loss]
@@ -404,7 +493,7 @@ def sample(model, n, *, loss="hnm", features=None, embedding=None, guide_window=
         guidance = ContrastiveGuidance(
             loss=loss, lam=lam, tau=tau, tau_plus=tau_plus, beta=beta, features=features,
             embedding=embedding, positive=positive, negatives=negatives, real=real, labeler=labeler,
-            guide_window=guide_window, alphas_cumprod=abar, seed=seed)
+            guide_window=window, alphas_cumprod=abar, seed=seed, form=form)
         lam, tau = float(lam), float(tau)
     guided = guidance is not None and guidance.lam != 0
     if shard_size is None:
@@ -416,7 +505,9 @@ def sample(model, n, *, loss="hnm", features=None, embedding=None, guide_window=
     if out is not None and device is None and dev.type == "cuda" and distributed.world_info()[1] > 1:
         dev = distributed.local_device()  # one GPU per rank (LOCAL_RANK)
     eps_model, channels_last = _prepare_model(model, dev, compile, image_shape)
-    run = _Run(eps_model=eps_model, guidance=guidance if guided else None, alphas_cumprod=abar,
+    run = _Run(eps_model=eps_model, guidance=guidance if guided else None, solver=solver,
+               clip_x0=(solver == "ddpm") if clip_x0 is None else bool(clip_x0), head_scope=shard_size,
+               alphas_cumprod=abar,
                timesteps=ts, eta=float(eta), batch_size=batch_size, seed=seed, image_shape=tuple(image_shape),
                init_std=float(init_std), device=dev, channels_last=channels_last,
                class_labels=class_labels, num_classes=num_classes, labeler=labeler, output=output,
@@ -434,7 +525,9 @@ def sample(model, n, *, loss="hnm", features=None, embedding=None, guide_window=
                     bar.update(len(chunk["image"]))
             cat = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
             return Samples(cat["image"], cat.get("label"), cat.get("confidence"), meta={"seed": seed, "n": n})
-        kw = dict(loss=loss, features=features, embedding=embedding, guide_window=guide_window, lam=lam,
+        kw = dict(loss=loss, features=features, embedding=None if guidance is None else guidance.embedding,
+                  form=None if guidance is None else guidance.form, solver=solver, clip_x0=run.clip_x0,
+                  guide_window=window, lam=lam,
                   tau=tau, tau_plus=tau_plus, beta=beta, positive=positive, negatives=negatives, real=real,
                   num_classes=num_classes, class_labels=class_labels, labeler=labeler, steps=steps,
                   skip=skip, eta=eta, T=T, betas=betas, alphas_cumprod=alphas_cumprod,

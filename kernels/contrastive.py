@@ -98,7 +98,7 @@ def _row_bwd_state(RA, L1, L0, G1, G0, rm, row_ok):
 
 
 @triton.jit
-def _stats_fwd_kernel(A, K, RA, RK, LA, LK, L1, L0, CNT, M, N, D, stride_a, stride_k, c1, c0, N_SPLIT,
+def _stats_fwd_kernel(A, K, RA, RK, LA, LK, L1, L0, CNT, M, N, D, stride_a, stride_k, c1, c0, s_min, N_SPLIT,
                       IN_BATCH: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_BETA: tl.constexpr,
                       PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -120,7 +120,7 @@ def _stats_fwd_kernel(A, K, RA, RK, LA, LK, L1, L0, CNT, M, N, D, stride_a, stri
         col_ok = rn < n_hi
         s = _sim_tile(A, K, rm, rn, row_ok, col_ok, D, stride_a, stride_k, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         rk = tl.load(RK + rn, mask=col_ok, other=0.0)
-        s = s * ra[:, None] * rk[None, :]
+        s = tl.maximum(s * ra[:, None] * rk[None, :], s_min)
         valid = _valid_tile(rm, rn, row_ok, col_ok, la, LK, IN_BATCH, HAS_LABELS)
         cnt += tl.sum(valid.to(tl.float32), axis=1)
         # online LSE of c1·s: running max m1, sum s1 of exp(x − m1)
@@ -156,7 +156,7 @@ def _d_tile(s, valid, l1, l0, g1, g0, c1, c0, HAS_BETA: tl.constexpr):
 
 @triton.jit
 def _stats_bwd_da_kernel(A, K, RA, RK, LA, LK, L1, L0, G1, G0, DA, M, N, D, stride_a, stride_k,
-                         stride_da, c1, c0, N_SPLIT,
+                         stride_da, c1, c0, s_min, N_SPLIT,
                          IN_BATCH: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_BETA: tl.constexpr,
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
@@ -179,8 +179,9 @@ def _stats_bwd_da_kernel(A, K, RA, RK, LA, LK, L1, L0, G1, G0, DA, M, N, D, stri
         s = _sim_tile(A, K, rm, rn, row_ok, col_ok, D, stride_a, stride_k, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         rk = tl.load(RK + rn, mask=col_ok, other=0.0)
         s = s * ra[:, None] * rk[None, :]
-        valid = _valid_tile(rm, rn, row_ok, col_ok, la, LK, IN_BATCH, HAS_LABELS)
-        dd = _d_tile(s, valid, l1, l0, g1, g0, c1, c0, HAS_BETA) * rk[None, :]   # D_ij·r_k,j
+        # entries below the floor s_min were clamped in the forward: no gradient (clamp's rule)
+        valid = _valid_tile(rm, rn, row_ok, col_ok, la, LK, IN_BATCH, HAS_LABELS) & (s >= s_min)
+        dd = _d_tile(tl.maximum(s, s_min), valid, l1, l0, g1, g0, c1, c0, HAS_BETA) * rk[None, :]   # D_ij·r_k,j
         kv = tl.load(K + rn[:, None].to(tl.int64) * stride_k + rd[None, :],
                      mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc += tl.dot(dd.to(kv.dtype), kv, input_precision=PRECISION)
@@ -190,7 +191,7 @@ def _stats_bwd_da_kernel(A, K, RA, RK, LA, LK, L1, L0, G1, G0, DA, M, N, D, stri
 
 @triton.jit
 def _stats_bwd_dk_kernel(A, K, RA, RK, LA, LK, L1, L0, G1, G0, DK, M, N, D, stride_a, stride_k,
-                         stride_dk, c1, c0,
+                         stride_dk, c1, c0, s_min,
                          IN_BATCH: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_BETA: tl.constexpr,
                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
@@ -210,8 +211,9 @@ def _stats_bwd_dk_kernel(A, K, RA, RK, LA, LK, L1, L0, G1, G0, DK, M, N, D, stri
         la = _row_labels(LA, rm, row_ok, BLOCK_M, HAS_LABELS)
         s = _sim_tile(A, K, rm, rn, row_ok, col_ok, D, stride_a, stride_k, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         s = s * ra[:, None] * rk[None, :]
-        valid = _valid_tile(rm, rn, row_ok, col_ok, la, LK, IN_BATCH, HAS_LABELS)
-        dd = _d_tile(s, valid, l1, l0, g1, g0, c1, c0, HAS_BETA) * ra[:, None]   # D_ij·r_a,i
+        # entries below the floor s_min were clamped in the forward: no gradient (clamp's rule)
+        valid = _valid_tile(rm, rn, row_ok, col_ok, la, LK, IN_BATCH, HAS_LABELS) & (s >= s_min)
+        dd = _d_tile(tl.maximum(s, s_min), valid, l1, l0, g1, g0, c1, c0, HAS_BETA) * ra[:, None]   # D_ij·r_a,i
         av = tl.load(A + rm[:, None].to(tl.int64) * stride_a + rd[None, :],
                      mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         acc += tl.dot(tl.trans(dd.to(av.dtype)), av, input_precision=PRECISION)
@@ -267,7 +269,8 @@ def _prepare(a, k, a_labels, k_labels):
     return a, k, la, lk, has_labels
 
 
-def stats_forward(a, k, ra, rk, a_labels, k_labels, inv_tau: float, beta: float, in_batch: bool):
+def stats_forward(a, k, ra, rk, a_labels, k_labels, inv_tau: float, beta: float, in_batch: bool,
+                  s_min: float = float("-inf")):
     """Forward statistics.
 
     Args:
@@ -275,6 +278,7 @@ def stats_forward(a, k, ra, rk, a_labels, k_labels, inv_tau: float, beta: float,
         ra, rk: (m,), (N,) fp32 inverse norms 1/max(‖x‖, eps).
         a_labels, k_labels: (m,), (N,) int labels, or None.
         inv_tau: 1/τ. beta: β >= 0. in_batch: the candidates are the anchors (mask i = j).
+        s_min: floor of the similarities, s ← max(s, s_min) (−inf: none).
     Returns:
         (L1, L0, N), each (m,) fp32; L0 = log N when β = 0; empty rows give L1 = L0 = −inf.
     """
@@ -289,7 +293,7 @@ def stats_forward(a, k, ra, rk, a_labels, k_labels, inv_tau: float, beta: float,
     grid = (triton.cdiv(m, bl["BLOCK_M"]), n_split)
     wrap_triton(_stats_fwd_kernel)[grid](
         a, k, ra, rk, la, lk, L1p, L0p, cntp, m, n, d, a.stride(0), k.stride(0),
-        (1.0 + beta) * inv_tau, beta * inv_tau, per,
+        (1.0 + beta) * inv_tau, beta * inv_tau, float(s_min), per,
         IN_BATCH=in_batch, HAS_LABELS=has_labels, HAS_BETA=beta != 0,
         PRECISION=_precision(a.dtype, a.device),
         BLOCK_M=bl["BLOCK_M"], BLOCK_N=bl["BLOCK_N"], BLOCK_K=bl["BLOCK_K"])
@@ -301,7 +305,7 @@ def stats_forward(a, k, ra, rk, a_labels, k_labels, inv_tau: float, beta: float,
 
 
 def stats_backward(a, k, ra, rk, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: float, beta: float,
-                   in_batch: bool):
+                   in_batch: bool, s_min: float = float("-inf")):
     """Backward statistics: the gradients with respect to the normalised rows.
 
     Args: as :func:`stats_forward`, plus the forward's L1, L0 (m,) and their incoming
@@ -336,9 +340,9 @@ def stats_backward(a, k, ra, rk, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: 
     nd = triton.cdiv(d, bl["BLOCK_DO"])
     wrap_triton(_stats_bwd_da_kernel)[(triton.cdiv(m, bl["BLOCK_M"]), nd, n_split)](
         a, k, ra, rk, la, lk, l1, l0, g1, g0, da_part, m, n, d, a.stride(0), k.stride(0), d,
-        c1, c0, per, **flags)
+        c1, c0, float(s_min), per, **flags)
     da = da_part[0] if n_split == 1 else da_part.sum(0)
     wrap_triton(_stats_bwd_dk_kernel)[(triton.cdiv(n, bl["BLOCK_N"]), nd)](
         a, k, ra, rk, la, lk, l1, l0, g1, g0, dk, m, n, d, a.stride(0), k.stride(0), dk.stride(0),
-        c1, c0, **flags)
+        c1, c0, float(s_min), **flags)
     return da.mul_(gscale), dk.mul_(gscale)

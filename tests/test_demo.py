@@ -142,7 +142,8 @@ def test_digits_presets_live_with_the_digits_models():
 
     assert demo.DIGITS_GUIDANCE is digits.DIGITS_GUIDANCE
     assert demo.DIGITS_SAMPLING is digits.DIGITS_SAMPLING
-    assert digits.DIGITS_GUIDANCE["hnm"] == {"lam": 10_000.0, "tau": 10.0, "tau_plus": 0.1, "beta": 1.0}
+    assert digits.DIGITS_GUIDANCE["hnm"] == {"lam": 10_000.0, "tau": 10.0, "tau_plus": 0.1, "beta": 1.0,
+                                             "form": "anchors", "guide_window": None, "embedding": None}
 
 
 def test_image_grid_layout():

@@ -1,4 +1,5 @@
-"""The guided DDIM update op: reference, the one ``torch.library`` registration and autograd.
+"""The guided DDIM update op: reference, the one ``torch.library`` registration and autograd;
+and the guided DDPM ancestral update (:func:`ddpm_update`, plain PyTorch: no fused kernel yet).
 
 Homes: kernel ``kernels/ddim.py`` (Triton, a leaf); here the reference and the registration;
 tests ``tests/ops/test_ddim.py``; benchmark ``benchmarks/ops/ddim.py``.
@@ -20,7 +21,7 @@ from torch.library import triton_op
 
 from cdp_fast import backend
 
-__all__ = ["ddim_update", "ddim_update_ref", "ddim_update_op", "coefficients", "IMPLS"]
+__all__ = ["ddim_update", "ddim_update_ref", "ddim_update_op", "ddpm_update", "coefficients", "IMPLS"]
 
 #: Values of the op's ``impl`` argument (what :func:`cdp_fast.backend.choose` answers).
 IMPLS = ("triton", "interpret", "torch")
@@ -123,3 +124,32 @@ def ddim_update(x_t, eps, g, *, lam, abar_t, abar_prev, sigma, noise=None, retur
     xp, x0 = ddim_update_op(x_t, eps, g, noise, float(lam), float(abar_t), float(abar_prev), float(sigma),
                             bool(return_x0), impl)
     return xp, (x0 if return_x0 else None)
+
+
+def ddpm_update(x_t, eps, g, *, lam, abar_t, abar_prev, noise=None, clip_x0=True, return_x0=False):
+    """One guided DDPM ancestral step (Ho et al. 2020, eqs. (6)-(7); the posterior-mean form of
+    diffusers' ``DDPMScheduler.step`` with ``variance_type="fixed_small"`` and of the authors'
+    ``minimal-diffusion-main/main_nonddp.py``), with Δ = ε + λg in place of ε:
+
+        x̂_0     = clip((x_t − √(1−ᾱ_t)·Δ) / √ᾱ_t, −1, 1)            (clip when ``clip_x0``)
+        α_t     = ᾱ_t/ᾱ_prev,  β_t = 1 − α_t
+        μ       = √ᾱ_prev·β_t/(1−ᾱ_t)·x̂_0 + √α_t·(1−ᾱ_prev)/(1−ᾱ_t)·x_t
+        x_{t-1} = μ + √β̃_t·z,  β̃_t = max((1−ᾱ_prev)/(1−ᾱ_t)·β_t, 1e-20)   (z given: noise)
+
+    On a sub-sequence of timesteps ᾱ_prev is the ᾱ of the next timestep (1 after the last), as
+    in diffusers' ``previous_timestep``. Without clipping this equals DDIM with η = 1.
+
+    Shapes: x_t, eps, g, noise (*shape) (g, noise may be None); the rest Python floats.
+    Returns (x_prev, x̂_0 or None).
+    """
+    delta = eps if (g is None or lam == 0) else eps + lam * g
+    x0 = (x_t - (1.0 - abar_t) ** 0.5 * delta) / abar_t ** 0.5
+    if clip_x0:
+        x0 = x0.clamp(-1.0, 1.0)
+    alpha_t = abar_t / abar_prev
+    beta_t = 1.0 - alpha_t
+    x_prev = (abar_prev ** 0.5 * beta_t / (1.0 - abar_t)) * x0 + (alpha_t ** 0.5 * (1.0 - abar_prev) / (1.0 - abar_t)) * x_t
+    if noise is not None:
+        var = max((1.0 - abar_prev) / (1.0 - abar_t) * beta_t, 1e-20)
+        x_prev = x_prev + var ** 0.5 * noise
+    return x_prev, (x0 if return_x0 else None)

@@ -55,19 +55,28 @@ def problems(draw, max_size=40):
     if labels:
         la = torch.randint(0, 3, (m,), generator=g)
         lk = None if in_batch else torch.randint(0, 3, (n,), generator=g)
-    return dict(a=a, p=p, k=k, la=la, lk=lk, beta=beta, tau=tau, tau_plus=tau_plus, loss=loss)
+    # the authors' clamps (0 = off; 1e-4 = theirs, binding only for τ < 0.11; 0.5 / 0.3 bind
+    # often) and gradients through the positive (their symmetric form)
+    neg_floor = draw(st.sampled_from([0.0, 1e-4, 0.5]))
+    ratio_floor = draw(st.sampled_from([0.0, 1e-4, 0.3]))
+    detach = draw(st.booleans())
+    return dict(a=a, p=p, k=k, la=la, lk=lk, beta=beta, tau=tau, tau_plus=tau_plus, loss=loss,
+                neg_floor=neg_floor, ratio_floor=ratio_floor, detach=detach)
 
 
 def _run(fn_hnm, fn_inf, pr, dtype, **extra):
-    """Loss and grads (anchor[, candidates]) of one implementation in ``dtype``."""
+    """Loss and grads (anchor[, candidates][, positive]) of one implementation in ``dtype``."""
     a = pr["a"].to(dtype).requires_grad_()
     k = None if pr["k"] is None else pr["k"].to(dtype).requires_grad_()
-    kw = dict(anchor_labels=pr["la"], candidate_labels=pr["lk"], tau=pr["tau"], **extra)
+    p = pr["p"].to(dtype).requires_grad_(not pr["detach"])
+    kw = dict(anchor_labels=pr["la"], candidate_labels=pr["lk"], tau=pr["tau"], detach_positive=pr["detach"],
+              **extra)
     if pr["loss"] == "hnm":
-        out = fn_hnm(a, pr["p"].to(dtype), k, tau_plus=pr["tau_plus"], beta=pr["beta"], **kw)
+        out = fn_hnm(a, p, k, tau_plus=pr["tau_plus"], beta=pr["beta"], neg_floor=pr["neg_floor"],
+                     ratio_floor=pr["ratio_floor"], **kw)
     else:
-        out = fn_inf(a, pr["p"].to(dtype), k, **kw)
-    ins = [a] + ([k] if k is not None else [])
+        out = fn_inf(a, p, k, **kw)
+    ins = [a] + ([k] if k is not None else []) + ([p] if not pr["detach"] else [])
     grads = torch.autograd.grad(out, ins)
     return out.detach().double(), [g.double() for g in grads], ins
 
@@ -131,12 +140,12 @@ def test_opcheck_contrastive_stats():
     a = torch.randn(9, 6, requires_grad=True)
     k = torch.randn(13, 6, requires_grad=True)
     la, lk = torch.randint(0, 3, (9,)), torch.randint(0, 3, (13,))
-    for args in [(a, k, None, None, 2.0, 1.0, False, "torch"), (a, k, la, lk, 2.0, 0.0, False, "torch"),
-                 (a, a, la, la, 0.5, 2.0, True, "torch")]:
+    for args in [(a, k, None, None, 2.0, 1.0, False, -math.inf, "torch"), (a, k, la, lk, 2.0, 0.0, False, -0.5, "torch"),
+                 (a, a, la, la, 0.5, 2.0, True, -math.inf, "torch")]:
         torch.library.opcheck(torch.ops.cdp_fast.contrastive_stats.default, args)
-    L1, L0, _ = torch.ops.cdp_fast.contrastive_stats(a, k, None, None, 2.0, 1.0, False, "torch")
+    L1, L0, _ = torch.ops.cdp_fast.contrastive_stats(a, k, None, None, 2.0, 1.0, False, -math.inf, "torch")
     args = (a.detach(), k.detach(), None, None, L1.detach(), L0.detach(), torch.randn(9), torch.randn(9),
-            2.0, 1.0, False, "torch")
+            2.0, 1.0, False, -math.inf, "torch")
     torch.library.opcheck(torch.ops.cdp_fast.contrastive_stats_backward.default, args)
 
 
@@ -149,7 +158,7 @@ def test_interpreted_op_matches_torch_op_statistics():
     la, lk = torch.randint(0, 3, (21,)), torch.randint(0, 3, (35,))
     outs = {}
     for impl in ("torch", "interpret"):
-        L1, L0, cnt = op.contrastive_stats(a, k, la, lk, 3.0, 1.0, False, impl)
+        L1, L0, cnt = op.contrastive_stats(a, k, la, lk, 3.0, 1.0, False, -0.3, impl)
         grads = torch.autograd.grad(L1.sum() + 0.5 * L0.sum(), (a, k))
         outs[impl] = (L1, L0, cnt) + grads
     for x, y in zip(outs["interpret"], outs["torch"]):

@@ -8,7 +8,7 @@ benchmark ``benchmarks/ops/contrastive.py``. The public face with argument check
 :mod:`cdp_fast.losses`; :func:`cdp_fast.backend.choose` picks the implementation.
 
 A call: ``losses.hnm_loss`` -> :func:`contrastive_loss` -> ``backend.choose("contrastive", a)``
--> the op ``cdp_fast::contrastive_stats(a, k, labels, 1/τ, β, in_batch, impl)`` -> per-row
+-> the op ``cdp_fast::contrastive_stats(a, k, labels, 1/τ, β, in_batch, s_min, impl)`` -> per-row
 statistics (L1, L0, N) from the kernels (``impl`` "triton" / "interpret") or :mod:`.chunked`
 ("torch") -> :func:`rows_from_stats`, the O(m) epilogue in PyTorch, differentiated by autograd.
 The op's backward (``cdp_fast::contrastive_stats_backward``) recomputes the similarity tiles
@@ -29,13 +29,13 @@ from cdp_fast import backend
 
 from . import chunked
 from .chunked import normalize_backward
-from .reference import (NORM_EPS, check_loss_args, hnm_loss_ref, hnm_rows_ref, infonce_loss_ref,
-                        infonce_rows_ref, negative_mask)
+from .reference import (NORM_EPS, check_loss_args, hnm_loss_ref, hnm_rows_ref, hnm_symmetric_ref,
+                        infonce_keys_ref, infonce_loss_ref, infonce_rows_ref, negative_mask)
 
 __all__ = [
     "contrastive_stats", "contrastive_stats_backward", "contrastive_loss", "rows_from_stats",
     "hnm_loss", "infonce_loss", "hnm_loss_ref", "infonce_loss_ref", "hnm_rows_ref", "infonce_rows_ref",
-    "check_loss_args", "negative_mask", "NORM_EPS", "IMPLS",
+    "hnm_symmetric_ref", "infonce_keys_ref", "check_loss_args", "negative_mask", "NORM_EPS", "IMPLS",
 ]
 
 #: Values of the op's ``impl`` argument (what :func:`cdp_fast.backend.choose` answers).
@@ -47,22 +47,22 @@ def _inv_norms(x):
     return 1.0 / torch.linalg.vector_norm(x.float(), dim=1).clamp(min=NORM_EPS)
 
 
-def _forward(a, k, a_labels, k_labels, inv_tau, beta, in_batch, impl):
+def _forward(a, k, a_labels, k_labels, inv_tau, beta, in_batch, s_min, impl):
     if impl == "torch":
-        return chunked.lse_stats_forward(a, k, a_labels, k_labels, inv_tau, beta, in_batch)
+        return chunked.lse_stats_forward(a, k, a_labels, k_labels, inv_tau, beta, in_batch, s_min)
     kernels = backend.kernels_module("contrastive")
     return kernels.stats_forward(a, k, _inv_norms(a), _inv_norms(k), a_labels, k_labels, inv_tau, beta,
-                                 in_batch)
+                                 in_batch, s_min)
 
 
-def _backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau, beta, in_batch, impl):
+def _backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau, beta, in_batch, s_min, impl):
     if impl == "torch":
         return chunked.lse_stats_backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau, beta,
-                                          in_batch)
+                                          in_batch, s_min)
     kernels = backend.kernels_module("contrastive")
     ra, rk = _inv_norms(a), _inv_norms(k)
     dah, dkh = kernels.stats_backward(a, k, ra, rk, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau,
-                                      beta, in_batch)
+                                      beta, in_batch, s_min)
     da = normalize_backward(a.float() * ra.unsqueeze(1), 1.0 / ra, dah)
     dk = normalize_backward(k.float() * rk.unsqueeze(1), 1.0 / rk, dkh)
     return da.to(a.dtype), dk.to(k.dtype)
@@ -74,28 +74,28 @@ def _backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau, beta, in_batc
 @triton_op("cdp_fast::contrastive_stats", mutates_args=())
 def contrastive_stats(a: torch.Tensor, k: torch.Tensor, a_labels: Optional[torch.Tensor],
                       k_labels: Optional[torch.Tensor], inv_tau: float, beta: float, in_batch: bool,
-                      impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      s_min: float, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(a (m, d), k (N, d) raw rows, labels (m,)/(N,) or None) -> (L1, L0, N), each (m,) float.
 
     L1_i = LSE_{j∈N(i)} ((1+β)·s_ij/τ), L0_i = LSE_{j∈N(i)} (β·s_ij/τ) (= log N_i when β = 0),
-    N_i = |N(i)| with s the cosine similarities; empty rows give −inf, −inf, 0. ``impl``:
-    "triton" / "interpret" (the Triton kernels; fp32 results) or "torch" (the chunked path;
-    fp64 results for fp64 inputs).
+    N_i = |N(i)| with s the cosine similarities floored at ``s_min`` (−inf: none); empty rows
+    give −inf, −inf, 0. ``impl``: "triton" / "interpret" (the Triton kernels; fp32 results) or
+    "torch" (the chunked path; fp64 results for fp64 inputs).
     """
-    return _forward(a, k, a_labels, k_labels, inv_tau, beta, in_batch, impl)
+    return _forward(a, k, a_labels, k_labels, inv_tau, beta, in_batch, s_min, impl)
 
 
 @triton_op("cdp_fast::contrastive_stats_backward", mutates_args=())
 def contrastive_stats_backward(a: torch.Tensor, k: torch.Tensor, a_labels: Optional[torch.Tensor],
                                k_labels: Optional[torch.Tensor], L1: torch.Tensor, L0: torch.Tensor,
                                dL1: torch.Tensor, dL0: torch.Tensor, inv_tau: float, beta: float,
-                               in_batch: bool, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+                               in_batch: bool, s_min: float, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward of ``contrastive_stats``: (dA (m, d), dK (N, d)) in the dtypes of a and k."""
-    return _backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau, beta, in_batch, impl)
+    return _backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau, beta, in_batch, s_min, impl)
 
 
 @contrastive_stats.register_fake
-def _stats_fake(a, k, a_labels, k_labels, inv_tau, beta, in_batch, impl):
+def _stats_fake(a, k, a_labels, k_labels, inv_tau, beta, in_batch, s_min, impl):
     # fp32 statistics, fp64 for fp64 inputs (only the chunked path accepts them)
     dt = torch.float64 if a.dtype == torch.float64 else torch.float32
     m = a.shape[0]
@@ -103,26 +103,26 @@ def _stats_fake(a, k, a_labels, k_labels, inv_tau, beta, in_batch, impl):
 
 
 @contrastive_stats_backward.register_fake
-def _stats_bwd_fake(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau, beta, in_batch, impl):
+def _stats_bwd_fake(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau, beta, in_batch, s_min, impl):
     return torch.empty_like(a), torch.empty_like(k)
 
 
 def _setup_context(ctx, inputs, output):
-    a, k, a_labels, k_labels, inv_tau, beta, in_batch, impl = inputs
+    a, k, a_labels, k_labels, inv_tau, beta, in_batch, s_min, impl = inputs
     L1, L0, cnt = output
     ctx.save_for_backward(a, k, a_labels, k_labels, L1, L0)
-    ctx.args = (inv_tau, beta, in_batch, impl)
+    ctx.args = (inv_tau, beta, in_batch, s_min, impl)
     ctx.mark_non_differentiable(cnt)
 
 
 def _autograd_backward(ctx, dL1, dL0, _dcnt):
     a, k, a_labels, k_labels, L1, L0 = ctx.saved_tensors
-    inv_tau, beta, in_batch, impl = ctx.args
+    inv_tau, beta, in_batch, s_min, impl = ctx.args
     dL1 = torch.zeros_like(L1) if dL1 is None else dL1
     dL0 = torch.zeros_like(L0) if dL0 is None else dL0
     da, dk = contrastive_stats_backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau, beta,
-                                        in_batch, impl)
-    return da, dk, None, None, None, None, None, None
+                                        in_batch, s_min, impl)
+    return da, dk, None, None, None, None, None, None, None
 
 
 contrastive_stats.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -131,11 +131,13 @@ contrastive_stats.register_autograd(_autograd_backward, setup_context=_setup_con
 # --------------------------------------------------------------------------------------------
 # the losses on top of the op
 # --------------------------------------------------------------------------------------------
-def rows_from_stats(L1, L0, cnt, log_pos, *, tau: float, tau_plus: float, clamp: bool):
+def rows_from_stats(L1, L0, cnt, log_pos, *, tau: float, tau_plus: float, clamp: bool,
+                    ratio_floor: float = 0.0):
     """Per-anchor losses ℓ_i (m,) from the statistics; the reference's formulas in log space.
 
     HNM: clamp=True (with τ⁺ and β folded into L0/L1). InfoNCE: tau_plus=0, clamp=False,
-    β = 0 (then L0 = log N_i and log_rw = L1). Rows with N_i = 0 give 0.
+    β = 0 (then L0 = log N_i and log_rw = L1). ``ratio_floor`` > 0: ℓ_i = −log max(pos/(pos +
+    Ng), floor), i.e. ℓ_i ≤ −ln floor (the authors' clamp). Rows with N_i = 0 give 0.
     """
     has = cnt > 0
     zero = torch.zeros_like(L1)
@@ -155,15 +157,21 @@ def rows_from_stats(L1, L0, cnt, log_pos, *, tau: float, tau_plus: float, clamp:
     if clamp:
         log_ng = torch.maximum(log_ng, log_n - 1.0 / tau)
     rows = F.softplus(log_ng - log_pos)
+    if ratio_floor > 0:
+        rows = torch.clamp(rows, max=-math.log(ratio_floor))
     return torch.where(has, rows, torch.zeros_like(rows))
 
 
 def contrastive_loss(anchor, positive, candidates=None, *, tau, tau_plus=0.0, beta=0.0, clamp=True,
-                     anchor_labels=None, candidate_labels=None, impl=None):
+                     anchor_labels=None, candidate_labels=None, detach_positive=True, neg_floor=0.0,
+                     ratio_floor=0.0, impl=None):
     """Mean loss over the anchors through the statistics op (no argument checks: see
     :mod:`cdp_fast.losses`). ``impl`` None = :func:`cdp_fast.backend.choose`'s answer.
 
-    HNM: ``clamp=True``; InfoNCE: ``tau_plus=0, beta=0, clamp=False``. Shapes as
+    HNM: ``clamp=True``; InfoNCE: ``tau_plus=0, beta=0, clamp=False``. ``detach_positive``:
+    Algorithm 1's fixed target (True), or gradients through the positives too (the authors'
+    symmetric form, where each x_t row is also a positive). ``neg_floor`` / ``ratio_floor``:
+    the authors' clamps (:func:`.reference.hnm_rows_ref`). Shapes as
     :func:`cdp_fast.losses.hnm_loss`; returns a 0-dim tensor in the anchors' dtype.
     """
     if impl is None:
@@ -178,26 +186,29 @@ def contrastive_loss(anchor, positive, candidates=None, *, tau, tau_plus=0.0, be
     k_labels = None
     if anchor_labels is not None:
         k_labels = candidate_labels if candidate_labels is not None else anchor_labels
+    s_min = tau * math.log(neg_floor) if neg_floor > 0 else -math.inf
     L1, L0, cnt = contrastive_stats(anchor, k, anchor_labels, k_labels, 1.0 / tau, float(beta), in_batch,
-                                    impl)
+                                    s_min, impl)
     an = F.normalize(anchor.to(work), dim=1, eps=NORM_EPS)
-    pn = F.normalize(positive.detach().to(work), dim=1, eps=NORM_EPS)
+    pn = F.normalize((positive.detach() if detach_positive else positive).to(work), dim=1, eps=NORM_EPS)
     log_pos = (an * pn).sum(1) / tau
     rows = rows_from_stats(L1.to(work), L0.to(work), cnt.to(work), log_pos, tau=tau,
-                           tau_plus=tau_plus, clamp=clamp)
+                           tau_plus=tau_plus, clamp=clamp, ratio_floor=ratio_floor)
     return rows.mean().to(anchor.dtype)
 
 
 def hnm_loss(anchor, positive, candidates=None, *, tau, tau_plus=0.1, beta=1.0, anchor_labels=None,
-             candidate_labels=None, impl=None):
+             candidate_labels=None, detach_positive=True, neg_floor=0.0, ratio_floor=0.0, impl=None):
     """ℓ_HNM (same signature and value as :func:`.reference.hnm_loss_ref`), streamed."""
     return contrastive_loss(anchor, positive, candidates, tau=tau, tau_plus=tau_plus, beta=beta,
                             clamp=True, anchor_labels=anchor_labels, candidate_labels=candidate_labels,
+                            detach_positive=detach_positive, neg_floor=neg_floor, ratio_floor=ratio_floor,
                             impl=impl)
 
 
 def infonce_loss(anchor, positive, candidates=None, *, tau, anchor_labels=None, candidate_labels=None,
-                 impl=None):
+                 detach_positive=True, impl=None):
     """InfoNCE (same signature and value as :func:`.reference.infonce_loss_ref`), streamed."""
     return contrastive_loss(anchor, positive, candidates, tau=tau, tau_plus=0.0, beta=0.0, clamp=False,
-                            anchor_labels=anchor_labels, candidate_labels=candidate_labels, impl=impl)
+                            anchor_labels=anchor_labels, candidate_labels=candidate_labels,
+                            detach_positive=detach_positive, impl=impl)

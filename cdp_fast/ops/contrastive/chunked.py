@@ -109,11 +109,13 @@ def _normalized(x, work):
 
 
 def lse_stats_forward(a, k, a_labels, k_labels, inv_tau: float, beta: float, in_batch: bool,
-                      chunk: int | None = None):
+                      s_min: float = -math.inf, chunk: int | None = None):
     """Statistics op, forward: returns (L1, L0, N) of shape (m,) each, in the work dtype.
 
     a: (m, d) raw anchors; k: (N, d) raw candidates (normalised here, chunk by chunk);
-    a_labels (m,), k_labels (N,) or None. Empty rows give L1 = L0 = −inf, N = 0.
+    a_labels (m,), k_labels (N,) or None. ``s_min``: similarities are floored at it,
+    s ← max(s, s_min) (the authors' clamp neg ≥ 1e-4 is s_min = τ·ln 1e-4; −inf: none).
+    Empty rows give L1 = L0 = −inf, N = 0.
     """
     work = _work_dtype(a.dtype)
     m, n = a.shape[0], k.shape[0]
@@ -129,6 +131,8 @@ def lse_stats_forward(a, k, a_labels, k_labels, inv_tau: float, beta: float, in_
         s1 = min(n, s0 + chunk)
         kn, _ = _normalized(k[s0:s1], work)
         s = torch.mm(an, kn.T, out=buf(0, s1 - s0))            # (m, chunk) cosine similarities
+        if s_min > -math.inf:
+            s.clamp_(min=s_min)
         mask = _block_mask(rows, s0, s1, in_batch, a_labels, k_labels)
         if mask is not None:
             s.masked_fill_(~mask, -math.inf)                   # exp(c·(−inf − shift)) = 0 below
@@ -152,8 +156,9 @@ def lse_stats_forward(a, k, a_labels, k_labels, inv_tau: float, beta: float, in_
 
 
 def lse_stats_backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: float, beta: float,
-                       in_batch: bool, chunk: int | None = None):
-    """Statistics op, backward: (dA, dK) in the dtypes of a and k (see the module docstring)."""
+                       in_batch: bool, s_min: float = -math.inf, chunk: int | None = None):
+    """Statistics op, backward: (dA, dK) in the dtypes of a and k (see the module docstring);
+    entries floored at ``s_min`` pass no gradient (torch.clamp's rule)."""
     work = _work_dtype(a.dtype)
     m, n = a.shape[0], k.shape[0]
     chunk = chunk or default_chunk(m, n)
@@ -173,6 +178,10 @@ def lse_stats_backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: floa
         kn, knorm = _normalized(k[s0:s1], work)
         s = torch.mm(an, kn.T, out=buf(0, s1 - s0))
         mask = _block_mask(rows, s0, s1, in_batch, a_labels, k_labels)
+        if s_min > -math.inf:
+            live = s >= s_min                                  # clamped entries pass no gradient
+            mask = live if mask is None else mask & live
+            s.clamp_(min=s_min)
         D = torch.add(negL1, s, alpha=c1, out=buf(1, s1 - s0)).exp_().mul_(g1)   # g1·exp(c1·s − L1)
         if beta != 0:
             D.add_(torch.add(negL0, s, alpha=c0, out=buf(2, s1 - s0)).exp_().mul_(g0))

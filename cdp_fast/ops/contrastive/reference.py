@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "NORM_EPS", "hnm_loss_ref", "infonce_loss_ref", "hnm_rows_ref", "infonce_rows_ref",
-    "check_loss_args", "negative_mask",
+    "hnm_symmetric_ref", "infonce_keys_ref", "check_loss_args", "negative_mask",
 ]
 
 #: F.normalize's eps: every path normalises the rows as x / max(‖x‖, NORM_EPS).
@@ -100,11 +100,12 @@ def _masked_lse(x, mask):
     return torch.logsumexp(x.masked_fill(~mask, torch.finfo(x.dtype).min), dim=1)
 
 
-def _prepare(anchor, positive, candidates, anchor_labels, candidate_labels):
-    """Upcast to fp32 (at least), normalise, detach the positive; build the negative mask."""
+def _prepare(anchor, positive, candidates, anchor_labels, candidate_labels, detach_positive=True):
+    """Upcast to fp32 (at least), normalise, detach the positive (unless asked not to); build
+    the negative mask."""
     work = torch.promote_types(anchor.dtype, torch.float32)
     a = F.normalize(anchor.to(work), dim=1, eps=NORM_EPS)
-    p = F.normalize(positive.detach().to(work), dim=1, eps=NORM_EPS)
+    p = F.normalize((positive.detach() if detach_positive else positive).to(work), dim=1, eps=NORM_EPS)
     in_batch = candidates is None
     k = a if in_batch else F.normalize(candidates.to(work), dim=1, eps=NORM_EPS)
     mask = negative_mask(a.shape[0], k.shape[0], in_batch=in_batch, anchor_labels=anchor_labels,
@@ -113,14 +114,21 @@ def _prepare(anchor, positive, candidates, anchor_labels, candidate_labels):
 
 
 def hnm_rows_ref(anchor, positive, candidates=None, *, tau, tau_plus, beta,
-                 anchor_labels=None, candidate_labels=None):
+                 anchor_labels=None, candidate_labels=None, detach_positive=True, neg_floor=0.0,
+                 ratio_floor=0.0):
     """Per-anchor HNM losses ℓ_i, shape (m,), in the working dtype (fp32 or fp64).
 
     With ``beta=0, tau_plus=0`` and the clamp removed this is InfoNCE; the clamp is kept here
-    (it is part of ℓ_HNM), so use :func:`infonce_rows_ref` for InfoNCE.
+    (it is part of ℓ_HNM), so use :func:`infonce_rows_ref` for InfoNCE. ``neg_floor`` /
+    ``ratio_floor`` are the clamps of the authors' code (``hard_negative_sample.py``: neg_ij ≥
+    1e-4, pos/(pos + Ng) ≥ 1e-4; 0 = none): neg_ij = max(exp(s_ij/τ), floor) is
+    s_ij ≥ τ·ln(floor) in log space, and ℓ_i = −log max(ratio, floor) is ℓ_i ≤ −ln(floor).
     """
-    a, p, k, mask = _prepare(anchor, positive, candidates, anchor_labels, candidate_labels)
-    s = (a @ k.T) / tau                                   # s_ij/τ, (m, N)
+    a, p, k, mask = _prepare(anchor, positive, candidates, anchor_labels, candidate_labels, detach_positive)
+    s = a @ k.T
+    if neg_floor > 0:
+        s = torch.clamp(s, min=tau * math.log(neg_floor))
+    s = s / tau                                           # s_ij/τ, (m, N)
     log_pos = (a * p).sum(1) / tau                        # log pos_i
     n_i = mask.sum(1).to(s.dtype)                         # N_i
     log_n = torch.log(n_i.clamp(min=1))
@@ -138,13 +146,15 @@ def hnm_rows_ref(anchor, positive, candidates=None, *, tau, tau_plus, beta,
     log_ng = torch.maximum(log_ng, log_clamp)
     has_neg = mask.any(1)
     rows = F.softplus(log_ng - log_pos)
+    if ratio_floor > 0:
+        rows = torch.clamp(rows, max=-math.log(ratio_floor))
     return torch.where(has_neg, rows, torch.zeros_like(rows))
 
 
 def infonce_rows_ref(anchor, positive, candidates=None, *, tau, anchor_labels=None,
-                     candidate_labels=None):
+                     candidate_labels=None, detach_positive=True):
     """Per-anchor InfoNCE losses ℓ_i = softplus(LSE_j(s_ij/τ) − log pos_i), shape (m,)."""
-    a, p, k, mask = _prepare(anchor, positive, candidates, anchor_labels, candidate_labels)
+    a, p, k, mask = _prepare(anchor, positive, candidates, anchor_labels, candidate_labels, detach_positive)
     s = (a @ k.T) / tau
     log_pos = (a * p).sum(1) / tau
     lse = _masked_lse(s, mask)
@@ -153,18 +163,79 @@ def infonce_rows_ref(anchor, positive, candidates=None, *, tau, anchor_labels=No
 
 
 def hnm_loss_ref(anchor, positive, candidates=None, *, tau, tau_plus=0.1, beta=1.0,
-                 anchor_labels=None, candidate_labels=None):
-    """Dense reference of the HNM loss (mean over anchors). See the module docstring."""
+                 anchor_labels=None, candidate_labels=None, detach_positive=True, neg_floor=0.0,
+                 ratio_floor=0.0):
+    """Dense reference of the HNM loss (mean over anchors). See the module docstring and
+    :func:`hnm_rows_ref` for the clamps."""
     check_loss_args(anchor, positive, candidates, tau, tau_plus, beta, anchor_labels, candidate_labels)
     rows = hnm_rows_ref(anchor, positive, candidates, tau=tau, tau_plus=tau_plus, beta=beta,
-                        anchor_labels=anchor_labels, candidate_labels=candidate_labels)
+                        anchor_labels=anchor_labels, candidate_labels=candidate_labels,
+                        detach_positive=detach_positive, neg_floor=neg_floor, ratio_floor=ratio_floor)
     return rows.mean().to(anchor.dtype)
 
 
 def infonce_loss_ref(anchor, positive, candidates=None, *, tau, anchor_labels=None,
-                     candidate_labels=None):
+                     candidate_labels=None, detach_positive=True):
     """Dense reference of the InfoNCE loss (mean over anchors). See the module docstring."""
     check_loss_args(anchor, positive, candidates, tau, 0.0, 0.0, anchor_labels, candidate_labels)
     rows = infonce_rows_ref(anchor, positive, candidates, tau=tau, anchor_labels=anchor_labels,
-                            candidate_labels=candidate_labels)
+                            candidate_labels=candidate_labels, detach_positive=detach_positive)
     return rows.mean().to(anchor.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# the authors' forms, transcribed from their formulas (not log space; fp64 in the tests)
+# --------------------------------------------------------------------------------------------
+def hnm_symmetric_ref(z, w, *, tau, tau_plus=0.1, beta=1.0, labels=None):
+    """The authors' HNM guidance loss, written from the formula of
+    ``adv_training/hard_negative_sample.py::criterion`` (YiDongOuYang/Contrastive-Guided-
+    Diffusion-Process; called from ``contrast_loss.py`` with τ⁺ = 0.1, β = 1, τ = 10), with
+    plain ``exp`` and the code's three clamps:
+
+        rows r = 1..2B: out = [ẑ_1..ẑ_B, ŵ_1..ŵ_B] (L2-normalised), partner of r: r ± B
+        P_r     = exp(out_r·out_partner / τ)
+        n_rj    = max(exp(out_r·out_j / τ), 1e-4),  j ≠ r, j ≠ partner(r)   (N = 2B − 2)
+        Ng_r    = max((N Σ_j n_rj^{β+1} / Σ_j n_rj^β − τ⁺ N P_r) / (1 − τ⁺), N e^{−1/τ})
+        L       = −(1/2B) Σ_r log max(P_r / (P_r + Ng_r), 1e-4)
+
+    z: (B, d) embeddings of x_t, w: (B, d) of x_{t+1} (both may carry gradients). ``labels``
+    (B,) restricts each row's negatives further to other-class rows (our generalisation for
+    negatives="class"; N then varies per row). Returns a 0-dim tensor.
+    """
+    B = z.shape[0]
+    out = F.normalize(torch.cat([z, w]), dim=1, eps=NORM_EPS)
+    ids = torch.arange(B, device=z.device) if labels is None else labels.to(z.device)
+    ids = torch.cat([ids, ids])
+    mask = ids.view(-1, 1) != ids.view(1, -1)             # drops self and partner (same id)
+    if labels is not None:
+        mask &= ~torch.eye(2 * B, dtype=torch.bool, device=z.device)
+    partner = torch.cat([torch.arange(B, 2 * B), torch.arange(0, B)]).to(z.device)
+    pos = torch.exp((out * out[partner]).sum(1) / tau)
+    neg = torch.clamp(torch.exp(out @ out.T / tau), min=1e-4)
+    n_r = mask.sum(1).to(out.dtype)
+    imp = torch.where(mask, neg ** beta, torch.zeros_like(neg))
+    reweight = n_r * (imp * neg).sum(1) / imp.sum(1)
+    ng = (-tau_plus * n_r * pos + reweight) / (1 - tau_plus)
+    ng = torch.maximum(ng, n_r * math.exp(-1.0 / tau))
+    ratio = torch.clamp(pos / (pos + ng), min=1e-4)
+    return -torch.log(ratio).mean()
+
+
+def infonce_keys_ref(z, w, *, tau, labels=None):
+    """The authors' InfoNCE (``adv_training/infonce.py``, RElbers/info-nce-pytorch with
+    ``negative_keys=None``): a cross-entropy over the B×B cosine matrix of queries ẑ_k (x_t)
+    against keys ŵ_j (x_{t+1}), the positive on the diagonal:
+
+        L = (1/B) Σ_k −log( exp(ẑ_k·ŵ_k/τ) / Σ_j exp(ẑ_k·ŵ_j/τ) )
+
+    (the other samples' positives are the negatives; the denominator includes the positive).
+    ``labels`` (B,) drops other keys of the same class (our generalisation). z, w: (B, d).
+    """
+    zq = F.normalize(z, dim=1, eps=NORM_EPS)
+    wk = F.normalize(w, dim=1, eps=NORM_EPS)
+    logits = zq @ wk.T / tau
+    if labels is not None:
+        same = labels.view(-1, 1) == labels.view(1, -1)
+        logits = logits.masked_fill(same & ~torch.eye(len(z), dtype=torch.bool, device=z.device),
+                                    -math.inf)
+    return F.cross_entropy(logits, torch.arange(len(z), device=z.device))
