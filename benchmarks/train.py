@@ -10,7 +10,9 @@ real_fraction 0.3 (random data of the right shape; throughput does not depend on
 
 - ``ours``: :func:`cdp_fast.train_trades` itself (fused ``pgd_step``, input-only gradients in
   the attack, foreach EMA; on CUDA bf16 autocast + torch.compile), timed over the second of two
-  epochs (the first absorbs compilation / allocator warm-up);
+  epochs (the first absorbs compilation / allocator warm-up), with ``recipe="zhang"`` so that
+  both sides run the same algorithm (eval-mode attack from x + 0.001·N(0, I), no label
+  smoothing);
 - ``reference``: the loop of Zhang et al.'s public TRADES code as adversarial-training repos
   run it: eager fp32, the attack's PGD step as the PyTorch composite
   (``min(max(x + α·sign(g), x − ε), x + ε).clamp(0, 1)``), ``loss.backward()`` through the
@@ -86,7 +88,7 @@ def run_ours(cfg) -> dict:
     model = cdp_fast.train_trades(
         model, real, synthetic=syn, real_fraction=0.3, epochs=2, eps=cfg["eps"],
         step_size=cfg["step_size"], steps=cfg["steps"], batch_size=cfg["batch"], lr=0.1,
-        augment=False, progress=False, device=dev)
+        augment=False, progress=False, device=dev, recipe="zhang")
     total = time.perf_counter() - t0
     dt = model.history[-1]["time_s"]
     return {"updates_per_s": cfg["updates"] / dt, "seconds_per_update": dt / cfg["updates"],

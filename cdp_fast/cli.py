@@ -184,13 +184,13 @@ def cmd_train(a):
 
     model = specs.build_classifier(a.arch, a.num_classes)
     data = specs.load_train_data(a.data, "train")
-    digits_defaults = a.data == "digits"
+    # pad / flip / label smoothing left as None: the library fits them to the images and the recipe
     trained = cdp_fast.train_trades(
         model, data, synthetic=a.synthetic, real_fraction=a.real_fraction, epochs=a.epochs, eps=a.eps,
         step_size=a.step_size if a.step_size is not None else 2.5 * a.eps / max(1, a.steps),
         steps=a.steps, beta=a.beta, batch_size=a.batch_size, ema=None if a.ema == 0 else a.ema,
-        lr=a.lr, warmup_epochs=a.warmup_epochs, pad=a.pad if a.pad is not None else (1 if digits_defaults else 4),
-        flip=(not a.no_flip) and not digits_defaults, seed=a.seed, device=a.device,
+        lr=a.lr, warmup_epochs=a.warmup_epochs, pad=a.pad, flip=a.flip,
+        label_smoothing=a.label_smoothing, recipe=a.recipe, seed=a.seed, device=a.device,
         checkpoint=a.checkpoint, progress=not a.no_progress, sync_bn=a.sync_bn)
     from cdp_fast import distributed as cdist
 
@@ -410,10 +410,24 @@ def _add_train(sub):
     tr.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
     tr.add_argument("--warmup-epochs", type=int, default=1,
                     help="linear learning-rate warm-up in epochs (default: 1)")
-    tr.add_argument("--pad", type=int, default=None, help="random-crop padding (default: 1 digits, else 4)")
+    tr.add_argument("--recipe", choices=("gowal", "zhang"), default="gowal",
+                    help="'gowal': the paper's trainer (Gowal et al. 2021, gowal21uncovering/utils/trades.py + "
+                         "watrain.py: uniform attack start, train-mode BatchNorm with frozen statistics in the attack, "
+                         "label smoothing 0.1, EMA copied for the first 2.5%% of updates, EMA BatchNorm statistics "
+                         "copied from the model each epoch); 'zhang': Zhang et al.'s trades.py attack (x + 0.001 "
+                         "N(0, I) start, eval mode), no label smoothing, EMA ramp from the first update with "
+                         "averaged BatchNorm statistics (this tool's behaviour before --recipe) (default: gowal)")
+    tr.add_argument("--label-smoothing", type=float, default=None,
+                    help="label smoothing on the clean cross-entropy (default: the recipe's, 0.1 gowal / 0 zhang)")
+    tr.add_argument("--pad", type=int, default=None,
+                    help="random-crop padding (default: min(H, W)/8 rounded, at least 1: 1 at 8x8, 4 at 32x32)")
     tr.add_argument("--sync-bn", action="store_true",
                     help="SyncBatchNorm across torchrun processes (CUDA/nccl only)")
-    tr.add_argument("--no-flip", action="store_true", help="no horizontal flips (always off for digits)")
+    flips = tr.add_mutually_exclusive_group()
+    flips.add_argument("--flip", dest="flip", action="store_const", const=True, default=None,
+                       help="horizontal flips (default: only for 3-channel images, never for 1-channel digits)")
+    flips.add_argument("--no-flip", dest="flip", action="store_const", const=False,
+                       help="no horizontal flips (use for 3-channel signs or text)")
     tr.add_argument("--checkpoint", default=None, help="resumable checkpoint path (default: none)")
     tr.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     tr.add_argument("--device", default=None, help="torch device (default: cpu)")

@@ -350,7 +350,7 @@ def run_demo(*, out="cdp_demo", full: bool = False, seeds=None, n_synthetic: int
                 model, (x_tr, y_tr), synthetic=syn, real_fraction=real_fraction if syn is not None else 1.0,
                 epochs=epochs, eps=eps, step_size=step_size, steps=pgd_steps, beta=6.0,
                 batch_size=batch_size, ema=0.995, lr=0.05, warmup_epochs=1, pad=1, flip=False,
-                steps_per_epoch=spe,
+                steps_per_epoch=spe, recipe="zhang",
                 seed=seed, device=dev, progress=False)
             res = cdp_fast.evaluate(model, x_te.to(dev), y_te.to(dev), eps=eps, attacks=attacks, **aa_kw)
             for a in attacks:

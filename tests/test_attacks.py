@@ -2,7 +2,8 @@
 2019), each checked against a literal transcription of the published loop written with the
 plain PyTorch composite (no fused op), plus the properties the trainers rely on: the loss goes
 up, the result stays in the ε-ball ∩ [0, 1], train/eval modes and parameter grads are left as
-they were, torch.compile traces the loop.
+they were, torch.compile traces the loop. Gowal et al.'s variant (uniform start, train-mode
+BatchNorm with frozen running statistics) against the formula and a hand computation.
 
 Equality with the literal loops is exact: same model, same noise (same generator seed), same
 elementwise step (the fused op is bitwise equal to the composite, tests/test_pgd_step.py).
@@ -202,3 +203,105 @@ def test_compiled_attack_loops_match_eager(ext):
         assert modes(model) == before
         torch.manual_seed(3)
         assert torch.equal(out, trades_attack(model, x, eps=EPS, step_size=ALPHA, steps=2))
+
+
+# ----------------------------------------------------------------------------- Gowal et al.'s variant
+def test_trades_uniform_start_is_uniform_in_the_ball_and_clamped(ext):
+    """start="uniform" (gowal21uncovering/utils/trades.py: x + U(−ε, ε), then clamped to
+    [0, 1]): with 0 steps the attack returns its start. Reference: the formula on the same
+    draws; inside the ε-ball ∩ [0, 1]; away from the borders (δ / ε) is uniform on [−1, 1]
+    (Kolmogorov–Smirnov distance below the 0.1 % critical value 1.95/√n); at black pixels
+    the clamp puts about half of the starts exactly on 0, at white pixels on 1."""
+    eps = 0.1
+    g = torch.Generator().manual_seed(0)
+    x = 0.2 + 0.6 * torch.rand(64, 3, 8, 8, generator=g)      # interior: x ± ε inside [0, 1]
+    x[:, :, 0] = 0.0                                          # a black row, a white row
+    x[:, :, 1] = 1.0
+    model = tiny_cnn()
+    x0 = trades_attack(model, x, eps=eps, step_size=ALPHA, steps=0, start="uniform",
+                       generator=torch.Generator().manual_seed(7))
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(x0, torch.clamp(x + (2 * u - 1) * eps, 0, 1))
+    assert in_ball(x0, x, eps)
+    d = ((x0 - x) / eps)[:, :, 2:].flatten().double().sort().values
+    n = d.numel()
+    cdf = (d + 1) / 2
+    ks = torch.maximum(torch.arange(1, n + 1) / n - cdf, cdf - torch.arange(n) / n).max()
+    assert ks < 1.95 / n ** 0.5, ks
+    assert abs(d.mean()) < 0.02 and abs(d.pow(2).mean() - 1 / 3) < 0.02
+    black, white = x0[:, :, 0], x0[:, :, 1]
+    assert (black >= 0).all() and (black <= eps).all() and (white >= 1 - eps).all()
+    assert 0.45 < (black == 0).float().mean() < 0.55
+    assert 0.45 < (white == 1).float().mean() < 0.55
+    # The default stays Zhang et al.'s x + 0.001·N(0, I).
+    z = trades_attack(model, x, eps=eps, step_size=ALPHA, steps=0,
+                      generator=torch.Generator().manual_seed(7))
+    assert (z - x).abs().max() < 0.01
+
+
+def test_trades_train_mode_uses_batch_statistics_and_freezes_running_stats(ext):
+    """mode="train" (gowal21uncovering/utils/trades.py: model.train() + track_bn_stats(False))
+    on a model with one BatchNorm layer, float64, against a hand computation of the same
+    attack in which the layer normalises with the statistics of the batch it sees —
+    (z − mean_b z) / √(var_b z + ε_bn) · γ + β, biased variance over (batch, H, W) — for p(x)
+    and for every step. The running statistics (set away from the batch's, so eval mode would
+    differ) and num_batches_tracked are unchanged, modes and track_running_stats restored."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3 * 4 * 4, 5)).double()
+    bn = model[0]
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    model.eval()
+    stats = [t.clone() for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 3, 4, 4, generator=g, dtype=torch.float64)
+    eps, alpha, steps = 0.1, 0.03, 3
+
+    def f(z):   # the model with BatchNorm on batch statistics, by hand
+        mu = z.mean(dim=(0, 2, 3), keepdim=True)
+        var = z.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        h = (z - mu) / torch.sqrt(var + bn.eps) * bn.weight.view(1, -1, 1, 1) \
+            + bn.bias.view(1, -1, 1, 1)
+        return model[2](h.flatten(1))
+
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ref = torch.clamp(x + (2 * u - 1) * eps, 0, 1)
+    p = F.softmax(f(x), 1).detach()
+    for _ in range(steps):
+        ref.requires_grad_(True)
+        kl = F.kl_div(F.log_softmax(f(ref), 1), p, reduction="sum")
+        (gr,) = torch.autograd.grad(kl, [ref])
+        ref = ref.detach() + alpha * gr.sign()
+        ref = torch.min(torch.max(ref, x - eps), x + eps).clamp(0, 1)
+    got = trades_attack(model, x, eps=eps, step_size=alpha, steps=steps, start="uniform",
+                        mode="train", generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    for a, b in zip((bn.running_mean, bn.running_var, bn.num_batches_tracked), stats):
+        assert torch.equal(a, b)
+    assert not model.training and bn.track_running_stats
+    assert all(p.grad is None for p in model.parameters())
+    # The mode matters here: eval mode (running statistics) gives another point.
+    ev = trades_attack(model, x, eps=eps, step_size=alpha, steps=steps, start="uniform",
+                       mode="eval", generator=torch.Generator().manual_seed(5))
+    assert (ev - ref).abs().max() > 1e-3
+
+
+def test_batch_stats_mode_restores_on_error_and_rejects_bad_options():
+    from cdp_fast.attacks import batch_stats_mode
+
+    class Boom(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    model = nn.Sequential(nn.BatchNorm2d(3), Boom()).eval()
+    with pytest.raises(RuntimeError, match="boom"):
+        trades_attack(model, torch.rand(2, 3, 4, 4), eps=EPS, step_size=ALPHA, mode="train")
+    assert modes(model) == [False, False, False] and model[0].track_running_stats
+    with batch_stats_mode(model):
+        assert modes(model) == [True, True, True] and not model[0].track_running_stats
+    x = torch.rand(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="start"):
+        trades_attack(tiny_cnn(), x, eps=EPS, step_size=ALPHA, start="gaussian")
+    with pytest.raises(ValueError, match="mode"):
+        trades_attack(tiny_cnn(), x, eps=EPS, step_size=ALPHA, mode="batch")

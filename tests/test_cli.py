@@ -152,6 +152,33 @@ def test_label_select_train_eval_pipeline(tmp_path, capsys):
     assert 0.0 <= r["pgd"] <= r["clean"] <= 1.0
 
 
+def test_train_recipe_and_augmentation_flags(tmp_path, monkeypatch):
+    """`train` passes --recipe / --label-smoothing / --pad / --flip / --no-flip through and
+    otherwise leaves pad, flip and label smoothing to the library (None: fitted to the images
+    and the recipe), the same rule for digits as for any other data."""
+    import cdp_fast
+
+    calls = []
+
+    def fake(model, data, **kw):
+        calls.append(kw)
+        return model
+
+    monkeypatch.setattr(cdp_fast, "train_trades", fake)
+    out = str(tmp_path / "w.pt")
+    base = ["train", "--data", "digits", "--epochs", "1", "--out", out, "--no-progress"]
+    assert cli.main(base) == 0
+    assert calls[-1]["recipe"] == "gowal"
+    assert (calls[-1]["pad"], calls[-1]["flip"], calls[-1]["label_smoothing"]) == (None, None, None)
+    assert cli.main(base + ["--recipe", "zhang", "--label-smoothing", "0.2", "--pad", "2",
+                            "--flip"]) == 0
+    assert calls[-1]["recipe"] == "zhang" and calls[-1]["label_smoothing"] == 0.2
+    assert (calls[-1]["pad"], calls[-1]["flip"]) == (2, True)
+    assert cli.main(base + ["--no-flip"]) == 0 and calls[-1]["flip"] is False
+    for bad in (["--recipe", "madry"], ["--flip", "--no-flip"]):
+        assert cli.main(base + bad) == 2
+
+
 def test_eval_bundled_classifier(capsys):
     assert cli.main(["eval", "--arch", "digits", "--n", "100", "--attacks", "clean"]) == 0
     out = capsys.readouterr().out

@@ -2,7 +2,13 @@
 TRADES on scikit-learn's 8x8 digits follows the single-process loss trajectory of the same
 global batches, the EMA is identical on both ranks, a checkpoint resumes under another world
 size, and evaluate under 2 processes returns the single-process accuracies (clean, PGD,
-AutoAttack). Plus in-process checks of the mixing sampler."""
+AutoAttack). Plus in-process checks of the mixing sampler.
+
+The 1-vs-2-process comparison runs the default recipe ("gowal") on the small CNN, which has no
+BatchNorm: its train-mode attack then does not depend on how the global batch is split. A
+BatchNorm model normalises with each rank's local batch (training forwards, and the gowal
+attack), so for it the test asserts what holds under either recipe: the EMA is bitwise the
+same on both ranks, even from different initial weights per rank."""
 import os
 import shutil
 import subprocess
@@ -54,13 +60,24 @@ if evaluate_from != "-":   # (the resume runs) PGD-AT too, 3 updates
                                 **{**kw, "epochs": 3})
     res["pgd_at_loss"] = [h["loss"] for h in pgd.history]
 if world > 1:
-    # BatchNorm under DDP: local batch statistics, rank 0's running statistics broadcast after
-    # every update, so the EMA (weights and running statistics) is the same on both ranks.
-    torch.manual_seed(0)
-    bn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                             torch.nn.Flatten(), torch.nn.Linear(144, 10))
-    bn = cdp_fast.train_trades(bn, (x[:400], y[:400]), **{**kw, "epochs": 3})
-    res["bn_ema"] = bn.state_dict()
+    # BatchNorm under DDP: local batch statistics (with recipe="gowal" in the attack too), rank
+    # 0's running statistics broadcast after every update, so the EMA (weights and running
+    # statistics) is the same on both ranks. Each rank builds the model from its own seed: DDP
+    # starts every rank from rank 0's weights, and the EMA must start from them too.
+    for recipe in ("gowal", "zhang"):
+        torch.manual_seed(rank)
+        bn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4),
+                                 torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 10))
+        copied = []   # per epoch: are the EMA's buffers the model's (gowal's update_bn)?
+
+        def check(info):
+            copied.append(all(torch.equal(a, b) for a, b in
+                              zip(info["ema_model"].buffers(), info["model"].buffers())))
+
+        bn = cdp_fast.train_trades(bn, (x[:400], y[:400]),
+                                   **{**kw, "epochs": 3, "recipe": recipe, "callback": check})
+        res[f"bn_ema_{recipe}"] = bn.state_dict()
+        res[f"bn_copied_{recipe}"] = copied
     try:
         cdp_fast.train_trades(SmallCNN(width=8, feature_dim=16), (x[:400], y[:400]),
                               sync_bn=True, **kw)
@@ -179,9 +196,13 @@ def test_ddp_trades_matches_one_process_resumes_across_world_sizes_and_evaluates
     assert ev1["clean"] > 0.8 and ev1["pgd"] < ev1["clean"], ev1   # the attacks matter
     np.testing.assert_allclose(rd0["pgd_at_loss"], rc["pgd_at_loss"], rtol=RTOL)
     assert rd0["pgd_at_loss"] == rd1["pgd_at_loss"]
-    for k, v in rd0["bn_ema"].items():
-        assert torch.equal(v, rd1["bn_ema"][k]), k
-    assert rd0["bn_ema"]["1.num_batches_tracked"] > 0
+    for a, b in ((r0, r1), (rd0, rd1)):
+        for recipe in ("gowal", "zhang"):
+            for k, v in a[f"bn_ema_{recipe}"].items():
+                assert torch.equal(v, b[f"bn_ema_{recipe}"][k]), (recipe, k)
+            assert a[f"bn_ema_{recipe}"]["1.num_batches_tracked"] > 0
+        assert a["bn_copied_gowal"] == [True] * 3          # update_bn at every epoch end
+        assert a["bn_copied_zhang"] == [False] * 3         # averaged instead
     # SyncBatchNorm has no CPU implementation in torch: a clear ValueError, not a crash.
     assert "sync_bn" in (rd0["sync_bn_error"] or "")
 
