@@ -136,8 +136,8 @@ from cdp_fast.batches import (MixedBatchSampler, augment_batch, augment_defaults
 from cdp_fast.data import as_source
 from cdp_fast.runtime import rank_device
 from cdp_fast.trainloop import (RECIPES, Loop, RunConfig, broadcast_state, cosine_lr, ema_decay,
-                                epoch_entry, load_checkpoint, make_optimizer, pgd_at_loss, run_epoch,
-                                save_checkpoint, trades_loss, wrap_model)
+                                epoch_entry, load_checkpoint, make_optimizer, pgd_at_loss,
+                                run_epoch, save_checkpoint, trades_loss, wrap_model)
 
 __all__ = ["train_trades", "train_pgd_at", "trades_loss", "pgd_at_loss", "as_source",
            "augment_batch", "augment_defaults", "ema_decay", "cosine_lr", "mix_counts",

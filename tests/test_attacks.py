@@ -205,7 +205,7 @@ def test_compiled_attack_loops_match_eager(ext):
         assert torch.equal(out, trades_attack(model, x, eps=EPS, step_size=ALPHA, steps=2))
 
 
-# ----------------------------------------------------------------------------- Gowal et al.'s variant
+# ------------------------------------------------------------------ Gowal et al.'s variant
 def test_trades_uniform_start_is_uniform_in_the_ball_and_clamped(ext):
     """start="uniform" (gowal21uncovering/utils/trades.py: x + U(−ε, ε), then clamped to
     [0, 1]): with 0 steps the attack returns its start. Reference: the formula on the same
