@@ -67,6 +67,19 @@ def _compile_flag(v):
 
 
 # ----------------------------------------------------------------------------- subcommands
+def _guide_window(values, preset):
+    """--guide-window: auto (the preset's, else the library's "auto"), all (None), or T_LO T_HI."""
+    if values == ["auto"]:
+        return preset.get("guide_window", "auto")
+    if values == ["all"]:
+        return None
+    try:
+        lo, hi = (int(v) for v in values)
+    except ValueError:
+        raise ValueError(f"guide-window: {' '.join(values)!r} is not auto, all or two ints T_LO T_HI") from None
+    return (lo, hi)
+
+
 def cmd_sample(a):
     import numpy as np
 
@@ -80,9 +93,13 @@ def cmd_sample(a):
     loss = None if a.loss == "none" else a.loss
     samp = dict(info.get("sampling") or {})
     g = dict((info.get("guidance") or {}).get(loss, {})) if loss else {}
+    # "auto" flags take the bundled model's preset where it has one (the digits preset pins the
+    # setting it was tuned in), else the library's defaults (the authors' choices)
+    embedding = {"none": None, "mlp": "mlp"}.get(a.embedding, g.get("embedding", "auto"))
+    form = a.form if a.form != "auto" else g.get("form")
     kw = dict(
-        loss=loss, embedding=None if a.embedding == "none" else a.embedding,
-        guide_window=tuple(a.guide_window) if a.guide_window else None,
+        loss=loss, embedding=embedding, form=form, guide_window=_guide_window(a.guide_window, g),
+        solver=a.solver, clip_x0={"auto": None, "true": True, "false": False}[a.clip_x0],
         lam=a.lam if a.lam is not None else g.get("lam"),
         tau=a.tau if a.tau is not None else g.get("tau"),
         tau_plus=a.tau_plus, beta=a.beta, positive=a.positive, negatives=a.negatives,
@@ -125,7 +142,7 @@ def cmd_sample(a):
         if loss is not None:
             # the unguided counterparts from the same x_T (same seed => same x_T for sample i),
             # as the paper's Figure 5: left block DDIM, right block Contrastive-DP
-            base = {k2: v for k2, v in kw.items() if k2 not in ("features", "real", "loss", "embedding",
+            base = {k2: v for k2, v in kw.items() if k2 not in ("features", "real", "loss", "embedding", "form",
                                                                   "guide_window", "lam", "tau")}
             base.update(loss=None, progress=False)
             u = np.asarray(cdp_fast.sample(model, k, **base).images[:k])
@@ -303,10 +320,16 @@ def _add_guidance_flags(s):
     s.add_argument("--features", default="auto",
                    help="feature extractor f for the loss: auto (the bundled model's, else pixels), pixels, "
                         "digits, or module:factory; f takes x in [-1, 1] (default: auto)")
-    s.add_argument("--embedding", choices=("none", "mlp"), default="none",
-                   help="'mlp': online 2-layer head on f trained by the loss (default: none)")
-    s.add_argument("--guide-window", type=int, nargs=2, metavar=("T_LO", "T_HI"), default=None,
-                   help="guide only when T_LO <= t <= T_HI (default: every step)")
+    s.add_argument("--embedding", choices=("auto", "none", "mlp"), default="auto",
+                   help="'mlp': online 2-layer head on f trained by the loss; auto = the model preset's, "
+                        "else the head for hnm and none for infonce (the authors') (default: auto)")
+    s.add_argument("--form", choices=("auto", "authors", "anchors"), default="auto",
+                   help="loss form: the authors' (symmetric 2B-row HNM / keys InfoNCE, what the paper's "
+                        "lambda means) or this package's earlier anchor form (~2x the gradient); auto = "
+                        "the model preset's, else the authors' (default: auto)")
+    s.add_argument("--guide-window", nargs="+", metavar="T", default=["auto"],
+                   help="'auto' (the model preset's, else the authors' t >= 0.4 T), 'all' (every step, "
+                        "Algorithm 1), or T_LO T_HI: guide only when T_LO <= t <= T_HI (default: auto)")
     s.add_argument("--lam", type=float, default=None, help="guidance strength lambda (default: per model/loss)")
     s.add_argument("--tau", type=float, default=None, help="temperature tau (default: per model/loss)")
     s.add_argument("--tau-plus", type=float, default=0.1, help="HNM class prior tau+ in [0, 1) (default: 0.1)")
@@ -332,6 +355,11 @@ def _add_ddim_flags(s):
     s.add_argument("--skip", choices=("uniform", "quadratic"), default=None,
                    help="timestep sub-sequence (default: per model; library quadratic)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 = deterministic (default: 0)")
+    s.add_argument("--solver", choices=("ddim", "ddpm"), default="ddim",
+                   help="ddim (the paper's) or ddpm (ancestral, the revised paper's DDPM rows) (default: ddim)")
+    s.add_argument("--clip-x0", choices=("auto", "true", "false"), default="auto",
+                   help="clip the x0-prediction to [-1, 1] in the DDPM step; auto = on for ddpm, off for "
+                        "ddim (default: auto)")
     s.add_argument("--T", type=int, default=1000, help="training diffusion steps T (default: 1000)")
     s.add_argument("--betas", choices=("linear", "cosine"), default=None,
                    help="noise schedule (default: linear, or the diffusers folder's scheduler)")

@@ -179,6 +179,42 @@ def test_train_recipe_and_augmentation_flags(tmp_path, monkeypatch):
         assert cli.main(base + bad) == 2
 
 
+def test_sample_fidelity_flags(monkeypatch):
+    """`sample` maps --form / --embedding / --guide-window / --solver / --clip-x0 onto the
+    library's arguments: "auto" takes the bundled model's preset (the digits preset pins the
+    anchor form at every step without a head, the setting it was tuned in), else the
+    library's defaults (the authors' choices)."""
+    import cdp_fast
+
+    calls = []
+
+    def fake(model, n, **kw):
+        calls.append(kw)
+        return cdp_fast.Samples(np.zeros((n, 8, 8, 1), np.uint8))
+
+    monkeypatch.setattr(cdp_fast, "sample", fake)
+    base = ["sample", "-n", "2", "--no-progress"]
+    assert cli.main(base) == 0
+    assert (calls[-1]["form"], calls[-1]["embedding"], calls[-1]["guide_window"]) == ("anchors", None, None)
+    assert (calls[-1]["solver"], calls[-1]["clip_x0"]) == ("ddim", None)
+    assert cli.main(base + ["--form", "authors", "--embedding", "mlp", "--guide-window", "300", "999",
+                            "--solver", "ddpm", "--clip-x0", "false"]) == 0
+    kw = calls[-1]
+    assert (kw["form"], kw["embedding"], kw["guide_window"], kw["solver"], kw["clip_x0"]) == \
+        ("authors", "mlp", (300, 999), "ddpm", False)
+    assert cli.main(base + ["--guide-window", "all"]) == 0 and calls[-1]["guide_window"] is None
+    assert cli.main(base + ["--model", "tests.test_cli:_tiny_eps", "--image-shape", "1,8,8"]) == 0
+    assert (calls[-1]["form"], calls[-1]["embedding"], calls[-1]["guide_window"]) == (None, "auto", "auto")
+    for bad in (["--guide-window", "5", "x"], ["--solver", "heun"], ["--form", "symmetric"]):
+        assert cli.main(base + bad) == 2
+
+
+def _tiny_eps():
+    import torch
+
+    return torch.nn.Conv2d(1, 1, 3, padding=1)
+
+
 def test_eval_bundled_classifier(capsys):
     assert cli.main(["eval", "--arch", "digits", "--n", "100", "--attacks", "clean"]) == 0
     out = capsys.readouterr().out
