@@ -158,6 +158,10 @@ class ContrastiveGuidance:
     a :meth:`reset` that does not keep it, and trained by one Adam step (lr 1e-2) on the same
     loss per guided step.
 
+    ``strength``: per guided step of the current trajectory, (t, mean, max) over the batch of
+    λ‖∇ℓ_i‖/‖ε_i‖ (0-dim tensors), so a user sees whether λ is in a sane range; cleared by
+    :meth:`reset`.
+
     Args:
         loss: "hnm" or "infonce". lam: λ >= 0. tau: τ > 0. tau_plus: τ⁺ ∈ [0, 1) and beta:
             β >= 0 (HNM only).
@@ -217,6 +221,7 @@ class ContrastiveGuidance:
         """
         self.class_labels = class_labels
         self.real_positive_index = real_positive_index
+        self.strength = []               # (t, mean, max) of λ‖∇ℓ‖/‖ε‖ per guided step (tensors)
         self._prev_raw = None            # f(x_{t+1}) of the last guided step
         self._prev_x = None              # x_{t+1} when the last step was not guided
         if not keep_head:
@@ -323,6 +328,11 @@ class ContrastiveGuidance:
                 self._opt.zero_grad(set_to_none=True)
             else:
                 g = torch.autograd.grad(ell, x_in)[0]
+        with torch.no_grad():
+            # how hard this step pushes, relative to the model: λ‖∇ℓ_i‖/‖ε_i‖ per sample (kept as
+            # tensors: no host sync in the loop)
+            r = self.lam * g.flatten(1).norm(dim=1) / eps.flatten(1).norm(dim=1).clamp_min(1e-12)
+            self.strength.append((t, r.mean(), r.max()))
         self._prev_raw = raw.detach()
         self._prev_x = x.detach()
         return g, self.lam

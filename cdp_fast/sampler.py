@@ -45,7 +45,7 @@ from cdp_fast.models.external import EpsModel, as_eps_model, call_model
 from cdp_fast.ops.ddim import ddim_update, ddpm_update
 from cdp_fast.schedule import as_alphas_cumprod, make_alphas_cumprod, timesteps as make_timesteps
 from cdp_fast.seeding import generators, per_sample_randn, sample_seed
-from cdp_fast.stream import ShardPlan, fingerprint, write_shards
+from cdp_fast.stream import ShardPlan, fingerprint, update_manifest, write_shards
 
 SOLVERS = ("ddim", "ddpm")
 
@@ -258,6 +258,34 @@ def _validate(n, loss, positive, negatives, embedding, guide_window, form, solve
 
 
 # ----------------------------------------------------------------------------- one run
+class _Strength:
+    """Per-timestep summary of the guidance strength λ‖∇ℓ_i‖/‖ε_i‖ over the batches of a call:
+    the mean of the batch means and the max, as {"t", "ratio_mean", "ratio_max", "batches"}."""
+
+    def __init__(self):
+        self.by_t = {}
+
+    def add(self, records):
+        if not records:
+            return
+        # one host sync per batch for all its steps
+        values = torch.stack([torch.stack([mean, mx]) for _, mean, mx in records]).tolist()
+        for (t, _, _), (mean, mx) in zip(records, values):
+            s, m, c = self.by_t.get(t, (0.0, 0.0, 0))
+            self.by_t[t] = (s + mean, max(m, mx), c + 1)
+
+    def merge(self, others):
+        for other in others:
+            for t, (s, m, c) in other.items():
+                s0, m0, c0 = self.by_t.get(t, (0.0, 0.0, 0))
+                self.by_t[t] = (s0 + s, max(m0, m), c0 + c)
+        return self
+
+    def summary(self):
+        return [{"t": int(t), "ratio_mean": s / c, "ratio_max": m, "batches": c}
+                for t, (s, m, c) in sorted(self.by_t.items(), reverse=True)]
+
+
 @dataclass(frozen=True)
 class _Run:
     """Everything a batch of a :func:`sample` run needs, fixed for the run."""
@@ -281,6 +309,7 @@ class _Run:
     labeler: Optional[Callable]
     output: str
     autocast: Callable
+    strength: _Strength
 
 
 def _labels_from(labeler, x):
@@ -328,6 +357,8 @@ def _generate_group(run: _Run, start: int, count: int):
         else:
             x0 = guided_ddim(run.eps_model, x_T, alphas_cumprod=run.alphas_cumprod, timesteps=run.timesteps,
                              guidance=guidance, eta=run.eta, generator=gens if run.eta > 0 else None, y=y)
+    if guidance is not None:
+        run.strength.add(guidance.strength)
     x0 = x0[:count].float()
     labels = conf = None
     if run.labeler is not None:
@@ -511,7 +542,7 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
                timesteps=ts, eta=float(eta), batch_size=batch_size, seed=seed, image_shape=tuple(image_shape),
                init_std=float(init_std), device=dev, channels_last=channels_last,
                class_labels=class_labels, num_classes=num_classes, labeler=labeler, output=output,
-               autocast=runtime.autocast(dev, dtype))
+               autocast=runtime.autocast(dev, dtype), strength=_Strength())
     from tqdm.auto import tqdm
 
     from cdp_fast.data import Samples
@@ -524,7 +555,10 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
                     chunks.append(chunk)
                     bar.update(len(chunk["image"]))
             cat = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-            return Samples(cat["image"], cat.get("label"), cat.get("confidence"), meta={"seed": seed, "n": n})
+            meta = {"seed": seed, "n": n}
+            if guided:
+                meta["guidance_strength"] = run.strength.summary()
+            return Samples(cat["image"], cat.get("label"), cat.get("confidence"), meta=meta)
         kw = dict(loss=loss, features=features, embedding=None if guidance is None else guidance.embedding,
                   form=None if guidance is None else guidance.form, solver=solver, clip_x0=run.clip_x0,
                   guide_window=window, lam=lam,
@@ -535,6 +569,12 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
                   seed=seed, dtype=str(dtype), init_std=float(init_std))
         plan = ShardPlan(Path(out), n, shard_size, _manifest_args(model, n, kw))
         stats = write_shards(plan, lambda s, c: _batches(run, s, c), device=dev, progress=progress)
+        if guided:
+            parts = distributed.all_gather_object(run.strength.by_t)
+            if distributed.world_info()[0] == 0 and any(parts):
+                # this call's batches only (a resumed call measures what it generated)
+                update_manifest(plan, "guidance_strength", _Strength().merge(parts).summary())
+            distributed.barrier()
     result = Samples.load(out)
     result.meta["throughput"] = stats
     return result

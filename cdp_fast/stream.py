@@ -28,7 +28,7 @@ import torch
 from cdp_fast import distributed
 from cdp_fast.data import atomic_write_bytes, atomic_write_json, npz_bytes, sha256_file
 
-__all__ = ["ShardPlan", "write_shards", "fingerprint", "shard_name", "SEEDING"]
+__all__ = ["ShardPlan", "write_shards", "update_manifest", "fingerprint", "shard_name", "SEEDING"]
 
 #: What the manifest says about randomness (checked by nobody; read by people).
 SEEDING = ("sample i draws x_T, eta-noise and its real positive from torch.Generator seeded with "
@@ -206,6 +206,17 @@ def write_shards(plan: ShardPlan, generate: Callable[[int, int], Iterable[dict]]
         _finish_manifest(plan, manifest)
     distributed.barrier()
     return stats
+
+
+def update_manifest(plan: ShardPlan, key: str, value) -> None:
+    """Set ``manifest[key] = value`` (JSON-serialisable, not an argument), atomically; for
+    summaries the caller computes after :func:`write_shards` (one process: rank 0)."""
+    path = plan.out / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if key in ("args", "shards", "n", "shard_size", "complete"):
+        raise ValueError(f"key: {key!r} belongs to the run's bookkeeping")
+    manifest[key] = value
+    atomic_write_json(path, manifest)
 
 
 # ----------------------------------------------------------------------------- fingerprints

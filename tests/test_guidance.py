@@ -207,3 +207,36 @@ def test_form_and_embedding_defaults_and_errors():
     with pytest.raises(ValueError, match="form"):
         cdp_fast.ContrastiveGuidance(loss="hnm", lam=1.0, tau=1.0, form="symmetric")
     assert math.isclose(losses.AUTHORS_FLOOR, 1e-4)
+
+
+def test_guidance_strength_is_recorded_per_step(tmp_path):
+    """λ‖∇ℓ_i‖/‖ε_i‖ per guided step: in Samples.meta (in memory) and in the manifest (out dir),
+    for exactly the guided timesteps (the authors' window t >= 400, not the first step), and
+    equal to a hand computation from the step's gradient and ε."""
+    kw = dict(loss="hnm", lam=30.0, tau=0.5, embedding=None, image_shape=(1, 5, 5), steps=6, skip="uniform",
+              batch_size=2, output="float", progress=False)
+    mem = cdp_fast.sample(_tiny(), 4, **kw).meta["guidance_strength"]
+    disk = cdp_fast.sample(_tiny(), 4, out=str(tmp_path / "o"), shard_size=2, **kw).meta["guidance_strength"]
+    assert [r["t"] for r in mem] == [664, 498] and all(r["batches"] == 2 for r in mem)   # 830: first step
+    assert mem == disk
+    assert all(0 < r["ratio_mean"] <= r["ratio_max"] for r in mem)
+    assert cdp_fast.sample(_tiny(), 2, **dict(kw, loss=None)).meta.get("guidance_strength") is None
+
+    class Capture(cdp_fast.ContrastiveGuidance):
+        def __call__(self, x, t, eps, step):
+            out = super().__call__(x, t, eps, step)
+            if out is not None:
+                self.seen.append((out[0], eps))
+            return out
+
+    g = Capture(loss="hnm", lam=30.0, tau=0.5, embedding=None)
+    g.seen = []
+    x_T = torch.randn(3, 1, 5, 5, generator=torch.Generator().manual_seed(2))
+    cdp_fast.guided_ddim(_tiny(), x_T, alphas_cumprod=cdp_fast.make_alphas_cumprod("linear", 1000),
+                         timesteps=cdp_fast.timesteps(1000, 6, "uniform"), guidance=g)
+    grad, eps = g.seen[0]
+    hand = 30.0 * grad.flatten(1).norm(dim=1) / eps.flatten(1).norm(dim=1)
+    t, mean, mx = g.strength[0]
+    assert t == 664
+    torch.testing.assert_close(mean, hand.mean())
+    torch.testing.assert_close(mx, hand.max())
