@@ -10,7 +10,9 @@ The CLI (:mod:`cdp_fast.cli`) parses flags; this module resolves their values an
   :func:`load_features`, :func:`load_labeler`, :func:`load_classifier`, :func:`build_classifier`;
 - data (``--data``, ``--real``, ``--class-labels``, samples, ``--image-shape``):
   :func:`load_train_data`, :func:`load_real_images`, :func:`load_class_labels`,
-  :func:`load_samples`, :func:`parse_shape`.
+  :func:`load_samples`, :func:`parse_shape`;
+- `cdp-fast inspect` (``--real``, ``--features``, ``--classifier``): :func:`load_real_splits`,
+  :func:`load_inspect_features`, :func:`load_independent_classifier`.
 
 Heavy imports (torch, numpy, the models) happen inside the functions, so ``cdp-fast --help``
 stays fast.
@@ -23,7 +25,8 @@ from pathlib import Path
 __all__ = [
     "import_attr", "load_callable_spec", "load_model_spec", "load_network", "load_features", "load_labeler",
     "load_classifier", "build_classifier", "load_samples", "load_train_data", "load_real_images",
-    "load_class_labels", "parse_shape",
+    "load_class_labels", "parse_shape", "load_real_splits", "load_inspect_features",
+    "load_independent_classifier",
 ]
 
 
@@ -219,3 +222,61 @@ def parse_shape(text):
     if not shape or any(s < 1 for s in shape):
         raise ValueError(f"image-shape: {text!r} must hold positive ints")
     return shape
+
+
+# ----------------------------------------------------------------------------- cdp-fast inspect
+def load_real_splits(spec):
+    """inspect --real: ``digits`` (the bundled train / test splits), ``cifar10:FOLDER`` (its
+    training batches / test batch) or a labelled npz / out folder (training set only).
+
+    Returns ((x, y) train, (x, y) test or None): x float32 NCHW in [0, 1], y int64."""
+    import torch
+
+    if spec == "digits" or spec.startswith("cifar10:"):
+        return load_train_data(spec, "train"), load_train_data(spec, "test")
+    p = Path(spec)
+    if not p.exists():
+        raise ValueError(f"real: {spec} is neither 'digits', 'cifar10:FOLDER' nor an existing npz / out folder")
+    s = load_samples(p)
+    if s.labels is None:
+        raise ValueError(f"real: {spec} has no labels")
+    return (s.to_tensor(), torch.as_tensor(s.labels, dtype=torch.int64)), None
+
+
+def load_inspect_features(spec, device=None):
+    """inspect --features: ``pca`` (None: the metrics' default, PCA of the real images),
+    ``digits`` (the bundled classifier's penultimate layer on [0, 1] images — the guidance's own
+    feature space, so not independent of it) or ``module:factory`` (a callable on [0, 1] images
+    returning (B, d)). Returns (features or None, description)."""
+    if spec in (None, "pca"):
+        return None, None
+    if spec == "digits":
+        from cdp_fast.models import digits
+
+        return (digits.load_digits_classifier(device).features,
+                "digits: the bundled classifier's penultimate features (the guidance's own: NOT independent)")
+    if ":" in spec:
+        return load_callable_spec(spec, "features"), f"{spec} (user features on [0, 1] images)"
+    raise ValueError(f"features: {spec!r} is not pca, digits or module:factory")
+
+
+def load_independent_classifier(spec, real_train, device=None):
+    """inspect --classifier: ``auto`` = a multinomial logistic regression on the pixels fitted on
+    the real training split (:func:`cdp_fast.metrics.fit_logistic_regression`: independent of
+    the guidance's classifier and features), ``none``, ``digits`` (the bundled classifier, which
+    labels the bundled model's samples: not independent) or ``module:factory`` (on [0, 1]
+    images). Returns (classifier or None, description)."""
+    if spec in (None, "auto"):
+        from cdp_fast import metrics
+
+        x, y = real_train
+        return (metrics.fit_logistic_regression(x, y),
+                "independent: pixel logistic regression fitted on the real training split")
+    if spec == "none":
+        return None, None
+    if spec == "digits":
+        return (load_classifier(spec, device),
+                "digits: the bundled classifier (labels the bundled model's samples: NOT independent)")
+    if ":" in spec:
+        return load_classifier(spec, device), f"{spec} (user classifier on [0, 1] images)"
+    raise ValueError(f"classifier: {spec!r} is not auto, none, digits or module:factory")
