@@ -1,4 +1,6 @@
 """Reproduce the paper's Gaussian tables (§3 / App. B) beside both versions of the paper.
+(A long script: every table of both versions with its source, setting and the analyses of the
+offsets, in one place.)
 
     python benchmarks/gaussian_tables.py [--trials 50] [--seed 0] [--ref-trials 2000]
         [--holdouts 2000] [--test-size 10000] [--fit-trials 300] [--out benchmarks/results]

@@ -147,7 +147,8 @@ def _choose_triton_op(op: str, tensor: torch.Tensor) -> str:
 def _warn_once(key: str, msg: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        # 6 frames up: _warn_once, _choose_pgd, choose, the op's chooser, pgd_step, its caller
+        warnings.warn(msg, RuntimeWarning, stacklevel=6)
 
 
 def _pgd_request(impl: str | None) -> tuple[str, bool]:

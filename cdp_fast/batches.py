@@ -9,8 +9,7 @@
   zero padding and horizontal flips on tensors, the draws separable from their application so
   they can be made for the whole global batch and sliced per rank; :func:`augment_defaults`:
   the padding and flips that fit an image size when the caller leaves them to the library;
-- :func:`check_number`: the ValueError-naming-the-argument check shared with
-  :mod:`cdp_fast.train`.
+- :func:`check_number` (from :mod:`cdp_fast.checks`, re-exported): the argument check.
 
 Every random choice goes through a dedicated generator seeded from (seed, epoch) or (seed,
 update), never the global RNG, so a run resumes bitwise and does not depend on the number of
@@ -25,21 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cdp_fast.checks import check_number  # re-exported: batches.check_number is public
+
 __all__ = ["mix_counts", "epoch_indices", "step_seed", "MixedBatchSampler", "augment_batch",
            "augment_draws", "apply_augment", "augment_defaults", "check_number"]
-
-
-def check_number(name, v, lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
-    """ValueError naming ``name`` unless ``v`` is a finite number (an int if ``integer``;
-    never a bool) within [lo, hi] (open ends with ``lo_open`` / ``hi_open``)."""
-    ok_type = (isinstance(v, (int, np.integer)) if integer else isinstance(v, (int, float, np.number)))
-    if isinstance(v, bool) or not ok_type or not math.isfinite(float(v)):
-        kind = "an int" if integer else "a finite number"
-        raise ValueError(f"{name} must be {kind}, got {v!r}")
-    if lo is not None and (v < lo or (lo_open and v == lo)):
-        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v!r}")
-    if hi is not None and (v > hi or (hi_open and v == hi)):
-        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {v!r}")
 
 
 # --------------------------------------------------------------------------- data order

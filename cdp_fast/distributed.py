@@ -3,9 +3,9 @@
 ``torchrun --nproc_per_node=N -m cdp_fast sample ...`` (or any script calling
 :func:`cdp_fast.sample` with ``out=``) starts N processes with ``WORLD_SIZE``/``RANK`` set; the
 sampler then joins (or initialises) the default process group — nccl for CUDA devices, gloo
-otherwise — and rank r generates shards k with k % WORLD_SIZE == r. Sample i is still a
-function of (seed, i) only, so the dataset is byte-identical to a single-process run, and a
-run can be resumed with any number of processes.
+otherwise — and rank r generates shards k with k % WORLD_SIZE == r. A shard is a function of
+the seed and its rows only (never of the rank), so the dataset is byte-identical to a
+single-process run, and a run can be resumed with any number of processes.
 """
 from __future__ import annotations
 

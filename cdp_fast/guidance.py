@@ -45,6 +45,7 @@ import math
 import torch
 
 from cdp_fast import losses
+from cdp_fast.checks import check_number
 from cdp_fast.schedule import as_alphas_cumprod
 from cdp_fast.seeding import sample_seed
 
@@ -97,26 +98,29 @@ def resolve_embedding(embedding, loss):
 
 
 class MLPHead(torch.nn.Module):
-    """The paper's "with embedding" head (App. D.1): 2 layers, d -> 128 -> 128."""
+    """The paper's "with embedding" head (App. D.1; the authors' ``EmbeddingModel``): 2 layers,
+    d -> 128 -> 128 (the loss L2-normalises the output, as their head's last line does).
 
-    def __init__(self, d, hidden=128, out=128):
+    ``generator``: initialise from it with PyTorch's default Linear rule (weights
+    kaiming_uniform(a = √5), i.e. U(±1/√fan_in), biases U(±1/√fan_in)) instead of the global
+    RNG, so creating a head neither reads nor disturbs anyone else's random state."""
+
+    def __init__(self, d, hidden=128, out=128, generator=None):
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.ReLU(),
-                                       torch.nn.Linear(hidden, out))
+        # with a generator the layers are built uninitialised (skip_init), so that the global
+        # RNG is not consumed, then initialised from the generator below
+        linear = torch.nn.Linear if generator is None else (
+            lambda i, o: torch.nn.utils.skip_init(torch.nn.Linear, i, o))
+        self.net = torch.nn.Sequential(linear(d, hidden), torch.nn.ReLU(), linear(hidden, out))
+        if generator is not None:
+            with torch.no_grad():
+                for layer in (self.net[0], self.net[2]):
+                    torch.nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+                    bound = 1.0 / math.sqrt(layer.in_features)
+                    layer.bias.uniform_(-bound, bound, generator=generator)
 
     def forward(self, z):
         return self.net(z)
-
-
-def _number(name, v, *, lo=None, lo_open=False, hi=None, hi_open=False):
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    ok = ok and (lo is None or (v > lo if lo_open else v >= lo))
-    ok = ok and (hi is None or (v < hi if hi_open else v <= hi))
-    if not ok:
-        lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
-        hi_s = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
-        raise ValueError(f"{name} must be a finite number {' and '.join(s for s in (lo_s, hi_s) if s)}, "
-                         f"got {v!r}")
 
 
 def check_options(*, positive="previous", negatives="batch", embedding=None, guide_window=None, form=None):
@@ -186,10 +190,10 @@ class ContrastiveGuidance:
                  guide_window=None, alphas_cumprod=None, seed=0, feature_batch=512, form=None):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        _number("lam", lam, lo=0)
-        _number("tau", tau, lo=0, lo_open=True)
-        _number("tau_plus", tau_plus, lo=0, hi=1, hi_open=True)
-        _number("beta", beta, lo=0)
+        check_number("lam", lam, lo=0)
+        check_number("tau", tau, lo=0, lo_open=True)
+        check_number("tau_plus", tau_plus, lo=0, hi=1, hi_open=True)
+        check_number("beta", beta, lo=0)
         check_options(positive=positive, negatives=negatives, embedding=embedding,
                       guide_window=guide_window, form=form)
         if (positive == "real" or negatives == "real") and not (isinstance(real, torch.Tensor) and len(real)):
@@ -228,6 +232,15 @@ class ContrastiveGuidance:
             self._head = None
             self._opt = None
 
+    def begin(self, x_T=None, indices=None, class_labels=None, real_positive_index=None):
+        """Deprecated (the earlier hidden set-up call): use :meth:`reset`. ``x_T`` and
+        ``indices`` are ignored, as they were."""
+        import warnings
+
+        warnings.warn("ContrastiveGuidance.begin() is deprecated: use reset()", DeprecationWarning,
+                      stacklevel=2)
+        self.reset(class_labels=class_labels, real_positive_index=real_positive_index)
+
     # f: x -> (B, d)
     def _f(self, x):
         if self.features is None:
@@ -247,10 +260,9 @@ class ContrastiveGuidance:
 
     def _ensure_head(self, d, device):
         if self.embedding == "mlp" and self._head is None:
-            gen_state = torch.random.get_rng_state()
-            torch.manual_seed(sample_seed(self.seed, -1))  # head init: a function of seed only
-            self._head = MLPHead(d).to(device)
-            torch.random.set_rng_state(gen_state)
+            # head init: a function of the seed only, from a generator of its own
+            gen = torch.Generator().manual_seed(sample_seed(self.seed, -1))
+            self._head = MLPHead(d, generator=gen).to(device)
             self._opt = torch.optim.Adam(self._head.parameters(), lr=1e-2)
 
     def _embed(self, raw):
@@ -294,6 +306,11 @@ class ContrastiveGuidance:
         return losses.infonce_loss(z, w, cand, tau=self.tau, anchor_labels=labels)
 
     def __call__(self, x, t, eps, step):
+        if step == 0:
+            # a new trajectory: never pair x_T with the last state of the previous one (the
+            # head, the labels and the real positives stay as reset() set them)
+            self._prev_raw = self._prev_x = None
+            self.strength = []
         in_window = self.guide_window is None or (self.guide_window[0] <= t <= self.guide_window[1])
         if not in_window or self.lam == 0:
             self._prev_raw = None

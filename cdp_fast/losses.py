@@ -13,8 +13,9 @@ HNM (Robinson et al. 2021, eq. (3); the paper's 邃点HNM), with imp_ij = neg_ij^ﾎ
 InfoNCE: 邃点i = 竏値og(pos_i / (pos_i + ﾎ｣_j neg_ij)). The log-space derivation is in the
 reference's docstring.
 The loss is the mean of 邃点i over the m anchors; an anchor with no valid negative contributes
-邃点i = 0. Gradients flow to the anchors and the candidates; the positives are detached, as in
-Algorithm 1 (x_p is a fixed target for x_t).
+邃点i = 0. Gradients flow to the anchors and the candidates; in ``hnm_loss`` / ``infonce_loss``
+the positives are detached, as in Algorithm 1 (x_p is a fixed target for x_t); the authors'
+forms (``hnm_loss_symmetric``, ``infonce_loss_keys``) pass gradients through both sets.
 
 Shapes: anchor (m, d), positive (m, d), candidates (N, d) or None, anchor_labels (m,),
 candidate_labels (N,); returns a 0-dim tensor in the anchors' dtype.

@@ -42,9 +42,8 @@ import torch
 from torch import nn
 
 from cdp_fast.attacks import pgd_from_draws
-from cdp_fast.runtime import eval_mode
 from cdp_fast.data import images_to_float01
-from cdp_fast.runtime import model_device, rank_device
+from cdp_fast.runtime import eval_mode, model_device, rank_device
 
 __all__ = ["evaluate", "autoattack_accuracy", "pgd_starts", "ATTACKS"]
 

@@ -19,7 +19,7 @@ import weakref
 
 import torch
 
-__all__ = ["model_device", "rank_device", "autocast", "check_dtype", "eval_mode", "compile_frozen",
+__all__ = ["model_device", "same_device", "rank_device", "autocast", "check_dtype", "eval_mode", "compile_frozen",
            "compile_cuda_graphs", "weights_fingerprint"]
 
 
@@ -34,6 +34,17 @@ def model_device(model, device=None) -> torch.device:
         for b in model.buffers():
             return b.device
     return torch.device("cpu")
+
+
+def same_device(a, b) -> bool:
+    """Whether two devices are the same one ("cuda" means the current CUDA device)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type == "cuda" and (a.index is None or b.index is None) and torch.cuda.is_available():
+        cur = torch.cuda.current_device()
+        return (cur if a.index is None else a.index) == (cur if b.index is None else b.index)
+    return a.index == b.index
 
 
 def rank_device(device, model) -> torch.device:

@@ -25,13 +25,17 @@ Randomness: sample i draws its x_T, its η-noise and its "real" positive from a 
 seeded by (seed, i) alone. Without guidance, sample i is therefore the same for any
 batch_size; with guidance, the contrastive batch is part of the method (the paper's m), so
 samples are grouped into fixed batches [kB, (k+1)B) — the last one padded to B and cut — and
-are identical for any shard size, process count, n ≥ i or interruption.
+are identical for any process count, n ≥ i or interruption; with the online head
+(``embedding``), sample i also depends on the earlier batches of its shard (the head is
+carried through a shard), so on ``shard_size`` too — still not on the process count, n or an
+interruption (shards are the unit of work and of resume).
 """
 from __future__ import annotations
 
 import copy
 import json
 import math
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -40,6 +44,7 @@ import numpy as np
 import torch
 
 from cdp_fast import distributed, runtime
+from cdp_fast.checks import is_int
 from cdp_fast.guidance import DEFAULTS, LOSSES, ContrastiveGuidance, check_options
 from cdp_fast.models.external import EpsModel, as_eps_model, call_model
 from cdp_fast.ops.ddim import ddim_update, ddpm_update
@@ -192,10 +197,6 @@ def guided_ddpm(model, x_T, *, alphas_cumprod, timesteps, guidance=None, clip_x0
 
 
 # ----------------------------------------------------------------------------- validation
-def _is_int(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
 def authors_window(T: int) -> tuple[int, int]:
     """The authors' CIFAR-10 guidance window scaled to T steps: t >= 0.4·T (their
     ``ddim-main-contrast/functions/denoising.py``: ``i >= 400`` at T = 1000)."""
@@ -206,7 +207,7 @@ def _validate(n, loss, positive, negatives, embedding, guide_window, form, solve
               class_labels, labeler, num_classes, batch_size, steps, eta, output, image_shape, compile,
               shard_size, init_std):
     """The sampling arguments (the loss's own are checked by ContrastiveGuidance)."""
-    if not _is_int(n) or n < 1:
+    if not is_int(n) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     if loss not in (None,) + LOSSES:
         raise ValueError(f"loss must be one of None, 'none', 'infonce', 'hnm'; got {loss!r}")
@@ -220,24 +221,24 @@ def _validate(n, loss, positive, negatives, embedding, guide_window, form, solve
         raise ValueError("clip_x0=True needs solver='ddpm' (DDIM here follows the official code: no clipping)")
     if solver == "ddpm" and eta not in (0, 0.0):
         raise ValueError(f"eta is a DDIM option; solver='ddpm' uses the posterior variance (got eta={eta!r})")
-    if not _is_int(batch_size) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if not _is_int(steps) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
         raise ValueError(f"eta must be >= 0, got {eta!r}")
     if output not in ("uint8", "float"):
         raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
     if not (isinstance(image_shape, (tuple, list)) and len(image_shape) >= 1
-            and all(_is_int(s) and s >= 1 for s in image_shape)):
+            and all(is_int(s) and s >= 1 for s in image_shape)):
         raise ValueError(f"image_shape must be a tuple of positive ints, got {image_shape!r}")
     if compile not in ("auto", True, False):
         raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
     if not (isinstance(init_std, (int, float)) and math.isfinite(init_std) and init_std > 0):
         raise ValueError(f"init_std must be > 0, got {init_std!r}")
-    if shard_size is not None and (not _is_int(shard_size) or shard_size < 1):
+    if shard_size is not None and (not is_int(shard_size) or shard_size < 1):
         raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
-    if num_classes is not None and (not _is_int(num_classes) or num_classes < 1):
+    if num_classes is not None and (not is_int(num_classes) or num_classes < 1):
         raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
     if class_labels is not None and len(class_labels) != n:
         raise ValueError(f"class_labels must hold n={n} labels, got {len(class_labels)}")
@@ -260,7 +261,9 @@ def _validate(n, loss, positive, negatives, embedding, guide_window, form, solve
 # ----------------------------------------------------------------------------- one run
 class _Strength:
     """Per-timestep summary of the guidance strength λ‖∇ℓ_i‖/‖ε_i‖ over the batches of a call:
-    the mean of the batch means and the max, as {"t", "ratio_mean", "ratio_max", "batches"}."""
+    the mean of the batch means and the max, as {"t", "ratio_mean", "ratio_max", "batches"}
+    (over each batch as computed: the last batch's padding rows are part of its contrastive
+    batch and count too)."""
 
     def __init__(self):
         self.by_t = {}
@@ -387,17 +390,38 @@ def _batches(run: _Run, start: int, count: int):
         yield arrays
 
 
-def _prepare_model(model, dev: torch.device, compile, image_shape) -> tuple[EpsModel, bool]:
-    """(the ε-model adapter to run, whether x_T goes in channels_last). The caller's module is
-    never moved or converted: a copy is made when the device or the layout must change."""
+def _model_plan(model, dev: torch.device, compile, image_shape) -> tuple[bool, bool, bool]:
+    """(compile, copy, channels_last) for running ``model`` on ``dev``: channels_last only for
+    an nn.Module compiled on CUDA with (C, H, W) images (cuDNN convolutions and bf16 tensor
+    cores prefer NHWC); a copy whenever the caller's module would have to move or change
+    layout, so it never does."""
     use_compile = compile is True or (compile == "auto" and dev.type == "cuda")
-    channels_last = use_compile and dev.type == "cuda" and len(image_shape) == 3
-    if isinstance(model, torch.nn.Module):
-        if runtime.model_device(model) != dev or channels_last:
-            model = copy.deepcopy(model).to(dev)
+    is_module = isinstance(model, torch.nn.Module)
+    channels_last = use_compile and dev.type == "cuda" and len(image_shape) == 3 and is_module
+    must_copy = is_module and (channels_last or not runtime.same_device(runtime.model_device(model), dev))
+    return use_compile, must_copy, channels_last
+
+
+# caller's module -> ((device, layout, weights fingerprint), its prepared copy): one copy per
+# module and weights, so repeated calls reuse the copy (and its compiled graphs) instead of
+# doubling the memory and recompiling every call
+_PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _prepare_model(model, dev: torch.device, compile, image_shape) -> tuple[EpsModel, bool]:
+    """(the ε-model adapter to run, whether x_T goes in channels_last); see :func:`_model_plan`."""
+    use_compile, must_copy, channels_last = _model_plan(model, dev, compile, image_shape)
+    if must_copy:
+        key = (str(dev), channels_last, runtime.weights_fingerprint(model))
+        hit = _PREPARED.get(model)
+        if hit is not None and hit[0] == key:
+            module = hit[1]
+        else:
+            module = copy.deepcopy(model).to(dev)
             if channels_last:
-                # cuDNN convolutions (and bf16 tensor cores) prefer NHWC; values unchanged
-                model = model.to(memory_format=torch.channels_last)
+                module = module.to(memory_format=torch.channels_last)   # values unchanged
+            _PREPARED[model] = (key, module)
+        model = module
     eps_model = EpsModel(model)
     if use_compile:
         if dev.type == "cuda":
@@ -478,7 +502,8 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
             grow with n and the returned Samples is lazy.
         shard_size: samples per shard (a multiple of batch_size; default ~10k).
         output: "uint8" (NHWC for 3-D images) or "float" (model space).
-        seed: run seed; sample i depends only on (seed, i) (and its batch, when guided).
+        seed: run seed; sample i depends only on (seed, i) (and its batch, when guided; and the
+            earlier batches of its shard, with the head).
         device, dtype: device (default: the model's); dtype bf16/fp16 runs the networks under
             autocast (the sampler state stays fp32). Under torchrun with CUDA and no
             ``device``, each rank uses cuda:LOCAL_RANK.
@@ -532,9 +557,8 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
     if guided and shard_size % batch_size:
         raise ValueError(f"shard_size ({shard_size}) must be a multiple of batch_size ({batch_size}) "
                          "when guiding, so contrastive batches do not straddle shards")
-    dev = runtime.model_device(model, device)
-    if out is not None and device is None and dev.type == "cuda" and distributed.world_info()[1] > 1:
-        dev = distributed.local_device()  # one GPU per rank (LOCAL_RANK)
+    # under torchrun (a streamed run), one GPU per rank: cuda:LOCAL_RANK
+    dev = runtime.rank_device(device, model) if out is not None else runtime.model_device(model, device)
     eps_model, channels_last = _prepare_model(model, dev, compile, image_shape)
     run = _Run(eps_model=eps_model, guidance=guidance if guided else None, solver=solver,
                clip_x0=(solver == "ddpm") if clip_x0 is None else bool(clip_x0), head_scope=shard_size,
@@ -561,13 +585,15 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
             return Samples(cat["image"], cat.get("label"), cat.get("confidence"), meta=meta)
         kw = dict(loss=loss, features=features, embedding=None if guidance is None else guidance.embedding,
                   form=None if guidance is None else guidance.form, solver=solver, clip_x0=run.clip_x0,
-                  guide_window=window, lam=lam,
+                  guide_window=window if guidance is not None else None, lam=lam,
                   tau=tau, tau_plus=tau_plus, beta=beta, positive=positive, negatives=negatives, real=real,
                   num_classes=num_classes, class_labels=class_labels, labeler=labeler, steps=steps,
                   skip=skip, eta=eta, T=T, betas=betas, alphas_cumprod=alphas_cumprod,
                   image_shape=image_shape, batch_size=batch_size, shard_size=shard_size, output=output,
                   seed=seed, dtype=str(dtype), init_std=float(init_std))
-        plan = ShardPlan(Path(out), n, shard_size, _manifest_args(model, n, kw))
+        # runs written before form/solver/clip_x0 existed used the anchor form and plain DDIM
+        legacy = {"form": "anchors" if loss is not None else None, "solver": "ddim", "clip_x0": False}
+        plan = ShardPlan(Path(out), n, shard_size, _manifest_args(model, n, kw), legacy=legacy)
         stats = write_shards(plan, lambda s, c: _batches(run, s, c), device=dev, progress=progress)
         if guided:
             parts = distributed.all_gather_object(run.strength.by_t)

@@ -18,7 +18,7 @@ import json
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -49,6 +49,9 @@ class ShardPlan:
     n: int
     shard_size: int
     args: dict
+    #: values that manifests written before an argument existed implicitly had (a missing
+    #: key compares as this value, so adding an argument does not refuse old runs)
+    legacy: dict = field(default_factory=dict)
 
     @property
     def shards(self) -> list:
@@ -64,7 +67,8 @@ def _load_or_start_manifest(plan: ShardPlan):
             manifest = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"out: {path} is not valid JSON ({e}); remove it to start afresh") from None
-        old, args = manifest.get("args", {}), plan.args
+        old = {**plan.legacy, **manifest.get("args", {})}
+        args = plan.args
         changed = sorted(k for k in set(old) | set(args) if old.get(k) != args.get(k))
         if changed:
             detail = ", ".join(f"{k}: {old.get(k)!r} -> {args.get(k)!r}" for k in changed)

@@ -1,7 +1,8 @@
 """Adversarial training on real + generated data: TRADES (default) and Madry PGD-AT — the
 public entry points, their objectives and the training loop. Data order, mixing and
 augmentation: :mod:`cdp_fast.batches`; input forms: :func:`cdp_fast.data.as_source`; the inner
-attacks: :mod:`cdp_fast.attacks`.
+attacks: :mod:`cdp_fast.attacks`. (Over 400 lines because both public functions write out
+their ~30 arguments and the recipes' sources are documented here, once.)
 
 The paper's setting (App. D, "Adversarial Training": "we follow the same setting as Gowal et
 al. (2021)"), with the facts of the public trainers cited by file (the Contrastive-DP authors'
@@ -131,8 +132,8 @@ import torch
 from torch import nn
 
 from cdp_fast import distributed as cdist
-from cdp_fast.batches import (MixedBatchSampler, augment_batch, augment_defaults, check_number,
-                              epoch_indices, mix_counts)
+from cdp_fast.batches import MixedBatchSampler, augment_batch, augment_defaults, epoch_indices, mix_counts
+from cdp_fast.checks import check_number
 from cdp_fast.data import as_source
 from cdp_fast.runtime import rank_device
 from cdp_fast.trainloop import (RECIPES, Loop, RunConfig, broadcast_state, cosine_lr, ema_decay,
@@ -273,8 +274,12 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, checkpoint, resu
     weights into ``model``. The parts live in :mod:`cdp_fast.trainloop`."""
     run = _validate(kind, model, callback=callback, **options)
     real, syn, spe = _sources(train_data, synthetic, run)
-    pad, flip = augment_defaults(real.image_shape, run.pad, run.flip)
-    run = dataclasses.replace(run, pad=pad, flip=flip)
+    if run.augment:
+        if len(real.image_shape) != 3:
+            raise ValueError(f"train_data: augmentation (crops, flips) needs images (C, H, W), got items of "
+                             f"shape {tuple(real.image_shape)}; pass augment=False")
+        pad, flip = augment_defaults(real.image_shape, run.pad, run.flip)
+        run = dataclasses.replace(run, pad=pad, flip=flip)
     dev = rank_device(device, model)
     model.to(dev)
     rank, world = cdist.maybe_init(dev)

@@ -57,15 +57,21 @@ def ddim_update(x_t, eps, g, noise, lam: float, coef: tuple, return_x0: bool):
         lam: λ. coef: (√(1−ᾱ_t), √ᾱ_t, √ᾱ_prev, √max(1−ᾱ_prev−σ², 0), σ), Python floats.
         return_x0: also write x̂_0.
     Returns:
-        (x_prev, x0): x0 is an empty tensor when ``return_x0`` is False.
+        (x_prev, x0) in x_t's memory format (channels_last kept): x0 is an empty tensor when
+        ``return_x0`` is False.
     """
     b, sa, sp, dirc, sig = coef
     has_g = g is not None and lam != 0
     has_z = noise is not None and sig > 0
-    x = x_t.contiguous()
-    e = eps.contiguous()
-    gg = g.contiguous() if has_g else x
-    z = noise.contiguous() if has_z else x
+    # Elementwise over the flat storage: every tensor in x_t's dense layout, and the outputs
+    # in it too — a channels_last x_t stays channels_last, so the ε-model sees one layout at
+    # every step (a new layout would mean a recompile and a second CUDA graph).
+    fmt = (torch.channels_last if x_t.dim() == 4 and not x_t.is_contiguous()
+           and x_t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+    x = x_t.contiguous(memory_format=fmt)
+    e = eps.contiguous(memory_format=fmt)
+    gg = g.contiguous(memory_format=fmt) if has_g else x
+    z = noise.contiguous(memory_format=fmt) if has_z else x
     xp = torch.empty_like(x)
     x0 = torch.empty_like(x) if return_x0 else x.new_empty(0)
     n = x.numel()

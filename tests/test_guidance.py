@@ -76,10 +76,7 @@ def test_authors_head_learns_through_both_rows_and_is_carried():
     xs = [torch.randn(5, 1, 3, 4, dtype=torch.float64) for _ in range(4)]
     g = cdp_fast.ContrastiveGuidance(loss="hnm", lam=1.0, tau=0.5, features=feats, embedding="mlp", seed=7)
     # the authors' procedure, by hand, on a copy of the same initial head
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(sample_seed(7, -1))
-    head = MLPHead(7).double()
-    torch.random.set_rng_state(gen_state)
+    head = MLPHead(7, generator=torch.Generator().manual_seed(sample_seed(7, -1))).double()
     opt = torch.optim.Adam(head.parameters(), lr=1e-2)
 
     def authors_step(x_t, x_prev):
@@ -206,7 +203,42 @@ def test_form_and_embedding_defaults_and_errors():
         cdp_fast.ContrastiveGuidance(loss="hnm", lam=1.0, tau=1.0, negatives="real", real=real, form="authors")
     with pytest.raises(ValueError, match="form"):
         cdp_fast.ContrastiveGuidance(loss="hnm", lam=1.0, tau=1.0, form="symmetric")
-    assert math.isclose(losses.AUTHORS_FLOOR, 1e-4)
+
+
+def test_head_init_leaves_the_global_rng_alone():
+    """The head is drawn from a generator of its own: the global RNG state is untouched and
+    the head is the same whatever state it was in."""
+    feats = _features()
+    x = torch.randn(4, 1, 3, 4)
+    heads = []
+    for s in (0, 1):
+        torch.manual_seed(s)
+        before = torch.random.get_rng_state()
+        g = cdp_fast.ContrastiveGuidance(loss="hnm", lam=1.0, tau=0.5, features=feats, seed=3)
+        g(x, 900, x, 0)
+        g(x, 800, x, 1)
+        assert torch.equal(torch.random.get_rng_state(), before)
+        heads.append(g._head.net[0].weight.detach().clone())
+    assert torch.equal(heads[0], heads[1])
+
+
+def test_reuse_without_reset_starts_a_new_trajectory_and_begin_is_a_shim():
+    """guided_ddim twice with one guidance object and no reset: the second run equals a fresh
+    object's (step 0 clears the previous trajectory's x_{t+1}); begin() warns and resets."""
+    from test_sampler import TinyEps
+
+    abar = cdp_fast.make_alphas_cumprod("linear", 1000)
+    ts = cdp_fast.timesteps(1000, 5, "uniform")
+    x_T = torch.randn(3, 1, 5, 5, generator=torch.Generator().manual_seed(1))
+    kw = dict(loss="hnm", lam=5.0, tau=0.5, embedding=None)
+    g = cdp_fast.ContrastiveGuidance(**kw)
+    cdp_fast.guided_ddim(TinyEps(), x_T + 1.0, alphas_cumprod=abar, timesteps=ts, guidance=g)
+    again = cdp_fast.guided_ddim(TinyEps(), x_T, alphas_cumprod=abar, timesteps=ts, guidance=g)
+    fresh = cdp_fast.guided_ddim(TinyEps(), x_T, alphas_cumprod=abar, timesteps=ts,
+                                 guidance=cdp_fast.ContrastiveGuidance(**kw))
+    torch.testing.assert_close(again, fresh)
+    with pytest.warns(DeprecationWarning, match="reset"):
+        g.begin(x_T, [0, 1, 2])
 
 
 def test_guidance_strength_is_recorded_per_step(tmp_path):
@@ -240,3 +272,20 @@ def test_guidance_strength_is_recorded_per_step(tmp_path):
     assert t == 664
     torch.testing.assert_close(mean, hand.mean())
     torch.testing.assert_close(mx, hand.max())
+
+
+def test_symmetric_rows_without_negatives():
+    """Labels that leave a row no negative: ℓ_row = 0 in the reference and the streamed form
+    alike (no 0/0), and a batch of one class has loss 0 and zero gradient."""
+    z = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 1])          # every row has negatives of the other class
+    a = losses.hnm_loss_symmetric(z, w, tau=0.5, labels=labels)
+    r = losses.hnm_symmetric_ref(z, w, tau=0.5, labels=labels)
+    assert torch.isfinite(r)
+    torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-12)
+    same = torch.zeros(4, dtype=torch.long)
+    a = losses.hnm_loss_symmetric(z, w, tau=0.5, labels=same)
+    r = losses.hnm_symmetric_ref(z, w, tau=0.5, labels=same)
+    assert float(a) == float(r) == 0.0
+    assert float(torch.autograd.grad(a, z)[0].abs().max()) == 0.0

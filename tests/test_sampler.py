@@ -487,3 +487,37 @@ def test_contrastive_guidance_checks_its_arguments():
         args.update(kw)
         with pytest.raises(ValueError, match=name):
             cdp_fast.ContrastiveGuidance(**args)
+
+
+def test_model_plan_copies_instead_of_mutating():
+    """Where the caller's module would have to move or change layout, sample() works on a copy
+    (CUDA decisions checked with device objects; nothing runs on a GPU here)."""
+    from cdp_fast.sampler import _model_plan
+
+    m = TinyEps()
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert _model_plan(m, cpu, "auto", (1, 5, 5)) == (False, False, False)
+    assert _model_plan(m, cpu, True, (1, 5, 5)) == (True, False, False)
+    assert _model_plan(m, cuda, "auto", (3, 8, 8)) == (True, True, True)      # move + NHWC copy
+    assert _model_plan(m, cuda, "auto", (2,)) == (True, True, False)          # no NHWC for vectors
+    assert _model_plan(m, cuda, False, (3, 8, 8)) == (False, True, False)     # move only
+    plain = lambda x, t: x  # noqa: E731
+    assert _model_plan(plain, cuda, "auto", (3, 8, 8)) == (True, False, False)  # callables: as given
+
+
+def test_resume_of_a_run_written_before_the_new_arguments(tmp_path):
+    """A manifest without form/solver/clip_x0 (written before they existed) resumes when the
+    call means what it meant: plain DDIM here."""
+    import json
+
+    kw = _kw(loss=None, batch_size=2)
+    out = tmp_path / "o"
+    first = cdp_fast.sample(TinyEps(), 4, out=str(out), shard_size=2, **kw)
+    man = json.loads((out / "manifest.json").read_text())
+    for k in ("form", "solver", "clip_x0"):
+        man["args"].pop(k)
+    (out / "manifest.json").write_text(json.dumps(man))
+    again = cdp_fast.sample(TinyEps(), 4, out=str(out), shard_size=2, **kw)
+    np.testing.assert_array_equal(np.asarray(again.images), np.asarray(first.images))
+    with pytest.raises(ValueError, match="solver"):
+        cdp_fast.sample(TinyEps(), 4, out=str(out), shard_size=2, solver="ddpm", **kw)

@@ -279,7 +279,8 @@ def test_checkpoints_from_before_recipes_resume_as_zhang(tmp_path):
         cdp_fast.train_trades(_bn_model(), (x, y), checkpoint=ckpt, callback=stop_after_first,
                               **kw)
     state = torch.load(ckpt, weights_only=True)
-    assert state["config"]["recipe"] == "zhang" and state["config"]["pad"] == 1
+    # without augmentation pad / flip are not resolved (nothing uses them)
+    assert state["config"]["recipe"] == "zhang" and state["config"]["pad"] is None
     del state["config"]["recipe"]
     state["config"].update(pad=4, flip=True)
     torch.save(state, ckpt)
@@ -605,3 +606,16 @@ def test_default_call_trains_an_mlp_on_the_8x8_digits():
                             pgd_step_size=0.025)
     assert res["clean"] >= 0.85, res
     assert res["pgd"] >= 0.5, res
+
+
+def test_non_image_items_train_without_augmentation():
+    """Items that are not (C, H, W) images (here a Dataset of (4, 4) arrays) train with
+    augment=False (as before recipes), and with augmentation the error names train_data."""
+    g = torch.Generator().manual_seed(0)
+    xs, ys = torch.rand(32, 4, 4, generator=g), torch.randint(0, 2, (32,), generator=g)
+    data = torch.utils.data.TensorDataset(xs, ys)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    kw = dict(epochs=1, eps=0.05, step_size=0.02, steps=1, batch_size=16, progress=False)
+    cdp_fast.train_trades(model, data, augment=False, **kw)
+    with pytest.raises(ValueError, match="train_data"):
+        cdp_fast.train_trades(model, data, **kw)

@@ -52,6 +52,13 @@ def coefficients(abar_t: float, abar_prev: float, sigma: float):
             max(1.0 - abar_prev - sigma ** 2, 0.0) ** 0.5, float(sigma))
 
 
+def _memory_format(x):
+    """channels_last for a 4-D tensor stored that way, else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _check(x_t, eps, g, noise):
     for name, t in (("eps", eps), ("g", g), ("noise", noise)):
         if t is not None and t.shape != x_t.shape:
@@ -68,8 +75,10 @@ def ddim_update_op(x_t: torch.Tensor, eps: torch.Tensor, g: Optional[torch.Tenso
         xp, x0 = ddim_update_ref(x_t, eps, g, lam=lam, abar_t=abar_t, abar_prev=abar_prev,
                                  sigma=sigma, noise=noise, return_x0=return_x0)
         # both outputs are fresh tensors (results of arithmetic), never views of the inputs,
-        # as custom ops require
-        return xp, (x0 if return_x0 else x_t.new_empty(0))
+        # as custom ops require; in x_t's memory format whatever layout ε and g came in
+        fmt = _memory_format(x_t)
+        return xp.contiguous(memory_format=fmt), (x0.contiguous(memory_format=fmt) if return_x0
+                                                  else x_t.new_empty(0))
     kernels = backend.kernels_module("ddim")
     return kernels.ddim_update(x_t, eps, g, noise, float(lam), coefficients(abar_t, abar_prev, sigma),
                                bool(return_x0))
@@ -77,7 +86,9 @@ def ddim_update_op(x_t: torch.Tensor, eps: torch.Tensor, g: Optional[torch.Tenso
 
 @ddim_update_op.register_fake
 def _ddim_fake(x_t, eps, g, noise, lam, abar_t, abar_prev, sigma, return_x0, impl):
-    return torch.empty_like(x_t), (torch.empty_like(x_t) if return_x0 else x_t.new_empty(0))
+    fmt = _memory_format(x_t)
+    return (torch.empty_like(x_t, memory_format=fmt),
+            torch.empty_like(x_t, memory_format=fmt) if return_x0 else x_t.new_empty(0))
 
 
 def _ddim_setup(ctx, inputs, output):
@@ -114,7 +125,7 @@ def ddim_update(x_t, eps, g, *, lam, abar_t, abar_prev, sigma, noise=None, retur
         lam, abar_t, abar_prev, sigma: λ, ᾱ_t, ᾱ_prev, σ_t as Python floats.
         noise: z of x_t's shape (used when σ > 0) or None. return_x0: also return x̂_0.
     Returns:
-        (x_prev, x̂_0 | None), in x_t's dtype and shape.
+        (x_prev, x̂_0 | None), in x_t's dtype, shape and memory format (channels_last kept).
     """
     _check(x_t, eps, g, noise)
     if impl is None:

@@ -109,3 +109,24 @@ def test_triton_ddim_cuda(dtype):
     for o, r in zip(out, ref):
         assert o.dtype == dtype
         torch.testing.assert_close(o.float(), r, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("impl", ["torch", "interpret"])
+def test_channels_last_is_kept(impl):
+    """A 3-channel channels_last x_t gives channels_last outputs (the ε-model then sees one
+    layout at every step), whatever layout ε, g and z come in, with the reference's values."""
+    if impl == "interpret" and not INTERP:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(0)
+    x, e, gg, z = (torch.randn(2, 3, 5, 7, generator=g) for _ in range(4))
+    xl = x.contiguous(memory_format=torch.channels_last)
+    el = e.contiguous(memory_format=torch.channels_last)
+    kw = dict(lam=2.0, abar_t=0.3, abar_prev=0.6, sigma=0.1, noise=z, return_x0=True)
+    ref = ddim_update_ref(x, e, gg, **kw)
+    for eps in (el, e):                      # ε channels_last (a channels_last UNet) or not
+        out = ddim_update(xl, eps, gg, impl=impl, **kw)
+        for o, r in zip(out, ref):
+            assert o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous()
+            torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-5)
+    out = ddim_update(x, e, gg, impl=impl, **kw)                  # NCHW stays NCHW
+    assert all(o.is_contiguous() for o in out)

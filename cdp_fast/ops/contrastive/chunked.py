@@ -28,7 +28,7 @@ softmaxes (zero outside N(i)). Since ∂LSE_j(c x_j)/∂x_j = c·softmax_j(c x):
     ∂L1_i/∂s_ij = c1·P1_ij,     ∂L0_i/∂s_ij = c0·P0_ij.
 
 HNM: log_rw_i = log N_i + L1_i − L0_i, so
-    ∂log_rw_i/∂s_ij = ((1+β)·P1_ij − β·P0_ij)/τ                      (as in the brief).
+    ∂log_rw_i/∂s_ij = ((1+β)·P1_ij − β·P0_ij)/τ.
 With Δ_i = log(τ⁺N_i pos_i) − log_rw_i and, when the clamp is inactive,
     log Ng_i = log_rw_i + log1p(−e^{Δ_i}) − log(1−τ⁺),
     ∂log Ng_i/∂log_rw_i = 1/(1 − e^{Δ_i}),   ∂log Ng_i/∂log pos_i = −e^{Δ_i}/(1 − e^{Δ_i}),
@@ -47,6 +47,10 @@ statistics op's backward (dL1, dL0), so the backward passes only need
 
 followed by the normalisation Jacobian dx = (dx̂ − x̂(x̂·dx̂))/‖x‖ (F.normalize backward).
 InfoNCE is the same with β = 0, τ⁺ = 0 and no clamp: ∂ℓ_i/∂s_ij = sigmoid(L1_i − log pos_i)·P1_ij/τ.
+
+With a floor s_min (the authors' clamp neg ≥ 1e-4 is s_min = τ·ln 1e-4), s is replaced by
+max(s, s_min) in both passes and D_ij is zero where s_ij < s_min (no gradient through a clamped
+entry, torch.clamp's rule).
 
 Memory: the forward keeps (L1, L0, N) and never more than one m×chunk block; the backward
 recomputes each block and writes dK one chunk at a time (no N×d temporaries besides dK

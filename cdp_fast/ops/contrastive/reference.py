@@ -25,7 +25,8 @@ contributes ℓ_i = 0 (its denominator is pos_i alone).
 
 Gradients flow to the anchors and to the candidates (when the candidates are the anchors
 themselves, i.e. ``candidates=None``, both paths reach the same tensor); the positives are
-detached, as in Algorithm 1 (x_p is a fixed target for x_t).
+detached by default, as in Algorithm 1 (x_p is a fixed target for x_t), and carry gradients
+with ``detach_positive=False`` (the authors' symmetric and keys forms, below).
 
 Shapes: anchor (m, d), positive (m, d), candidates (N, d) or None, anchor_labels (m,),
 candidate_labels (N,); returns a 0-dim tensor in the anchors' dtype.
@@ -214,11 +215,12 @@ def hnm_symmetric_ref(z, w, *, tau, tau_plus=0.1, beta=1.0, labels=None):
     neg = torch.clamp(torch.exp(out @ out.T / tau), min=1e-4)
     n_r = mask.sum(1).to(out.dtype)
     imp = torch.where(mask, neg ** beta, torch.zeros_like(neg))
-    reweight = n_r * (imp * neg).sum(1) / imp.sum(1)
+    has = n_r > 0                                          # a row with no negative: ℓ = 0
+    reweight = n_r * (imp * neg).sum(1) / torch.where(has, imp.sum(1), torch.ones_like(n_r))
     ng = (-tau_plus * n_r * pos + reweight) / (1 - tau_plus)
     ng = torch.maximum(ng, n_r * math.exp(-1.0 / tau))
     ratio = torch.clamp(pos / (pos + ng), min=1e-4)
-    return -torch.log(ratio).mean()
+    return torch.where(has, -torch.log(ratio), torch.zeros_like(ratio)).mean()
 
 
 def infonce_keys_ref(z, w, *, tau, labels=None):
