@@ -1,4 +1,4 @@
-"""The `cdp-fast` command (also `python -m cdp_fast`): one entry point, seven subcommands.
+"""The `cdp-fast` command (also `python -m cdp_fast`): one entry point, eight subcommands.
 
 It holds the argument grammar (one ``_add_<name>`` per subcommand), the subcommands
 (``cmd_<name>``: call the library, print) and the exit-status mapping (:func:`main`); what a
@@ -12,6 +12,7 @@ reads them, so a flag and its use change together.
     cdp-fast select labelled.npz --k-per-class 50 --out selected.npz
     cdp-fast train --arch small-cnn --data digits --synthetic selected.npz --eps 0.1 --out clf.pt
     cdp-fast eval --arch small-cnn --weights clf.pt --data digits --eps 0.1
+    cdp-fast inspect gen_cdp/ --against gen_ddim/ --json inspect.json --figure inspect.png
     cdp-fast bench [throughput.py options]          # source checkout only
 
 Models (``--model``, ``--features``, ``--labeler``, ``--classifier``) are named as a bundled
@@ -19,6 +20,11 @@ name (``digits``), a local diffusers folder (``UNet2DModel.from_pretrained(path,
 local_files_only=True)``; a pipeline folder with ``unet/`` and ``scheduler/`` also gives the
 noise schedule), or ``module:factory`` (a callable returning the model; ``module:attr`` may
 also name a ready nn.Module).
+
+``inspect`` measures whether generated samples are better training data before training on them
+(:mod:`cdp_fast.metrics`: class separation in an independent feature space, precision / recall /
+density / coverage, class balance, agreement with an independent classifier, a linear probe,
+memorisation, and the paired comparison with ``--against``).
 
 ``bench`` runs ``benchmarks/throughput.py`` from the source checkout this package was
 installed from (``pip install -e .``); the benchmarks are not part of the installed package,
@@ -278,6 +284,53 @@ def cmd_demo(a):
     return 0
 
 
+def _fmt(v):
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.4g}"
+
+
+def cmd_inspect(a):
+    from cdp_fast import metrics
+
+    s = specs.load_samples(a.samples)
+    other = specs.load_samples(a.against) if a.against else None
+    train, test = specs.load_real_splits(a.real)
+    features, fdesc = specs.load_inspect_features(a.features, a.device)
+    clf, cdesc = specs.load_independent_classifier(a.classifier, train, a.device)
+    if a.k < 1 or a.probe_eps < 0 or (a.n is not None and a.n < 1):
+        raise ValueError("inspect: --k and --n must be >= 1 and --probe-eps >= 0")
+    rep = metrics.report(s, real=train, test=test, against=other, features=features, classifier=clf,
+                         k=a.k, probe_eps=a.probe_eps, max_samples=a.n)
+    setup = rep["setup"]
+    setup["features"] = fdesc or setup["features"]
+    setup["classifier"] = cdesc
+    print(f"features:   {setup['features']}")
+    print(f"classifier: {cdesc or 'none'}")
+    print(f"real:       {a.real} ({setup['real_train_n']} train, "
+          f"{setup['real_test_n'] if test is not None else 'no'} test{'' if test is not None else ': no probe'})")
+    names = ["samples"] + (["against"] if other is not None else [])
+    rows = metrics.table_rows(rep)
+    w = max(len(r[0]) for r in rows) + 2
+    print(f"{'metric':<{w}}" + "".join(f"{n:>12}" for n in names) + f"{'real':>12}")
+    for label, vals, ref in rows:
+        print(f"{label:<{w}}" + "".join(f"{_fmt(v):>12}" for v in vals)
+              + ("" if len(vals) < len(names) else f"{_fmt(ref):>12}"))
+    if a.json:
+        from cdp_fast.data import atomic_write_json
+
+        atomic_write_json(Path(a.json), rep)
+        print(f"wrote {a.json}")
+    if a.figure:
+        metrics.figure(a.figure, rep, s, real=train, against=other, features=features)
+        print(f"wrote {a.figure}")
+    return 0
+
+
 def cmd_bench(a):
     """Run the checkout's benchmarks/throughput.py (it is not part of the installed package: it
     imports its sibling benchmark modules and yardsticks such as diffusers' loop)."""
@@ -507,6 +560,39 @@ def _add_demo(sub):
     de.set_defaults(func=cmd_demo)
 
 
+def _add_inspect(sub):
+    ins = sub.add_parser("inspect", help="are these samples better training data? (cdp_fast.metrics)",
+                         description="Measure generated samples before training on them (cdp_fast.metrics.report): "
+                                     "class separation (Fisher ratio, the paper's effective c) in an independent "
+                                     "feature space, precision/recall/density/coverage against the real data, class "
+                                     "balance, agreement with an independent classifier, a linear probe on real test "
+                                     "data (clean and PGD), nearest-neighbour memorisation; with --against, the "
+                                     "same for a second set and the paired comparison (label flips, |dx|).")
+    ins.add_argument("samples", help="an out folder of `cdp-fast sample` or an npz")
+    ins.add_argument("--against", default=None,
+                     help="a second set from the same x_T (e.g. unguided DDIM, same seed) to compare with")
+    ins.add_argument("--real", default="digits",
+                     help="real data: 'digits' (bundled train/test splits), 'cifar10:FOLDER' or a labelled npz "
+                          "(train only: no probe) (default: digits)")
+    ins.add_argument("--features", default="pca",
+                     help="independent feature space: 'pca' (20-component PCA of the real images), 'digits' (the "
+                          "bundled classifier's features: the guidance's own, not independent) or module:factory "
+                          "(default: pca)")
+    ins.add_argument("--classifier", default="auto",
+                     help="independent classifier for label agreement: 'auto' (pixel logistic regression fitted "
+                          "on the real training split), 'none', 'digits' (the bundled one, not independent) or "
+                          "module:factory (default: auto)")
+    ins.add_argument("--k", type=int, default=5, help="neighbours of the precision/recall k-NN balls (default: 5)")
+    ins.add_argument("--probe-eps", type=float, default=8 / 255,
+                     help="L-inf PGD radius against the linear probe, [0, 1] pixels (default: 8/255)")
+    ins.add_argument("--n", type=int, default=None, help="first N samples of each set only (default: all)")
+    ins.add_argument("--json", default=None, help="write the full report to this JSON file")
+    ins.add_argument("--figure", default=None,
+                     help="write a PNG: class histograms, 2-D projection, guidance strength (needs matplotlib)")
+    ins.add_argument("--device", default=None, help="torch device for networks (default: cpu)")
+    ins.set_defaults(func=cmd_inspect)
+
+
 def _add_bench(sub):
     be = sub.add_parser("bench", help="sampling throughput benchmark (benchmarks/throughput.py; source "
                                       "checkout only)",
@@ -522,13 +608,14 @@ def build_parser():
     """The `cdp-fast` parser: global flags, then one _add_<name>(sub) per subcommand."""
     p = _Parser(prog=PROG, description="Contrastive-guided diffusion (Contrastive-DP) for robust training.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = p.add_subparsers(dest="command", metavar="{sample,label,select,train,eval,demo,bench}",
+    sub = p.add_subparsers(dest="command", metavar="{sample,label,select,train,eval,inspect,demo,bench}",
                            parser_class=_Parser)
     _add_sample(sub)
     _add_label(sub)
     _add_select(sub)
     _add_train(sub)
     _add_eval(sub)
+    _add_inspect(sub)
     _add_demo(sub)
     _add_bench(sub)
     return p

@@ -14,7 +14,7 @@ pytest.importorskip("sklearn")
 from cdp_fast import cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBCOMMANDS = ("sample", "label", "select", "train", "eval", "demo", "bench")
+SUBCOMMANDS = ("sample", "label", "select", "train", "eval", "inspect", "demo", "bench")
 
 
 def _npz(path):
@@ -283,3 +283,38 @@ def test_throughput_rounds_interleave_and_pair_the_ratios(monkeypatch):
     assert results["a"]["times_s"] == [1.0, 3.0, 1.0] and results["b"]["times_s"] == [2.0, 6.0, 2.0]
     assert results["a"]["images_per_s"] == 10.0 and results["b"]["median_s"] == 2.0
     assert tp.paired_speedup(results, "a", "b") == (2.0, 2.0, 2.0)
+
+
+def test_inspect_two_out_dirs(tmp_path, capsys):
+    """`inspect` on two tiny out folders from the same x_T (unguided vs HNM) -> exit 0, a table
+    with both columns, JSON with both sets and the paired comparison, a PNG; bad values exit 2."""
+    import cdp_fast
+    from cdp_fast.models import digits
+
+    eps = digits.load_digits_eps_model()
+    common = dict(image_shape=digits.IMAGE_SHAPE, steps=4, skip="uniform", batch_size=16, seed=0,
+                  labeler=digits.digits_labeler(), progress=False)
+    cdp_fast.sample(eps, 32, loss=None, out=str(tmp_path / "ddim"), **common)
+    g = digits.DIGITS_GUIDANCE["hnm"]
+    cdp_fast.sample(eps, 32, loss="hnm", lam=g["lam"], tau=g["tau"], form=g["form"], guide_window=None,
+                    embedding=None, features=digits.digits_features(), out=str(tmp_path / "cdp"), **common)
+    js, png = tmp_path / "inspect.json", tmp_path / "inspect.png"
+    rc = cli.main(["inspect", str(tmp_path / "cdp"), "--against", str(tmp_path / "ddim"), "--json", str(js),
+                   "--figure", str(png)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "independent" in out and "precision" in out and "paired: label-flip rate" in out
+    rep = json.loads(js.read_text())
+    assert {"setup", "real", "samples", "against", "paired"} <= set(rep)
+    for key in ("samples", "against"):
+        assert rep[key]["n"] == 32 and rep[key]["labels_from"] == "stored"
+        assert 0 <= rep[key]["fidelity"]["precision"] <= 1 and "probe" in rep[key]
+    assert rep["paired"]["n_pairs"] == 32 and rep["paired"]["same_seed"] is True
+    assert rep["paired"]["dx_l2_mean"] > 0                    # the guidance moved the images
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for argv, needle in ((["inspect", str(tmp_path / "nope")], "does not exist"),
+                         (["inspect", str(tmp_path / "cdp"), "--features", "bogus"], "features"),
+                         (["inspect", str(tmp_path / "cdp"), "--real", "nowhere.npz"], "real")):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err and err.startswith("cdp-fast"), err
