@@ -297,13 +297,13 @@ def _fmt(v):
 def cmd_inspect(a):
     from cdp_fast import metrics
 
+    if a.k < 1 or a.probe_eps < 0 or (a.n is not None and a.n < 1):
+        raise ValueError("inspect: --k and --n must be >= 1 and --probe-eps >= 0")
     s = specs.load_samples(a.samples)
     other = specs.load_samples(a.against) if a.against else None
     train, test = specs.load_real_splits(a.real)
     features, fdesc = specs.load_inspect_features(a.features, a.device)
     clf, cdesc = specs.load_independent_classifier(a.classifier, train, a.device)
-    if a.k < 1 or a.probe_eps < 0 or (a.n is not None and a.n < 1):
-        raise ValueError("inspect: --k and --n must be >= 1 and --probe-eps >= 0")
     rep = metrics.report(s, real=train, test=test, against=other, features=features, classifier=clf,
                          k=a.k, probe_eps=a.probe_eps, max_samples=a.n)
     setup = rep["setup"]

@@ -857,7 +857,7 @@ _ROWS = [
     ("recall", ("fidelity", "recall"), None),
     ("density", ("fidelity", "density"), None),
     ("coverage", ("fidelity", "coverage"), None),
-    ("label agreement (indep. classifier)", ("agreement", "agreement"), ("classifier_test_accuracy",)),
+    ("label agreement with the classifier", ("agreement", "agreement"), ("classifier_test_accuracy",)),
     ("confidence: mean", ("confidence", "mean"), None),
     ("confidence: median", ("confidence", "q50"), None),
     ("confidence: 5% quantile", ("confidence", "q05"), None),
