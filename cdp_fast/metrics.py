@@ -635,6 +635,7 @@ def fit_logistic_regression(x, y, num_classes: Optional[int] = None, *, steps: i
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    model.description = f"pixel logistic regression ({len(x)} images, {k} classes, LBFGS {steps} steps, l2 {l2:g})"
     return model
 
 
@@ -719,10 +720,11 @@ def _manifest_seed(meta):
 
 
 # ----------------------------------------------------------------------------- report
-def _describe(features):
-    if features is None:
-        return "pca"
-    return getattr(features, "description", None) or repr(features)
+def _describe(obj):
+    """A one-line name: the object's ``description`` attribute, else its type (a PCA's repr)."""
+    if isinstance(obj, PCAFeatures):
+        return repr(obj)
+    return getattr(obj, "description", None) or getattr(obj, "__qualname__", None) or type(obj).__name__
 
 
 def report(samples, *, real, test=None, against=None, features=None, classifier=None,
