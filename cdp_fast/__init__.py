@@ -28,6 +28,7 @@ _LAZY = {
     "robustness": ("cdp_fast.robustness", None),
     "losses": ("cdp_fast.losses", None),
     "label": ("cdp_fast.label", None),
+    "metrics": ("cdp_fast.metrics", None),
     "theory": ("cdp_fast.theory", None),
     "attacks": ("cdp_fast.attacks", None),
     "models": ("cdp_fast.models", None),
