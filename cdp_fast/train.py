@@ -124,21 +124,24 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 from cdp_fast import distributed as cdist
 from cdp_fast.batches import MixedBatchSampler, augment_batch, augment_defaults, epoch_indices, mix_counts
 from cdp_fast.checks import check_number
-from cdp_fast.data import as_source
-from cdp_fast.runtime import rank_device
-from cdp_fast.trainloop import (RECIPES, Loop, RunConfig, broadcast_state, cosine_lr, ema_decay,
-                                epoch_entry, load_checkpoint, make_optimizer, pgd_at_loss,
-                                run_epoch, save_checkpoint, trades_loss, wrap_model)
+from cdp_fast.data import Samples, as_source
+from cdp_fast.runtime import eval_mode, rank_device
+from cdp_fast.trainloop import (RECIPES, Loop, RunConfig, broadcast_state, check_labels, cosine_lr,
+                                data_fingerprint, ema_decay, epoch_entry, load_checkpoint,
+                                make_optimizer, pgd_at_loss, run_epoch, save_checkpoint,
+                                trades_loss, wrap_model)
 
 __all__ = ["train_trades", "train_pgd_at", "trades_loss", "pgd_at_loss", "as_source",
            "augment_batch", "augment_defaults", "ema_decay", "cosine_lr", "mix_counts",
@@ -273,6 +276,8 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, checkpoint, resu
     wrapping; then the epochs, each followed by its checkpoint and the callback; then the EMA
     weights into ``model``. The parts live in :mod:`cdp_fast.trainloop`."""
     run = _validate(kind, model, callback=callback, **options)
+    # Paths are opened once here, so the data trained on is the data fingerprinted.
+    train_data, synthetic = _open_path(train_data), _open_path(synthetic)
     real, syn, spe = _sources(train_data, synthetic, run)
     if run.augment:
         if len(real.image_shape) != 3:
@@ -282,6 +287,10 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, checkpoint, resu
         run = dataclasses.replace(run, pad=pad, flip=flip)
     dev = rank_device(device, model)
     model.to(dev)
+    use_amp = (dev.type == "cuda") if run.amp == "auto" else bool(run.amp)
+    num_classes = _num_outputs(model, real, dev, use_amp)
+    _check_labels(train_data, "train_data", num_classes)
+    _check_labels(synthetic, "synthetic", num_classes)
     rank, world = cdist.maybe_init(dev)
     if world > 1 and run.batch_size % world:
         raise ValueError(f"batch_size={run.batch_size} must be divisible by the world size "
@@ -301,21 +310,25 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, checkpoint, resu
     config = _checkpoint_config(run, spe, real, syn)
     start_epoch, step, history = 0, 0, []
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    fingerprints = None
+    if ckpt_path is not None:   # (hashing in-memory data costs ~1 s per GB: only when needed)
+        fingerprints = {"train_data": data_fingerprint(train_data),
+                        "synthetic": data_fingerprint(synthetic)}
     if ckpt_path is not None and resume and ckpt_path.exists():
         start_epoch, step, history = load_checkpoint(ckpt_path, dev, config, model, opt,
-                                                     ema_model)
+                                                     ema_model, data=fingerprints)
 
     model, fwd, attack_fwd, restore_bn = wrap_model(model, dev, world, run)
     if world > 1 and ema_model is not None:
         # DDP gave every rank rank 0's weights; the EMA (copied before) must start from them
         # too, or ranks that built the model with different random inits keep different EMAs.
         broadcast_state(ema_model)
-    use_amp = (dev.type == "cuda") if run.amp == "auto" else bool(run.amp)
     loop = Loop(run=run, real=real, syn=syn, sampler=sampler, model=model, fwd=fwd,
                 attack_fwd=attack_fwd, opt=opt, ema_model=ema_model, dev=dev, rank=rank,
                 world=world, use_amp=use_amp, has_buffers=any(True for _ in model.buffers()),
                 rows=torch.as_tensor(sampler.rows, device=dev), total=run.epochs * spe,
-                warmup=run.warmup_epochs * spe, recipe=RECIPES[run.recipe])
+                warmup=run.warmup_epochs * spe, recipe=RECIPES[run.recipe],
+                num_classes=num_classes)
     run_images, run_seconds = 0, 0.0
     for epoch in range(start_epoch, run.epochs):
         t0 = time.perf_counter()
@@ -329,7 +342,7 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, checkpoint, resu
             raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}")
         if ckpt_path is not None and rank == 0:
             save_checkpoint(ckpt_path, config=config, epoch=epoch + 1, step=step, model=model,
-                            opt=opt, ema_model=ema_model, history=history)
+                            opt=opt, ema_model=ema_model, history=history, data=fingerprints)
         if ckpt_path is not None and world > 1:
             cdist.barrier()   # every rank sees the finished checkpoint before going on
         if callback is not None:
@@ -417,6 +430,43 @@ def _sources(train_data, synthetic, run: RunConfig):
     spe = (int(run.steps_per_epoch) if run.steps_per_epoch is not None
            else math.ceil(len(real) / run.batch_size))
     return real, syn, spe
+
+
+def _open_path(data):
+    """A path input as the :class:`cdp_fast.Samples` it names (what as_source would open)."""
+    return Samples.load(data) if isinstance(data, (str, os.PathLike)) else data
+
+
+def _num_outputs(model: nn.Module, real, dev, use_amp: bool) -> Optional[int]:
+    """K, the size of the model's output (B, K), from one forward pass on a zero image of the
+    data's shape (eval mode, no gradient: nothing of the model or the random state changes);
+    None when the output is not (1, K). Labels are checked against it before training (an
+    out-of-range label would otherwise fail deep in cross_entropy, on CUDA as a device-side
+    assert)."""
+    x0 = torch.zeros((1,) + tuple(real.image_shape), device=dev)
+    with torch.no_grad(), eval_mode(model), torch.autocast(dev.type, dtype=torch.bfloat16,
+                                                           enabled=use_amp):
+        out = model(x0)
+    return int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else None
+
+
+def _check_labels(data, name: str, num_classes: Optional[int]) -> None:
+    """Every label of ``data`` in [0, K) when its labels are at hand (arrays, a Samples, a
+    TensorDataset); other Datasets are checked batch by batch in the loop
+    (:func:`cdp_fast.trainloop.check_labels`)."""
+    if data is None or num_classes is None:
+        return
+    if hasattr(data, "images") and hasattr(data, "labels"):
+        labels = data.labels
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        labels = data[1]
+    elif isinstance(data, torch.utils.data.TensorDataset) and len(data.tensors) >= 2:
+        labels = data.tensors[1]
+    else:
+        return
+    if labels is not None and len(labels):
+        check_labels(torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor)
+                                     else labels), name, num_classes)
 
 
 def _checkpoint_config(run: RunConfig, spe: int, real, syn) -> dict:

@@ -3,6 +3,7 @@ every input form, argument checks, bitwise checkpoint resume, the two recipes ("
 paper's Gowal et al. 2021 trainer; "zhang": the behaviour before recipes) against hand loops
 and against numbers of the pre-recipe code and, on real data (scikit-learn's 8x8 digits),
 that TRADES training yields a robust classifier, with the default augmentation too."""
+import json
 import math
 import subprocess
 import sys
@@ -263,7 +264,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, kind, recipe, make):
 def test_checkpoints_from_before_recipes_resume_as_zhang(tmp_path):
     """A checkpoint of the pre-recipe code has no "recipe" in its configuration and stores the
     pad / flip it ran with (the old defaults 4 / True even without augmentation). Simulated by
-    editing a "zhang" checkpoint's configuration that way: it resumes as "zhang" with pad /
+    editing a "zhang" checkpoint's configuration that way (and dropping the hash and the data
+    fingerprints, which came later): it resumes as "zhang" with pad /
     flip left to the new defaults (ignored without augmentation) and ends at the weights of an
     uninterrupted run; a default (gowal) call is refused naming the recipe."""
     x, y = _tiny_data(40, 1)
@@ -283,6 +285,8 @@ def test_checkpoints_from_before_recipes_resume_as_zhang(tmp_path):
     assert state["config"]["recipe"] == "zhang" and state["config"]["pad"] is None
     del state["config"]["recipe"]
     state["config"].update(pad=4, flip=True)
+    # nor a hash or data fingerprints (added later still): loaded unchecked, as then
+    del state["sha256"], state["data"]
     torch.save(state, ckpt)
     with pytest.raises(ValueError, match="recipe: 'zhang' -> 'gowal'"):
         cdp_fast.train_trades(_bn_model(), (x, y), checkpoint=ckpt, **{**kw, "recipe": "gowal"})
@@ -294,6 +298,181 @@ def test_checkpoints_from_before_recipes_resume_as_zhang(tmp_path):
     torch.save(state, ckpt)
     with pytest.raises(ValueError, match="pad: 4 -> 1"):
         cdp_fast.train_trades(_bn_model(), (x, y), checkpoint=ckpt, **{**kw, "augment": True})
+
+
+def _checkpoint_after_one_epoch(tmp_path, x, y, kw):
+    """A checkpoint written after epoch 1 of a 2-epoch run (interrupted by the callback)."""
+    ckpt = tmp_path / "run.pt"
+
+    def stop_after_first(info):
+        if info["epoch"] == 1:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        cdp_fast.train_trades(_tiny_model(), (x, y), checkpoint=ckpt, callback=stop_after_first,
+                              **kw)
+    return ckpt
+
+
+def _flip_byte_in_a_weight_record(path):
+    """Flip one byte in the middle of the first tensor record of a torch zip file: the model's
+    first weight (torch.save numbers storages in pickling order, and "model" is the first
+    tensor-holding entry). torch does not check the records' CRCs: the file still loads."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith("/data/0"))
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = np.frombuffer(bytes(raw[info.header_offset + 26:info.header_offset + 30]),
+                                        dtype="<u2")
+    start = info.header_offset + 30 + int(name_len) + int(extra_len)
+    raw[start + info.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_refused(tmp_path):
+    """Issue 14: a flipped byte inside a weight record loads without any error from torch
+    (before: the run resumed from other weights); the stored sha256 refuses it, naming the
+    file. Without the hash (a checkpoint of an earlier version) it still loads, unchecked."""
+    x, y = _tiny_data(40, 1)
+    kw = dict(_FAST, epochs=2, ema=0.9, seed=3)
+    ckpt = _checkpoint_after_one_epoch(tmp_path, x, y, kw)
+    good = torch.load(ckpt, weights_only=True)
+    assert len(good["sha256"]) == 64
+    _flip_byte_in_a_weight_record(ckpt)
+    bad = torch.load(ckpt, weights_only=True)     # torch itself does not notice
+    changed = [k for k, v in good["model"].items() if not torch.equal(v, bad["model"][k])]
+    assert changed == [next(iter(good["model"]))]
+    with pytest.raises(ValueError, match=f"checkpoint {ckpt} is corrupted"):
+        cdp_fast.train_trades(_tiny_model(), (x, y), checkpoint=ckpt, **kw)
+    del bad["sha256"]
+    torch.save(bad, ckpt)
+    cdp_fast.train_trades(_tiny_model(), (x, y), checkpoint=ckpt, **kw)   # old format: unchecked
+
+
+def test_resume_with_other_data_of_the_same_size_is_refused(tmp_path):
+    """Issue 14: the configuration stores counts only, so another synthetic set (or real set)
+    of the same size used to resume silently; the data fingerprints refuse it, naming the
+    input. The same data resumes (bitwise: test_resume_reproduces_the_uninterrupted_run)."""
+    x, y = _tiny_data(40, 1)
+    xs, ys = _tiny_data(30, 2)
+    xo, yo = _tiny_data(30, 3)
+    kw = dict(_FAST, epochs=2, ema=0.9, seed=4, synthetic=(xs, ys))
+    ckpt = _checkpoint_after_one_epoch(tmp_path, x, y, kw)
+    assert set(torch.load(ckpt, weights_only=True)["data"]) == {"train_data", "synthetic"}
+    with pytest.raises(ValueError, match="other synthetic data"):
+        cdp_fast.train_trades(_tiny_model(), (x, y), checkpoint=ckpt, **{**kw, "synthetic": (xo, ys)})
+    with pytest.raises(ValueError, match="other synthetic data"):     # same images, other labels
+        cdp_fast.train_trades(_tiny_model(), (x, y), checkpoint=ckpt, **{**kw, "synthetic": (xs, yo)})
+    x2, _ = _tiny_data(40, 5)
+    with pytest.raises(ValueError, match="other train_data data"):
+        cdp_fast.train_trades(_tiny_model(), (x2, y), checkpoint=ckpt, **kw)
+    cdp_fast.train_trades(_tiny_model(), (x, y), checkpoint=ckpt, **kw)
+
+
+def _out_dir(path, images, labels, shard=16):
+    """A hand-made out directory of cdp_fast.sample: shards + manifest with their sha256."""
+    from cdp_fast.data import sha256_file, write_npz
+
+    path.mkdir()
+    shards = {}
+    for k, s in enumerate(range(0, len(images), shard)):
+        name = f"shard-{k:06d}.npz"
+        write_npz(path / name, {"image": images[s:s + shard], "label": labels[s:s + shard],
+                                "index": np.arange(s, s + len(images[s:s + shard]))})
+        shards[name] = {"start": s, "count": len(images[s:s + shard]),
+                        "bytes": (path / name).stat().st_size, "sha256": sha256_file(path / name)}
+    (path / "manifest.json").write_text(json.dumps({"shards": shards, "complete": True}))
+    return path
+
+
+def test_out_directories_are_fingerprinted_by_their_manifest(tmp_path, monkeypatch):
+    """An out directory (a million images) is fingerprinted by its manifest's shard hashes and
+    its labels: no image is read. Another directory of the same size is refused by name."""
+    from cdp_fast.data import Samples, _LazyConcat
+    from cdp_fast.trainloop import data_fingerprint
+
+    x, y = _tiny_data(40, 1)
+    u8 = lambda t: (t * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()   # noqa: E731
+    xs, ys = _tiny_data(30, 2)
+    xo, _ = _tiny_data(30, 3)
+    a = _out_dir(tmp_path / "a", u8(xs), ys.numpy())
+    b = _out_dir(tmp_path / "b", u8(xo), ys.numpy())
+    sa, sb = Samples.load(a), Samples.load(b)
+
+    def no_reads(self, idx):
+        raise AssertionError("an image was read")
+
+    with monkeypatch.context() as m:
+        m.setattr(_LazyConcat, "__getitem__", no_reads)
+        fa, fb = data_fingerprint(sa), data_fingerprint(sb)
+    assert fa != fb and fa == data_fingerprint(Samples.load(a))
+    # an in-memory subset carries the manifest along but not its images: hashed by bytes
+    assert data_fingerprint(sa.subset(np.arange(30))) != fa
+    kw = dict(_FAST, epochs=2, ema=0.9, seed=4, synthetic=str(a))
+    ckpt = _checkpoint_after_one_epoch(tmp_path, x, y, kw)
+    with pytest.raises(ValueError, match="other synthetic data"):
+        cdp_fast.train_trades(_tiny_model(), (x, y), checkpoint=ckpt, **{**kw, "synthetic": b})
+    cdp_fast.train_trades(_tiny_model(), (x, y), checkpoint=ckpt, **{**kw, "synthetic": sa})
+
+
+@pytest.mark.parametrize("content, needle", [
+    (lambda p, b: p.write_bytes(b[:len(b) // 2]), "cannot be read"),       # truncated
+    (lambda p, b: p.write_text("not a checkpoint\n"), "cannot be read"),    # text
+    (lambda p, b: p.write_bytes(b""), "cannot be read"),                    # empty
+    (lambda p, b: torch.save(torch.zeros(3), p), "holds a Tensor"),
+    (lambda p, b: torch.save([1, 2], p), "holds a list"),
+    (lambda p, b: torch.save(_tiny_model().state_dict(), p), "a model state_dict"),
+    (lambda p, b: torch.save({**torch.load(p, weights_only=True),
+                              "model": _bn_model().state_dict()}, p), "corrupted"),
+], ids=["truncated", "text", "empty", "tensor", "list", "state_dict", "edited"])
+def test_unreadable_or_foreign_checkpoints_are_value_errors_naming_the_file(tmp_path, content,
+                                                                           needle):
+    x, y = _tiny_data(40, 1)
+    kw = dict(_FAST, epochs=2, seed=3)
+    ckpt = _checkpoint_after_one_epoch(tmp_path, x, y, kw)
+    content(ckpt, ckpt.read_bytes())
+    with pytest.raises(ValueError, match=needle) as e:
+        cdp_fast.train_trades(_tiny_model(), (x, y), checkpoint=ckpt, **kw)
+    assert str(ckpt) in str(e.value) and "weights_only=False" not in str(e.value)
+
+
+def test_a_checkpoint_of_another_model_is_a_value_error(tmp_path):
+    """(a hash-less checkpoint, i.e. from an earlier version, of another architecture)"""
+    x, y = _tiny_data(40, 1)
+    kw = dict(_FAST, epochs=2, seed=3)
+    ckpt = _checkpoint_after_one_epoch(tmp_path, x, y, kw)
+    state = torch.load(ckpt, weights_only=True)
+    del state["sha256"]
+    state["model"] = _bn_model().state_dict()
+    torch.save(state, ckpt)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        cdp_fast.train_trades(_tiny_model(), (x, y), checkpoint=ckpt, **kw)
+
+
+def test_labels_outside_the_models_outputs_are_refused():
+    """Labels must lie in [0, K), K the model's outputs: checked up front for arrays, Samples
+    and TensorDatasets (naming the input), and batch by batch for other Datasets (before:
+    an IndexError from cross_entropy, or a CUDA device-side assert)."""
+    x, y = _tiny_data(40, 1)
+    bad = y.clone()
+    bad[7] = 10
+    with pytest.raises(ValueError, match=r"train_data: labels must lie in \[0, 10\).*\[0, 10\]"):
+        cdp_fast.train_trades(_tiny_model(), (x, bad), **_FAST)
+    with pytest.raises(ValueError, match="synthetic: labels"):
+        cdp_fast.train_pgd_at(_tiny_model(), (x, y), synthetic=(x, bad - 11), **_FAST)
+    with pytest.raises(ValueError, match="train_data: labels"):
+        cdp_fast.train_trades(_tiny_model(), torch.utils.data.TensorDataset(x, bad), **_FAST)
+
+    class Pairs(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(x)
+
+        def __getitem__(self, i):
+            return x[i], int(bad[i])
+
+    with pytest.raises(ValueError, match="train_data: labels"):
+        cdp_fast.train_trades(_tiny_model(), Pairs(), **_FAST)
 
 
 # ----------------------------------------------------------------------------- recipes
