@@ -33,6 +33,7 @@ interruption (shards are the unit of work and of resume).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import weakref
@@ -50,7 +51,7 @@ from cdp_fast.models.external import EpsModel, as_eps_model, call_model
 from cdp_fast.ops.ddim import ddim_update, ddpm_update
 from cdp_fast.schedule import as_alphas_cumprod, make_alphas_cumprod, timesteps as make_timesteps
 from cdp_fast.seeding import generators, per_sample_randn, sample_seed
-from cdp_fast.stream import ShardPlan, fingerprint, update_manifest, write_shards
+from cdp_fast.stream import ShardPlan, fingerprint, write_shards
 
 SOLVERS = ("ddim", "ddpm")
 
@@ -95,7 +96,7 @@ def _noise_source(generator, x):
     return draw
 
 
-def _guided_loop(model, x_T, abar, t_list, update, *, guidance, draw, callback, y):
+def _guided_loop(model, x_T, abar, t_list, update, *, guidance, draw, callback, y, on_step=None):
     """The loop shared by the solvers: ε-model, guidance, ``update(x, eps, g, lam, t, t_prev,
     a_t, a_prev, draw, want_x0) -> (x_prev, x0)``; repeated timesteps are skipped; non-finite
     values are reported with their step after the loop (no host sync inside it)."""
@@ -127,6 +128,8 @@ def _guided_loop(model, x_T, abar, t_list, update, *, guidance, draw, callback, 
             x_new, x0 = update(x, eps, g, float(lam), t, t_prev, a_t, a_prev, draw, callback is not None)
         if callback is not None:
             callback({"step": step, "t": t, "x": x_new, "x0": x0, "eps": eps})
+        if on_step is not None:
+            on_step(step)
         x = x_new
     bad_step = int(bad)  # the loop's only host sync
     if bad_step:
@@ -136,7 +139,7 @@ def _guided_loop(model, x_T, abar, t_list, update, *, guidance, draw, callback, 
 
 
 def guided_ddim(model, x_T, *, alphas_cumprod, timesteps, guidance=None, eta=0.0,
-                generator=None, callback=None, y=None):
+                generator=None, callback=None, y=None, on_step=None):
     """Guided DDIM (Algorithm 1 of Contrastive-DP; DDIM eq. (12) with Δ = ε + λ∇ℓ).
 
     Args:
@@ -154,6 +157,8 @@ def guided_ddim(model, x_T, *, alphas_cumprod, timesteps, guidance=None, eta=0.0
             sample: per-sample noise, drawn on CPU).
         callback: called as ``callback({"step", "t", "x", "x0", "eps"})`` after each step.
         y: optional (B,) class labels for class-conditional models.
+        on_step: called as ``on_step(step)`` after each step (progress; lighter than
+            ``callback``: no x̂_0 is kept).
     Returns:
         x_0, (B, *shape) float, model space (≈ [-1, 1]; not clipped).
     """
@@ -170,11 +175,11 @@ def guided_ddim(model, x_T, *, alphas_cumprod, timesteps, guidance=None, eta=0.0
                            return_x0=want_x0)
 
     return _guided_loop(model, x_T, abar, t_list, update, guidance=guidance,
-                        draw=_noise_source(generator, x_T), callback=callback, y=y)
+                        draw=_noise_source(generator, x_T), callback=callback, y=y, on_step=on_step)
 
 
 def guided_ddpm(model, x_T, *, alphas_cumprod, timesteps, guidance=None, clip_x0=True,
-                generator=None, callback=None, y=None):
+                generator=None, callback=None, y=None, on_step=None):
     """Guided DDPM ancestral sampling (Ho et al. 2020; the revised paper's DDPM rows and the
     authors' MNIST / GTSRB sampler, ``minimal-diffusion-main/main_nonddp.py``): at each step
     Δ = ε + λ∇ℓ, x̂_0 from Δ (clipped to [-1, 1] when ``clip_x0``), then the posterior mean
@@ -193,7 +198,7 @@ def guided_ddpm(model, x_T, *, alphas_cumprod, timesteps, guidance=None, clip_x0
                            clip_x0=clip_x0, return_x0=want_x0)
 
     return _guided_loop(model, x_T, abar, t_list, update, guidance=guidance,
-                        draw=_noise_source(generator, x_T), callback=callback, y=y)
+                        draw=_noise_source(generator, x_T), callback=callback, y=y, on_step=on_step)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -317,16 +322,18 @@ class _Run:
 
 def _labels_from(labeler, x):
     with torch.no_grad():
-        logits = labeler(x.clamp(-1, 1) if x.dim() == 4 else x).float()
-    prob = torch.softmax(logits, dim=1)
+        logits = labeler(x.clamp(-1, 1) if x.dim() == 4 else x)
+    _check_logits(logits, len(x), "labeler")
+    prob = torch.softmax(logits.float(), dim=1)
     conf, lab = prob.max(dim=1)
     return lab.to(torch.int64), conf
 
 
-def _generate_group(run: _Run, start: int, count: int):
+def _generate_group(run: _Run, start: int, count: int, advance=None):
     """Samples [start, start + count): (images (count, ...) on CPU, labels or None, confidence
     or None). ``count`` may be < the batch size only for the last group; guided groups are
-    always computed at full batch size and cut."""
+    always computed at full batch size and cut. ``advance(k)``: progress, ``count`` rows in
+    total spread over the steps."""
     full = run.batch_size if run.guidance is not None else count
     idx = list(range(start, start + full))
     gens = generators(run.seed, idx)
@@ -353,13 +360,18 @@ def _generate_group(run: _Run, start: int, count: int):
         # the head lives for a shard (the authors': a run), so resume stays exact
         guidance.reset(class_labels=cls if guidance.negatives == "class" else None,
                        real_positive_index=real_pos, keep_head=start % run.head_scope != 0)
+    on_step = None
+    if advance is not None:
+        per_step = count / len(run.timesteps)
+        on_step = lambda step: advance(per_step)  # noqa: E731  (skipped repeats: a bar just short of a step)
     with run.autocast():
         if run.solver == "ddpm":
             x0 = guided_ddpm(run.eps_model, x_T, alphas_cumprod=run.alphas_cumprod, timesteps=run.timesteps,
-                             guidance=guidance, clip_x0=run.clip_x0, generator=gens, y=y)
+                             guidance=guidance, clip_x0=run.clip_x0, generator=gens, y=y, on_step=on_step)
         else:
             x0 = guided_ddim(run.eps_model, x_T, alphas_cumprod=run.alphas_cumprod, timesteps=run.timesteps,
-                             guidance=guidance, eta=run.eta, generator=gens if run.eta > 0 else None, y=y)
+                             guidance=guidance, eta=run.eta, generator=gens if run.eta > 0 else None, y=y,
+                             on_step=on_step)
     if guidance is not None:
         run.strength.add(guidance.strength)
     x0 = x0[:count].float()
@@ -377,11 +389,12 @@ def _generate_group(run: _Run, start: int, count: int):
     return img, labels, conf
 
 
-def _batches(run: _Run, start: int, count: int):
+def _batches(run: _Run, start: int, count: int, advance=None):
     """Rows [start, start + count) of the run, one dict of numpy arrays (``image``, and
-    ``label`` / ``confidence`` when there are labels) per batch of ``run.batch_size``."""
+    ``label`` / ``confidence`` when there are labels) per batch of ``run.batch_size``;
+    ``advance(k)`` moves a progress bar by k rows, step by step."""
     for s in range(start, start + count, run.batch_size):
-        img, lab, conf = _generate_group(run, s, min(run.batch_size, start + count - s))
+        img, lab, conf = _generate_group(run, s, min(run.batch_size, start + count - s), advance)
         arrays = {"image": img.numpy()}
         if lab is not None:
             arrays["label"] = lab.numpy().astype(np.int64)
@@ -433,19 +446,87 @@ def _prepare_model(model, dev: torch.device, compile, image_shape) -> tuple[EpsM
     return eps_model, channels_last
 
 
-def _manifest_args(model, n, kw):
+def _check_logits(logits, batch, what):
+    """(B, K) finite logits, or a ValueError naming ``what`` — before anything is written."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != batch:
+        raise ValueError(f"{what} must return logits of shape ({batch}, K) for {batch} images, got "
+                         f"{tuple(getattr(logits, 'shape', ())) or type(logits).__name__}")
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(f"{what} returned non-finite logits")
+
+
+_PROBE_SEED = 0x5EED
+
+
+def _probe(model, features, labeler, image_shape, T, num_classes, dev):
+    """Run each network once on a fixed probe batch (2 images from a fixed seed, t = T // 2):
+    a wrong ``image_shape`` or a network that returns the wrong shape or non-finite values
+    fails here, before any file is written, with a message naming it. Returns the behaviour
+    fingerprints of the networks that are plain callables (a module is fingerprinted by its
+    state dict): their outputs on the probe, rounded to 1e-4 of their scale, hashed with the
+    scale to 4 digits — so a resumed run notices a different network behind the same
+    function name, while float noise of the order of 1e-7 leaves the hash as it was."""
+    x = torch.randn((2,) + tuple(image_shape), generator=torch.Generator().manual_seed(_PROBE_SEED)).to(dev)
+    t = torch.full((2,), T // 2, dtype=torch.long, device=dev)
+    y = torch.zeros(2, dtype=torch.long, device=dev) if num_classes is not None else None
+    prints = {}
+
+    def run(what, fn, *args):
+        try:
+            with torch.no_grad():
+                return fn(*args)
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"image_shape {tuple(image_shape)} does not fit the {what} ({msg})") from None
+
+    eps = run("model", call_model, model, x, t, y)
+    if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
+        raise ValueError(f"model returns {tuple(getattr(eps, 'shape', ())) or type(eps).__name__} for images of "
+                         f"shape {tuple(x.shape)} (checked on a probe batch before sampling); is image_shape "
+                         f"{tuple(image_shape)} the model's?")
+    outs = {"model": eps}
+    if features is not None:
+        z = run("features", features, x)
+        if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] != 2:
+            raise ValueError(f"features must map (B, ...) to (B, d); got {tuple(getattr(z, 'shape', ()))}")
+        outs["features"] = z
+    if labeler is not None:
+        logits = run("labeler", labeler, x.clamp(-1, 1) if x.dim() == 4 else x)
+        _check_logits(logits, 2, "labeler")
+        outs["labeler"] = logits
+    for name, fn in (("model", model), ("features", features), ("labeler", labeler)):
+        if name in outs and not isinstance(fn, torch.nn.Module):
+            v = outs[name].detach().double().cpu().numpy()
+            scale = float(np.abs(v).max()) or 1.0
+            q = np.round(v / scale * 1e4).astype(np.int64)
+            key = q.tobytes() + f"{q.shape} {scale:.4e}".encode()     # the pattern and its scale
+            prints[name] = f"behaviour:{hashlib.sha256(key).hexdigest()[:16]}"
+    return prints
+
+
+def _jsonable(v):
+    """numpy scalars and arrays as Python values (an np.int64 is the int it holds)."""
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return str(v)
+
+
+def _manifest_args(model, n, kw, behaviour=None):
     """The arguments a resumed run must repeat, JSON-serialisable."""
     args = dict(kw)
     args["n"] = int(n)
     args["model"] = fingerprint(model)
     for k in ("features", "labeler", "real", "class_labels", "alphas_cumprod"):
         args[k] = fingerprint(args.get(k))
+    args.update(behaviour or {})          # plain callables: what they compute, not their name
     args["image_shape"] = list(args["image_shape"])
     if args.get("guide_window") is not None:
         args["guide_window"] = list(args["guide_window"])
     if isinstance(args.get("betas"), torch.Tensor):
         args["betas"] = fingerprint(args["betas"])
-    return json.loads(json.dumps(args, default=str))
+    return json.loads(json.dumps(args, default=_jsonable))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -532,6 +613,15 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
     _validate(n, loss, positive, negatives, embedding, guide_window, form, solver, clip_x0, real,
               class_labels, labeler, num_classes, batch_size, steps, eta, output, image_shape, compile,
               shard_size, init_std)
+    if out is not None and not str(out).strip():
+        raise ValueError("out: an empty path; give a directory (or out=None to keep the samples in memory)")
+    # numpy scalars are the numbers they hold (the manifest compares them on resume)
+    n, batch_size, steps, T, seed = int(n), int(batch_size), int(steps), int(T), int(seed)
+    shard_size = None if shard_size is None else int(shard_size)
+    num_classes = None if num_classes is None else int(num_classes)
+    image_shape = tuple(int(v) for v in image_shape)
+    lam, tau, tau_plus, beta, eta, init_std = (v.item() if isinstance(v, np.generic) else v
+                                               for v in (lam, tau, tau_plus, beta, eta, init_std))
     runtime.check_dtype(dtype)
     if alphas_cumprod is not None:
         abar = as_alphas_cumprod(alphas_cumprod)
@@ -559,6 +649,7 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
                          "when guiding, so contrastive batches do not straddle shards")
     # under torchrun (a streamed run), one GPU per rank: cuda:LOCAL_RANK
     dev = runtime.rank_device(device, model) if out is not None else runtime.model_device(model, device)
+    behaviour = _probe(model, features if guided else None, labeler, image_shape, T, num_classes, dev)
     eps_model, channels_last = _prepare_model(model, dev, compile, image_shape)
     run = _Run(eps_model=eps_model, guidance=guidance if guided else None, solver=solver,
                clip_x0=(solver == "ddpm") if clip_x0 is None else bool(clip_x0), head_scope=shard_size,
@@ -573,11 +664,9 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
 
     with runtime.eval_mode(eps_model.module):
         if out is None:
-            chunks = []
-            with tqdm(total=n, disable=not progress, desc="cdp_fast.sample", unit="img") as bar:
-                for chunk in _batches(run, 0, n):
-                    chunks.append(chunk)
-                    bar.update(len(chunk["image"]))
+            with tqdm(total=n, disable=not progress, desc="cdp_fast.sample", unit="img",
+                      bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]") as bar:
+                chunks = list(_batches(run, 0, n, bar.update))
             cat = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
             meta = {"seed": seed, "n": n}
             if guided:
@@ -593,14 +682,12 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
                   seed=seed, dtype=str(dtype), init_std=float(init_std))
         # runs written before form/solver/clip_x0 existed used the anchor form and plain DDIM
         legacy = {"form": "anchors" if loss is not None else None, "solver": "ddim", "clip_x0": False}
-        plan = ShardPlan(Path(out), n, shard_size, _manifest_args(model, n, kw), legacy=legacy)
-        stats = write_shards(plan, lambda s, c: _batches(run, s, c), device=dev, progress=progress)
-        if guided:
-            parts = distributed.all_gather_object(run.strength.by_t)
-            if distributed.world_info()[0] == 0 and any(parts):
-                # this call's batches only (a resumed call measures what it generated)
-                update_manifest(plan, "guidance_strength", _Strength().merge(parts).summary())
-            distributed.barrier()
+        plan = ShardPlan(Path(out), n, shard_size, _manifest_args(model, n, kw, behaviour), legacy=legacy)
+        # the guidance strength of this call's batches (a resumed call measures what it made)
+        merge = None if not guided else (
+            lambda parts: {"guidance_strength": _Strength().merge(parts).summary()} if any(parts) else {})
+        stats = write_shards(plan, lambda s, c, advance: _batches(run, s, c, advance), device=dev,
+                             progress=progress, extras=lambda: run.strength.by_t, merge=merge)
     result = Samples.load(out)
     result.meta["throughput"] = stats
     return result

@@ -28,7 +28,7 @@ import torch
 from cdp_fast import distributed
 from cdp_fast.data import atomic_write_bytes, atomic_write_json, npz_bytes, sha256_file
 
-__all__ = ["ShardPlan", "write_shards", "update_manifest", "fingerprint", "shard_name", "SEEDING"]
+__all__ = ["ShardPlan", "DirLock", "write_shards", "fingerprint", "shard_name", "SEEDING"]
 
 #: What the manifest says about randomness (checked by nobody; read by people).
 SEEDING = ("sample i draws x_T, eta-noise and its real positive from torch.Generator seeded with "
@@ -60,7 +60,14 @@ class ShardPlan:
 
 
 # ----------------------------------------------------------------------------- manifest
-def _load_or_start_manifest(plan: ShardPlan):
+def _nothing_finished(plan: ShardPlan, manifest) -> bool:
+    """No finished shard anywhere (manifest, rank records, files): a failed first call, whose
+    manifest must not pin its arguments on the corrected one."""
+    return (not manifest.get("shards") and not any(plan.out.glob("shard-*.json"))
+            and not any(plan.out.glob("shard-*.npz")))
+
+
+def _load_or_start_manifest(plan: ShardPlan, *, may_restart: bool = False):
     path = plan.out / "manifest.json"
     if path.exists():
         try:
@@ -70,11 +77,16 @@ def _load_or_start_manifest(plan: ShardPlan):
         old = {**plan.legacy, **manifest.get("args", {})}
         args = plan.args
         changed = sorted(k for k in set(old) | set(args) if old.get(k) != args.get(k))
-        if changed:
+        if changed and may_restart and _nothing_finished(plan, manifest):
+            warnings.warn(f"out: {plan.out} held a run with other arguments but no finished shard; "
+                          "starting afresh")
+            changed = None
+        elif changed:
             detail = ", ".join(f"{k}: {old.get(k)!r} -> {args.get(k)!r}" for k in changed)
             raise ValueError(f"out: {plan.out} holds a run with different arguments ({detail}); "
                              "use another directory or the original arguments to resume")
-        return manifest
+        if changed is not None:
+            return manifest
     manifest = {
         "format": "cdp_fast.samples", "version": 1, "args": plan.args, "n": plan.n,
         "shard_size": plan.shard_size, "num_shards": len(plan.shards), "seeding": SEEDING,
@@ -95,7 +107,11 @@ def _verify_shards(plan: ShardPlan, manifest):
     left by a multi-process run (:func:`_absorb_records`). Missing, truncated or corrupted
     shards are dropped (and so regenerated)."""
     good = {}
+    expected = {shard_name(k) for k, _, _ in plan.shards}
     for name, info in manifest.get("shards", {}).items():
+        if name not in expected:       # only names the plan makes, inside the directory
+            warnings.warn(f"{plan.out}: the manifest lists {name!r}, which this run does not make; ignored")
+            continue
         if _shard_ok(plan.out, name, info):
             good[name] = info
         else:
@@ -131,41 +147,135 @@ def _finish_manifest(plan: ShardPlan, manifest):
             rec.unlink(missing_ok=True)
 
 
+# ----------------------------------------------------------------------------- the lock
+class DirLock:
+    """An exclusive lock on ``out/.lock`` (``fcntl.flock``), held by one process for a whole
+    run, with the holder's pid, host and start time written in the file for the message a
+    second run gets. The kernel drops the lock when its holder dies (a crash or SIGKILL), so a
+    stale lock never blocks; the file itself stays (deleting it would race with a new holder).
+    Under torchrun rank 0 holds it for the ranks of its run. Caveat: flock on network file
+    systems is only as good as the file system's support (NFSv4 and Lustre with ``flock``
+    mounts honour it)."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / ".lock"
+        self._fd = None
+
+    def acquire(self) -> "DirLock":
+        import fcntl
+        import os
+        import socket
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            except (ValueError, UnicodeDecodeError):
+                holder = {}
+            os.close(fd)
+            raise ValueError(f"out: {self.path.parent} is in use by another run (pid {holder.get('pid', '?')} on "
+                             f"{holder.get('host', '?')}, started {holder.get('started', '?')}); wait for it to "
+                             "finish or use another directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+            import os
+
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _prepare_out(out: Path) -> DirLock:
+    """The directory exists, is writable and is ours: locked, stray temp files of a killed
+    run (shards and manifest) removed."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"out: cannot create {out} ({e.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"out: {out} is not writable")
+    lock = DirLock(out).acquire()
+    for stray in list(out.glob(".shard-*.tmp")) + list(out.glob(".manifest.json.*.tmp")):
+        stray.unlink(missing_ok=True)
+    return lock
+
+
 # ----------------------------------------------------------------------------- the loop
-def write_shards(plan: ShardPlan, generate: Callable[[int, int], Iterable[dict]], *, device=None,
-                 progress: bool = True, desc: str = "cdp_fast.sample") -> list:
+def write_shards(plan: ShardPlan, generate: Callable[..., Iterable[dict]], *, device=None,
+                 progress: bool = True, desc: str = "cdp_fast.sample", extras=None, merge=None) -> list:
     """Generate every missing shard of ``plan`` into ``plan.out``, in this process or, under
     torchrun, shared among the ranks (shard k on rank k % world_size).
 
     Args:
         plan: the run's :class:`ShardPlan`.
-        generate: ``generate(start, count)`` yields dicts of numpy arrays (the same keys each
-            time: ``image`` and any others, e.g. ``label``, ``confidence``) whose rows,
-            concatenated, are rows [start, start + count) of the run; each chunk advances
-            the progress bar. The shard also gets ``index`` (the row numbers).
+        generate: ``generate(start, count, advance)`` yields dicts of numpy arrays (the same
+            keys each time: ``image`` and any others, e.g. ``label``, ``confidence``) whose
+            rows, concatenated, are rows [start, start + count) of the run, and calls
+            ``advance(k)`` to move the progress bar by k (fractional) rows as it works. The
+            shard also gets ``index`` (the row numbers).
         device: this rank's device (nccl for CUDA, else gloo, when a process group is made).
         progress: a tqdm bar on rank 0. desc: its label.
+        extras, merge: ``extras()`` -> a small per-rank object, gathered from every rank at
+            the end; ``merge(list) -> dict`` of manifest entries rank 0 stores with the final
+            manifest (summaries of the run; not arguments).
     Returns:
         Per-rank throughput: [{rank, images, seconds, images_per_s}] (every rank's).
+    Raises:
+        ValueError naming the cause when ``plan.out`` is a file, not writable, in use by
+        another run (pid, host, start time), or holds a run with other arguments.
+
+    The directory is locked for the run (:class:`DirLock`): two runs into one directory
+    cannot mix their shards.
     """
     from tqdm.auto import tqdm
 
     out = plan.out
     rank, world = distributed.maybe_init(device)
-    shards = plan.shards
+    lock, error = None, None
     if rank == 0:
-        manifest = _load_or_start_manifest(plan)
-        for stray in out.glob(".shard-*.tmp"):
-            stray.unlink(missing_ok=True)
-    distributed.barrier()
-    if rank != 0:
-        manifest = _load_or_start_manifest(plan)
+        try:
+            lock = _prepare_out(out)
+            _load_or_start_manifest(plan, may_restart=True)
+        except ValueError as e:
+            error = str(e)
+            if lock is not None:
+                lock.release()
+    error = distributed.all_gather_object(error)[0]   # every rank stops with rank 0's reason
+    if error:
+        raise ValueError(error)
+    try:
+        return _write(plan, generate, rank, world, progress, desc, extras, merge)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _write(plan, generate, rank, world, progress, desc, extras, merge):
+    from tqdm.auto import tqdm
+
+    out = plan.out
+    shards = plan.shards
+    manifest = _load_or_start_manifest(plan)
     _verify_shards(plan, manifest)
     distributed.barrier()
     todo = [p for p in shards if shard_name(p[0]) not in manifest["shards"] and p[0] % world == rank]
     total = plan.n if world == 1 else sum(c for _, _, c in todo)
     bar = tqdm(total=total, initial=total - sum(c for _, _, c in todo), disable=not progress or rank != 0,
-               desc=desc + (f" [rank 0 of {world}]" if world > 1 else ""), unit="img")
+               desc=desc + (f" [rank 0 of {world}]" if world > 1 else ""), unit="img",
+               bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]")
     made, t0 = 0, time.perf_counter()
 
     def persist(k, start, count, arrays):
@@ -186,10 +296,7 @@ def write_shards(plan: ShardPlan, generate: Callable[[int, int], Iterable[dict]]
     pending = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdp_fast-shard-writer") as writer:
         for k, start, count in todo:
-            chunks = []
-            for chunk in generate(start, count):
-                chunks.append(chunk)
-                bar.update(len(next(iter(chunk.values()))))
+            chunks = list(generate(start, count, bar.update))
             # member order image, index, then the rest: the shards' bytes are part of the format
             cat = {key: np.concatenate([c[key] for c in chunks]) for key in chunks[0]}
             arrays = {"image": cat.pop("image"), "index": np.arange(start, start + count, dtype=np.int64),
@@ -202,25 +309,17 @@ def write_shards(plan: ShardPlan, generate: Callable[[int, int], Iterable[dict]]
             pending.result()
     bar.close()
     elapsed = time.perf_counter() - t0
-    stats = distributed.all_gather_object({"rank": rank, "images": made, "seconds": elapsed,
-                                           "images_per_s": made / elapsed if elapsed > 0 else 0.0})
+    gathered = distributed.all_gather_object(
+        ({"rank": rank, "images": made, "seconds": elapsed, "images_per_s": made / elapsed if elapsed > 0 else 0.0},
+         None if extras is None else extras()))
     distributed.barrier()
     if rank == 0:  # its manifest was verified at the start and holds its own shards since
         _absorb_records(plan, manifest)
+        if merge is not None:
+            manifest.update(merge([e for _, e in gathered]))
         _finish_manifest(plan, manifest)
     distributed.barrier()
-    return stats
-
-
-def update_manifest(plan: ShardPlan, key: str, value) -> None:
-    """Set ``manifest[key] = value`` (JSON-serialisable, not an argument), atomically; for
-    summaries the caller computes after :func:`write_shards` (one process: rank 0)."""
-    path = plan.out / "manifest.json"
-    manifest = json.loads(path.read_text())
-    if key in ("args", "shards", "n", "shard_size", "complete"):
-        raise ValueError(f"key: {key!r} belongs to the run's bookkeeping")
-    manifest[key] = value
-    atomic_write_json(path, manifest)
+    return [st for st, _ in gathered]
 
 
 # ----------------------------------------------------------------------------- fingerprints

@@ -279,8 +279,11 @@ def test_diffusers_style_output_is_unwrapped():
 
 def test_wrong_shape_and_non_finite_outputs_name_the_step():
     bad_shape = lambda x, t: x[:, :, :-1]  # noqa: E731
-    with pytest.raises(ValueError, match=r"step 0 \(t=875\).*shape"):
-        cdp_fast.sample(bad_shape, 2, loss=None, batch_size=2, **_kw())
+    with pytest.raises(ValueError, match=r"model returns \(2, 1, 4, 5\).*image_shape"):
+        cdp_fast.sample(bad_shape, 2, loss=None, batch_size=2, **_kw())    # the probe, before sampling
+    late_shape = lambda x, t: x[:, :, :-1] if int(t[0]) == 750 else x  # noqa: E731
+    with pytest.raises(ValueError, match=r"step 1 \(t=750\).*shape"):
+        cdp_fast.sample(late_shape, 2, loss=None, batch_size=2, **_kw())
 
     def nan_late(x, t):
         return torch.full_like(x, float("nan")) if int(t[0]) <= 400 else 0.1 * x
