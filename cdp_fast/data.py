@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import struct
 import tempfile
 import zipfile
@@ -144,10 +145,18 @@ def npz_bytes(arrays: dict) -> bytes:
     return buf.getvalue()
 
 
+def _open_zip(path):
+    """The npz at ``path`` as a ZipFile; a truncated or non-zip file is a ValueError naming it."""
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise ValueError(f"{path}: not a readable npz ({e}); the file is truncated or corrupted") from None
+
+
 def _npz_member(path, key, mmap: bool = True):
     """Array ``key`` of the npz at ``path``: memory-mapped when the member is stored
     uncompressed (no copy), else read whole. Raises KeyError if absent."""
-    with zipfile.ZipFile(path) as zf:
+    with _open_zip(path) as zf:
         try:
             info = zf.getinfo(f"{key}.npy")
         except KeyError:
@@ -177,8 +186,29 @@ def _npz_member(path, key, mmap: bool = True):
 
 
 def _npz_keys(path):
-    with zipfile.ZipFile(path) as zf:
+    with _open_zip(path) as zf:
         return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+
+
+_SHARD_NAME = re.compile(r"shard-\d{6}\.npz")
+
+
+class _ShardCheck:
+    """Checks each shard of an out directory against its manifest record (size, sha256) the
+    first time any of its members is read; shared by the image / label / confidence views."""
+
+    def __init__(self, records: dict, enabled: bool):
+        self.records, self.enabled, self.done = records, enabled, set()
+
+    def __call__(self, path: str) -> None:
+        if not self.enabled or path in self.done:
+            return
+        info = self.records[path]
+        f = Path(path)
+        if not f.is_file() or f.stat().st_size != info.get("bytes") or sha256_file(f) != info.get("sha256"):
+            raise ValueError(f"{path}: missing, truncated or corrupted (its sha256 does not match the manifest); "
+                             "run the same cdp_fast.sample call again to regenerate it")
+        self.done.add(path)
 
 
 # ----------------------------------------------------------------------------- conversions
@@ -232,9 +262,10 @@ class _LazyConcat:
     Supports ``len``, ``shape``, ``dtype``, integer / slice / index-array ``[]`` and
     ``np.asarray`` (which materialises everything: avoid on a million images)."""
 
-    def __init__(self, parts, key):
+    def __init__(self, parts, key, check=None):
         self._parts = list(parts)  # [(path, count)]
         self._key = key
+        self._check = check        # a _ShardCheck (out directories), or None
         self._cache = {}
         counts = [c for _, c in self._parts]
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -248,6 +279,8 @@ class _LazyConcat:
         arr = self._cache.get(j)
         if arr is None:
             path, count = self._parts[j]
+            if self._check is not None:
+                self._check(path)
             arr = _npz_member(path, self._key)
             if len(arr) != count:
                 raise ValueError(f"{path}: holds {len(arr)} rows, manifest says {count}")
@@ -337,26 +370,42 @@ class Samples:
 
     # -- loading
     @classmethod
-    def load(cls, path) -> "Samples":
+    def load(cls, path, *, verify: bool = True) -> "Samples":
         """An out directory of :func:`cdp_fast.sample` (its manifest lists the finished
-        shards), or an npz with ``image``/``label`` (or ``arr_0``/``arr_1``) keys."""
+        shards), or an npz with ``image``/``label`` (or ``arr_0``/``arr_1``) keys.
+
+        For a directory, only shard names the sampler makes (``shard-NNNNNN.npz``, inside it)
+        are accepted, and each shard is checked against the manifest's size and sha256 the
+        first time it is read (``verify=False`` skips the hashing: faster, trusts the files);
+        a missing, truncated or corrupted shard is a ValueError naming it. Labels and
+        confidences are read on load, so every shard holding them is checked then."""
         path = Path(path)
         if path.is_dir():
             manifest_path = path / "manifest.json"
             if not manifest_path.exists():
                 raise ValueError(f"path {path} has no manifest.json: not a cdp_fast out directory")
-            manifest = json.loads(manifest_path.read_text())
-            shards = sorted(manifest.get("shards", {}).items(), key=lambda kv: kv[1]["start"])
+            try:
+                manifest = json.loads(manifest_path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{manifest_path}: not valid JSON ({e})") from None
+            records = manifest.get("shards", {})
+            bad = [name for name in records if not _SHARD_NAME.fullmatch(name)]
+            if bad:
+                raise ValueError(f"{manifest_path}: lists shard names the sampler never makes ({bad[0]!r}); "
+                                 "refusing to read outside the directory")
+            shards = sorted(records.items(), key=lambda kv: kv[1]["start"])
             if not manifest.get("complete", False):
                 import warnings
                 warnings.warn(f"{path}: the run is incomplete; loading the {len(shards)} finished shards")
             parts = [(str(path / name), int(info["count"])) for name, info in shards]
             if not parts:
                 raise ValueError(f"path {path} holds no finished shard")
+            check = _ShardCheck({str(path / name): info for name, info in shards}, verify)
+            check(parts[0][0])
             keys = _npz_keys(parts[0][0])
-            images = _LazyConcat(parts, "image")
-            labels = np.asarray(_LazyConcat(parts, "label")[:]) if "label" in keys else None
-            conf = np.asarray(_LazyConcat(parts, "confidence")[:]) if "confidence" in keys else None
+            images = _LazyConcat(parts, "image", check)
+            labels = np.asarray(_LazyConcat(parts, "label", check)[:]) if "label" in keys else None
+            conf = np.asarray(_LazyConcat(parts, "confidence", check)[:]) if "confidence" in keys else None
             return cls(images, labels, conf, meta=manifest)
         if path.is_file():
             keys = _npz_keys(path)
