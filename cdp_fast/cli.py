@@ -73,6 +73,22 @@ def _compile_flag(v):
 
 
 # ----------------------------------------------------------------------------- subcommands
+def _check_outputs(a, image_shape):
+    """sample's output options, checked before any work: --out not empty, --grid only for
+    uint8 (C, H, W) images, --npz / --grid into an existing writable folder."""
+    import os
+
+    if a.out is not None and not a.out.strip():
+        raise ValueError("out: an empty path; give a directory or leave --out out (samples in memory)")
+    if a.grid and (a.output != "uint8" or len(image_shape) != 3):
+        raise ValueError("grid: needs --output uint8 and 3-D images (C, H, W)")
+    for flag, value in (("npz", a.npz), ("grid", a.grid)):
+        if value:
+            folder = Path(value).resolve().parent
+            if not folder.is_dir() or not os.access(folder, os.W_OK):
+                raise ValueError(f"{flag}: cannot write {value}: {folder} is not a writable folder")
+
+
 def _guide_window(values, preset):
     """--guide-window: auto (the preset's, else the library's "auto"), all (None), or T_LO T_HI."""
     if values == ["auto"]:
@@ -96,6 +112,7 @@ def cmd_sample(a):
     image_shape = specs.parse_shape(a.image_shape) if a.image_shape else info.get("image_shape")
     if image_shape is None:
         raise ValueError("image-shape: required for a module:factory model (e.g. --image-shape 3,32,32)")
+    _check_outputs(a, image_shape)      # before sampling: a bad output option must not cost the run
     loss = None if a.loss == "none" else a.loss
     samp = dict(info.get("sampling") or {})
     g = dict((info.get("guidance") or {}).get(loss, {})) if loss else {}
@@ -141,8 +158,6 @@ def cmd_sample(a):
         s.save_npz(a.npz)
         print(f"wrote {a.npz}")
     if a.grid:
-        if a.output != "uint8" or len(image_shape) != 3:
-            raise ValueError("grid: needs --output uint8 and 3-D images (C, H, W)")
         k = min(64, a.n)
         imgs = np.asarray(s.images[:k])
         if loss is not None:
