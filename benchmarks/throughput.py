@@ -348,8 +348,10 @@ def _atomic_write_text(path: Path, text: str):
 
 
 # ----------------------------------------------------------------------------- main
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Sampling throughput: ours vs eager Algorithm 1 vs diffusers.")
+def parse_args(argv=None, prog=None):
+    # prog: "cdp-fast bench" when run through the CLI (None: argparse's default, the script name)
+    ap = argparse.ArgumentParser(prog=prog,
+                                 description="Sampling throughput: ours vs eager Algorithm 1 vs diffusers.")
     ap.add_argument("--config", choices=("digits", "cifar"), default="digits",
                     help="digits: bundled 8x8 UNet (CPU-sized); cifar: DDPM CIFAR-10 UNet + WRN-28-10")
     ap.add_argument("--batch", type=int, default=None, help="batch size (default: digits 128, cifar 512)")
@@ -382,8 +384,8 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, prog=None):
+    args = parse_args(argv, prog)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -185,7 +185,7 @@ def cmd_label(a):
 
     s = specs.load_samples(a.samples)
     clf = specs.load_classifier(a.classifier, a.device)
-    res = label.pseudo_label(clf, s, device=a.device)
+    res = label.pseudo_label(clf, s, device=a.device, progress=not a.no_progress)
     labelled = Samples(np.asarray(s.images[:]), np.asarray(res["label"], dtype=np.int64),
                        np.asarray(res["confidence"], dtype=np.float32))
     labelled.save_npz(a.out)
@@ -242,16 +242,34 @@ def cmd_train(a):
     return 0
 
 
-def cmd_eval(a):
-    import torch
+def _load_weights(model, path, arch):
+    """--weights: a state_dict saved by `cdp-fast train` into ``model``; ValueError naming the
+    file when it cannot be read, holds pickled objects (never loaded: see
+    :func:`cdp_fast.trainloop.read_weights_only`), is not a state_dict or does not fit ``arch``."""
+    from cdp_fast.trainloop import read_weights_only
 
+    if not Path(path).is_file():
+        raise ValueError(f"weights: {path} does not exist")
+    expected = "a state_dict saved by `cdp-fast train` (weights only)"
+    state = read_weights_only(path, "weights:", expected)
+    if not isinstance(state, dict):
+        raise ValueError(f"weights: {path} is not {expected}: it holds a {type(state).__name__}")
+    if "version" in state and "model" in state and "optimizer" in state:
+        raise ValueError(f"weights: {path} is a training checkpoint (--checkpoint), not {expected} "
+                         "(--out of `cdp-fast train`)")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        why = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ValueError(f"weights: {path} does not fit --arch {arch} ({why[:300]})") from None
+
+
+def cmd_eval(a):
     import cdp_fast
 
     model = specs.build_classifier(a.arch, a.num_classes, trained_digits=not a.weights)
     if a.weights:
-        if not Path(a.weights).is_file():
-            raise ValueError(f"weights: {a.weights} does not exist")
-        model.load_state_dict(torch.load(a.weights, map_location="cpu", weights_only=True))
+        _load_weights(model, a.weights, a.arch)
     elif a.arch != "digits":
         raise ValueError("weights: required (a state_dict saved by `cdp-fast train`)")
     x, y = specs.load_train_data(a.data, "test")
@@ -259,7 +277,8 @@ def cmd_eval(a):
         x, y = x[:a.n], y[:a.n]
     attacks = tuple(v.strip() for v in a.attacks.split(",") if v.strip())
     model = model.to(a.device or "cpu").eval()
-    res = cdp_fast.evaluate(model, x.to(a.device or "cpu"), y.to(a.device or "cpu"), eps=a.eps, attacks=attacks)
+    res = cdp_fast.evaluate(model, x.to(a.device or "cpu"), y.to(a.device or "cpu"), eps=a.eps, attacks=attacks,
+                            progress=not a.no_progress)
     from cdp_fast import distributed as cdist
 
     if not cdist.is_main():
@@ -361,7 +380,7 @@ def cmd_bench(a):
     spec.loader.exec_module(mod)
     args = [v for v in a.bench_args if v != "--"]
     try:
-        return mod.main(args)
+        return mod.main(args, prog=f"{PROG} bench")
     except SystemExit as e:  # argparse inside the benchmark: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 2
 
@@ -463,6 +482,7 @@ def _add_label(sub):
                      help="classifier on [0, 1] images: 'digits' (bundled) or module:factory (default: digits)")
     lab.add_argument("--out", required=True, help="output npz (image, label, confidence)")
     lab.add_argument("--device", default=None, help="torch device (default: cpu)")
+    lab.add_argument("--no-progress", action="store_true", help="no progress bar")
     lab.set_defaults(func=cmd_label)
 
 
@@ -549,6 +569,7 @@ def _add_eval(sub):
                     help="comma list of clean, pgd, autoattack (default: all three)")
     ev.add_argument("--json", default=None, help="also write the results to this JSON file")
     ev.add_argument("--device", default=None, help="torch device (default: cpu)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 
 
@@ -657,6 +678,8 @@ def main(argv=None) -> int:
         if args.command is None:
             raise UsageError(f"{PROG}: choose a subcommand: sample, label, select, train, eval, demo, bench "
                              "(see --help)")
+        # every subcommand's --device, checked before anything is loaded (one helper, one message)
+        specs.check_device(getattr(args, "device", None))
         return args.func(args)
     except UsageError as e:
         print(str(e), file=sys.stderr)

@@ -221,8 +221,9 @@ def images_to_float01(arr, name: str = "images", *, model_space: bool = False):
       ``output="float"``) -> float32 ``((x + 1) · ½).clamp(0, 1)``, any shape.
 
     ``arr`` is a torch tensor or anything ``np.asarray`` takes (a memory-mapped shard view
-    included; read-only arrays are copied, never written). Range and layout checks beyond the
-    uint8 rank are the caller's. Raises ValueError naming ``name`` for other dtypes or ranks.
+    included; read-only arrays are copied, never written). uint8 NCHW input (last dim not 1
+    or 3 while dim 1 is) is refused; other range and layout checks are the caller's. Raises
+    ValueError naming ``name`` for other dtypes, ranks or that layout.
     """
     import torch
 
@@ -237,6 +238,11 @@ def images_to_float01(arr, name: str = "images", *, model_space: bool = False):
                              f"got shape {tuple(t.shape)}")
         if t.dim() == 3:  # (N, H, W) grey
             t = t.unsqueeze(-1)
+        elif t.shape[-1] not in (1, 3) and t.shape[1] in (1, 3):
+            # (N, 3, 32, 32) read as NHWC would train on 32-"channel" images of 3 x 32 pixels
+            raise ValueError(f"{name} as uint8 must be NHWC (N, H, W, C), got (N, "
+                             f"{', '.join(map(str, t.shape[1:]))}): the NCHW layout (channels in "
+                             "dim 1); pass NHWC (x.transpose(0, 2, 3, 1)) or float NCHW in [0, 1]")
         return t.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
     if not t.is_floating_point():
         raise ValueError(f"{name} images must be uint8 NHWC or float NCHW in [0, 1], got {t.dtype}")
@@ -623,10 +629,23 @@ def _read_cifar_batch(path):
                 return getattr(importlib.import_module(module), name)
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
 
-    with open(path, "rb") as f:
-        d = _Restricted(f, encoding="bytes").load()
+    try:
+        with open(path, "rb") as f:
+            d = _Restricted(f, encoding="bytes").load()
+    except pickle.UnpicklingError as e:   # our refusal, or a damaged pickle stream
+        raise ValueError(f"{path}: not a CIFAR-10 python batch ({str(e).splitlines()[0]})") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            ImportError) as e:   # what pickle raises on truncated or garbled input
+        raise ValueError(f"{path}: not a CIFAR-10 python batch (unreadable pickle: "
+                         f"{type(e).__name__})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: not a CIFAR-10 python batch (holds a {type(d).__name__}, not a dict)")
     data = d.get(b"data", d.get("data"))
     labels = d.get(b"labels", d.get("labels"))
     if data is None or labels is None:
         raise ValueError(f"{path}: not a CIFAR-10 batch (no data/labels)")
-    return np.asarray(data, dtype=np.uint8), np.asarray(labels, dtype=np.int64)
+    data, labels = np.asarray(data), np.asarray(labels)
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (len(data),):
+        raise ValueError(f"{path}: not a CIFAR-10 batch (data {data.shape}, labels {labels.shape}; "
+                         "expected (N, 3072) and (N,))")
+    return data.astype(np.uint8, copy=False), labels.astype(np.int64, copy=False)

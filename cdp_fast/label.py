@@ -109,7 +109,8 @@ def _check_bs(batch_size, name="batch_size"):
 
 
 # --------------------------------------------------------------------------- pseudo-labels
-def pseudo_label(classifier: nn.Module, images, *, batch_size: int = 512, device=None) -> dict:
+def pseudo_label(classifier: nn.Module, images, *, batch_size: int = 512, device=None,
+                 progress: bool = False) -> dict:
     """Pseudo-labels of ``images`` by ``classifier`` (eval mode; modes restored).
 
     Args:
@@ -117,6 +118,8 @@ def pseudo_label(classifier: nn.Module, images, *, batch_size: int = 512, device
         images: float NCHW tensor in [0, 1], uint8 NHWC array/tensor, or a
             :class:`cdp_fast.Samples` (uint8 images, or float images in [-1, 1]).
         batch_size: images per forward pass.
+        device: where the classifier runs (default: its own device).
+        progress: tqdm bar over the images (shown by rank 0 only under torchrun).
     Returns:
         {"label": int64 (N,), "confidence": float32 (N,) = max softmax,
          "entropy": float32 (N,) = −Σ p log p in nats}, numpy arrays.
@@ -128,15 +131,29 @@ def pseudo_label(classifier: nn.Module, images, *, batch_size: int = 512, device
     dev = model_device(classifier, device)
     from cdp_fast.runtime import eval_mode
 
+    from cdp_fast import distributed as cdist
+
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a runtime dependency
+        tqdm = None
+    bar = (tqdm(total=len(imgs), desc="pseudo-label", unit="img", leave=False,
+                disable=not progress or not cdist.is_main()) if tqdm is not None else None)
     labels, conf, ent = [], [], []
-    with torch.no_grad(), eval_mode(classifier):
-        for _, xb in imgs.batches(batch_size):
-            logp = F.log_softmax(classifier(xb.to(dev)).float(), dim=1)
-            p = logp.exp()
-            c, lab = p.max(dim=1)
-            labels.append(lab.cpu())
-            conf.append(c.cpu())
-            ent.append((-(p * logp).sum(dim=1)).cpu())
+    try:
+        with torch.no_grad(), eval_mode(classifier):
+            for _, xb in imgs.batches(batch_size):
+                logp = F.log_softmax(classifier(xb.to(dev)).float(), dim=1)
+                p = logp.exp()
+                c, lab = p.max(dim=1)
+                labels.append(lab.cpu())
+                conf.append(c.cpu())
+                ent.append((-(p * logp).sum(dim=1)).cpu())
+                if bar is not None:
+                    bar.update(len(xb))
+    finally:
+        if bar is not None:
+            bar.close()
     return {"label": torch.cat(labels).numpy().astype(np.int64),
             "confidence": torch.cat(conf).numpy().astype(np.float32),
             "entropy": torch.cat(ent).numpy().astype(np.float32)}

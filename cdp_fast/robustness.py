@@ -140,7 +140,8 @@ def evaluate(model: nn.Module, x, y, *, eps: float = 8 / 255,
         pgd_steps, pgd_step_size: PGD-k and its step (default ε/4).
         batch_size: evaluation batch size.
         seed: PGD random starts and AutoAttack's seed.
-        progress: tqdm bar over the PGD batches.
+        progress: tqdm bar (rank 0 only) with one step per attack and block of points, the
+            attack under way in its description (an AutoAttack block can take minutes on CPU).
         version: AutoAttack version, "standard" (the reported numbers) or "custom" with
             ``aa_attacks`` (e.g. ("apgd-ce", "apgd-t")).
         n_ex: evaluate only the first n_ex points (every attack, so results are comparable).
@@ -208,26 +209,47 @@ def evaluate(model: nn.Module, x, y, *, eps: float = 8 / 255,
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
-    it = (tqdm(blocks, desc="evaluate", disable=not progress or rank != 0, leave=False)
-          if tqdm else blocks)
     names = [a for a in ATTACKS if a in attacks]
+    bar = (tqdm(total=len(blocks) * len(names), desc="evaluate", unit="attack-block",
+                disable=not progress or rank != 0, leave=False) if tqdm else None)
+
+    def step(name, b):
+        """The bar shows the attack about to run (and the block, when there are several)."""
+        if bar is not None:
+            where = f" block {b + 1}/{len(blocks)}" if len(blocks) > 1 else ""
+            bar.set_description(f"evaluate: {name}{where}")
+
+    def done():
+        if bar is not None:
+            bar.update(1)
+
     correct = dict.fromkeys(names, 0)
-    with eval_mode(model):
-        for i in it:
-            xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
-            if "clean" in names:
-                with torch.no_grad():
-                    correct["clean"] += int((model(xb).argmax(1) == yb).sum())
-            if "pgd" in names:
-                u = pgd_starts(x[i:i + batch_size], i, seed).to(dev)
-                xa = pgd_from_draws(model, xb, yb, u, eps=eps, step_size=pgd_step_size,
-                                    steps=pgd_steps)
-                with torch.no_grad():
-                    correct["pgd"] += int((model(xa).argmax(1) == yb).sum())
-            if "autoattack" in names:
-                correct["autoattack"] += _autoattack_correct(
-                    model, xb, yb, eps=eps, version=version, attacks=aa_attacks,
-                    batch_size=batch_size, seed=seed, device=dev)
+    try:
+        with eval_mode(model):
+            for b, i in enumerate(blocks):
+                xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
+                if "clean" in names:
+                    step("clean", b)
+                    with torch.no_grad():
+                        correct["clean"] += int((model(xb).argmax(1) == yb).sum())
+                    done()
+                if "pgd" in names:
+                    step("pgd", b)
+                    u = pgd_starts(x[i:i + batch_size], i, seed).to(dev)
+                    xa = pgd_from_draws(model, xb, yb, u, eps=eps, step_size=pgd_step_size,
+                                        steps=pgd_steps)
+                    with torch.no_grad():
+                        correct["pgd"] += int((model(xa).argmax(1) == yb).sum())
+                    done()
+                if "autoattack" in names:
+                    step("autoattack", b)
+                    correct["autoattack"] += _autoattack_correct(
+                        model, xb, yb, eps=eps, version=version, attacks=aa_attacks,
+                        batch_size=batch_size, seed=seed, device=dev)
+                    done()
+    finally:
+        if bar is not None:
+            bar.close()
     counts = torch.tensor([correct[a] for a in names], dtype=torch.int64, device=dev)
     if world > 1:
         import torch.distributed as dist

@@ -12,7 +12,8 @@ The CLI (:mod:`cdp_fast.cli`) parses flags; this module resolves their values an
   :func:`load_train_data`, :func:`load_real_images`, :func:`load_class_labels`,
   :func:`load_samples`, :func:`parse_shape`;
 - `cdp-fast inspect` (``--real``, ``--features``, ``--classifier``): :func:`load_real_splits`,
-  :func:`load_inspect_features`, :func:`load_independent_classifier`.
+  :func:`load_inspect_features`, :func:`load_independent_classifier`;
+- ``--device`` of every subcommand: :func:`check_device`.
 
 Heavy imports (torch, numpy, the models) happen inside the functions, so ``cdp-fast --help``
 stays fast.
@@ -26,8 +27,33 @@ __all__ = [
     "import_attr", "load_callable_spec", "load_model_spec", "load_network", "load_features", "load_labeler",
     "load_classifier", "build_classifier", "load_samples", "load_train_data", "load_real_images",
     "load_class_labels", "parse_shape", "load_real_splits", "load_inspect_features",
-    "load_independent_classifier",
+    "load_independent_classifier", "check_device",
 ]
+
+
+# ----------------------------------------------------------------------------- devices
+def check_device(spec):
+    """--device: None (each command's default) or a torch device string that this machine has;
+    returned unchanged. ValueError otherwise: a string torch does not parse ("device: 'bogus'
+    is not a torch device"), or a CUDA / MPS device without that backend or beyond the CUDA
+    device count (torch would fail later, deep in a model's ``.to``, with a traceback)."""
+    if spec is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device: {spec!r} is not a torch device") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device: cuda requested but torch.cuda.is_available() is False")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {spec!r} requested but torch.cuda.device_count() is "
+                             f"{torch.cuda.device_count()}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device: mps requested but torch.backends.mps.is_available() is False")
+    return spec
 
 
 # ----------------------------------------------------------------------------- models

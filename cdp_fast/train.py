@@ -87,6 +87,13 @@ atomically (temp + fsync + rename), the model, EMA, optimizer state, epoch, upda
 history, RNG state and the run's configuration; calling again with the same arguments resumes
 from it (``torch.load(weights_only=True)``) and on CPU ends at bitwise the same weights as an
 uninterrupted run. A checkpoint written with different arguments is refused (ValueError).
+The file also holds the sha256 of its contents (every tensor's bytes, in a fixed order) and
+fingerprints of ``train_data`` and ``synthetic`` (an out directory: its manifest's shard
+hashes and the labels, no image read; arrays and npz files: their bytes; a generic Dataset:
+none): a corrupted checkpoint, or other data of the same size, is refused by name instead of
+resuming from other weights or on other data. Checkpoints of earlier versions carry neither and
+resume unchecked. Unreadable files (truncated, empty, not a torch file, pickled objects) and
+labels outside the model's K outputs are ValueErrors too.
 The learning rate is a pure function of the update index, so the "scheduler state" is that
 index.
 

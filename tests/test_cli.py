@@ -2,6 +2,7 @@
 `python -m cdp_fast --help`, and bad arguments -> exit 2 with a one-line message."""
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,151 @@ def test_bad_arguments_exit_2_one_line(argv, needle, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert needle in err and err.startswith("cdp-fast")
+
+
+class _Payload:
+    """A pickle whose unpickling would run a command (never unpickled here)."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def _ckpt(content):
+    """A --checkpoint file for `train` holding ``content`` (bytes, str, or an object for torch.save)."""
+    def make(tmp):
+        import torch
+
+        p = tmp / "ckpt.pt"
+        if content == "truncated":
+            torch.save({"model": {"w": torch.zeros(64)}}, p)
+            p.write_bytes(p.read_bytes()[:100])
+        elif isinstance(content, bytes):
+            p.write_bytes(content)
+        elif isinstance(content, str):
+            p.write_text(content)
+        else:
+            torch.save(content() if callable(content) else content, p)
+        return ["train", "--checkpoint", str(p), "--epochs", "1", "--steps", "1", "--no-progress",
+                "--out", str(tmp / "o.pt")]
+    return make
+
+
+def _weights(tmp):
+    import torch
+
+    torch.save({"conv.weight": torch.zeros(1), "x": _Payload()}, tmp / "w.pt")
+    return ["eval", "--weights", str(tmp / "w.pt"), "--no-progress"]
+
+
+def _whole_model(tmp):
+    import torch
+
+    from cdp_fast.models import get_model
+
+    torch.save(get_model("small-cnn", num_classes=10), tmp / "m.pt")   # the model, pickled
+    return ["eval", "--weights", str(tmp / "m.pt"), "--no-progress"]
+
+
+def _cifar(tmp):
+    import pickle
+
+    d = tmp / "cifar-10-batches-py"
+    d.mkdir()
+    with open(d / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": _Payload(), b"labels": [0]}, f)
+    return ["train", "--data", f"cifar10:{tmp}", "--no-progress", "--out", str(tmp / "o.pt")]
+
+
+def _npz_data(layout, labels_hi=10):
+    def make(tmp):
+        g = np.random.default_rng(0)
+        x = g.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8)
+        if layout == "nchw":
+            x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        np.savez(tmp / "d.npz", image=x, label=np.arange(20) % labels_hi)
+        return ["train", "--data", str(tmp / "d.npz"), "--num-classes", "5", "--epochs", "1", "--steps", "1",
+                "--no-progress", "--out", str(tmp / "o.pt")]
+    return make
+
+
+def _device(cmd, dev):
+    def make(tmp):
+        out = str(tmp / "o.npz")
+        argv = {"train": ["train", "--out", out], "eval": ["eval", "--arch", "digits"],
+                "label": ["label", str(tmp / "none.npz"), "--out", out], "sample": ["sample", "-n", "4"],
+                "select": ["select", str(tmp / "none.npz"), "--k-per-class", "1", "--out", out]}[cmd]
+        return argv + ["--device", dev, "--no-progress"] if cmd != "select" else argv + ["--device", dev]
+    return make
+
+
+def _tensor():
+    import torch
+
+    return torch.zeros(3)
+
+
+@pytest.mark.parametrize("make, needle", [
+    (_ckpt("truncated"), "cannot be read (empty, truncated, corrupted or not a torch file"),
+    (_ckpt("some text\n"), "cannot be read (empty, truncated, corrupted or not a torch file"),
+    (_ckpt(b""), "cannot be read (empty, truncated, corrupted or not a torch file"),
+    (_ckpt(_tensor), "holds a Tensor, not a training checkpoint"),
+    (_ckpt([1, 2]), "holds a list, not a training checkpoint"),
+    (_weights, "is not a state_dict saved by `cdp-fast train` (weights only): it holds pickled Python objects "
+               f"({os.system.__module__}.system)"),
+    (_whole_model, "it holds pickled Python objects (cdp_fast.models"),
+    (_cifar, f"data_batch_1: not a CIFAR-10 python batch (refusing to load {os.system.__module__}.system"),
+    (_npz_data("nhwc", labels_hi=10), "train_data: labels must lie in [0, 5) for a model with 5 outputs, "
+                                      "found labels in [0, 9]"),
+    (_npz_data("nchw"), "train_data as uint8 must be NHWC (N, H, W, C), got (N, 1, 8, 8): the NCHW layout"),
+    (_device("train", "bogus"), "device: 'bogus' is not a torch device"),
+    (_device("eval", "bogus"), "device: 'bogus' is not a torch device"),
+    (_device("label", "bogus"), "device: 'bogus' is not a torch device"),
+    (_device("sample", "bogus"), "device: 'bogus' is not a torch device"),
+    (_device("select", "cuda:x"), "device: 'cuda:x' is not a torch device"),
+    (_device("train", "cuda"), "device: cuda requested but torch.cuda.is_available() is False"),
+    (_device("eval", "cuda"), "device: cuda requested but torch.cuda.is_available() is False"),
+    (_device("label", "cuda"), "device: cuda requested but torch.cuda.is_available() is False"),
+    (_device("sample", "cuda:0"), "device: cuda requested but torch.cuda.is_available() is False"),
+], ids=["ckpt-truncated", "ckpt-text", "ckpt-empty", "ckpt-tensor", "ckpt-list", "weights-pickle",
+        "weights-whole-model", "cifar-malicious", "labels-ge-num-classes", "uint8-nchw",
+        "train-device-bogus", "eval-device-bogus", "label-device-bogus", "sample-device-bogus",
+        "select-device-bad-index", "train-device-cuda", "eval-device-cuda", "label-device-cuda",
+        "sample-device-cuda"])
+def test_library_errors_exit_2_with_one_line_naming_the_cause(make, needle, tmp_path, capsys, monkeypatch):
+    """Issue 14: each of these used to end in a traceback (or, for the pickle payload, in torch's
+    advice to load with weights_only=False); now a ValueError at the library level, printed by
+    the CLI as one line on stderr with exit status 2. CUDA is made unavailable for the cuda cases
+    (so they hold on a GPU machine too)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = make(tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("cdp-fast: error: ") and needle in err, err
+    assert "weights_only=False" not in err and "Traceback" not in err
+
+
+def test_eval_and_label_show_progress_unless_no_progress(tmp_path, capsys):
+    """eval's bar names the attack under way (AutoAttack blocks included); label's counts images."""
+    args = ["eval", "--arch", "digits", "--n", "12", "--attacks", "clean,pgd"]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "evaluate: pgd" in err and "/2 " in err
+    assert cli.main(args + ["--no-progress"]) == 0
+    assert "evaluate" not in capsys.readouterr().err
+    x = np.random.default_rng(0).integers(0, 256, (12, 8, 8, 1), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", image=x)
+    assert cli.main(["label", str(tmp_path / "s.npz"), "--out", str(tmp_path / "l.npz")]) == 0
+    assert "pseudo-label" in capsys.readouterr().err
+    assert cli.main(["label", str(tmp_path / "s.npz"), "--out", str(tmp_path / "l.npz"), "--no-progress"]) == 0
+    assert "pseudo-label" not in capsys.readouterr().err
+
+
+def test_bench_help_names_the_subcommand(capsys):
+    assert cli.main(["bench", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: cdp-fast bench")
 
 
 def test_spec_loaders_live_in_specs_and_stay_importable_from_cli():

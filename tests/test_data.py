@@ -224,8 +224,56 @@ def test_cifar10_python_batches_with_restricted_unpickler(tmp_path):
 
     with open(root / "test_batch", "wb") as f:
         pickle.dump({b"data": Evil(), b"labels": [0]}, f)
-    with pytest.raises(pickle.UnpicklingError):
+    # (a ValueError naming the file since issue 14; the CLI prints it as one line)
+    with pytest.raises(ValueError, match="test_batch: not a CIFAR-10 python batch"):
         load_cifar10(tmp_path, train=False)
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("evil", f"refusing to load {os.system.__module__}.system from a CIFAR batch"),
+    ("truncated", "pickle data was truncated"),
+    ("garbage", "not a CIFAR-10 python batch"),
+    ("list", "holds a list, not a dict"),
+    ("shape", "expected (N, 3072) and (N,)"),
+])
+def test_bad_cifar10_python_batches_are_value_errors_naming_the_file(tmp_path, content, needle):
+    """Issue 14: the restricted unpickler's refusal (and any other unreadable batch) used to
+    escape as a pickle.UnpicklingError / EOFError / AttributeError traceback."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    good = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2]})
+    raw = {"evil": lambda: pickle.dumps({b"data": Evil(), b"labels": [0]}),
+           "truncated": lambda: good[:len(good) // 2], "garbage": lambda: b"hello world",
+           "list": lambda: pickle.dumps([1, 2]),
+           "shape": lambda: pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [1, 2]})}
+    (root / "test_batch").write_bytes(raw[content]())
+    with pytest.raises(ValueError) as e:
+        load_cifar10(tmp_path, train=False)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and str(root / "test_batch") in msg and needle in msg, msg
+
+
+def test_uint8_nchw_is_refused_naming_the_layout():
+    """Issue 14: uint8 (N, 3, 32, 32) used to be read as NHWC (32 "channels" of 3 x 32 pixels)
+    and trained on silently; a last dim that is no channel count (not 1 or 3) while dim 1 is
+    one is refused, by the one conversion and so by every caller, naming the input."""
+    from cdp_fast.data import as_source, images_to_float01
+
+    nchw = np.zeros((4, 3, 32, 32), np.uint8)
+    with pytest.raises(ValueError, match=r"x as uint8 must be NHWC .* got \(N, 3, 32, 32\): the NCHW"):
+        images_to_float01(nchw, "x")
+    with pytest.raises(ValueError, match="synthetic as uint8 must be NHWC"):
+        as_source((nchw, np.zeros(4, np.int64)), "synthetic")
+    with pytest.raises(ValueError, match="train_data as uint8 must be NHWC"):
+        as_source(Samples(nchw[:, :1], np.zeros(4, np.int64)), "train_data")
+    for ok in ((4, 32, 32, 3), (4, 8, 8, 1), (4, 3, 8, 1), (4, 8, 8), (4, 5, 6, 7)):
+        assert images_to_float01(np.zeros(ok, np.uint8)).shape[0] == 4
 
 
 def test_images_to_float01_is_the_one_conversion(tmp_path):

@@ -152,3 +152,20 @@ def test_pgd_randomness_is_per_point_so_batching_does_not_matter():
     assert cdp_fast.evaluate(model, x, y, eps=0.05, attacks=("clean",))["clean"] == res[0]["clean"]
     with pytest.raises(ValueError, match="distributed"):
         cdp_fast.evaluate(model, x, y, distributed="no")
+
+
+def test_progress_bar_steps_through_every_attack_and_block_autoattack_included(capsys):
+    """Issue 14: one bar step per (block, attack), the attack under way in the description, so
+    a long AutoAttack block is named while it runs; nothing on stderr with progress=False."""
+    eps = 0.05
+    model, x, y, _, _ = _linear_problem(n=20, eps=eps, seed=2)
+    kw = dict(eps=eps, attacks=("clean", "pgd", "autoattack"), version="custom",
+              aa_attacks=("apgd-ce",), batch_size=10, pgd_steps=2)
+    quiet = cdp_fast.evaluate(model, x, y, **kw)
+    assert capsys.readouterr().err == ""
+    shown = cdp_fast.evaluate(model, x, y, progress=True, **kw)
+    err = capsys.readouterr().err
+    assert shown == quiet
+    for name in ("clean", "pgd", "autoattack"):
+        assert f"evaluate: {name} block 2/2" in err, err
+    assert "/6 " in err   # (the last refresh may fall within tqdm's mininterval)

@@ -164,3 +164,16 @@ def test_select_on_samples_returns_subset_and_checks_arguments():
     f = lambda t: t.flatten(1)  # noqa: E731
     idx = select(x, "separability", 3, features=f, labels=np.arange(20) % 2)
     assert len(idx) == 6
+
+
+def test_pseudo_label_progress_counts_images(capsys):
+    """Issue 14: `cdp-fast label` showed nothing while labelling; progress=True gives a bar
+    over the images (rank 0 only), the same labels, and nothing on stderr by default."""
+    m, x = _model(), _images()
+    quiet = pseudo_label(m, x, batch_size=5)
+    assert capsys.readouterr().err == ""
+    shown = pseudo_label(m, x, batch_size=5, progress=True)
+    err = capsys.readouterr().err
+    assert "pseudo-label" in err and "/23 " in err
+    for k in quiet:
+        np.testing.assert_array_equal(quiet[k], shown[k])
