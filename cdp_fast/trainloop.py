@@ -257,12 +257,14 @@ def read_weights_only(path, what: str, expected: str, map_location="cpu"):
                              f"({found.group(1)}) that a weights-only load refuses") from None
         # text, garbage or a pickle of another protocol: torch reads the first bytes as opcodes
         op = re.search(r"(Unsupported operand \d+|invalid load key[^.\n]*)", str(e))
-        raise ValueError(f"{what} {path} is not {expected}: it cannot be read (not a torch "
-                         f"file, or a corrupted one: {op.group(1) if op else 'UnpicklingError'})"
-                         ) from None
+        raise ValueError(f"{what} {path} is not {expected}: {_UNREADABLE} "
+                         f"{op.group(1) if op else 'UnpicklingError'})") from None
     except Exception as e:   # anything else torch.load raises means an unreadable file
-        raise ValueError(f"{what} {path} is not {expected}: it cannot be read (truncated, "
-                         f"empty or not a torch file: {type(e).__name__})") from None
+        raise ValueError(f"{what} {path} is not {expected}: {_UNREADABLE} "
+                         f"{type(e).__name__})") from None
+
+
+_UNREADABLE = "it cannot be read (empty, truncated, corrupted or not a torch file:"
 
 
 def state_digest(obj) -> str:
