@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from cdp_fast.ops.pgd_step import check_scalar_or_per_sample, pgd_step
 from cdp_fast.runtime import eval_mode  # re-exported: cdp_fast.attacks.eval_mode is public
 
-__all__ = ["pgd_attack", "trades_attack", "eval_mode", "batch_stats_mode", "pgd_from_start",
+__all__ = ["pgd_attack", "trades_attack", "eval_mode", "batch_stats_mode", "frozen_params", "pgd_from_start",
            "pgd_from_draws", "trades_from_noise", "trades_from_draws", "trades_from_start"]
 
 _LOSSES = ("ce",)
@@ -72,6 +72,28 @@ def batch_stats_mode(model):
             m.track_running_stats = was
         for m, was in modes:
             m.training = was
+
+
+@contextlib.contextmanager
+def frozen_params(model):
+    """The parameters of ``model`` with ``requires_grad=False`` for the duration (each one's
+    flag restored afterwards, even on error). An attack needs ∇ with respect to the input
+    only; eager autograd skips parameter gradients nobody asked for, but a compiled backward
+    (torch.compile traces the parameters as graph inputs that require grad) computes them all.
+    ``model`` may be a plain callable: then nothing is done. Inside a region torch.compile is
+    tracing (a whole attack compiled with fullgraph) flags cannot change and nothing is done:
+    the training loop compiles the model, not the loop, so its attacks get the frozen flags."""
+    if not isinstance(model, torch.nn.Module) or torch.compiler.is_compiling():
+        yield model
+        return
+    params = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, was in params:
+            p.requires_grad_(was)
 
 
 def _attack_mode(model, mode: str):
@@ -156,7 +178,7 @@ def pgd_from_start(model, x, y, x_adv, *, eps, step_size, steps):
     def ce(xa):
         return F.cross_entropy(model(xa), y, reduction="sum")
 
-    with torch.no_grad():
+    with torch.no_grad(), frozen_params(model):
         x = x.detach()
         for _ in range(steps):
             g = _input_grad(ce, x_adv)
@@ -240,7 +262,7 @@ def trades_from_start(model, x, x_adv, *, eps, step_size, steps, mode="eval"):
     """The iterations of :func:`trades_attack` from a given start ``x_adv`` (B, C, H, W),
     model in ``mode`` ("eval" or "train", see :func:`trades_attack`) for p(x) and every step,
     no argument checks. Returns x_adv (B, C, H, W), detached."""
-    with torch.no_grad(), _attack_mode(model, mode):
+    with torch.no_grad(), _attack_mode(model, mode), frozen_params(model):
         x = x.detach()
         p_nat = F.softmax(model(x), dim=1)
 

@@ -305,3 +305,28 @@ def test_batch_stats_mode_restores_on_error_and_rejects_bad_options():
         trades_attack(tiny_cnn(), x, eps=EPS, step_size=ALPHA, start="gaussian")
     with pytest.raises(ValueError, match="mode"):
         trades_attack(tiny_cnn(), x, eps=EPS, step_size=ALPHA, mode="batch")
+
+
+def test_attacks_do_not_ask_for_parameter_gradients(ext):
+    """During PGD and the TRADES attack every parameter has requires_grad=False (a compiled
+    backward would otherwise compute their gradients), and each flag is restored afterwards —
+    also a parameter the caller had frozen."""
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(12, 3)
+            self.lin.bias.requires_grad_(False)            # frozen by the caller: stays so
+
+        def forward(self, x):
+            seen.append(any(p.requires_grad for p in self.parameters()))
+            return self.lin(x.flatten(1))
+
+    m = Spy()
+    x = torch.rand(4, 3, 2, 2)
+    y = torch.randint(0, 3, (4,))
+    pgd_attack(m, x, y, eps=0.1, step_size=0.03, steps=2)
+    trades_attack(m, x, eps=0.1, step_size=0.03, steps=2)
+    assert seen and not any(seen)
+    assert m.lin.weight.requires_grad and not m.lin.bias.requires_grad
