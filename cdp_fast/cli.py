@@ -692,6 +692,12 @@ def main(argv=None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"{PROG}: error: {msg}", file=sys.stderr)
         return 1
+    except OSError as e:
+        # disk full, permission denied, a vanished folder: every file is written atomically, so
+        # what was there stays consistent; say what failed in one line
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"{PROG}: error: {e.strerror or type(e).__name__}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -215,3 +215,34 @@ def test_sample_cli_checks_outputs_first(argv, needle, capsys, tmp_path, monkeyp
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
     assert not calls
+
+
+def test_disk_full_is_one_line_and_leaves_the_dir_consistent(tmp_path, monkeypatch, capsys):
+    """A write failing with ENOSPC mid-run: one line, exit 2; the manifest still lists only
+    intact shards, and the same call later resumes to the uninterrupted result."""
+    import errno
+
+    from cdp_fast import cli, stream
+
+    out = tmp_path / "o"
+    calls = {"n": 0}
+    real = stream.atomic_write_bytes
+
+    def flaky(path, data):
+        if str(path).endswith(".npz"):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(stream, "atomic_write_bytes", flaky)
+    argv = ["sample", "--model", "digits", "-n", "8", "--batch-size", "2", "--steps", "2", "--loss", "none",
+            "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err, err
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["shards"] == {} and not list(out.glob("*.npz")) and not list(out.glob(".*.tmp"))
+    monkeypatch.setattr(stream, "atomic_write_bytes", real)
+    assert cli.main(argv) == 0
+    assert len(Samples.load(out)) == 8
