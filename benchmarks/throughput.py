@@ -35,8 +35,14 @@ and is a coarse number.
 
 On CUDA it also reports model-FLOP utilisation: FLOPs of one run counted by
 ``torch.utils.flop_counter.FlopCounterMode`` (the networks' forward and backward; the
-elementwise DDIM update is not counted), divided by time and by the device's peak measured
-here with a large matmul in the run's dtype. That path has not been run on a GPU yet.
+elementwise DDIM update is not counted), divided by time and by a peak measured here with a
+large matmul: "ours" against the bf16 peak when it runs under bf16 autocast, the yardsticks
+against the true-fp32 peak. The yardsticks pin their precision: on CUDA the plain
+``diffusers`` / ``ref-*`` run with TF32 off (torch's default would let cuDNN convolutions use
+TF32), and ``diffusers-tf32`` / ``ref-*-tf32`` run the same loops with TF32 on, so both
+comparisons are printed. Goals are per device (:data:`GOALS`, :data:`MFU_GOAL`): CPU ≥ 1.3×
+both yardsticks; GPU ≥ 1.5× diffusers unguided, ≥ 3× the fp32 reference guided, ≥ 60% MFU of
+the measured bf16 peak for guided HNM. That path has not been run on a GPU yet.
 
 Writes ``benchmarks/results/throughput-<device>.json`` with machine, versions and commit.
 """
@@ -66,14 +72,26 @@ import torch  # noqa: E402
 from harness import git_commit  # noqa: E402  (provenance, shared with the other benchmarks)
 
 ALL_METHODS = ("ddim", "ddim-eager", "diffusers", "hnm", "hnm-eager", "ref-hnm", "infonce", "ref-infonce")
-# (method, yardstick, goal) rows of the ratio table
+# CUDA only: the same yardsticks with TF32 allowed (cuDNN convolutions and matmuls on tensor
+# cores), beside the true-fp32 ones; the plain names run with TF32 off on CUDA
+TF32_METHODS = ("diffusers-tf32", "ref-hnm-tf32", "ref-infonce-tf32")
+# (method, yardstick) rows of the ratio table; the goals are per device (GOALS)
 RATIOS = (
-    ("ddim", "diffusers", 1.3),
-    ("ddim-eager", "diffusers", None),
-    ("hnm", "ref-hnm", 1.3),
-    ("hnm-eager", "ref-hnm", None),
-    ("infonce", "ref-infonce", None),
+    ("ddim", "diffusers"),
+    ("ddim", "diffusers-tf32"),
+    ("ddim-eager", "diffusers"),
+    ("hnm", "ref-hnm"),
+    ("hnm", "ref-hnm-tf32"),
+    ("hnm-eager", "ref-hnm"),
+    ("infonce", "ref-infonce"),
 )
+# speed goals per device type: CPU ≥ 1.3× both yardsticks; GPU ≥ 1.5× diffusers unguided, ≥ 3×
+# the faithful eager fp32 loop guided (HNM), and ≥ 60% MFU (of the measured bf16 peak) for hnm
+GOALS = {
+    "cpu": {("ddim", "diffusers"): 1.3, ("hnm", "ref-hnm"): 1.3},
+    "cuda": {("ddim", "diffusers"): 1.5, ("hnm", "ref-hnm"): 3.0},
+}
+MFU_GOAL = {"cuda": {"hnm": 0.60}}
 
 
 # ----------------------------------------------------------------------------- memory
@@ -213,6 +231,11 @@ def make_runner(method, setup, args, device, x_T):
         return ours(None, eager=method.endswith("-eager"))
     if method in ("hnm", "hnm-eager", "infonce"):
         return ours(method.split("-")[0], eager=method.endswith("-eager"))
+    if method.endswith("-tf32"):
+        if device.type != "cuda":
+            raise ImportError("TF32 yardsticks exist on CUDA only")
+        inner = make_runner(method[:-len("-tf32")], setup, args, device, x_T)
+        return lambda: _with_tf32(True, inner)
     if method in ("ref-hnm", "ref-infonce"):
         from reference_cdp import reference_cdp
 
@@ -223,8 +246,8 @@ def make_runner(method, setup, args, device, x_T):
         ts = timesteps(1000, args.steps, "uniform")
 
         def run():
-            return reference_cdp(model, x_T, feats, alphas_cumprod=abar, timesteps=ts, loss=loss,
-                                 **setup[loss]).cpu()
+            return _with_tf32(False, lambda: reference_cdp(model, x_T, feats, alphas_cumprod=abar, timesteps=ts,
+                                                            loss=loss, **setup[loss]).cpu())
         return run
     if method == "diffusers":
         try:
@@ -236,7 +259,7 @@ def make_runner(method, setup, args, device, x_T):
                               timestep_spacing="leading")
 
         @torch.no_grad()
-        def run():
+        def loop():
             sched.set_timesteps(args.steps)
             x = x_T.clone()
             for t in sched.timesteps:
@@ -244,8 +267,20 @@ def make_runner(method, setup, args, device, x_T):
                 eps = getattr(out, "sample", out)
                 x = sched.step(eps, t, x, eta=0.0).prev_sample
             return x.cpu()
-        return run
+        return lambda: _with_tf32(False, loop)
     raise ValueError(f"unknown method {method!r}")
+
+
+def _with_tf32(allowed: bool, fn):
+    """Run ``fn`` with cuDNN / matmul TF32 set to ``allowed`` (restored after): the yardsticks
+    pin their precision (torch's default lets cuDNN convolutions run in TF32, so an "fp32"
+    eager loop is not fp32 on a GPU unless told). No effect on a CPU."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        return fn()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def sync(device):
@@ -298,6 +333,15 @@ def paired_speedup(results, m, ref):
     """Median over rounds of t_ref / t_m (same round), and the range over rounds."""
     per_round = [tr / tm for tm, tr in zip(results[m]["times_s"], results[ref]["times_s"])]
     return statistics.median(per_round), min(per_round), max(per_round)
+
+
+def _mfu_peak(method, args) -> str:
+    """The peak an MFU is divided by: "ours" (not -eager) in bf16 when it runs under bf16
+    autocast, the TF32 yardsticks against TF32, everything else against true fp32."""
+    if method.endswith("-tf32"):
+        return "tf32"
+    ours = method in ("ddim", "hnm", "infonce")
+    return "bf16" if ours and args.dtype == torch.bfloat16 else "fp32"
 
 
 def measured_peak_flops(device, dtype=torch.float32):
@@ -359,7 +403,8 @@ def parse_args(argv=None, prog=None):
     ap.add_argument("--repeats", type=int, default=7,
                     help="interleaved timing rounds (each times every method once; medians are reported)")
     ap.add_argument("--methods", default=",".join(ALL_METHODS),
-                    help=f"comma-separated subset of {','.join(ALL_METHODS)}")
+                    help=f"comma-separated subset of {','.join(ALL_METHODS + TF32_METHODS)} (the -tf32 "
+                         "yardsticks: CUDA only; the plain ones run with TF32 off there)")
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     ap.add_argument("--compile", choices=("auto", "true", "false"), default="true",
                     help="compile= passed to cdp_fast.sample for the non-'-eager' methods")
@@ -373,9 +418,9 @@ def parse_args(argv=None, prog=None):
     args = ap.parse_args(argv)
     args.compile = {"auto": "auto", "true": True, "false": False}[args.compile]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ALL_METHODS]
+    bad = [m for m in methods if m not in ALL_METHODS + TF32_METHODS]
     if bad:
-        ap.error(f"--methods: unknown {bad}; choose from {ALL_METHODS}")
+        ap.error(f"--methods: unknown {bad}; choose from {ALL_METHODS + TF32_METHODS}")
     args.methods = methods
     if args.batch is None:
         args.batch = 128 if args.config == "digits" else 512
@@ -411,11 +456,16 @@ def main(argv=None, prog=None):
     print(f"  timing {args.repeats} interleaved rounds ...", flush=True)
     timed_rounds(runners, results, args, device)
 
-    peak = None
+    peaks = {}
     if device.type == "cuda" and args.flops and any("flops" in r for r in results.values()):
-        peak = measured_peak_flops(device)
+        # MFU denominators measured here: "ours" against the peak of the dtype it runs in, the
+        # yardsticks against true fp32 (their TF32 twins against TF32)
+        peaks = {"fp32": _with_tf32(False, lambda: measured_peak_flops(device)),
+                 "tf32": _with_tf32(True, lambda: measured_peak_flops(device)),
+                 "bf16": measured_peak_flops(device, torch.bfloat16)}
+    peak = peaks.get("bf16")
     # correctness: compare each method's x0 with its yardstick's (same x_T)
-    for m, ref, _ in RATIOS:
+    for m, ref in RATIOS:
         if m in results and ref in results:
             results[m]["max_abs_diff_vs_" + ref] = float((results[m]["x0"] - results[ref]["x0"]).abs().max())
 
@@ -427,12 +477,19 @@ def main(argv=None, prog=None):
         line = (f"{m:<12} {r['images_per_s']:>10.1f} {r['median_s']:>10.3f} {r['warmup_s']:>10.2f} "
                 f"{r['peak_mem_mib']:>10.1f}")
         if peak and "flops" in r:
-            r["mfu"] = r["flops"] / r["median_s"] / peak
-            line += f" {100 * r['mfu']:>6.2f}%"
+            r["mfu_peak"] = _mfu_peak(m, args)
+            r["mfu"] = r["flops"] / r["median_s"] / peaks[r["mfu_peak"]]
+            line += f" {100 * r['mfu']:>6.2f}% of {r['mfu_peak']}"
+            mg = MFU_GOAL.get(device.type, {}).get(m)
+            if mg is not None:
+                line += f" (goal {100 * mg:.0f}%: {'met' if r['mfu'] >= mg else 'MISSED'})"
         print(line)
     ratios = []
-    print(f"\n{'ratio (median of rounds)':<26} {'speed-up':>9} {'range':>13} {'goal':>6} {'max|Δx0|':>10}")
-    for m, ref, goal in RATIOS:
+    goals = GOALS.get(device.type, {})
+    print(f"\n{'ratio (median of rounds)':<26} {'speed-up':>9} {'range':>13} {'goal':>6} {'max|Δx0|':>10}"
+          f"   (goals for {device.type})")
+    for m, ref in RATIOS:
+        goal = goals.get((m, ref))
         if m in results and ref in results:
             sp, lo, hi = paired_speedup(results, m, ref)
             diff = results[m]["max_abs_diff_vs_" + ref]
@@ -456,7 +513,13 @@ def main(argv=None, prog=None):
                    "steps": args.steps, "skip": "uniform", "repeats": args.repeats, "compile": args.compile,
                    "dtype": str(args.dtype or torch.float32),
                    "image_shape": list(setup["image_shape"]), "hnm": setup["hnm"], "infonce": setup["infonce"]},
-        "peak_flops_measured": peak,
+        "peak_flops_measured": peaks or None,
+        "goals": {f"{m}/{r}": g for (m, r), g in GOALS.get(device.type, {}).items()},
+        "mfu_goals": MFU_GOAL.get(device.type, {}),
+        "yardstick_precision": ("fp32 (TF32 off); the *-tf32 rows with TF32 on" if device.type == "cuda"
+                                else "fp32"),
+        "tf32_defaults": {"cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+                          "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32},
         "results": {m: {k: v for k, v in r.items() if k != "x0"} for m, r in results.items()},
         "ratios": ratios,
         "skipped": skipped,
