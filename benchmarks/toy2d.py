@@ -30,76 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cdp_fast  # noqa: E402
 from harness import git_commit  # noqa: E402  (provenance, shared with the other benchmarks)
-from cdp_fast.schedule import make_alphas_cumprod, timesteps as make_timesteps  # noqa: E402
+from cdp_fast.schedule import timesteps as make_timesteps  # noqa: E402
 
-MU = (1.0, 1.0)
-
-
-class MixtureEps(torch.nn.Module):
-    """Exact ε-predictor of ½ N(μ, s₀²I) + ½ N(−μ, s₀²I) under the DDPM forward process.
-
-    forward(x (B, D) float, t (B,) long) -> ε (B, D). ``alphas_cumprod`` (T,) is a registered
-    buffer (float64; outputs are cast to x's dtype). See the module docstring for the formula.
-    """
-
-    def __init__(self, mu=MU, s0=1.0, alphas_cumprod=None):
-        super().__init__()
-        mu = torch.as_tensor(mu, dtype=torch.float64).flatten()
-        if mu.numel() < 1 or not torch.isfinite(mu).all() or not (mu != 0).any():
-            raise ValueError(f"mu must be a finite non-zero vector, got {mu.tolist()}")
-        if not (isinstance(s0, (int, float)) and math.isfinite(s0) and s0 > 0):
-            raise ValueError(f"s0 must be > 0, got {s0!r}")
-        abar = make_alphas_cumprod("linear", 1000) if alphas_cumprod is None else \
-            cdp_fast.schedule.as_alphas_cumprod(alphas_cumprod)
-        self.s0 = float(s0)
-        self.register_buffer("mu", mu)
-        self.register_buffer("alphas_cumprod", abar.to(torch.float64))
-
-    def _check(self, x, t):
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.mu.numel():
-            raise ValueError(f"x must be (B, {self.mu.numel()}), got {tuple(getattr(x, 'shape', ()))}")
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.long or t.shape != (x.shape[0],):
-            raise ValueError(f"t must be a LongTensor of shape ({x.shape[0]},), got "
-                             f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
-        if (t < 0).any() or (t >= self.alphas_cumprod.numel()).any():
-            raise ValueError(f"t must lie in [0, {self.alphas_cumprod.numel() - 1}]")
-
-    def _stats(self, t):
-        a = self.alphas_cumprod[t][:, None]                   # (B, 1)
-        m = a.sqrt() * self.mu                                # (B, D) m_t
-        v = a * self.s0 ** 2 + 1 - a                          # (B, 1) v_t
-        return a, m, v
-
-    def score(self, x, t):
-        """∇_x log p_t(x), (B, D) float64."""
-        self._check(x, t)
-        _, m, v = self._stats(t)
-        x = x.to(torch.float64)
-        return (m * torch.tanh((m * x).sum(1, keepdim=True) / v) - x) / v
-
-    def log_prob(self, x, t):
-        """log p_t(x), (B,) float64 (for the finite-difference test of :meth:`score`)."""
-        self._check(x, t)
-        _, m, v = self._stats(t)
-        x = x.to(torch.float64)
-        D = x.shape[1]
-        lp = lambda c: -((x - c) ** 2).sum(1) / (2 * v[:, 0]) - 0.5 * D * torch.log(2 * math.pi * v[:, 0])  # noqa: E731
-        return torch.logaddexp(lp(m), lp(-m)) - math.log(2.0)
-
-    def forward(self, x, t):
-        self._check(x, t)
-        a = self.alphas_cumprod[t][:, None]
-        return (-(1 - a).sqrt() * self.score(x, t)).to(x.dtype)
-
-
-def sign_labeler(mu=MU):
-    """labeler(x (B, D)) -> logits (B, 2): class 1 iff xᵀμ > 0 (the Bayes boundary)."""
-    mu_t = torch.as_tensor(mu, dtype=torch.float32)
-
-    def labeler(x):
-        s = x.float() @ mu_t.to(x.device)
-        return torch.stack([-s, s], 1)
-    return labeler
+# the mixture, its exact ε-model and the measured guidance settings live in the package (the
+# demo's Gaussian part imports them); re-exported here under their old names
+from cdp_fast.toy import LAM_CLASS, LAM_UNCOND, MU, VARIANTS, MixtureEps, sign_labeler  # noqa: E402,F401
 
 
 def oracle_samples(n, *, mu=MU, s0=1.0, seed=0):
@@ -109,22 +44,6 @@ def oracle_samples(n, *, mu=MU, s0=1.0, seed=0):
     y = torch.where(torch.arange(n) < (n + 1) // 2, 1.0, -1.0)
     x = y[:, None] * mu_t + s0 * torch.randn(n, mu_t.numel(), generator=g)
     return x, (y > 0).long()
-
-
-# name -> options (cdp_fast.sample / ContrastiveGuidance keywords). λ: ℓ is the MEAN over the
-# m = n anchors, so the per-sample pull is λ/m; class-conditional HNM separates at λ = 3 already
-# (Fisher ratio ×2.3), while the unconditional repulsion (negatives all around each anchor)
-# only shows up around λ = 300 (within-class spread ⟂ μ +40%; λ = 3 leaves it within noise).
-LAM_CLASS, LAM_UNCOND = 3.0, 300.0
-_HNM = dict(loss="hnm", tau=0.5, tau_plus=0.0, beta=1.0)
-VARIANTS = {
-    "no guidance": dict(loss=None),
-    "InfoNCE": dict(loss="infonce", tau=0.5, lam=LAM_UNCOND),
-    "HNM": dict(_HNM, lam=LAM_UNCOND),
-    "class-conditional HNM": dict(_HNM, lam=LAM_CLASS, negatives="class"),
-    "HNM, real data as positives": dict(_HNM, lam=LAM_UNCOND, positive="real"),
-    "HNM, real data as negatives": dict(_HNM, lam=LAM_UNCOND, negatives="real"),
-}
 
 
 def generate(variant, *, n=200, steps=50, init_std=1.0, seed=0, real=None, model=None, via="auto"):

@@ -1,38 +1,30 @@
-"""`cdp-fast demo`: the paper's real-vs-synthetic experiment in miniature, on a laptop CPU.
+"""`cdp-fast demo`: the paper's scarce-real-data claim (revised paper, MNIST Figure 3) tested in
+miniature on scikit-learn's 8×8 digits, plus the §3 Gaussian mechanism end to end.
 
-The revised paper's Figure 3 (MNIST) and Table 2 (CIFAR-10) compare adversarial training on
-real data only, on real + vanilla DDIM samples and on real + Contrastive-DP samples, at a
-fixed training budget. Here, on scikit-learn's bundled 8×8 digits with the models shipped in
-``cdp_fast/assets`` (:mod:`cdp_fast.models.digits`):
+Digits (:func:`run_demo`; the pieces are in :mod:`cdp_fast.demo_data`):
 
-1. generate ``n_synthetic`` samples with the bundled ε-model twice from the *same* starting
-   noise (same seed ⇒ same x_T for sample i): plain DDIM (λ = 0) and Contrastive-DP with the
-   HNM loss on the bundled classifier's features
-   (:data:`cdp_fast.models.digits.DIGITS_GUIDANCE`); pseudo-label both with the bundled
-   classifier (``cdp_fast.sample(labeler=...)``);
-2. for each condition — ``real`` (the 1347 real training digits only), ``real+ddim``,
-   ``real+cdp`` — and each seed, TRADES-train a fresh small CNN
-   (:func:`cdp_fast.models.small_cnn`; SGD lr 0.05 after a 1-epoch linear warm-up, shared by
-   all conditions; without the warm-up, lr 0.1 diverged for training seed 1 in every
-   condition — 60% / 13% / 33% clean accuracy — so the recipe was fixed on the real-only
-   condition, seeds 0 and 1: 96.7% / 95.3% clean, 71.1% / 69.3% PGD-20)
-   for the same number of updates with the same batch size (the fixed budget: in the synthetic conditions a fraction ``real_fraction`` of every
-   batch is real, the rest synthetic, as in Gowal et al. 2021 / DM-Improves-AT);
-3. evaluate the EMA model on the 450 held-out test digits: clean, PGD-20 and AutoAttack
-   (quick run: APGD-CE + APGD-T; ``full``: standard AutoAttack) accuracy at L∞ ε (default 0.1 on [0, 1] pixels: the digits have 17 grey levels, so
-   ε = 0.1 is 1.6 levels; MNIST's customary 0.3 would erase 8×8 strokes);
-4. report mean ± sample standard deviation (ddof = 1) over the seeds as a table, a JSON file,
-   a bar plot (matplotlib, if installed) and the two sample grids as PNG.
+1. k real digits per class (default 10: 100 images) chosen once by a fixed seed from the
+   training split; the rest of the split is unused by every arm. The ε-model is the bundled one
+   (:func:`cdp_fast.models.digits.load_digits_eps_model`), trained on the *whole* training
+   split: the synthetic sets carry information from all 1347 training digits (:data:`LEAKAGE`),
+   equally for every synthetic arm;
+2. on the k images only: a labeller (cross-entropy) and a TRADES-trained small CNN as the
+   guidance features (robust, as the paper's WRN); the §1 metrics use neither (PCA of the k
+   images, a pixel logistic regression);
+3. λ is chosen once, before any training, on a sweep seed no arm uses, by
+   :func:`cdp_fast.demo_data.select_lambda` (largest independent Fisher ratio whose precision
+   against the k images stays within 0.05 of DDIM's); the class-conditional arm gets its own λ
+   by the same rule;
+4. per seed s: DDIM, CDP (unconditional HNM, the library's = the authors' defaults) and
+   CDP-class (negatives="class") sets from the same x_T (seed s), 50 uniform DDIM steps,
+   batch 128; then :data:`ARMS` each TRADES-trained with seed s for the same number of updates
+   (recipe "gowal"), evaluated on the test split (clean, PGD-20, optionally APGD-CE + APGD-T);
+5. mean ± std per arm and the paired difference of every arm to ``real+ddim`` with a 95%
+   Student-t interval (:mod:`cdp_fast.demo_stats`); the test curve of every run; the §1
+   metrics of every set.
 
-The numbers are whatever this run measures. Nothing is tuned per condition: the training
-hyper-parameters are shared by the three conditions, and λ, τ were chosen once from
-sample statistics (see :data:`cdp_fast.models.digits.DIGITS_GUIDANCE`), never from
-adversarial accuracy.
-
-Defaults (``full=False``) fit a 2-core CPU in minutes: one synthetic set per method (seed 0)
-shared by all training seeds, 10 epochs, 5-step PGD inside TRADES, AutoAttack as APGD-CE +
-APGD-T. ``full=True`` regenerates the synthetic sets per seed and uses more synthetic samples,
-30 epochs, 10-step PGD, standard AutoAttack and 5 seeds.
+The Gaussian part is :func:`cdp_fast.demo_gaussian.gaussian_chain`. Every number is what the
+run measures; nothing is tuned on robust accuracy.
 """
 from __future__ import annotations
 
@@ -40,27 +32,39 @@ import io
 import json
 import math
 import os
-import time
+import platform
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cdp_fast.data import atomic_write_bytes
-# the presets live with the models they were tuned for; re-exported here for callers of
-# cdp_fast.demo.DIGITS_GUIDANCE / DIGITS_SAMPLING
+from cdp_fast.demo_preset import generate, guidance_sweep, synthetic_stats  # noqa: F401  (the previous demo's)
+from cdp_fast.demo_stats import paired_ci, summarise
+# the presets live with the models they were tuned for; re-exported for cdp_fast.demo.DIGITS_*
 from cdp_fast.models.digits import DIGITS_GUIDANCE, DIGITS_SAMPLING
 
-__all__ = ["run_demo", "format_table", "DIGITS_GUIDANCE", "DIGITS_SAMPLING", "write_png", "image_grid",
-           "save_grid_png", "CONDITIONS"]
+__all__ = ["run_demo", "format_table", "format_metrics_table", "DIGITS_GUIDANCE", "DIGITS_SAMPLING",
+           "format_sweep_table", "write_png", "image_grid", "save_grid_png", "ARMS", "ATTACKS", "LAMS", "LEAKAGE", "DEFAULTS"]
 
-CONDITIONS = ("real", "real+ddim", "real+cdp")
+ARMS = ("real", "real+ddim", "real+cdp", "real+cdp-class", "syn-only")
 ATTACKS = ("clean", "pgd", "autoattack")
-#: AutoAttack components of the default (quick) run: APGD-CE + APGD-T, the two attacks of
-#: standard AutoAttack that make nearly all of its reductions (Croce & Hein 2020, Table 2: FAB-T
-#: and Square rarely change the result). Square's 5000 queries alone took ~6 min on the 450
-#: test digits on the 2-core dev CPU. ``full=True`` runs standard AutoAttack (all four).
+LAMS = (5e3, 1e4, 2e4, 4e4)
+#: AutoAttack of the demo: APGD-CE + APGD-T, the two attacks of standard AutoAttack that make
+#: nearly all of its reductions (Croce & Hein 2020); ``full`` runs the standard four.
 QUICK_AA = ("apgd-ce", "apgd-t")
+LEAKAGE = ("The epsilon-model is the bundled one (cdp_fast.models.digits.load_digits_eps_model), trained on the "
+           "WHOLE digits training split (1347 images), not on the k real images: every synthetic set carries "
+           "information from training digits the real arms never see. The leakage is the same for every "
+           "synthetic arm (ddim, cdp, cdp-class, syn-only), so their differences are fair; their differences to "
+           "'real' are not a scarce-data result.")
+#: the default run (``full=False``) and what ``full=True`` changes
+DEFAULTS = {"k_per_class": 10, "seeds": 5, "n_synthetic": 512, "epochs": 8, "updates_per_epoch": 50,
+            "batch_size": 64, "width": 16, "real_fraction": 0.3, "lr": 0.05, "pgd_steps": 5, "eps": 0.1,
+            "attacks": ("clean", "pgd"), "sweep_n": 256, "sweep_seed": 1000, "tau": 10.0, "sampling_steps": 50,
+            "labeler_steps": 300, "guide_updates": 150, "curve_n": 200, "gaussian_seeds": 20}
+FULL = {"seeds": 10, "n_synthetic": 2048, "epochs": 16, "pgd_steps": 10, "attacks": ATTACKS,
+        "gaussian_seeds": 50}
 
 
 # ----------------------------------------------------------------------------- PNG
@@ -76,14 +80,13 @@ def write_png(path, img: np.ndarray) -> None:
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
     buf = io.BytesIO()
-    # uint8 (H, W) -> mode "L", (H, W, 3) -> "RGB"; Pillow infers it (its mode= is deprecated)
-    Image.fromarray(img).save(buf, format="PNG")
+    Image.fromarray(img).save(buf, format="PNG")   # uint8 (H, W) -> "L", (H, W, 3) -> "RGB"
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def image_grid(images: np.ndarray, nrow: int = 8, scale: int = 4, pad: int = 1) -> np.ndarray:
     """Tile uint8 NHWC images (N, H, W, C) into one uint8 image, each upscaled ``scale``×
-    (nearest neighbour) with a ``pad``-pixel border of value 255 ... returned (H', W') for C=1."""
+    (nearest neighbour) with a ``pad``-pixel border of value 128; (H', W') for C = 1."""
     images = np.asarray(images)
     if images.ndim != 4 or images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
@@ -104,102 +107,240 @@ def save_grid_png(path, images, nrow: int = 8, scale: int = 4) -> None:
     write_png(path, image_grid(np.asarray(images), nrow=nrow, scale=scale))
 
 
-# ----------------------------------------------------------------------------- pieces
-def generate(method: str, n: int, *, seed: int = 0, progress: bool = False, device=None,
-             compile=False, guidance=None, steps: int | None = None):
-    """Synthetic digits from the bundled ε-model: ``method`` "ddim" (λ = 0) or "cdp" (HNM
-    guidance on the bundled features), pseudo-labelled by the bundled classifier. Returns a
-    :class:`cdp_fast.Samples` (uint8 NHWC (n, 8, 8, 1), labels, confidence)."""
-    import cdp_fast
-    from cdp_fast.models import digits
-
-    if method not in ("ddim", "cdp"):
-        raise ValueError(f"method must be 'ddim' or 'cdp', got {method!r}")
-    model = digits.load_digits_eps_model(device)
-    labeler = digits.digits_labeler(device)
-    kw = {}
-    if method == "cdp":
-        g = dict(DIGITS_GUIDANCE["hnm"], **(guidance or {}))
-        kw = dict(loss="hnm", features=digits.digits_features(device), **g)
-    else:
-        kw = dict(loss=None)
-    samp = dict(DIGITS_SAMPLING)
-    # the contrastive batch m is min(128, n): guided batches are always computed full
-    samp["batch_size"] = min(samp["batch_size"], n)
-    if steps is not None:
-        samp["steps"] = steps
-    return cdp_fast.sample(model, n, labeler=labeler, image_shape=digits.IMAGE_SHAPE, seed=seed,
-                           device=device, compile=compile, progress=progress, **samp, **kw)
+# ----------------------------------------------------------------------------- tables
+def _pct(cell, key="mean"):
+    v = cell.get(key) if isinstance(cell, dict) else cell
+    return None if v is None else 100.0 * v
 
 
-def synthetic_stats(samples, features=None) -> dict:
-    """Class histogram, mean pseudo-label confidence and feature spread of a sample set."""
-    labels = np.asarray(samples.labels)
-    conf = np.asarray(samples.confidence, dtype=np.float64)
-    hist = np.bincount(labels, minlength=10)
-    p = hist / max(1, hist.sum())
-    ent = float(-(p[p > 0] * np.log(p[p > 0])).sum())
-    out = {"n": int(len(labels)), "class_histogram": hist.tolist(), "label_entropy_nats": ent,
-           "mean_confidence": float(conf.mean()), "frac_confidence_gt_0.8": float((conf > 0.8).mean())}
-    if features is not None:
-        x = samples.to_tensor() * 2 - 1
-        with torch.no_grad():
-            z = torch.nn.functional.normalize(features(x).float(), dim=1)
-        sim = z @ z.T
-        n = sim.shape[0]
-        same = torch.as_tensor(labels)[:, None] == torch.as_tensor(labels)[None, :]
-        off = ~torch.eye(n, dtype=torch.bool)
-        out["mean_cosine_same_class"] = float(sim[same & off].mean())
-        out["mean_cosine_other_class"] = float(sim[~same].mean())
-    return out
-
-
-def guidance_sweep(taus=(0.1, 1.0, 10.0), lams=(10.0, 100.0, 1000.0, 10000.0), *, loss="hnm", n=256,
-                   seed=1000, steps=None, progress=False) -> list:
-    """Sample statistics of guided digits for a grid of (τ, λ), plus the unguided baseline
-    (λ = 0), each on ``n`` samples from the same starting noise (seed ``seed``, disjoint from
-    the demo's seeds). Used once to choose :data:`cdp_fast.models.digits.DIGITS_GUIDANCE`; the
-    criterion is in its comment. Returns a list of dicts (tau, lam, and :func:`synthetic_stats`)."""
-    from cdp_fast.models import digits
-
-    feats = digits.digits_features()
-    rows = [dict(tau=None, lam=0.0, **synthetic_stats(generate("ddim", n, seed=seed, steps=steps), feats))]
-    for tau in taus:
-        for lam in lams:
-            g = {"tau": tau, "lam": lam}
-            if loss != "hnm":
-                raise ValueError("guidance_sweep: only loss='hnm' is swept")
-            s = generate("cdp", n, seed=seed, steps=steps, guidance=g, progress=progress)
-            rows.append(dict(tau=tau, lam=lam, **synthetic_stats(s, feats)))
-    return rows
-
-
-def _summ(values):
-    v = np.asarray(values, dtype=np.float64)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
-            "values": [float(a) for a in v]}
+def _ci_text(p, scale=100.0, digits=2):
+    if p["lo"] is None:
+        return f"{scale * p['mean']:+.{digits}f}"
+    return f"{scale * p['mean']:+.{digits}f} [{scale * p['lo']:+.{digits}f}, {scale * p['hi']:+.{digits}f}]"
 
 
 def format_table(results: dict) -> str:
-    """The demo's table: rows = conditions, columns = attacks, cells = mean ± std (%)."""
-    attacks = results["config"]["attacks"]
-    nseeds = len(results["config"]["seeds"])
-    head = f"{'condition':<12}" + "".join(f"{a + ' acc (%)':>20}" for a in attacks)
-    aa = results["config"].get("autoattack", "standard")
-    lines = [f"TRADES small CNN on 8x8 digits, L-inf eps={results['config']['eps']:g}, "
-             f"mean ± std over {nseeds} seeds, {results['config']['test_n']} test images, "
-             f"PGD-{results['config'].get('eval_pgd_steps', 20)}, AutoAttack: {aa}", head,
-             "-" * len(head)]
-    for c, row in results["conditions"].items():
+    """Rows = arms (mean ± std, %), then each arm's paired Δ vs real+ddim with its 95% CI
+    (percentage points)."""
+    cfg = results["config"]
+    attacks = cfg["attacks"]
+    names = {"clean": "clean acc (%)", "pgd": "PGD-20 acc (%)", "autoattack": "AA acc (%)"}
+    n = len(cfg["seeds"])
+    lines = [f"k = {cfg['k_per_class']}/class ({cfg['real_n']} real digits), {cfg['n_synthetic']} synthetic per set, "
+             f"TRADES small CNN, eps = {cfg['eps']:g}, {cfg['updates']} updates, {n} paired seeds, "
+             f"{cfg['test_n']} test digits; AutoAttack = {cfg['autoattack']}",
+             f"{'arm':<16}" + "".join(f"{names[a]:>18}" for a in attacks)]
+    lines.append("-" * len(lines[-1]))
+    for arm, row in results["arms"].items():
         cells = []
         for a in attacks:
-            m, s = 100 * row[a]["mean"], 100 * row[a]["std"]
-            cells.append(f"{m:6.2f} ± {s:5.2f}" if not math.isnan(s) else f"{m:6.2f}")
-        lines.append(f"{c:<12}" + "".join(f"{x:>20}" for x in cells))
+            m, s = _pct(row[a]), _pct(row[a], "std")
+            cells.append(f"{m:6.2f} ± {s:4.2f}" if s is not None else f"{m:6.2f}")
+        lines.append(f"{arm:<16}" + "".join(f"{c:>18}" for c in cells))
+    lines.append(f"paired difference to real+ddim, points, mean [95% CI, Student t, df = {n - 1}]")
+    for arm, row in results["paired_vs_ddim"].items():
+        lines.append(f"{arm:<16}" + "".join(f"{_ci_text(row[a]):>24}" for a in attacks))
     return "\n".join(lines)
 
 
-def _plot(results: dict, path: Path) -> bool:
+def format_sweep_table(sweep: dict) -> str:
+    """The λ sweep (sweep seed, PCA of the k real digits, pseudo-labels) and the choice per kind."""
+    lines = [f"lambda sweep (seed {sweep['seed']}, {sweep['n']} samples per set, tau {sweep['tau']:g}); rule: largest "
+             "Fisher ratio with precision >= DDIM's - 0.05",
+             f"{'set':<10}{'lambda':>9}{'Fisher':>9}{'eff. c':>9}{'precision':>11}{'recall':>9}{'flips':>8}"]
+    for r in sweep["rows"]:
+        mark = "  <- chosen" if r["kind"] in sweep["choice"] and sweep["choice"][r["kind"]]["lam"] == r["lam"] else ""
+
+        def f(key, w, d=3):
+            v = r.get(key)
+            return f"{'-':>{w}}" if v is None else f"{v:>{w}.{d}f}"
+        lines.append(f"{r['kind']:<10}{r['lam']:>9g}" + f("fisher_ratio", 9) + f("effective_c", 9) + f("precision", 11)
+                     + f("recall", 9) + f("label_flip_rate", 8) + mark)
+    return "\n".join(lines)
+
+
+#: (label, path into a metrics.report per-set dict ("samples"))
+METRIC_ROWS = [("Fisher ratio (PCA of the k real)", ("separation", "fisher_ratio")),
+               ("effective c (mean over pairs)", ("separation", "effective_c")),
+               ("precision vs the k real", ("fidelity", "precision")),
+               ("recall vs the k real", ("fidelity", "recall")),
+               ("density", ("fidelity", "density")),
+               ("coverage", ("fidelity", "coverage")),
+               ("label agreement with the judge", ("agreement", "agreement")),
+               ("labeler confidence, mean", ("confidence", "mean")),
+               ("classes: entropy / log K", ("class_balance", "entropy_normalised")),
+               ("probe: clean acc. on test", ("probe", "clean_accuracy")),
+               ("probe: PGD acc. on test", ("probe", "robust_accuracy")),
+               ("NN dist. to the k real, px, median", ("memorisation", "pixel", "q50")),
+               ("label flips vs DDIM (same x_T)", ("paired", "label_flip_rate"))]
+
+
+def _get(d, path):
+    for p in path:
+        if not isinstance(d, dict) or d.get(p) is None:
+            return None
+        d = d[p]
+    return d
+
+
+def metrics_summary(per_seed: dict) -> dict:
+    """per_seed: kind -> [:func:`cdp_fast.demo_data.set_report` per seed] -> {"rows": {label: {kind:
+    summary over seeds}}, "paired_vs_ddim": {kind: {label: paired CI vs the DDIM set}}}."""
+    out = {"rows": {}, "paired_vs_ddim": {}}
+    for label, path in METRIC_ROWS:
+        row = {}
+        for kind, reps in per_seed.items():
+            vals = [_get(r.get("samples"), path) for r in reps]
+            if vals and all(v is not None for v in vals):
+                row[kind] = summarise(vals)
+        out["rows"][label] = row
+        for kind in per_seed:
+            if kind != "ddim" and kind in row and "ddim" in row:
+                out["paired_vs_ddim"].setdefault(kind, {})[label] = paired_ci(row[kind]["values"],
+                                                                              row["ddim"]["values"])
+    return out
+
+
+def format_metrics_table(msum: dict) -> str:
+    """The §1 metrics of each synthetic kind (mean ± std over seeds) and Δ vs DDIM [95% CI]."""
+    kinds = [k for k in ("ddim", "cdp", "cdp-class") if any(k in r for r in msum["rows"].values())]
+    lines = [f"{'metric (mean ± std over seeds)':<36}" + "".join(f"{k:>16}" for k in kinds)
+             + "".join(f"{'Δ ' + k + ' vs ddim [95% CI]':>32}" for k in kinds if k != "ddim")]
+    lines.append("-" * len(lines[0]))
+    for label, row in msum["rows"].items():
+        cells = []
+        for k in kinds:
+            c = row.get(k)
+            cells.append("-" if c is None else (f"{c['mean']:.3f} ± {c['std']:.3f}" if c["std"] is not None
+                                                 else f"{c['mean']:.3f}"))
+        for k in kinds:
+            if k != "ddim":
+                p = msum["paired_vs_ddim"].get(k, {}).get(label)
+                cells.append("-" if p is None else _ci_text(p, scale=1.0, digits=3))
+        widths = [16] * len(kinds) + [32] * (len(kinds) - 1)
+        lines.append(f"{label:<36}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+    return "\n".join(lines)
+
+
+def format_gaussian_table(g: dict) -> str:
+    cfg = g["config"]
+    lines = [f"Gaussian chain: d = {len(cfg['mu'])}, |mu|^2 = {sum(v * v for v in cfg['mu']):g}, eps = {cfg['eps']:g}, "
+             f"n = {cfg['n_real_per_class']}/class, {cfg['n_syn']} synthetic, {len(cfg['seeds'])} paired seeds; "
+             "accuracies exact (1 - eq. 6 / 1 - eq. 7), %",
+             f"{'arm':<16}{'standard':>22}{'robust':>22}{'Δ standard vs ddim':>30}{'Δ robust vs ddim':>30}"]
+    for arm, row in g["arms"].items():
+        cells = [f"{100 * row[m]['mean']:.3f}" + ("" if row[m]["std"] is None else f" ± {100 * row[m]['std']:.3f}")
+                 for m in ("standard", "robust")]
+        p = g["paired_vs_ddim"].get(arm)
+        cells += ["" if p is None else _ci_text(p[m], digits=3) for m in ("standard", "robust")]
+        lines.append(f"{arm:<16}{cells[0]:>22}{cells[1]:>22}{cells[2]:>30}{cells[3]:>30}")
+    fm = g.get("fisher_along_mu", {})
+    if fm:
+        lines.append("Fisher ratio along mu of the pseudo-labelled synthetic set (mean over seeds): "
+                     + ", ".join(f"{k} {v['mean']:.2f}" for k, v in fm.items()))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- driver
+def run_demo(*, out="cdp_demo", full: bool = False, seeds=None, k_per_class: int | None = None,
+             n_synthetic: int | None = None, epochs: int | None = None, updates_per_epoch: int | None = None,
+             eps: float | None = None, real_fraction: float | None = None, batch_size: int | None = None,
+             width: int | None = None, pgd_steps: int | None = None, attacks=None, test_n: int | None = None,
+             sampling_steps: int | None = None, arms=ARMS, lams=LAMS, sweep_n: int | None = None,
+             metrics: bool = True, digits: bool = True, gaussian: bool = True, gaussian_seeds: int | None = None,
+             labeler_steps: int | None = None, guide_updates: int | None = None, device=None,
+             progress: bool = True, callback=None) -> dict:
+    """Run the scarce-data comparison (module docstring) and, with ``gaussian``, the Gaussian chain.
+
+    Args (None = :data:`DEFAULTS`, or :data:`FULL` with ``full=True``):
+        out: output folder (results.json, results.png, grid_*.png, synthetic_*.npz); None: nothing.
+        seeds: list of paired seeds (default 0..4; ``full`` 0..9); seed s generates the synthetic
+            sets and trains every arm. k_per_class: real digits per class.
+        n_synthetic: images per synthetic set (a multiple of 128 keeps every contrastive batch full).
+        epochs, updates_per_epoch: the fixed budget = epochs × updates_per_epoch updates for every
+            arm; the test curve is measured at every epoch end.
+        eps: L∞ radius on [0, 1] pixels. real_fraction: real share of a mixed batch.
+        batch_size: TRADES batch. width: the arms' small CNN width. pgd_steps: TRADES inner
+            steps (step 2.5·eps/steps).
+        attacks: subset of :data:`ATTACKS`. test_n: first N test digits (default all 450).
+        sampling_steps: DDIM steps. arms: subset of :data:`ARMS` (real+ddim is always trained).
+        lams: the λ grid of the rule. sweep_n: sweep samples per λ (at most ``n_synthetic``).
+        metrics: the §1 report of every set. digits: run the digits experiment; gaussian: run the
+            Gaussian chain (:func:`cdp_fast.demo_gaussian.gaussian_settings`, ``gaussian_seeds``).
+        labeler_steps, guide_updates: budgets of the labeller and of the guidance network.
+        device: torch device (default CPU). progress: sampler bars. callback: called with
+            {"stage", ...} dicts as stages finish.
+    Returns:
+        the JSON-ready dict written to results.json ("table", "metrics_table", "gaussian_table"
+        are the printed text).
+    """
+    from cdp_fast.demo_runner import Run
+
+    if not digits and not gaussian:
+        raise ValueError("nothing to run: digits and gaussian are both off")
+    opts = dict(out=out, full=full, seeds=seeds, k_per_class=k_per_class, n_synthetic=n_synthetic, epochs=epochs,
+                updates_per_epoch=updates_per_epoch, eps=eps, real_fraction=real_fraction, batch_size=batch_size,
+                width=width, pgd_steps=pgd_steps, attacks=attacks, test_n=test_n, sampling_steps=sampling_steps,
+                arms=arms, lams=lams, sweep_n=sweep_n, metrics=metrics, gaussian=gaussian,
+                gaussian_seeds=gaussian_seeds, labeler_steps=labeler_steps, guide_updates=guide_updates,
+                device=device, progress=progress, callback=callback)
+    run = Run(opts)
+    return run.execute() if digits else run.execute_gaussian_only()
+
+
+def machine_info() -> dict:
+    """Where the numbers were measured: platform, CPU, threads, versions, load, git commit."""
+    import subprocess
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    try:
+        info["load_average"] = list(os.getloadavg())
+    except OSError:
+        pass
+    try:
+        root = Path(__file__).resolve().parent.parent
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                        text=True, timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        info["working_tree_modified"] = bool(dirty)
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = None
+    return info
+
+
+def write_outputs(results: dict, out: Path, sets0: dict) -> dict:
+    """results.json, results.png (matplotlib, if installed), the sample grids and npz of seed 0."""
+    files = {}
+    k = min(64, min(len(s) for s in sets0.values()))
+    imgs = {kind: np.asarray(s.images[:k]) for kind, s in sets0.items()}
+    for kind, a in imgs.items():
+        save_grid_png(out / f"grid_{kind.replace('-', '_')}.png", a)
+        files[f"grid_{kind}"] = str(out / f"grid_{kind.replace('-', '_')}.png")
+        sets0[kind].save_npz(out / f"synthetic_{kind.replace('-', '_')}.npz")
+    order = [kd for kd in ("ddim", "cdp", "cdp-class") if kd in imgs]
+    sep = np.full((1,) + imgs[order[0]].shape[1:], 255, np.uint8)
+    rows = []
+    for i in range(0, k, 8):
+        parts = []
+        for kd in order:
+            parts += [imgs[kd][i:i + 8], sep]
+        rows.append(np.concatenate(parts[:-1]))
+    save_grid_png(out / "grid_pair.png", np.concatenate(rows), nrow=9 * len(order) - 1)
+    files["grid_pair"] = str(out / "grid_pair.png")
+    if plot_results(results, out / "results.png"):
+        files["plot"] = str(out / "results.png")
+    files["json"] = str(out / "results.json")
+    results["files"] = files
+    atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    return files
+
+
+def plot_results(results: dict, path: Path) -> bool:
+    """results.png: (a) accuracy per arm (mean ± std), (b) paired Δ vs real+ddim with 95% CIs,
+    (c) the mean test curve (PGD-20) of every arm. False without matplotlib."""
     try:
         import matplotlib
 
@@ -208,179 +349,44 @@ def _plot(results: dict, path: Path) -> bool:
     except ImportError:
         return False
     attacks = results["config"]["attacks"]
-    conds = list(results["conditions"])
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    width = 0.8 / len(conds)
-    for i, c in enumerate(conds):
-        m = [100 * results["conditions"][c][a]["mean"] for a in attacks]
-        s = [100 * np.nan_to_num(results["conditions"][c][a]["std"]) for a in attacks]
-        ax.bar(np.arange(len(attacks)) + (i - (len(conds) - 1) / 2) * width, m, width, yerr=s, capsize=3, label=c)
-    ax.set_xticks(np.arange(len(attacks)))
-    ax.set_xticklabels(attacks)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"8x8 digits, TRADES, eps={results['config']['eps']:g}, {len(results['config']['seeds'])} seeds")
-    ax.legend(fontsize=8)
+    arms = list(results["arms"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    w = 0.8 / len(arms)
+    for i, arm in enumerate(arms):
+        m = [100 * results["arms"][arm][a]["mean"] for a in attacks]
+        s = [100 * (results["arms"][arm][a]["std"] or 0.0) for a in attacks]
+        axes[0].bar(np.arange(len(attacks)) + (i - (len(arms) - 1) / 2) * w, m, w, yerr=s, capsize=3, label=arm)
+    axes[0].set_xticks(range(len(attacks)))
+    axes[0].set_xticklabels(attacks)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].set_ylim(0, 100)
+    axes[0].legend(fontsize=7)
+    axes[0].set_title(f"k = {results['config']['k_per_class']}/class, {len(results['config']['seeds'])} seeds")
+    others = list(results["paired_vs_ddim"])
+    w = 0.8 / max(1, len(others))
+    for i, arm in enumerate(others):
+        for j, a in enumerate(attacks):
+            p = results["paired_vs_ddim"][arm][a]
+            x = j + (i - (len(others) - 1) / 2) * w
+            err = None if p["lo"] is None else [[100 * (p["mean"] - p["lo"])], [100 * (p["hi"] - p["mean"])]]
+            axes[1].errorbar([x], [100 * p["mean"]], yerr=err, fmt="o", color=f"C{arms.index(arm)}", capsize=3,
+                             label=arm if j == 0 else None)
+    axes[1].axhline(0, color="k", lw=0.8)
+    axes[1].set_xticks(range(len(attacks)))
+    axes[1].set_xticklabels(attacks)
+    axes[1].set_ylabel("paired difference to real+ddim (points)")
+    axes[1].set_title("mean and 95% CI (Student t)")
+    axes[1].legend(fontsize=7)
+    for arm, pts in results.get("mean_curves", {}).items():
+        axes[2].plot([p["updates"] for p in pts], [100 * p["pgd"] for p in pts], marker=".",
+                     color=f"C{arms.index(arm)}", label=arm)
+    axes[2].set_xlabel("updates")
+    axes[2].set_ylabel("PGD-20 accuracy (%), curve subset")
+    axes[2].set_title("test curve (mean over seeds)")
+    axes[2].legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(Path(path), buf.getvalue())
     return True
-
-
-# ----------------------------------------------------------------------------- driver
-def run_demo(*, out="cdp_demo", full: bool = False, seeds=None, n_synthetic: int | None = None,
-             epochs: int | None = None, eps: float = 0.1, real_fraction: float = 0.5,
-             batch_size: int = 128, pgd_steps: int | None = None, attacks=ATTACKS, test_n: int | None = None,
-             real_n: int | None = None, sampling_steps: int | None = None, conditions=CONDITIONS, device=None,
-             progress: bool = True, callback=None) -> dict:
-    """Run the miniature real / real+DDIM / real+Contrastive-DP comparison.
-
-    Args:
-        out: output folder (results.json, results.png, grid_ddim.png, grid_cdp.png,
-            grid_pair.png, synthetic_*.npz); None writes nothing.
-        full: the longer run (n_synthetic 4000, 30 epochs, 10 PGD steps in training, standard
-            AutoAttack, 5 seeds, synthetic sets regenerated per seed). Explicit arguments
-            override either preset.
-        seeds: training seeds (default 3 seeds 0, 1, 2; ``full``: 0..4). >= 1 (std needs 2).
-        n_synthetic: synthetic images per method (default 1024).
-        epochs: TRADES epochs; an epoch is ceil(real_n / batch_size) updates for every
-            condition (the fixed budget; default 10).
-        eps: L∞ radius on [0, 1] pixels for training (TRADES) and evaluation.
-        real_fraction: share of real images in each batch of the synthetic conditions.
-        batch_size: TRADES batch size. pgd_steps: TRADES inner PGD steps, step size
-            2.5 ε / steps (default 5; ``full`` 10, the paper's).
-        attacks: subset of ("clean", "pgd", "autoattack") for the evaluation.
-        test_n: evaluate on the first ``test_n`` test digits (default all 450).
-        real_n: use the first ``real_n`` real training digits (default all 1347).
-        sampling_steps: DDIM steps for the synthetic sets (default 50, :data:`DIGITS_SAMPLING`).
-        conditions: subset of :data:`CONDITIONS` to train (default all three).
-        device: torch device (default CPU).
-        progress: progress bars; callback: called with {"stage", ...} dicts as stages finish.
-    Returns:
-        dict with "config", "synthetic" (per method: class histogram, confidence, feature
-        cosine statistics), "conditions" (per condition, per attack: mean, std, values),
-        "table" (the formatted table), "timing_s" and "files".
-    """
-    import cdp_fast
-    from cdp_fast.models import digits, small_cnn
-
-    t_start = time.time()
-    seeds = list(seeds) if seeds is not None else (list(range(5)) if full else [0, 1, 2])
-    if len(seeds) < 1 or any((not isinstance(s, int)) or s < 0 for s in seeds):
-        raise ValueError(f"seeds must be non-negative ints, got {seeds!r}")
-    n_synthetic = n_synthetic if n_synthetic is not None else (4000 if full else 1024)
-    epochs = epochs if epochs is not None else (30 if full else 10)
-    pgd_steps = pgd_steps if pgd_steps is not None else (10 if full else 5)
-    aa_kw = {} if full else {"version": "custom", "aa_attacks": QUICK_AA}
-    if not isinstance(n_synthetic, int) or n_synthetic < 2:
-        raise ValueError(f"n_synthetic must be an int >= 2, got {n_synthetic!r}")
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
-    if not (isinstance(eps, (int, float)) and 0 <= eps <= 1):
-        raise ValueError(f"eps must lie in [0, 1], got {eps!r}")
-    if not (0 < real_fraction < 1):
-        raise ValueError(f"real_fraction must lie in (0, 1), got {real_fraction!r}")
-    attacks = tuple(attacks)
-    if not attacks or any(a not in ATTACKS for a in attacks):
-        raise ValueError(f"attacks must be a non-empty subset of {ATTACKS}, got {attacks!r}")
-    conditions = tuple(conditions)
-    if not conditions or any(c not in CONDITIONS for c in conditions):
-        raise ValueError(f"conditions must be a non-empty subset of {CONDITIONS}, got {conditions!r}")
-    out = None if out is None else Path(out)
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-
-    def report(stage, **kw):
-        if callback is not None:
-            callback(dict(stage=stage, **kw))
-
-    x_tr, y_tr = digits.load_digits_data("train")
-    x_te, y_te = digits.load_digits_data("test")
-    if real_n is not None:
-        x_tr, y_tr = x_tr[:real_n], y_tr[:real_n]
-    if test_n is not None:
-        x_te, y_te = x_te[:test_n], y_te[:test_n]
-    feats = digits.digits_features()
-    spe = math.ceil(len(x_tr) / batch_size)
-    timing = {}
-
-    # 1. synthetic data (same seed => same x_T for sample i in both methods)
-    synth = {}
-    stats = {}
-    regen = full
-    gen_seeds = seeds if regen else [0]
-    t0 = time.time()
-    for method in ("ddim", "cdp"):
-        for gs in gen_seeds:
-            s = generate(method, n_synthetic, seed=gs, progress=progress, device=dev, steps=sampling_steps)
-            synth[(method, gs)] = s
-            if gs == gen_seeds[0]:
-                stats[method] = synthetic_stats(s, feats)
-                if out is not None:
-                    s.save_npz(out / f"synthetic_{method}.npz")
-        report("generated", method=method, stats=stats[method])
-    timing["generate"] = time.time() - t0
-
-    files = {}
-    if out is not None:
-        k = min(64, n_synthetic)
-        a, b = np.asarray(synth[("ddim", gen_seeds[0])].images[:k]), np.asarray(synth[("cdp", gen_seeds[0])].images[:k])
-        save_grid_png(out / "grid_ddim.png", a)
-        save_grid_png(out / "grid_cdp.png", b)
-        sep = np.full((1,) + a.shape[1:], 255, np.uint8)
-        pair = np.concatenate([np.concatenate([a[i:i + 8], sep, b[i:i + 8]]) for i in range(0, k, 8)])
-        save_grid_png(out / "grid_pair.png", pair, nrow=17)
-        files.update(grid_ddim=str(out / "grid_ddim.png"), grid_cdp=str(out / "grid_cdp.png"),
-                     grid_pair=str(out / "grid_pair.png"))
-
-    # 2-3. TRADES per condition and seed, same budget
-    step_size = 2.5 * eps / pgd_steps
-    acc = {c: {a: [] for a in attacks} for c in conditions}
-    t0 = time.time()
-    for c in conditions:
-        for seed in seeds:
-            syn = None
-            if c != "real":
-                s = synth[(c.split("+")[1], seed if regen else 0)]
-                syn = (s.to_tensor(), torch.as_tensor(np.asarray(s.labels), dtype=torch.int64))
-            torch.manual_seed(seed)
-            model = small_cnn(num_classes=10)
-            model = cdp_fast.train_trades(
-                model, (x_tr, y_tr), synthetic=syn, real_fraction=real_fraction if syn is not None else 1.0,
-                epochs=epochs, eps=eps, step_size=step_size, steps=pgd_steps, beta=6.0,
-                batch_size=batch_size, ema=0.995, lr=0.05, warmup_epochs=1, pad=1, flip=False,
-                steps_per_epoch=spe, recipe="zhang",
-                seed=seed, device=dev, progress=False)
-            res = cdp_fast.evaluate(model, x_te.to(dev), y_te.to(dev), eps=eps, attacks=attacks, **aa_kw)
-            for a in attacks:
-                acc[c][a].append(float(res[a]))
-            report("trained", condition=c, seed=seed, result={a: float(res[a]) for a in attacks})
-    timing["train_eval"] = time.time() - t0
-    timing["total"] = time.time() - t_start
-
-    results = {
-        "config": {"seeds": seeds, "n_synthetic": n_synthetic, "epochs": epochs, "steps_per_epoch": spe,
-                   "updates": epochs * spe, "eps": eps, "step_size": step_size, "pgd_steps": pgd_steps,
-                   "real_fraction": real_fraction, "batch_size": batch_size, "attacks": list(attacks),
-                   "autoattack": "standard" if full else "+".join(QUICK_AA), "eval_pgd_steps": 20,
-                   "real_n": int(len(x_tr)), "test_n": int(len(x_te)), "full": full,
-                   "synthetic_regenerated_per_seed": regen, "guidance": DIGITS_GUIDANCE["hnm"],
-                   "sampling": dict(DIGITS_SAMPLING, steps=sampling_steps or DIGITS_SAMPLING["steps"],
-                                    batch_size=min(DIGITS_SAMPLING["batch_size"], n_synthetic)),
-                   "model": "cdp_fast.models.small_cnn(num_classes=10)",
-                   "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "synthetic": stats,
-        "conditions": {c: {a: _summ(acc[c][a]) for a in attacks} for c in conditions},
-        "timing_s": timing,
-    }
-    results["table"] = format_table(results)
-    if out is not None:
-        if _plot(results, out / "results.png"):
-            files["plot"] = str(out / "results.png")
-        files["json"] = str(out / "results.json")
-        results["files"] = files
-        atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
-    else:
-        results["files"] = files
-    return results
