@@ -1,11 +1,16 @@
 """The pipeline of `cdp-fast demo` (:func:`cdp_fast.demo.run_demo`), stage by stage: set-up
 (the k real digits, the labeller, the guidance network, the independent instruments), the λ
 rule on the sweep seed, the synthetic sets and their §1 metrics per seed, the arms' training
-per seed, the Gaussian chain, and the results dict. The docstring of :mod:`cdp_fast.demo` says
-what is measured and why; :mod:`cdp_fast.demo_data` holds the pieces.
+per seed, the Gaussian chain, and the results dict; then the output files (results.json, the
+plot, the sample grids) and the machine record. The docstring of :mod:`cdp_fast.demo` says what
+is measured and why; :mod:`cdp_fast.demo_data` holds the pieces.
 """
 from __future__ import annotations
 
+import io
+import json
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -81,12 +86,12 @@ class Run:
         self.gaussian()
         self.timing["gaussian"] = self.timing["total"] = time.time() - t0
         res = {"config": {"parts": ["gaussian"], "gaussian_seeds": self.o["gaussian_seeds"], "full": self.o["full"]},
-               "gaussian": self.gauss, "timing_s": self.timing, "machine": demo.machine_info(),
+               "gaussian": self.gauss, "timing_s": self.timing, "machine": machine_info(),
                "gaussian_table": "\n\n".join(demo.format_gaussian_table(g) for g in self.gauss.values()),
                "files": {}}
         if self.out is not None:
             res["files"]["json"] = str(self.out / "results.json")
-            demo.atomic_write_bytes(self.out / "results.json", (demo.json.dumps(res, indent=2) + "\n").encode())
+            demo.atomic_write_bytes(self.out / "results.json", (json.dumps(res, indent=2) + "\n").encode())
         return res
 
     def setup(self):
@@ -252,6 +257,7 @@ class Run:
         cfg.update(parts=["digits"] + (["gaussian"] if o["gaussian"] else []),
                    updates=o["epochs"] * o["updates_per_epoch"], real_n=len(self.xk), test_n=len(self.x_te),
                    real_indices=self.idx.tolist(), real_subset_seed=0, leakage=demo.LEAKAGE,
+                   budget_note=demo.BUDGET_NOTE,
                    lam=self.lam, class_lambda="its own, by the same rule on the same sweep seed",
                    syn_only="the cdp set (unconditional HNM, the authors' method) alone, no real images",
                    autoattack="+".join(demo.QUICK_AA) if not o["full"] else "standard",
@@ -268,7 +274,7 @@ class Run:
                    device=str(self.dev))
         res = {"config": cfg, "networks": self.networks, "lambda_sweep": self.sweep_result, "arms": arms,
                "paired_vs_ddim": paired, "curves": self.curves, "mean_curves": mean_curves,
-               "gaussian": self.gauss, "timing_s": self.timing, "machine": demo.machine_info()}
+               "gaussian": self.gauss, "timing_s": self.timing, "machine": machine_info()}
         if o["metrics"]:
             msum = demo.metrics_summary(self.reports)
             res["metrics"] = {"summary": msum, "per_seed": self.reports}
@@ -278,7 +284,112 @@ class Run:
         if self.gauss is not None:
             res["gaussian_table"] = "\n\n".join(demo.format_gaussian_table(g) for g in self.gauss.values())
         if self.out is not None:
-            demo.write_outputs(res, self.out, {k: self.sets[(k, o["seeds"][0])] for k in self.kinds})
+            write_outputs(res, self.out, {k: self.sets[(k, o["seeds"][0])] for k in self.kinds})
         else:
             res["files"] = {}
         return res
+
+
+# --------------------------------------------------------------------- output
+def machine_info() -> dict:
+    """Where the numbers were measured: platform, CPU, threads, versions, load, git commit."""
+    import subprocess
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    try:
+        info["load_average"] = list(os.getloadavg())
+    except OSError:
+        pass
+    try:
+        root = Path(__file__).resolve().parent.parent
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                        text=True, timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        info["working_tree_modified"] = bool(dirty)
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = None
+    return info
+
+
+def write_outputs(results: dict, out: Path, sets0: dict) -> dict:
+    """results.json, results.png (matplotlib, if installed), the sample grids and npz of seed 0."""
+    files = {}
+    k = min(64, min(len(s) for s in sets0.values()))
+    imgs = {kind: np.asarray(s.images[:k]) for kind, s in sets0.items()}
+    for kind, a in imgs.items():
+        demo.save_grid_png(out / f"grid_{kind.replace('-', '_')}.png", a)
+        files[f"grid_{kind}"] = str(out / f"grid_{kind.replace('-', '_')}.png")
+        sets0[kind].save_npz(out / f"synthetic_{kind.replace('-', '_')}.npz")
+    order = [kd for kd in ("ddim", "cdp", "cdp-class") if kd in imgs]
+    sep = np.full((1,) + imgs[order[0]].shape[1:], 255, np.uint8)
+    rows = []
+    for i in range(0, k, 8):
+        parts = []
+        for kd in order:
+            parts += [imgs[kd][i:i + 8], sep]
+        rows.append(np.concatenate(parts[:-1]))
+    demo.save_grid_png(out / "grid_pair.png", np.concatenate(rows), nrow=9 * len(order) - 1)
+    files["grid_pair"] = str(out / "grid_pair.png")
+    if plot_results(results, out / "results.png"):
+        files["plot"] = str(out / "results.png")
+    files["json"] = str(out / "results.json")
+    results["files"] = files
+    demo.atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    return files
+
+
+def plot_results(results: dict, path: Path) -> bool:
+    """results.png: (a) accuracy per arm (mean ± std), (b) paired Δ vs real+ddim with 95% CIs,
+    (c) the mean test curve (PGD-20) of every arm. False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    attacks = results["config"]["attacks"]
+    arms = list(results["arms"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    w = 0.8 / len(arms)
+    for i, arm in enumerate(arms):
+        m = [100 * results["arms"][arm][a]["mean"] for a in attacks]
+        s = [100 * (results["arms"][arm][a]["std"] or 0.0) for a in attacks]
+        axes[0].bar(np.arange(len(attacks)) + (i - (len(arms) - 1) / 2) * w, m, w, yerr=s, capsize=3, label=arm)
+    axes[0].set_xticks(range(len(attacks)))
+    axes[0].set_xticklabels(attacks)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].set_ylim(0, 100)
+    axes[0].legend(fontsize=7)
+    axes[0].set_title(f"k = {results['config']['k_per_class']}/class, {len(results['config']['seeds'])} seeds")
+    others = list(results["paired_vs_ddim"])
+    w = 0.8 / max(1, len(others))
+    for i, arm in enumerate(others):
+        for j, a in enumerate(attacks):
+            p = results["paired_vs_ddim"][arm][a]
+            x = j + (i - (len(others) - 1) / 2) * w
+            err = None if p["lo"] is None else [[100 * (p["mean"] - p["lo"])], [100 * (p["hi"] - p["mean"])]]
+            axes[1].errorbar([x], [100 * p["mean"]], yerr=err, fmt="o", color=f"C{arms.index(arm)}", capsize=3,
+                             label=arm if j == 0 else None)
+    axes[1].axhline(0, color="k", lw=0.8)
+    axes[1].set_xticks(range(len(attacks)))
+    axes[1].set_xticklabels(attacks)
+    axes[1].set_ylabel("paired difference to real+ddim (points)")
+    axes[1].set_title("mean and 95% CI (Student t)")
+    axes[1].legend(fontsize=7)
+    for arm, pts in results.get("mean_curves", {}).items():
+        axes[2].plot([p["updates"] for p in pts], [100 * p["pgd"] for p in pts], marker=".",
+                     color=f"C{arms.index(arm)}", label=arm)
+    axes[2].set_xlabel("updates")
+    axes[2].set_ylabel("PGD-20 accuracy (%), curve subset")
+    axes[2].set_title("test curve (mean over seeds)")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    demo.atomic_write_bytes(Path(path), buf.getvalue())
+    return True
