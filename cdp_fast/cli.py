@@ -340,6 +340,7 @@ def cmd_demo(a):
     print(f"cdp-fast demo: {parts}", flush=True)
     res = run_demo(out=a.out, full=a.full, seeds=seeds, k_per_class=k, n_synthetic=a.n_synthetic, epochs=a.epochs,
                    updates_per_epoch=a.updates_per_epoch, eps=a.eps, attacks=csv(a.attacks), test_n=a.test_n,
+                   aa_n=a.aa_n,
                    arms=csv(a.arms) or None, lams=lams, metrics=not a.no_metrics, digits=not a.gaussian,
                    gaussian=not a.no_gaussian, gaussian_seeds=a.gaussian_seeds, device=a.device,
                    progress=not a.no_progress, callback=cb)
@@ -615,11 +616,11 @@ def _add_demo(sub):
                                     "independent data metric, arms real / real+ddim / real+cdp / real+cdp-class / "
                                     "syn-only TRADES-trained per paired seed, paired differences to real+ddim with "
                                     "95% CIs; then the section-3 Gaussian chain. Prints the tables, writes "
-                                    "results.json, results.png and sample grids. Default: about 7 min on 2 idle "
+                                    "results.json, results.png and sample grids. Default: about 8 min on 2 idle "
                                     "cores; --full is longer.")
     de.add_argument("--full", action="store_true",
-                    help="longer run: 10 seeds, 2048 synthetic per set, 800 updates, 10-step TRADES PGD, AutoAttack "
-                         "(standard), 50 Gaussian seeds")
+                    help="longer run: 10 seeds, 2048 synthetic per set, 800 updates, 10-step TRADES PGD, standard "
+                         "AutoAttack on all test digits, 50 Gaussian seeds")
     de.add_argument("--seeds", type=int, default=None, help="number of paired seeds 0..N-1 (default: 5; --full 10)")
     de.add_argument("--k", type=int, default=None, help="real training digits per class (default: 10)")
     de.add_argument("--real-n", type=int, default=None, help="real training digits in all: --k = N // 10")
@@ -630,8 +631,10 @@ def _add_demo(sub):
                          "taken at every epoch end (default: 8; --full 16)")
     de.add_argument("--updates-per-epoch", type=int, default=None, help="updates per epoch (default: 50)")
     de.add_argument("--eps", type=float, default=None, help="L-inf radius on [0, 1] pixels (default: 0.1)")
-    de.add_argument("--attacks", default=None,
-                    help="comma list of clean, pgd, autoattack (default: clean,pgd; --full all three)")
+    de.add_argument("--attacks", default=None, help="comma list of clean, pgd, autoattack (default: all three)")
+    de.add_argument("--aa-n", type=int, default=None,
+                    help="AutoAttack (APGD-CE + APGD-T) on the first N test digits only (default: 150; 0 = all; "
+                         "--full: all, standard AutoAttack)")
     de.add_argument("--test-n", type=int, default=None, help="first N test digits only (default: all 450)")
     de.add_argument("--arms", "--conditions", dest="arms", default=None,
                     help="comma list of the arms: real, real+ddim, real+cdp, real+cdp-class, syn-only (default: "

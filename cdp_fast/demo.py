@@ -68,10 +68,9 @@ BUDGET_NOTE = ("Real-only did not robust-overfit within reach: in one 1500-updat
 #: the default run (``full=False``) and what ``full=True`` changes
 DEFAULTS = {"k_per_class": 10, "seeds": 5, "n_synthetic": 512, "epochs": 8, "updates_per_epoch": 50,
             "batch_size": 64, "width": 16, "real_fraction": 0.3, "lr": 0.05, "pgd_steps": 5, "eps": 0.1,
-            "attacks": ("clean", "pgd"), "sweep_n": 256, "sweep_seed": 1000, "tau": 10.0, "sampling_steps": 50,
+            "attacks": ATTACKS, "aa_n": 150, "sweep_n": 256, "sweep_seed": 1000, "tau": 10.0, "sampling_steps": 50,
             "labeler_steps": 300, "guide_updates": 150, "curve_n": 200, "gaussian_seeds": 20}
-FULL = {"seeds": 10, "n_synthetic": 2048, "epochs": 16, "pgd_steps": 10, "attacks": ATTACKS,
-        "gaussian_seeds": 50}
+FULL = {"seeds": 10, "n_synthetic": 2048, "epochs": 16, "pgd_steps": 10, "aa_n": 0, "gaussian_seeds": 50}
 
 
 # ----------------------------------------------------------------------------- PNG
@@ -135,7 +134,8 @@ def format_table(results: dict) -> str:
     n = len(cfg["seeds"])
     lines = [f"k = {cfg['k_per_class']}/class ({cfg['real_n']} real digits), {cfg['n_synthetic']} synthetic per set, "
              f"TRADES small CNN, eps = {cfg['eps']:g}, {cfg['updates']} updates, {n} paired seeds, "
-             f"{cfg['test_n']} test digits; AutoAttack = {cfg['autoattack']}",
+             f"{cfg['test_n']} test digits; AutoAttack = {cfg['autoattack']}"
+             + (f" on the first {cfg['aa_test_n']}" if "autoattack" in attacks else ""),
              f"{'arm':<16}" + "".join(f"{names[a]:>18}" for a in attacks)]
     lines.append("-" * len(lines[-1]))
     for arm, row in results["arms"].items():
@@ -255,6 +255,7 @@ def run_demo(*, out="cdp_demo", full: bool = False, seeds=None, k_per_class: int
              n_synthetic: int | None = None, epochs: int | None = None, updates_per_epoch: int | None = None,
              eps: float | None = None, real_fraction: float | None = None, batch_size: int | None = None,
              width: int | None = None, pgd_steps: int | None = None, attacks=None, test_n: int | None = None,
+             aa_n: int | None = None,
              sampling_steps: int | None = None, arms=ARMS, lams=LAMS, sweep_n: int | None = None,
              metrics: bool = True, digits: bool = True, gaussian: bool = True, gaussian_seeds: int | None = None,
              labeler_steps: int | None = None, guide_updates: int | None = None, device=None,
@@ -272,6 +273,9 @@ def run_demo(*, out="cdp_demo", full: bool = False, seeds=None, k_per_class: int
         batch_size: TRADES batch. width: the arms' small CNN width. pgd_steps: TRADES inner
             steps (step 2.5·eps/steps).
         attacks: subset of :data:`ATTACKS`. test_n: first N test digits (default all 450).
+        aa_n: AutoAttack on the first ``aa_n`` of them only (default 150: APGD-CE + APGD-T on all
+            450 costs ~9 s a model on 2 cores, 25 models do not fit 10 minutes; 0 = all; ``full``: all,
+            standard AutoAttack).
         sampling_steps: DDIM steps. arms: subset of :data:`ARMS` (real+ddim is always trained).
         lams: the λ grid of the rule. sweep_n: sweep samples per λ (at most ``n_synthetic``).
         metrics: the §1 report of every set. digits: run the digits experiment; gaussian: run the
@@ -289,7 +293,8 @@ def run_demo(*, out="cdp_demo", full: bool = False, seeds=None, k_per_class: int
         raise ValueError("nothing to run: digits and gaussian are both off")
     opts = dict(out=out, full=full, seeds=seeds, k_per_class=k_per_class, n_synthetic=n_synthetic, epochs=epochs,
                 updates_per_epoch=updates_per_epoch, eps=eps, real_fraction=real_fraction, batch_size=batch_size,
-                width=width, pgd_steps=pgd_steps, attacks=attacks, test_n=test_n, sampling_steps=sampling_steps,
+                width=width, pgd_steps=pgd_steps, attacks=attacks, test_n=test_n, aa_n=aa_n,
+                sampling_steps=sampling_steps,
                 arms=arms, lams=lams, sweep_n=sweep_n, metrics=metrics, gaussian=gaussian,
                 gaussian_seeds=gaussian_seeds, labeler_steps=labeler_steps, guide_updates=guide_updates,
                 device=device, progress=progress, callback=callback)

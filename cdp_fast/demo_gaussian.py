@@ -107,7 +107,8 @@ def gaussian_chain(*, seeds=None, n_real: int = 10, n_syn: int = 200, steps: int
                    mu=(1.0, 1.0), sigma: float = 1.0, callback=None) -> dict:
     """Run the chain of the module docstring for each seed; returns a JSON-ready dict with the
     config, per-arm standard / robust accuracy (mean, std, per seed), each arm's paired
-    difference to real+ddim with its 95% CI, θ̂ per seed and arm, and the time taken.
+    difference to real+ddim with its 95% CI, θ̂ per seed and arm ({"cos_mu": cos(θ̂, μ), "theta":
+    θ̂ for d <= 10, else None}), the Fisher ratio along μ of each set, and the time taken.
 
     seeds: list of ints (default ``range(GAUSS_DEFAULTS["seeds"])``); n_real: real points per
     class; n_syn: synthetic points (one contrastive batch); eps: ℓ∞ radius of eq. (7).
@@ -145,7 +146,8 @@ def gaussian_chain(*, seeds=None, n_real: int = 10, n_syn: int = 200, steps: int
             s_acc, r_acc = accuracies(th[a], mu, sigma, eps)
             acc[a]["standard"].append(s_acc)
             acc[a]["robust"].append(r_acc)
-            thetas[a].append([float(v) for v in th[a]])
+            cos = float(th[a] @ mu / (np.linalg.norm(th[a]) * np.linalg.norm(mu)))
+            thetas[a].append({"cos_mu": cos, "theta": [float(v) for v in th[a]] if mu.size <= 10 else None})
         if callback is not None:
             callback({"stage": "gaussian", "seed": seed,
                       "result": {a: (acc[a]["standard"][-1], acc[a]["robust"][-1]) for a in GAUSS_ARMS}})

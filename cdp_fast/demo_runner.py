@@ -43,7 +43,7 @@ class Run:
         o["seeds"] = [int(s) for s in seeds]
         for name, lo in (("k_per_class", 1), ("n_synthetic", 8), ("epochs", 1), ("updates_per_epoch", 1),
                          ("batch_size", 2), ("pgd_steps", 1), ("sampling_steps", 1), ("sweep_n", 8),
-                         ("labeler_steps", 1), ("guide_updates", 1), ("curve_n", 1), ("gaussian_seeds", 1), ("width", 1)):
+                         ("labeler_steps", 1), ("guide_updates", 1), ("curve_n", 1), ("gaussian_seeds", 1), ("width", 1), ("aa_n", 0)):
             o[name] = _int(name, o[name], lo)
         if o["test_n"] is not None:
             o["test_n"] = _int("test_n", o["test_n"], 1)
@@ -105,6 +105,7 @@ class Run:
         n_te = len(x_te) if o["test_n"] is None else min(o["test_n"], len(x_te))
         self.x_te, self.y_te = x_te[:n_te], y_te[:n_te]
         self.curve_n = min(o["curve_n"], n_te)
+        self.aa_n = n_te if o["aa_n"] == 0 else min(o["aa_n"], n_te)
         self.eps_model = digits.load_digits_eps_model(self.dev)
         clf = dd.train_labeler(self.xk, self.yk, steps=o["labeler_steps"], seed=0)
         self.labeler = digits.DigitsLabeler(clf).eval().to(self.dev)
@@ -225,8 +226,13 @@ class Run:
                     steps_per_epoch=o["updates_per_epoch"], eps=o["eps"], step_size=2.5 * o["eps"] / o["pgd_steps"],
                     steps=o["pgd_steps"], batch_size=o["batch_size"], lr=o["lr"], warmup_epochs=1, seed=seed,
                     device=self.dev, progress=False, callback=curve)
+                first = tuple(k for k in o["attacks"] if k != "autoattack")
                 res = cdp_fast.evaluate(model, self.x_te.to(self.dev), self.y_te.to(self.dev), eps=o["eps"],
-                                        attacks=o["attacks"], **aa)
+                                        attacks=first) if first else {}
+                if "autoattack" in o["attacks"]:
+                    res.update(cdp_fast.evaluate(model, self.x_te[:self.aa_n].to(self.dev),
+                                                 self.y_te[:self.aa_n].to(self.dev), eps=o["eps"],
+                                                 attacks=("autoattack",), **aa))
                 for k in o["attacks"]:
                     self.acc[arm][k].append(float(res[k]))
                 self.curves[arm].append({"seed": seed, "points": points})
@@ -260,7 +266,7 @@ class Run:
                    budget_note=demo.BUDGET_NOTE,
                    lam=self.lam, class_lambda="its own, by the same rule on the same sweep seed",
                    syn_only="the cdp set (unconditional HNM, the authors' method) alone, no real images",
-                   autoattack="+".join(demo.QUICK_AA) if not o["full"] else "standard",
+                   autoattack="+".join(demo.QUICK_AA) if not o["full"] else "standard", aa_test_n=self.aa_n,
                    eval_pgd="PGD-20, step eps/4, random start (cdp_fast.evaluate)",
                    curve=f"clean and PGD-20 of the EMA model on the first {self.curve_n} test digits at every epoch "
                          "end",

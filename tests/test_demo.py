@@ -95,6 +95,14 @@ def test_demo_numbers_are_measured_and_reproducible(tiny_run):
         res["arms"]["real+ddim"]["clean"]["values"][1])
 
 
+def test_demo_autoattack_on_the_first_aa_n_test_digits():
+    res = demo.run_demo(out=None, seeds=[0], arms=("real+ddim",), metrics=False, gaussian=False, aa_n=8,
+                        **dict(TINY, attacks=("clean", "autoattack")))
+    cell = res["arms"]["real+ddim"]
+    assert res["config"]["aa_test_n"] == 8 and "apgd-ce+apgd-t on the first 8" in res["table"]
+    assert 0.0 <= cell["autoattack"]["values"][0] <= 1.0
+
+
 def test_networks_are_distinct_objects_per_role():
     from cdp_fast.demo_runner import Run
     from cdp_fast.models import SmallCNN, digits
@@ -114,6 +122,7 @@ def test_networks_are_distinct_objects_per_role():
 def _run_opts():
     return dict(out=None, full=False, seeds=[0, 1], k_per_class=2, n_synthetic=32, epochs=1, updates_per_epoch=1,
                 eps=None, real_fraction=None, batch_size=None, width=None, pgd_steps=None, attacks=None, test_n=20,
+                aa_n=None,
                 sampling_steps=2, arms=demo.ARMS, lams=(5e3,), sweep_n=16, metrics=False, gaussian=False,
                 gaussian_seeds=None, labeler_steps=2, guide_updates=2, device=None, progress=False, callback=None)
 
@@ -207,7 +216,9 @@ def test_gaussian_chain_matches_the_closed_forms():
     res = demo_gaussian.gaussian_chain(seeds=[0, 1], n_real=5, n_syn=16, steps=5, mu=(1.0, 1.0), eps=0.5)
     mu = np.array([1.0, 1.0])
     for arm in demo_gaussian.GAUSS_ARMS:
-        for i, th in enumerate(res["theta"][arm]):
+        for i, rec in enumerate(res["theta"][arm]):
+            th = rec["theta"]
+            assert rec["cos_mu"] == pytest.approx(np.dot(th, mu) / (np.linalg.norm(th) * np.linalg.norm(mu)))
             assert res["arms"][arm]["standard"]["values"][i] == pytest.approx(
                 1 - theory.err_standard(np.array(th), mu))
             assert res["arms"][arm]["robust"]["values"][i] == pytest.approx(
@@ -216,7 +227,7 @@ def test_gaussian_chain_matches_the_closed_forms():
     rng = np.random.default_rng([0, 7])
     y = np.concatenate([np.ones(5), -np.ones(5)])
     x = y[:, None] * mu + rng.standard_normal((10, 2))
-    np.testing.assert_allclose(res["theta"]["real"][0], (y @ x) / 10)
+    np.testing.assert_allclose(res["theta"]["real"][0]["theta"], (y @ x) / 10)
     for arm in ("real", "real+cdp", "real+cdp-class", "syn-only"):
         p = res["paired_vs_ddim"][arm]["robust"]
         d = np.array(res["arms"][arm]["robust"]["values"]) - np.array(res["arms"]["real+ddim"]["robust"]["values"])
