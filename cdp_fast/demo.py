@@ -56,7 +56,7 @@ LEAKAGE = ("The epsilon-model is the bundled one (cdp_fast.models.digits.load_di
            "'real' are not a scarce-data result.")
 #: How the budget was chosen (a pre-study on the real-only arm alone, before the arms were run;
 #: test PGD-20 of the EMA model on the 450 test digits, same k = 10/class subset, small CNN width
-#: 16, batch 64, lr 0.05, recipe gowal, eps 0.1, 5-step TRADES; 2-core CPU, 2026-11-23/24).
+#: 16, batch 64, lr 0.05, recipe gowal, eps 0.1, 5-step TRADES; 2-core CPU, 2026-11-30).
 BUDGET_NOTE = ("Real-only did not robust-overfit within reach: in one 1500-update cosine run (seed 0) the test "
                "PGD-20 accuracy rose 0.57 (100 updates), 0.70 (200), 0.77 (400), 0.80 (600), 0.82 (800), peaked at "
                "0.824 (1200) and ended at 0.816 (1500; 4 of 450 test digits below the peak, within noise) while "
