@@ -616,7 +616,7 @@ def _add_demo(sub):
                                     "independent data metric, arms real / real+ddim / real+cdp / real+cdp-class / "
                                     "syn-only TRADES-trained per paired seed, paired differences to real+ddim with "
                                     "95% CIs; then the section-3 Gaussian chain. Prints the tables, writes "
-                                    "results.json, results.png and sample grids. Default: about 8 min on 2 idle "
+                                    "results.json, results.png and sample grids. Default: about 7.5 min on 2 idle "
                                     "cores; --full is longer.")
     de.add_argument("--full", action="store_true",
                     help="longer run: 10 seeds, 2048 synthetic per set, 800 updates, 10-step TRADES PGD, standard "
