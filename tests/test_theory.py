@@ -58,10 +58,12 @@ def test_closed_forms_batch_over_theta():
        st.floats(0.0, 0.5), st.integers(0, 2**31 - 1))
 def test_robust_optimal_theta_is_optimal(mu, eps, seed):
     mu = np.asarray(mu)
-    if np.max(np.abs(mu)) <= eps + 1e-3:
+    if np.max(np.abs(mu)) <= eps:
         with pytest.raises(ValueError, match="eps"):
             T.robust_optimal_theta(mu, eps)
         return
+    if np.max(np.abs(mu)) <= eps + 1e-3:
+        return  # θ* exists, but with a margin this thin the comparisons below are float noise
     star = T.robust_optimal_theta(mu, eps)
     e_star = T.err_robust(star, mu, 1.0, eps)
     rng = np.random.default_rng(seed)
