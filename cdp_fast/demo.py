@@ -134,8 +134,10 @@ def format_table(results: dict) -> str:
     n = len(cfg["seeds"])
     lines = [f"k = {cfg['k_per_class']}/class ({cfg['real_n']} real digits), {cfg['n_synthetic']} synthetic per set, "
              f"TRADES small CNN, eps = {cfg['eps']:g}, {cfg['updates']} updates, {n} paired seeds, "
-             f"{cfg['test_n']} test digits; AutoAttack = {cfg['autoattack']}"
-             + (f" on the first {cfg['aa_test_n']}" if "autoattack" in attacks else ""),
+             f"{cfg['test_n']} test digits"
+             # name AutoAttack only when it ran
+             + (f"; AutoAttack = {cfg['autoattack']} on the first {cfg['aa_test_n']}" if "autoattack" in attacks
+                else "; no AutoAttack"),
              f"{'arm':<16}" + "".join(f"{names[a]:>18}" for a in attacks)]
     lines.append("-" * len(lines[-1]))
     for arm, row in results["arms"].items():

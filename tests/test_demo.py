@@ -31,6 +31,8 @@ def tiny_run(tmp_path_factory):
 def test_demo_json_structure_and_files(tiny_run):
     res, out, events = tiny_run
     cfg = res["config"]
+    # the table names AutoAttack only when it ran (this run: clean and PGD)
+    assert "AutoAttack =" not in res["table"] and "no AutoAttack" in res["table"].splitlines()[0]
     assert cfg["k_per_class"] == 2 and cfg["real_n"] == 20 and len(cfg["real_indices"]) == 20
     assert cfg["updates"] == 4 and cfg["seeds"] == [0, 1] and cfg["sweep_seed"] not in cfg["seeds"]
     assert "WHOLE digits training split" in cfg["leakage"]
