@@ -21,8 +21,9 @@ batch is one :func:`guided_ddim` trajectory: the ε-model (:mod:`cdp_fast.models
 the guidance (:mod:`cdp_fast.losses` -> :mod:`cdp_fast.ops.contrastive`) and the update
 (:mod:`cdp_fast.ops.ddim`).
 
-Randomness: sample i draws its x_T, its η-noise and its "real" positive from a generator
-seeded by (seed, i) alone. Without guidance, sample i is therefore the same for any
+Randomness: sample i draws its x_T and its "real" positive from a generator seeded by
+(seed, i) alone, and its per-step noise (η > 0, DDPM) from a counter-based generator keyed by
+(seed, i) on the device (:mod:`cdp_fast.seeding`). Without guidance, sample i is therefore the same for any
 batch_size; with guidance, the contrastive batch is part of the method (the paper's m), so
 samples are grouped into fixed batches [kB, (k+1)B) — the last one padded to B and cut — and
 are identical for any process count, n ≥ i or interruption; with the online head
@@ -50,7 +51,7 @@ from cdp_fast.guidance import DEFAULTS, LOSSES, ContrastiveGuidance, check_optio
 from cdp_fast.models.external import EpsModel, as_eps_model, call_model
 from cdp_fast.ops.ddim import ddim_update, ddpm_update
 from cdp_fast.schedule import as_alphas_cumprod, make_alphas_cumprod, timesteps as make_timesteps
-from cdp_fast.seeding import generators, per_sample_randn, sample_seed
+from cdp_fast.seeding import counter_normal, generators, per_sample_randn, sample_seed, sample_seeds
 from cdp_fast.stream import ShardPlan, fingerprint, write_shards
 
 SOLVERS = ("ddim", "ddpm")
@@ -82,13 +83,22 @@ def _check_timesteps(alphas_cumprod, timesteps):
 
 
 def _noise_source(generator, x):
-    """A function drawing one (B, *shape) standard normal tensor: from per-sample generators
-    (a sequence of B: drawn on CPU per sample), one torch.Generator (on CPU), or the device RNG."""
-    per_sample = generator is not None and not isinstance(generator, torch.Generator)
-    if per_sample and len(generator) != x.shape[0]:
-        raise ValueError(f"generator: got {len(generator)} generators for a batch of {x.shape[0]}")
+    """A function drawing one (B, *shape) standard normal tensor per call: from B per-sample
+    int64 keys (a LongTensor: counter-based noise on the device, :func:`cdp_fast.seeding.
+    counter_normal`, no host sync), B per-sample torch.Generators (drawn on CPU per sample),
+    one torch.Generator (on CPU), or the device RNG (None)."""
+    keys = isinstance(generator, torch.Tensor)
+    per_sample = generator is not None and not keys and not isinstance(generator, torch.Generator)
+    if (keys or per_sample) and len(generator) != x.shape[0]:
+        raise ValueError(f"generator: got {len(generator)} per-sample generators/keys for a batch of {x.shape[0]}")
+    if keys:
+        keys_dev = generator.to(device=x.device, dtype=torch.int64)
+    count = [0]
 
     def draw():
+        if keys:
+            count[0] += 1
+            return counter_normal(keys_dev, count[0] - 1, x.shape[1:], x.dtype)
         if per_sample:
             return per_sample_randn(generator, x.shape[1:], x.device, x.dtype)
         return torch.randn(x.shape, generator=generator, dtype=x.dtype,
@@ -153,8 +163,10 @@ def guided_ddim(model, x_T, *, alphas_cumprod, timesteps, guidance=None, eta=0.0
             returning ∇_{x_t}ℓ and λ (e.g. :class:`cdp_fast.ContrastiveGuidance`, used for one
             trajectory at a time).
         eta: η ≥ 0; 0 = deterministic DDIM, 1 = DDPM-like ancestral noise.
-        generator: for η > 0: a torch.Generator, or a sequence of B generators (one per
-            sample: per-sample noise, drawn on CPU).
+        generator: for η > 0: a torch.Generator, a sequence of B generators (one per sample:
+            per-sample noise, drawn on CPU), or a (B,) int64 tensor of per-sample keys
+            (counter-based noise drawn on x_T's device: :func:`cdp_fast.seeding.counter_normal`;
+            what :func:`sample` uses).
         callback: called as ``callback({"step", "t", "x", "x0", "eps"})`` after each step.
         y: optional (B,) class labels for class-conditional models.
         on_step: called as ``on_step(step)`` after each step (progress; lighter than
@@ -365,13 +377,14 @@ def _generate_group(run: _Run, start: int, count: int, advance=None):
         per_step = count / len(run.timesteps)
         on_step = lambda step: advance(per_step)  # noqa: E731  (skipped repeats: a bar just short of a step)
     with run.autocast():
+        # per-step noise keyed by (seed, i) and drawn on the device: no host round trip per step
+        keys = sample_seeds(run.seed, idx, run.device) if (run.solver == "ddpm" or run.eta > 0) else None
         if run.solver == "ddpm":
             x0 = guided_ddpm(run.eps_model, x_T, alphas_cumprod=run.alphas_cumprod, timesteps=run.timesteps,
-                             guidance=guidance, clip_x0=run.clip_x0, generator=gens, y=y, on_step=on_step)
+                             guidance=guidance, clip_x0=run.clip_x0, generator=keys, y=y, on_step=on_step)
         else:
             x0 = guided_ddim(run.eps_model, x_T, alphas_cumprod=run.alphas_cumprod, timesteps=run.timesteps,
-                             guidance=guidance, eta=run.eta, generator=gens if run.eta > 0 else None, y=y,
-                             on_step=on_step)
+                             guidance=guidance, eta=run.eta, generator=keys, y=y, on_step=on_step)
     if guidance is not None:
         run.strength.add(guidance.strength)
     x0 = x0[:count].float()
