@@ -31,8 +31,9 @@ from cdp_fast.data import atomic_write_bytes, atomic_write_json, npz_bytes, sha2
 __all__ = ["ShardPlan", "DirLock", "write_shards", "fingerprint", "shard_name", "SEEDING"]
 
 #: What the manifest says about randomness (checked by nobody; read by people).
-SEEDING = ("sample i draws x_T, eta-noise and its real positive from torch.Generator seeded with "
-           "cdp_fast.seeding.sample_seed(seed, i)")
+SEEDING = ("sample i draws x_T and its real positive from torch.Generator seeded with "
+           "cdp_fast.seeding.sample_seed(seed, i), and its per-step noise from "
+           "cdp_fast.seeding.counter_normal keyed by that seed")
 
 
 def shard_name(k: int) -> str:
