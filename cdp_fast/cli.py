@@ -394,7 +394,7 @@ def cmd_inspect(a):
         atomic_write_json(Path(a.json), rep)
         print(f"wrote {a.json}")
     if a.figure:
-        metrics.figure(a.figure, rep, s, real=train, against=other, features=features)
+        metrics.figure(a.figure, rep, s, real=train, against=other, features=features, max_samples=a.n)
         print(f"wrote {a.figure}")
     return 0
 
@@ -715,7 +715,9 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    """Entry point of `cdp-fast`; returns the exit status (0 ok, 1 environment, 2 bad arguments)."""
+    """Entry point of `cdp-fast`; returns the exit status: 0 ok, 1 a missing optional package,
+    2 a bad argument or a failure the user must act on (ValueError, a missing file, an OSError
+    such as a full disk), each as one line on stderr."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else [str(v) for v in argv]
     try:
@@ -733,7 +735,7 @@ def main(argv=None) -> int:
             print(f"cdp_fast {cdp_fast.__version__}")
             return 0
         if args.command is None:
-            raise UsageError(f"{PROG}: choose a subcommand: sample, label, select, train, eval, demo, bench "
+            raise UsageError(f"{PROG}: choose a subcommand: sample, label, select, train, eval, inspect, demo, bench "
                              "(see --help)")
         # every subcommand's --device, checked before anything is loaded (one helper, one message)
         specs.check_device(getattr(args, "device", None))

@@ -37,7 +37,7 @@ if TYPE_CHECKING:   # torch is imported where it is used: storage alone never lo
     import torch
 
 __all__ = [
-    "Samples", "write_npz", "atomic_write", "atomic_write_bytes", "atomic_write_json", "sha256_file",
+    "Samples", "shard_intact", "write_npz", "atomic_write", "atomic_write_bytes", "atomic_write_json", "sha256_file",
     "to_uint8_nhwc", "images_to_float01", "as_source", "load_cifar10",
 ]
 
@@ -190,6 +190,13 @@ def _npz_keys(path):
         return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
 
 
+def shard_intact(path, info: dict) -> bool:
+    """Whether the file at ``path`` is the shard its manifest record ``info`` describes: it
+    exists, has ``info["bytes"]`` bytes and the sha256 ``info["sha256"]``."""
+    f = Path(path)
+    return f.is_file() and f.stat().st_size == info.get("bytes") and sha256_file(f) == info.get("sha256")
+
+
 _SHARD_NAME = re.compile(r"shard-\d{6}\.npz")
 
 
@@ -203,9 +210,7 @@ class _ShardCheck:
     def __call__(self, path: str) -> None:
         if not self.enabled or path in self.done:
             return
-        info = self.records[path]
-        f = Path(path)
-        if not f.is_file() or f.stat().st_size != info.get("bytes") or sha256_file(f) != info.get("sha256"):
+        if not shard_intact(path, self.records[path]):
             raise ValueError(f"{path}: missing, truncated or corrupted (its sha256 does not match the manifest); "
                              "run the same cdp_fast.sample call again to regenerate it")
         self.done.add(path)

@@ -1,5 +1,8 @@
 """Is a set of generated (images, labels) better training data? Measurements to run *before*
 spending GPU-days training on it (`cdp-fast inspect`; project issue 13).
+(Long on purpose: each metric is a small function with its source and shapes beside the
+others it shares the chunked distances and the independent feature space with; `report`
+and `figure` put them together.)
 
 Every function takes images as float NCHW tensors in [0, 1] (or anything
 :func:`as_image_set` converts: a :class:`cdp_fast.Samples`, an npz path / out folder, uint8
@@ -903,14 +906,16 @@ def table_rows(rep: dict) -> list:
 
 # ----------------------------------------------------------------------------- figure
 def figure(path, rep: dict, samples, *, real, against=None, features=None,
-           pca_components: int = DEFAULTS["pca_components"], max_points: int = 3000, seed: int = 0) -> None:
+           pca_components: int = DEFAULTS["pca_components"], max_points: int = 3000, seed: int = 0,
+           max_samples=None) -> None:
     """Write a PNG summary of a :func:`report`: class histograms (each set and the real one, as
     fractions), a 2-D projection of each set (the top two principal axes of the *independent
     features* of the real set) coloured by label over the real set in grey, and — when a set's
     manifest recorded it — the guidance-strength curve ratio_mean (‖λ∇ℓ‖/‖ε‖) against t.
 
-    Args: as :func:`report` (the same ``features``: None = PCA of the real images); at most
-    ``max_points`` points per scatter, a seeded subset. Needs matplotlib (the demo extra).
+    Args: as :func:`report` (the same ``features``: None = PCA of the real images; the same
+    ``max_samples``, so the figure shows the sets the report measured); at most ``max_points``
+    points per scatter, a seeded subset. Needs matplotlib (the demo extra).
     """
     try:
         import matplotlib
@@ -922,9 +927,9 @@ def figure(path, rep: dict, samples, *, real, against=None, features=None,
     from cdp_fast.data import atomic_write
 
     r = as_image_set(real, "real")
-    sets = {"samples": as_image_set(samples, "samples")}
+    sets = {"samples": as_image_set(samples, "samples", max_samples=max_samples)}
     if against is not None:
-        sets["against"] = as_image_set(against, "against")
+        sets["against"] = as_image_set(against, "against", max_samples=max_samples)
     if features is None:
         features = fit_pca(r.x, pca_components)
     f_real = extract_features(features, r.x)

@@ -34,7 +34,6 @@ interruption (shards are the unit of work and of resume).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import weakref
@@ -46,7 +45,7 @@ import numpy as np
 import torch
 
 from cdp_fast import distributed, runtime
-from cdp_fast.checks import is_int
+from cdp_fast.checks import check_number, is_int
 from cdp_fast.guidance import DEFAULTS, LOSSES, ContrastiveGuidance, check_options
 from cdp_fast.models.external import EpsModel, as_eps_model, call_model
 from cdp_fast.ops.ddim import ddim_update, ddpm_update
@@ -471,28 +470,30 @@ def _check_logits(logits, batch, what):
 _PROBE_SEED = 0x5EED
 
 
-def _probe(model, features, labeler, image_shape, T, num_classes, dev):
-    """Run each network once on a fixed probe batch (2 images from a fixed seed, t = T // 2):
-    a wrong ``image_shape`` or a network that returns the wrong shape or non-finite values
-    fails here, before any file is written, with a message naming it. Returns the behaviour
-    fingerprints of the networks that are plain callables (a module is fingerprinted by its
-    state dict): their outputs on the probe, rounded to 1e-4 of their scale, hashed with the
-    scale to 4 digits — so a resumed run notices a different network behind the same
-    function name, while float noise of the order of 1e-7 leaves the hash as it was."""
+def _probe(eps_model: EpsModel, features, labeler, image_shape, T, num_classes, dev):
+    """Run each network once on a fixed probe batch (2 images from a fixed seed, t = T // 2),
+    as sampling will run it (the prepared ε-model on ``dev``; every module in eval mode for
+    the probe, so no BatchNorm statistic moves): a wrong ``image_shape`` or a network that
+    returns the wrong shape or non-finite values fails here, before any file is written, with
+    a message naming it. Returns the behaviour fingerprints of the networks that are plain
+    callables (a module is fingerprinted by its state dict): 8 fixed random projections of
+    their probe outputs, compared on resume with a tolerance (rtol 1e-3) — so a different
+    network behind the same function name is noticed, float noise across devices is not."""
     x = torch.randn((2,) + tuple(image_shape), generator=torch.Generator().manual_seed(_PROBE_SEED)).to(dev)
     t = torch.full((2,), T // 2, dtype=torch.long, device=dev)
     y = torch.zeros(2, dtype=torch.long, device=dev) if num_classes is not None else None
-    prints = {}
 
     def run(what, fn, *args):
         try:
-            with torch.no_grad():
+            with torch.no_grad(), runtime.eval_mode(fn):
                 return fn(*args)
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"image_shape {tuple(image_shape)} does not fit the {what} ({msg})") from None
+            raise ValueError(f"running the {what} on a probe batch of shape {tuple(x.shape)} failed ({msg}); is "
+                             f"image_shape {tuple(image_shape)} right?") from None
 
-    eps = run("model", call_model, model, x, t, y)
+    with runtime.eval_mode(eps_model.module):
+        eps = run("model", eps_model.forward, x, t, y)
     if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
         raise ValueError(f"model returns {tuple(getattr(eps, 'shape', ())) or type(eps).__name__} for images of "
                          f"shape {tuple(x.shape)} (checked on a probe batch before sampling); is image_shape "
@@ -507,13 +508,13 @@ def _probe(model, features, labeler, image_shape, T, num_classes, dev):
         logits = run("labeler", labeler, x.clamp(-1, 1) if x.dim() == 4 else x)
         _check_logits(logits, 2, "labeler")
         outs["labeler"] = logits
-    for name, fn in (("model", model), ("features", features), ("labeler", labeler)):
+    prints = {}
+    for name, fn in (("model", eps_model.model), ("features", features), ("labeler", labeler)):
         if name in outs and not isinstance(fn, torch.nn.Module):
-            v = outs[name].detach().double().cpu().numpy()
-            scale = float(np.abs(v).max()) or 1.0
-            q = np.round(v / scale * 1e4).astype(np.int64)
-            key = q.tobytes() + f"{q.shape} {scale:.4e}".encode()     # the pattern and its scale
-            prints[name] = f"behaviour:{hashlib.sha256(key).hexdigest()[:16]}"
+            v = torch.as_tensor(outs[name].detach().double().cpu().flatten())
+            r = torch.randn((8, v.numel()), generator=torch.Generator().manual_seed(_PROBE_SEED + 1),
+                            dtype=torch.float64)
+            prints[name] = {"behaviour": [round(float(p), 6) for p in (r @ v) / v.numel() ** 0.5]}
     return prints
 
 
@@ -628,13 +629,13 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
               shard_size, init_std)
     if out is not None and not str(out).strip():
         raise ValueError("out: an empty path; give a directory (or out=None to keep the samples in memory)")
-    # numpy scalars are the numbers they hold (the manifest compares them on resume)
-    n, batch_size, steps, T, seed = int(n), int(batch_size), int(steps), int(T), int(seed)
-    shard_size = None if shard_size is None else int(shard_size)
-    num_classes = None if num_classes is None else int(num_classes)
-    image_shape = tuple(int(v) for v in image_shape)
-    lam, tau, tau_plus, beta, eta, init_std = (v.item() if isinstance(v, np.generic) else v
-                                               for v in (lam, tau, tau_plus, beta, eta, init_std))
+    # numpy scalars are the numbers they hold (the manifest compares them on resume); the
+    # checks above and below see the same values
+    n, batch_size, steps, T, seed, shard_size, num_classes, lam, tau, tau_plus, beta, eta, init_std = (
+        v.item() if isinstance(v, np.generic) else v
+        for v in (n, batch_size, steps, T, seed, shard_size, num_classes, lam, tau, tau_plus, beta, eta, init_std))
+    image_shape = tuple(v.item() if isinstance(v, np.generic) else v for v in image_shape)
+    check_number("seed", seed, integer=True)
     runtime.check_dtype(dtype)
     if alphas_cumprod is not None:
         abar = as_alphas_cumprod(alphas_cumprod)
@@ -662,8 +663,8 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
                          "when guiding, so contrastive batches do not straddle shards")
     # under torchrun (a streamed run), one GPU per rank: cuda:LOCAL_RANK
     dev = runtime.rank_device(device, model) if out is not None else runtime.model_device(model, device)
-    behaviour = _probe(model, features if guided else None, labeler, image_shape, T, num_classes, dev)
     eps_model, channels_last = _prepare_model(model, dev, compile, image_shape)
+    behaviour = _probe(eps_model, features if guided else None, labeler, image_shape, T, num_classes, dev)
     run = _Run(eps_model=eps_model, guidance=guidance if guided else None, solver=solver,
                clip_x0=(solver == "ddpm") if clip_x0 is None else bool(clip_x0), head_scope=shard_size,
                alphas_cumprod=abar,
@@ -701,6 +702,6 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
             lambda parts: {"guidance_strength": _Strength().merge(parts).summary()} if any(parts) else {})
         stats = write_shards(plan, lambda s, c, advance: _batches(run, s, c, advance), device=dev,
                              progress=progress, extras=lambda: run.strength.by_t, merge=merge)
-    result = Samples.load(out)
+    result = Samples.load(out, verify=False)        # every shard was just written or verified
     result.meta["throughput"] = stats
     return result

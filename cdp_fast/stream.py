@@ -1,12 +1,13 @@
 """Resumable streaming of a long generation run into an out directory: fixed-size shards, the
 manifest, resume, the split of shards over torchrun ranks, and the fingerprints that tell a
 resumed run whether its arguments changed. Knows nothing of sampling: it calls
-``generate(start, count)`` for the rows of each missing shard.
+``generate(start, count, advance)`` for the rows of each missing shard.
 
 Layout of ``out/`` (DESIGN.md §6): ``shard-000123.npz`` (see :mod:`cdp_fast.data`),
 ``manifest.json`` (arguments, counts, seeding, each finished shard's size and sha256,
-``complete``) and, during a multi-process run, one ``shard-000123.json`` record per shard
-written by its rank (folded into the manifest by rank 0 at the end). Every file is written
+``complete``), ``.lock`` (the run's lock and its holder, :class:`DirLock`) and, during a
+multi-process run, one ``shard-000123.json`` record per shard written by its rank (folded into
+the manifest by rank 0 at the end). Every file is written
 atomically; a killed run resumed with the same arguments rewrites only the missing shards,
 byte-identically; a missing, truncated or corrupted shard is detected by its sha256 and
 regenerated; changed arguments refuse to resume and name what changed.
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from cdp_fast import distributed
-from cdp_fast.data import atomic_write_bytes, atomic_write_json, npz_bytes, sha256_file
+from cdp_fast.data import atomic_write_bytes, atomic_write_json, npz_bytes, shard_intact
 
 __all__ = ["ShardPlan", "DirLock", "write_shards", "fingerprint", "shard_name", "SEEDING"]
 
@@ -61,6 +62,23 @@ class ShardPlan:
 
 
 # ----------------------------------------------------------------------------- manifest
+def _same(key, old, new, out) -> bool:
+    """Whether a recorded argument matches: exactly, except behaviour fingerprints (dicts with
+    "behaviour": projections of a callable's probe output, :func:`cdp_fast.sampler._probe`),
+    which match within rtol 1e-3 — float noise across devices, thread counts or versions must
+    not refuse a resume; a different network differs by far more. A name recorded before
+    behaviour fingerprints existed cannot be checked: accepted with a warning."""
+    if isinstance(new, dict) and "behaviour" in new:
+        if isinstance(old, str):
+            warnings.warn(f"out: {out} records {key} by name ({old}); its behaviour cannot be checked")
+            return True
+        if not (isinstance(old, dict) and len(old.get("behaviour", ())) == len(new["behaviour"])):
+            return False
+        a, b = np.asarray(old["behaviour"]), np.asarray(new["behaviour"])
+        return bool(np.all(np.abs(a - b) <= 1e-3 * max(np.abs(a).max(), np.abs(b).max(), 1e-12)))
+    return old == new
+
+
 def _nothing_finished(plan: ShardPlan, manifest) -> bool:
     """No finished shard anywhere (manifest, rank records, files): a failed first call, whose
     manifest must not pin its arguments on the corrected one."""
@@ -77,7 +95,7 @@ def _load_or_start_manifest(plan: ShardPlan, *, may_restart: bool = False):
             raise ValueError(f"out: {path} is not valid JSON ({e}); remove it to start afresh") from None
         old = {**plan.legacy, **manifest.get("args", {})}
         args = plan.args
-        changed = sorted(k for k in set(old) | set(args) if old.get(k) != args.get(k))
+        changed = sorted(k for k in set(old) | set(args) if not _same(k, old.get(k), args.get(k), plan.out))
         if changed and may_restart and _nothing_finished(plan, manifest):
             warnings.warn(f"out: {plan.out} held a run with other arguments but no finished shard; "
                           "starting afresh")
@@ -99,8 +117,7 @@ def _load_or_start_manifest(plan: ShardPlan, *, may_restart: bool = False):
 
 
 def _shard_ok(out: Path, name, info) -> bool:
-    f = out / name
-    return f.exists() and f.stat().st_size == info.get("bytes") and sha256_file(f) == info.get("sha256")
+    return shard_intact(out / name, info)
 
 
 def _verify_shards(plan: ShardPlan, manifest):
@@ -209,8 +226,12 @@ def _prepare_out(out: Path) -> DirLock:
     if not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"out: {out} is not writable")
     lock = DirLock(out).acquire()
-    for stray in list(out.glob(".shard-*.tmp")) + list(out.glob(".manifest.json.*.tmp")):
-        stray.unlink(missing_ok=True)
+    try:
+        for stray in list(out.glob(".shard-*.tmp")) + list(out.glob(".manifest.json.*.tmp")):
+            stray.unlink(missing_ok=True)
+    except BaseException:
+        lock.release()
+        raise
     return lock
 
 
@@ -245,18 +266,17 @@ def write_shards(plan: ShardPlan, generate: Callable[..., Iterable[dict]], *, de
 
     out = plan.out
     rank, world = distributed.maybe_init(device)
-    lock, error = None, None
+    lock, failure = None, None
     if rank == 0:
         try:
             lock = _prepare_out(out)
             _load_or_start_manifest(plan, may_restart=True)
-        except ValueError as e:
-            error = str(e)
+        except Exception as e:  # noqa: BLE001  (any failure: release, tell every rank, re-raise)
+            failure = e
             if lock is not None:
                 lock.release()
-    error = distributed.all_gather_object(error)[0]   # every rank stops with rank 0's reason
-    if error:
-        raise ValueError(error)
+                lock = None
+    _stop_together(failure)
     try:
         return _write(plan, generate, rank, world, progress, desc, extras, merge)
     finally:
@@ -264,12 +284,28 @@ def write_shards(plan: ShardPlan, generate: Callable[..., Iterable[dict]], *, de
             lock.release()
 
 
+def _stop_together(failure) -> None:
+    """Every rank learns whether any rank failed; the failing rank re-raises its own error,
+    the others a ValueError naming it (no rank is left waiting at a collective)."""
+    reasons = distributed.all_gather_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    for r, reason in enumerate(reasons):
+        if reason is not None:
+            raise ValueError(f"rank {r} stopped the run: {reason}")
+
+
 def _write(plan, generate, rank, world, progress, desc, extras, merge):
     from tqdm.auto import tqdm
 
     out = plan.out
     shards = plan.shards
-    manifest = _load_or_start_manifest(plan)
+    manifest, failure = None, None
+    try:
+        manifest = _load_or_start_manifest(plan)
+    except Exception as e:  # noqa: BLE001  (e.g. a rank whose arguments differ)
+        failure = e
+    _stop_together(failure)
     _verify_shards(plan, manifest)
     distributed.barrier()
     todo = [p for p in shards if shard_name(p[0]) not in manifest["shards"] and p[0] % world == rank]

@@ -1,8 +1,9 @@
 """The training loop's parts behind :func:`cdp_fast.train_trades` / :func:`cdp_fast.train_pgd_at`:
 the two recipes, objectives, schedules, the run's configuration, optimizer, checkpoint files,
 DDP wrapping and one epoch. :mod:`cdp_fast.train` puts them together top-down and documents
-the recipes, the determinism and the distributed semantics they implement. (Just over 400
-lines: the pieces of one loop, each small, kept beside each other.)
+the recipes, the determinism and the distributed semantics they implement. (Over 400 lines:
+the pieces of one loop — recipes, checkpoint files with their hash and data fingerprints, DDP,
+one epoch — each small, kept beside each other.)
 """
 from __future__ import annotations
 
@@ -259,6 +260,8 @@ def read_weights_only(path, what: str, expected: str, map_location="cpu"):
         op = re.search(r"(Unsupported operand \d+|invalid load key[^.\n]*)", str(e))
         raise ValueError(f"{what} {path} is not {expected}: {_UNREADABLE} "
                          f"{op.group(1) if op else 'UnpicklingError'})") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError, MemoryError):
+        raise    # the path or the machine, not the file's bytes (a truncated zip is EINVAL: below)
     except Exception as e:   # anything else torch.load raises means an unreadable file
         raise ValueError(f"{what} {path} is not {expected}: {_UNREADABLE} "
                          f"{type(e).__name__})") from None
