@@ -162,6 +162,34 @@ def build_digits(device):
             "infonce": dict(lam=g["infonce"]["lam"], tau=g["infonce"]["tau"])}
 
 
+def build_small(device):
+    """A small diffusers UNet at 16×16 (CPU-sized, the shape of a real pipeline: diffusers
+    blocks, self-attention, 3 channels) + a SmallCNN's features, both random init."""
+    try:
+        from diffusers import UNet2DModel
+    except ImportError as e:
+        raise SystemExit("--config small needs diffusers: pip install 'cdp_fast[diffusers]'") from e
+    from cdp_fast.guidance import DEFAULTS
+    from cdp_fast.models import as_feature_extractor
+    from cdp_fast.models.small_cnn import small_cnn
+
+    torch.manual_seed(0)
+    model = UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    ).to(device).eval()
+    cnn = small_cnn(in_channels=3).to(device).eval()
+    for p in list(model.parameters()) + list(cnn.parameters()):
+        p.requires_grad_(False)
+    return {"model": model, "features": as_feature_extractor(cnn), "image_shape": (3, 16, 16),
+            "note": "diffusers UNet2DModel 16x16 (32-64-64, attention at 8x8), random init + SmallCNN "
+                    "(3 channels) features, random init",
+            "params": sum(p.numel() for p in model.parameters()),
+            "hnm": dict(DEFAULTS["hnm"]), "infonce": dict(DEFAULTS["infonce"])}
+
+
 def build_cifar(device):
     try:
         from diffusers import UNet2DModel
@@ -396,9 +424,11 @@ def parse_args(argv=None, prog=None):
     # prog: "cdp-fast bench" when run through the CLI (None: argparse's default, the script name)
     ap = argparse.ArgumentParser(prog=prog,
                                  description="Sampling throughput: ours vs eager Algorithm 1 vs diffusers.")
-    ap.add_argument("--config", choices=("digits", "cifar"), default="digits",
-                    help="digits: bundled 8x8 UNet (CPU-sized); cifar: DDPM CIFAR-10 UNet + WRN-28-10")
-    ap.add_argument("--batch", type=int, default=None, help="batch size (default: digits 128, cifar 512)")
+    ap.add_argument("--config", choices=("digits", "small", "cifar"), default="digits",
+                    help="digits: bundled 8x8 UNet (CPU-sized); small: a 16x16 diffusers UNet + SmallCNN "
+                         "(CPU-sized, random init); cifar: DDPM CIFAR-10 UNet + WRN-28-10")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="batch size (default: digits 128, small 64, cifar 512)")
     ap.add_argument("--steps", type=int, default=20, help="DDIM steps (uniform skip)")
     ap.add_argument("--repeats", type=int, default=7,
                     help="interleaved timing rounds (each times every method once; medians are reported)")
@@ -423,7 +453,7 @@ def parse_args(argv=None, prog=None):
         ap.error(f"--methods: unknown {bad}; choose from {ALL_METHODS + TF32_METHODS}")
     args.methods = methods
     if args.batch is None:
-        args.batch = 128 if args.config == "digits" else 512
+        args.batch = {"digits": 128, "small": 64, "cifar": 512}[args.config]
     if args.batch < 2 or args.steps < 1 or args.repeats < 1:
         ap.error("--batch must be >= 2, --steps and --repeats >= 1")
     return args
@@ -437,7 +467,7 @@ def main(argv=None, prog=None):
     if args.dtype == "auto":
         args.dtype = "bfloat16" if device.type == "cuda" else "float32"
     args.dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
-    setup = (build_digits if args.config == "digits" else build_cifar)(device)
+    setup = {"digits": build_digits, "small": build_small, "cifar": build_cifar}[args.config](device)
     x_T = start_noise(args.batch, tuple(setup["image_shape"]), args.seed, device)
     print(f"config {args.config}: {setup['note']}; {setup['params'] / 1e6:.2f}M params; batch {args.batch}, "
           f"{args.steps} steps, {args.repeats} interleaved rounds; device {device}, {torch.get_num_threads()} threads, "

@@ -415,13 +415,58 @@ def _batches(run: _Run, start: int, count: int, advance=None):
         yield arrays
 
 
-def _model_plan(model, dev: torch.device, compile, image_shape) -> tuple[bool, bool, bool]:
+#: compile="auto" on CPU compiles the ε-model when the call's estimated eager ε-model time is at
+#: least this many seconds. Measured on the 2-core CPU (torch 2.13, 20 steps, interleaved runs):
+#: the frozen compile costs 11-22 s per process on the digits UNet (1.0M params; eager 31 ms →
+#: 19 ms per batch-128 forward, so it pays off after ~30-60 s of eager model time) and ~27 s
+#: on a small diffusers UNet (1.1M params, 16×16; 60 → 44 ms per batch-64 forward: ~95 s).
+#: Frozen graphs cannot use inductor's persistent caches (their prepacked oneDNN weights do
+#: not pickle: fxgraph_cache_bypass; AOTAutograd refuses freezing), so every process pays it.
+CPU_AUTO_COMPILE_S = 120.0
+
+
+def _eager_seconds(model, image_shape, batch: int, forwards: int, dev: torch.device,
+                   threshold: float = math.inf) -> float:
+    """Estimated eager ε-model time of ``forwards`` calls at ``batch``.
+
+    One forward at ≤ 16 samples is timed (the second of two: the first builds oneDNN
+    primitives) and scaled linearly; small batches cost more per sample (digits UNet: ~2× at
+    batch 128), so that over-estimates. When it reaches ``threshold``, two forwards at the
+    full batch (a negligible part of so long a call) give the estimate instead."""
+    import time
+
+    eps_model = as_eps_model(model)
+
+    def once(b):
+        x = torch.zeros((b, *image_shape), device=dev)
+        t = torch.full((b,), 500, dtype=torch.long, device=dev)
+        eps_model(x, t)
+        start = time.perf_counter()
+        eps_model(x, t)
+        return time.perf_counter() - start
+
+    with torch.no_grad(), runtime.eval_mode(eps_model.module):
+        small = min(batch, 16)
+        est = once(small) * (batch / small) * forwards
+        if batch > small and est >= threshold:
+            est = once(batch) * forwards
+    return est
+
+
+def _model_plan(model, dev: torch.device, compile, image_shape, work=None) -> tuple[bool, bool, bool]:
     """(compile, copy, channels_last) for running ``model`` on ``dev``: channels_last only for
     an nn.Module compiled on CUDA with (C, H, W) images (cuDNN convolutions and bf16 tensor
     cores prefer NHWC); a copy whenever the caller's module would have to move or change
-    layout, so it never does."""
-    use_compile = compile is True or (compile == "auto" and dev.type == "cuda")
+    layout, so it never does.
+
+    ``compile="auto"``: always on CUDA; on CPU for an nn.Module when ``work`` = (batch,
+    forwards) puts the eager ε-model time at ≥ :data:`CPU_AUTO_COMPILE_S` (timed, not assumed)."""
     is_module = isinstance(model, torch.nn.Module)
+    use_compile = compile is True or (compile == "auto" and dev.type == "cuda")
+    if compile == "auto" and dev.type == "cpu" and is_module and work is not None:
+        batch, forwards = work
+        use_compile = (_eager_seconds(model, image_shape, batch, forwards, dev, CPU_AUTO_COMPILE_S)
+                       >= CPU_AUTO_COMPILE_S)
     channels_last = use_compile and dev.type == "cuda" and len(image_shape) == 3 and is_module
     must_copy = is_module and (channels_last or not runtime.same_device(runtime.model_device(model), dev))
     return use_compile, must_copy, channels_last
@@ -433,9 +478,9 @@ def _model_plan(model, dev: torch.device, compile, image_shape) -> tuple[bool, b
 _PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _prepare_model(model, dev: torch.device, compile, image_shape) -> tuple[EpsModel, bool]:
+def _prepare_model(model, dev: torch.device, compile, image_shape, work=None) -> tuple[EpsModel, bool]:
     """(the ε-model adapter to run, whether x_T goes in channels_last); see :func:`_model_plan`."""
-    use_compile, must_copy, channels_last = _model_plan(model, dev, compile, image_shape)
+    use_compile, must_copy, channels_last = _model_plan(model, dev, compile, image_shape, work)
     if must_copy:
         key = (str(dev), channels_last, runtime.weights_fingerprint(model))
         hit = _PREPARED.get(model)
@@ -602,12 +647,17 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
         device, dtype: device (default: the model's); dtype bf16/fp16 runs the networks under
             autocast (the sampler state stays fp32). Under torchrun with CUDA and no
             ``device``, each rank uses cuda:LOCAL_RANK.
-        compile: "auto" (torch.compile on CUDA), True, or False. On CUDA the ε-model is
-            compiled in channels_last with CUDA graphs (``mode="reduce-overhead"``); on CPU
-            (``compile=True``) it is compiled with inductor freezing, left in its layout, and
-            recompiled if its weights changed since the last call
-            (:mod:`cdp_fast.runtime`). The feature extractor stays eager. The first call pays
-            the compile (~16 s for the digits UNet on CPU).
+        compile: "auto", True, or False. On CUDA the ε-model is compiled in channels_last with
+            CUDA graphs (``mode="reduce-overhead"``); on CPU it is compiled with inductor
+            freezing, left in its layout, and recompiled if its weights changed since the last
+            call (:mod:`cdp_fast.runtime`). The feature extractor stays eager. "auto" compiles
+            on CUDA always and on CPU only when the call is long enough to repay the compile:
+            one eager forward is timed and the call's eager ε-model time estimated; at ≥
+            ``CPU_AUTO_COMPILE_S`` (120 s) it compiles. Measured here (2 cores): the compile
+            costs 11-27 s in every new process (frozen graphs skip inductor's persistent
+            caches) and saves 27-38% of the ε-model time, so it breaks even after ~30-95 s of
+            eager model time (digits UNet, batch 128, 200 steps: break-even ~1,000 samples;
+            "auto" compiles from ~2,800).
         progress: tqdm progress bar.
         init_std: x_T ~ N(0, init_std² I) (1 = the diffusion prior; App. C.2 also uses 2).
     Returns:
@@ -663,7 +713,11 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
                          "when guiding, so contrastive batches do not straddle shards")
     # under torchrun (a streamed run), one GPU per rank: cuda:LOCAL_RANK
     dev = runtime.rank_device(device, model) if out is not None else runtime.model_device(model, device)
-    eps_model, channels_last = _prepare_model(model, dev, compile, image_shape)
+    # the ε-model forwards of this process (an upper bound on a resumed run): compile="auto"
+    # on CPU weighs them against the compile's cost
+    world = distributed.world_info()[1] if out is not None else 1
+    work = (min(batch_size, n), math.ceil(math.ceil(n / world) / batch_size) * len(ts))
+    eps_model, channels_last = _prepare_model(model, dev, compile, image_shape, work)
     behaviour = _probe(eps_model, features if guided else None, labeler, image_shape, T, num_classes, dev)
     run = _Run(eps_model=eps_model, guidance=guidance if guided else None, solver=solver,
                clip_x0=(solver == "ddpm") if clip_x0 is None else bool(clip_x0), head_scope=shard_size,

@@ -508,6 +508,57 @@ def test_model_plan_copies_instead_of_mutating():
     assert _model_plan(plain, cuda, "auto", (3, 8, 8)) == (True, False, False)  # callables: as given
 
 
+class _SlowEps(torch.nn.Module):
+    """An ε-model whose forward takes ``per_sample`` seconds per sample (a clock, not a guess)."""
+
+    def __init__(self, per_sample):
+        super().__init__()
+        self.per_sample, self.lin = per_sample, torch.nn.Linear(1, 1)
+
+    def forward(self, x, t):
+        import time
+        time.sleep(self.per_sample * len(x))
+        return torch.zeros_like(x)
+
+
+def test_compile_auto_on_cpu_weighs_the_timed_eager_work_against_the_threshold(monkeypatch):
+    """compile="auto" on CPU: compile iff (timed forward) × (forwards) ≥ CPU_AUTO_COMPILE_S. The
+    model sleeps 1 ms per sample, so 64 samples × 100 forwards ≈ 6.4 s of eager model time."""
+    from cdp_fast import sampler
+
+    cpu = torch.device("cpu")
+    m = _SlowEps(1e-3)
+    est = sampler._eager_seconds(m, (1, 2, 2), 64, 100, cpu)
+    assert 6.4 <= est < 6.4 * 4          # sleep granularity and call overhead only add
+    monkeypatch.setattr(sampler, "CPU_AUTO_COMPILE_S", 5.0)
+    assert sampler._model_plan(m, cpu, "auto", (1, 2, 2), (64, 100))[0] is True
+    assert sampler._model_plan(m, cpu, "auto", (1, 2, 2), (64, 10))[0] is False   # ~0.64 s
+    assert sampler._model_plan(m, cpu, False, (1, 2, 2), (64, 100))[0] is False   # asked: never
+    plain = lambda x, t: x  # noqa: E731   (no module to freeze: "auto" leaves callables eager)
+    assert sampler._model_plan(plain, cpu, "auto", (1, 2, 2), (64, 100))[0] is False
+
+
+def test_sample_compiles_on_cpu_when_auto_and_the_run_is_long_enough(monkeypatch):
+    """sample() hands the call's work to the decision: with the threshold at 0 it compiles (the
+    spy stands in for inductor), with the threshold out of reach it does not."""
+    from cdp_fast import runtime, sampler
+
+    calls = []
+
+    def spy(fn, module=None):
+        calls.append(module)
+        return fn
+    monkeypatch.setattr(runtime, "compile_frozen", spy)
+    kw = dict(n=6, loss=None, steps=3, image_shape=(1, 5, 5), batch_size=4, progress=False)
+    monkeypatch.setattr(sampler, "CPU_AUTO_COMPILE_S", 0.0)
+    a = cdp_fast.sample(TinyEps(), compile="auto", **kw)
+    assert len(calls) == 1
+    monkeypatch.setattr(sampler, "CPU_AUTO_COMPILE_S", 1e9)
+    b = cdp_fast.sample(TinyEps(), compile="auto", **kw)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(a.images, b.images)
+
+
 def test_resume_of_a_run_written_before_the_new_arguments(tmp_path):
     """A manifest without form/solver/clip_x0 (written before they existed) resumes when the
     call means what it meant: plain DDIM here."""
