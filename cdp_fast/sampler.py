@@ -426,13 +426,14 @@ CPU_AUTO_COMPILE_S = 120.0
 
 
 def _eager_seconds(model, image_shape, batch: int, forwards: int, dev: torch.device,
-                   threshold: float = math.inf) -> float:
+                   threshold: float = math.inf, num_classes=None) -> float:
     """Estimated eager ε-model time of ``forwards`` calls at ``batch``.
 
     One forward at ≤ 16 samples is timed (the second of two: the first builds oneDNN
     primitives) and scaled linearly; small batches cost more per sample (digits UNet: ~2× at
     batch 128), so that over-estimates. When it reaches ``threshold``, two forwards at the
-    full batch (a negligible part of so long a call) give the estimate instead."""
+    full batch (a negligible part of so long a call) give the estimate instead. A
+    class-conditional model (``num_classes`` set) is called with labels, as sampling calls it."""
     import time
 
     eps_model = as_eps_model(model)
@@ -440,9 +441,10 @@ def _eager_seconds(model, image_shape, batch: int, forwards: int, dev: torch.dev
     def once(b):
         x = torch.zeros((b, *image_shape), device=dev)
         t = torch.full((b,), 500, dtype=torch.long, device=dev)
-        eps_model(x, t)
+        y = torch.zeros(b, dtype=torch.long, device=dev) if num_classes is not None else None
+        eps_model.forward(x, t, y)
         start = time.perf_counter()
-        eps_model(x, t)
+        eps_model.forward(x, t, y)
         return time.perf_counter() - start
 
     with torch.no_grad(), runtime.eval_mode(eps_model.module):
@@ -453,20 +455,30 @@ def _eager_seconds(model, image_shape, batch: int, forwards: int, dev: torch.dev
     return est
 
 
-def _model_plan(model, dev: torch.device, compile, image_shape, work=None) -> tuple[bool, bool, bool]:
+def _cpu_auto_compiles(model, image_shape, work, dev: torch.device, num_classes=None) -> bool:
+    """compile="auto" on CPU: whether the call's timed eager ε-model work, ``work`` = (batch,
+    forwards), reaches :data:`CPU_AUTO_COMPILE_S` (only an nn.Module can be frozen and compiled)."""
+    if work is None or as_eps_model(model).module is None:
+        return False
+    batch, forwards = work
+    return _eager_seconds(model, image_shape, batch, forwards, dev, CPU_AUTO_COMPILE_S,
+                          num_classes) >= CPU_AUTO_COMPILE_S
+
+
+def _model_plan(model, dev: torch.device, compile, image_shape, work=None,
+                num_classes=None) -> tuple[bool, bool, bool]:
     """(compile, copy, channels_last) for running ``model`` on ``dev``: channels_last only for
     an nn.Module compiled on CUDA with (C, H, W) images (cuDNN convolutions and bf16 tensor
     cores prefer NHWC); a copy whenever the caller's module would have to move or change
     layout, so it never does.
 
     ``compile="auto"``: always on CUDA; on CPU for an nn.Module when ``work`` = (batch,
-    forwards) puts the eager ε-model time at ≥ :data:`CPU_AUTO_COMPILE_S` (timed, not assumed)."""
+    forwards) puts the eager ε-model time at ≥ :data:`CPU_AUTO_COMPILE_S` (timed, not assumed;
+    see :func:`_cpu_auto_compiles`)."""
     is_module = isinstance(model, torch.nn.Module)
     use_compile = compile is True or (compile == "auto" and dev.type == "cuda")
-    if compile == "auto" and dev.type == "cpu" and is_module and work is not None:
-        batch, forwards = work
-        use_compile = (_eager_seconds(model, image_shape, batch, forwards, dev, CPU_AUTO_COMPILE_S)
-                       >= CPU_AUTO_COMPILE_S)
+    if compile == "auto" and dev.type == "cpu":
+        use_compile = _cpu_auto_compiles(model, image_shape, work, dev, num_classes)
     channels_last = use_compile and dev.type == "cuda" and len(image_shape) == 3 and is_module
     must_copy = is_module and (channels_last or not runtime.same_device(runtime.model_device(model), dev))
     return use_compile, must_copy, channels_last
@@ -478,9 +490,13 @@ def _model_plan(model, dev: torch.device, compile, image_shape, work=None) -> tu
 _PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _prepare_model(model, dev: torch.device, compile, image_shape, work=None) -> tuple[EpsModel, bool]:
-    """(the ε-model adapter to run, whether x_T goes in channels_last); see :func:`_model_plan`."""
-    use_compile, must_copy, channels_last = _model_plan(model, dev, compile, image_shape, work)
+def _prepare_model(model, dev: torch.device, compile, image_shape, work=None,
+                   num_classes=None) -> tuple[EpsModel, bool]:
+    """(the ε-model adapter to run, whether x_T goes in channels_last); see :func:`_model_plan`.
+    :func:`sample` calls it without ``work`` (eager on CPU), probes the eager adapter, and only
+    then lets :func:`_cpu_auto_compiles` time it, so a wrong ``image_shape`` or model signature
+    is reported by the probe rather than by the timing."""
+    use_compile, must_copy, channels_last = _model_plan(model, dev, compile, image_shape, work, num_classes)
     if must_copy:
         key = (str(dev), channels_last, runtime.weights_fingerprint(model))
         hit = _PREPARED.get(model)
@@ -493,14 +509,16 @@ def _prepare_model(model, dev: torch.device, compile, image_shape, work=None) ->
             _PREPARED[model] = (key, module)
         model = module
     eps_model = EpsModel(model)
-    if use_compile:
-        if dev.type == "cuda":
-            eps_model = eps_model.with_runner(runtime.compile_cuda_graphs(eps_model.forward))
-        else:
-            eps_model = eps_model.with_runner(runtime.compile_frozen(eps_model.forward, eps_model.module))
-        # The feature extractor is left eager: compiled forward+backward through it was slower
-        # on the digits guidance (59 vs 71 img/s, CPU, 1 thread).
-    return eps_model, channels_last
+    return (_compiled(eps_model, dev) if use_compile else eps_model), channels_last
+
+
+def _compiled(eps_model: EpsModel, dev: torch.device) -> EpsModel:
+    """The adapter running a compiled forward: CUDA graphs on CUDA, a frozen inductor graph on
+    CPU. The feature extractor is left eager: compiled forward+backward through it was slower
+    on the digits guidance (59 vs 71 img/s, CPU, 1 thread; README "Speed")."""
+    if dev.type == "cuda":
+        return eps_model.with_runner(runtime.compile_cuda_graphs(eps_model.forward))
+    return eps_model.with_runner(runtime.compile_frozen(eps_model.forward, eps_model.module))
 
 
 def _check_logits(logits, batch, what):
@@ -717,8 +735,13 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
     # on CPU weighs them against the compile's cost
     world = distributed.world_info()[1] if out is not None else 1
     work = (min(batch_size, n), math.ceil(math.ceil(n / world) / batch_size) * len(ts))
-    eps_model, channels_last = _prepare_model(model, dev, compile, image_shape, work)
+    eps_model, channels_last = _prepare_model(model, dev, compile, image_shape)
+    # the probe runs the eager adapter (its fingerprint does not depend on compile), then
+    # compile="auto" on CPU times the same adapter
     behaviour = _probe(eps_model, features if guided else None, labeler, image_shape, T, num_classes, dev)
+    if compile == "auto" and dev.type == "cpu" and _cpu_auto_compiles(eps_model.model, image_shape, work, dev,
+                                                                       num_classes):
+        eps_model = _compiled(eps_model, dev)
     run = _Run(eps_model=eps_model, guidance=guidance if guided else None, solver=solver,
                clip_x0=(solver == "ddpm") if clip_x0 is None else bool(clip_x0), head_scope=shard_size,
                alphas_cumprod=abar,

@@ -9,14 +9,22 @@ import torch
 import cdp_fast
 
 
-def _fresh(name):
-    sys.modules.pop(name, None)
-    with pytest.warns(DeprecationWarning, match=name.replace(".", r"\.")):
-        return importlib.import_module(name)
+@pytest.fixture
+def fresh(monkeypatch):
+    """Import an old module path afresh; afterwards the package attribute and sys.modules entry
+    are put back, so other tests in this process see ``cdp_fast.evaluate`` the function again
+    (importing the submodule binds the package attribute to it: Python's import system does)."""
+    def imp(name):
+        parent, _, child = name.rpartition(".")
+        monkeypatch.setattr(sys.modules[parent], child, getattr(sys.modules[parent], child, None), raising=False)
+        monkeypatch.delitem(sys.modules, name, raising=False)
+        with pytest.warns(DeprecationWarning, match=name.replace(".", r"\.")):
+            return importlib.import_module(name)
+    return imp
 
 
-def test_old_chunked_module_gives_the_new_values_and_gradients():
-    old = _fresh("cdp_fast.chunked")
+def test_old_chunked_module_gives_the_new_values_and_gradients(fresh):
+    old = fresh("cdp_fast.chunked")
     from cdp_fast.losses import hnm_loss_ref, infonce_loss_ref
     from cdp_fast.ops.contrastive import chunked as new
 
@@ -37,8 +45,8 @@ def test_old_chunked_module_gives_the_new_values_and_gradients():
         torch.testing.assert_close(x, y)
 
 
-def test_old_evaluate_module_imports_and_the_public_function_stays_callable():
-    old = _fresh("cdp_fast.evaluate")
+def test_old_evaluate_module_imports_and_the_public_function_stays_callable(fresh):
+    old = fresh("cdp_fast.evaluate")
     from cdp_fast import robustness
     assert old.autoattack_accuracy is robustness.autoattack_accuracy
     assert old.evaluate is robustness.evaluate
@@ -49,7 +57,7 @@ def test_old_evaluate_module_imports_and_the_public_function_stays_callable():
     assert got == robustness.evaluate(model, x, y, attacks=("clean",), progress=False)
 
 
-def test_old_ext_module_is_the_pgd_step_op():
-    old = _fresh("cdp_fast._ext")
+def test_old_ext_module_is_the_pgd_step_op(fresh):
+    old = fresh("cdp_fast._ext")
     from cdp_fast.ops import pgd_step
     assert old.pgd_step is pgd_step.pgd_step and old.pgd_step_ref is pgd_step.pgd_step_ref
