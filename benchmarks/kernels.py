@@ -68,6 +68,8 @@ def print_table(rows, ceilings):
 
         if "TFLOPs" in f:
             ach = f"{f['TFLOPs']:.3f} TFLOP/s"
+            if "exec_TFLOPs" in f:
+                ach += f" (executed {f['exec_TFLOPs']:.3f})"
         elif "GBps" in f:
             ach = f"{f['GBps']:.1f} GB/s"
         else:
@@ -107,11 +109,13 @@ def main(argv=None):
         rows += bench_contrastive.bench(bench_contrastive.CONFIGS[args.config], device, dtype, providers, budget)
     if args.only in (None, "ddim"):
         rows += bench_ddim.bench(bench_ddim.CONFIGS[args.config], device, dtype, providers)
+    peak = ceilings["matmul_bfloat16_TFLOPs" if args.dtype != "float32" and "matmul_bfloat16_TFLOPs" in ceilings
+                    else "matmul_float32_TFLOPs"]
     for r in rows:
         if "TFLOPs" in r:
-            r["fraction_of_matmul_ceiling"] = r["TFLOPs"] / ceilings[
-                "matmul_bfloat16_TFLOPs" if args.dtype != "float32" and "matmul_bfloat16_TFLOPs" in ceilings
-                else "matmul_float32_TFLOPs"]
+            r["fraction_of_matmul_ceiling"] = r["TFLOPs"] / peak
+        if "exec_TFLOPs" in r:
+            r["executed_fraction_of_matmul_ceiling"] = r["exec_TFLOPs"] / peak
         if "GBps" in r:
             r["fraction_of_copy_bandwidth"] = r["GBps"] / ceilings["bandwidth_GBps"]
     print_table(rows, ceilings)

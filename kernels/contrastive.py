@@ -1,5 +1,6 @@
 """Triton kernels of the contrastive losses (ℓ_HNM, InfoNCE): per-row log-sum-exp statistics
-of the m×N cosine similarities, forward and backward, without ever writing the m×N matrix.
+of the m×N cosine similarities, forward (never writing the m×N matrix) and backward (writing
+its gradient weights D in row blocks of at most 256 MiB, then two GEMMs).
 
 A leaf: imports torch and triton only. The op these kernels implement — its plain-PyTorch
 reference, the CPU path, the ``torch.library`` registration and the autograd glue — lives in
@@ -18,11 +19,12 @@ labels are given), the losses depend on s only through
   the d axis is looped in BLOCK_K slices, so any d works), applies the masks and updates two
   online log-sum-exps (running max + rescaled sum, as in flash-attention) and the count N_i.
   Memory O((m + N)·d); nothing of size m×N is ever written.
-* backward: the tiles are recomputed. With D_ij = g1_i·P1_ij + g0_i·P0_ij (P = the masked row
-  softmaxes, g = (1+β)/τ·dL1, β/τ·dL0): ``_stats_bwd_da_kernel`` (grid: anchor blocks × d
-  blocks × candidate splits) accumulates dÂ_i = Σ_j D_ij k̂_j (per-split slabs summed
-  afterwards); ``_stats_bwd_dk_kernel`` (grid: candidate blocks × d blocks) is the transposed
-  pass dK̂_j = Σ_i D_ij â_i. Each output element is owned by one program: no atomics.
+* backward: with D_ij = g1_i·P1_ij + g0_i·P0_ij (P = the masked row softmaxes, g =
+  (1+β)/τ·dL1, β/τ·dL0), ``_stats_bwd_d_kernel`` recomputes each similarity tile once and
+  writes D for a block of anchor rows (fp32, bounded by ``D_BLOCK_BYTES``: the whole m×N when
+  it fits 256 MiB); two GEMMs give dÂ = D·K̂ and dK̂ = Dᵀ·Â. Executed FLOPs 6·m·N·d (forward
+  2·m·N·d more); each D tile is owned by one program and the GEMMs run in a fixed order: no
+  atomics, deterministic.
 * L2 normalisation is folded in: the launchers take the raw rows plus their inverse norms
   r = 1/max(‖x‖, eps) (computed by the caller) and scale s by r_a,i·r_k,j; they return the
   gradients with respect to the *normalised* rows (dÂ, dK̂), to which the caller applies the
@@ -32,11 +34,12 @@ Dtypes: fp32 / bf16 / fp16 inputs on GPU with fp32 accumulation; fp32 dots use
 ``input_precision="tf32x3"`` (≈fp32 accuracy on tensor cores: plain tf32's 10-bit mantissa
 would put ~1e-3 error into s and ×1/τ = ×20 into the loss at τ = 0.05). CPU tensors are only
 valid under ``TRITON_INTERPRET=1`` (Triton's NumPy interpreter, fp32 only); the launchers then
-use the smallest legal tiles and IEEE dots.
-
-Not yet measured on a GPU: the tile sizes below are first choices, not tuned numbers.
+use the smallest legal tiles and IEEE dots. On CUDA the tiles are autotuned per shape
+(``_gpu_configs``; ``CDP_FAST_AUTOTUNE=0``: fixed 64×64 tiles). Not yet measured on a GPU.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -155,99 +158,85 @@ def _d_tile(s, valid, l1, l0, g1, g0, c1, c0, HAS_BETA: tl.constexpr):
 
 
 @triton.jit
-def _stats_bwd_da_kernel(A, K, RA, RK, LA, LK, L1, L0, G1, G0, DA, M, N, D, stride_a, stride_k,
-                         stride_da, c1, c0, s_min, N_SPLIT,
-                         IN_BATCH: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_BETA: tl.constexpr,
-                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
-    """dÂ[rows, dblock] = Σ_j D_ij·k̂_j over all candidate tiles (one program owns its outputs)."""
-    pid = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_s = tl.program_id(2)                 # candidate split; partial dÂ slab pid_s
-    n_lo = pid_s * N_SPLIT
-    n_hi = tl.minimum(N, n_lo + N_SPLIT)
-    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+def _stats_bwd_d_kernel(A, K, RA, RK, LA, LK, L1, L0, G1, G0, DM, M, N, D, stride_a, stride_k, stride_dm,
+                        c1, c0, s_min, row0,
+                        IN_BATCH: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_BETA: tl.constexpr,
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """DM[i − row0, j] = D_ij for the anchors row0 ≤ i < M and all candidates j: one program
+    per BLOCK_M×BLOCK_N tile, s recomputed once (2·BLOCK_M·BLOCK_N·d FLOPs), masked, floored,
+    exponentiated and written (fp32). Each tile is owned by one program: no atomics."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = row0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rm < M
-    rd = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    d_ok = rd < D
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = rn < N
     ra, l1, l0, g1, g0 = _row_bwd_state(RA, L1, L0, G1, G0, rm, row_ok)
     la = _row_labels(LA, rm, row_ok, BLOCK_M, HAS_LABELS)
-    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        col_ok = rn < n_hi
-        s = _sim_tile(A, K, rm, rn, row_ok, col_ok, D, stride_a, stride_k, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        rk = tl.load(RK + rn, mask=col_ok, other=0.0)
-        s = s * ra[:, None] * rk[None, :]
-        # entries below the floor s_min were clamped in the forward: no gradient (clamp's rule)
-        valid = _valid_tile(rm, rn, row_ok, col_ok, la, LK, IN_BATCH, HAS_LABELS) & (s >= s_min)
-        dd = _d_tile(tl.maximum(s, s_min), valid, l1, l0, g1, g0, c1, c0, HAS_BETA) * rk[None, :]   # D_ij·r_k,j
-        kv = tl.load(K + rn[:, None].to(tl.int64) * stride_k + rd[None, :],
-                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += tl.dot(dd.to(kv.dtype), kv, input_precision=PRECISION)
-    slab = DA + pid_s.to(tl.int64) * M * stride_da
-    tl.store(slab + rm[:, None].to(tl.int64) * stride_da + rd[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
-
-
-@triton.jit
-def _stats_bwd_dk_kernel(A, K, RA, RK, LA, LK, L1, L0, G1, G0, DK, M, N, D, stride_a, stride_k,
-                         stride_dk, c1, c0, s_min,
-                         IN_BATCH: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_BETA: tl.constexpr,
-                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
-    """Transposed pass: dK̂[cols, dblock] = Σ_i D_ij·â_i over all anchor tiles."""
-    pid = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = rn < N
-    rd = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    d_ok = rd < D
+    s = _sim_tile(A, K, rm, rn, row_ok, col_ok, D, stride_a, stride_k, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     rk = tl.load(RK + rn, mask=col_ok, other=0.0)
-    acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        rm = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rm < M
-        ra, l1, l0, g1, g0 = _row_bwd_state(RA, L1, L0, G1, G0, rm, row_ok)
-        la = _row_labels(LA, rm, row_ok, BLOCK_M, HAS_LABELS)
-        s = _sim_tile(A, K, rm, rn, row_ok, col_ok, D, stride_a, stride_k, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        s = s * ra[:, None] * rk[None, :]
-        # entries below the floor s_min were clamped in the forward: no gradient (clamp's rule)
-        valid = _valid_tile(rm, rn, row_ok, col_ok, la, LK, IN_BATCH, HAS_LABELS) & (s >= s_min)
-        dd = _d_tile(tl.maximum(s, s_min), valid, l1, l0, g1, g0, c1, c0, HAS_BETA) * ra[:, None]   # D_ij·r_a,i
-        av = tl.load(A + rm[:, None].to(tl.int64) * stride_a + rd[None, :],
-                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += tl.dot(tl.trans(dd.to(av.dtype)), av, input_precision=PRECISION)
-    tl.store(DK + rn[:, None].to(tl.int64) * stride_dk + rd[None, :], acc, mask=col_ok[:, None] & d_ok[None, :])
+    s = s * ra[:, None] * rk[None, :]
+    # entries below the floor s_min were clamped in the forward: no gradient (clamp's rule)
+    valid = _valid_tile(rm, rn, row_ok, col_ok, la, LK, IN_BATCH, HAS_LABELS) & (s >= s_min)
+    dd = _d_tile(tl.maximum(s, s_min), valid, l1, l0, g1, g0, c1, c0, HAS_BETA)
+    tl.store(DM + (rm - row0)[:, None].to(tl.int64) * stride_dm + rn[None, :], dd,
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------------
 # launchers (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
 # --------------------------------------------------------------------------------------------
+def _autotune_on() -> bool:
+    """Autotuning on CUDA unless ``CDP_FAST_AUTOTUNE=0`` (then the fixed first-choice tiles)."""
+    return os.environ.get("CDP_FAST_AUTOTUNE", "1") != "0"
+
+
+def _gpu_configs():
+    """Tile candidates autotuned on CUDA (per (M, N, D, dtype, flags) key; the first call of a
+    shape benchmarks them all). BLOCK_K 32 keeps fp32 tiles inside shared memory."""
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in ((64, 64, 32, 4, 3), (64, 64, 64, 4, 3), (128, 64, 32, 4, 3),
+                                      (128, 64, 64, 8, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 2),
+                                      (32, 64, 64, 4, 4), (128, 128, 64, 8, 3))]
+
+
+_KEY = ["M", "N", "D", "IN_BATCH", "HAS_LABELS", "HAS_BETA", "PRECISION"]
+_fwd_tuned = triton.autotune(_gpu_configs(), key=_KEY)(_stats_fwd_kernel)
+_bwd_d_tuned = triton.autotune(_gpu_configs(), key=_KEY)(_stats_bwd_d_kernel)
+
+
 def _blocks(d: int, dtype: torch.dtype, device: torch.device):
-    """Tile sizes. CPU tensors (the interpreter): the smallest legal dot tiles (16) keep the
-    tests fast; on GPU 64×64 tiles with 32..64-wide d slices (fp32 halves BLOCK_K to fit
+    """Fixed tile sizes, or None when the autotuned kernels choose. CPU tensors (the
+    interpreter): the smallest legal dot tiles (16) keep the tests fast; on CUDA with
+    ``CDP_FAST_AUTOTUNE=0`` 64×64 tiles with 32..64-wide d slices (fp32 halves BLOCK_K to fit
     shared memory)."""
     if device.type != "cuda":
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=16)
-    bk = 32 if dtype == torch.float32 else 64
-    bdo = min(128, max(16, triton.next_power_of_2(d)))
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=bk, BLOCK_DO=bdo)
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    if _autotune_on():
+        return None
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32 if dtype == torch.float32 else 64)
 
 
-def _splits(m: int, n: int, bl: dict, device: torch.device) -> tuple[int, int]:
+def _kernel(plain, tuned, bl):
+    """(the kernel to launch, the tile kwargs to pass): the autotuned one takes none."""
+    return (wrap_triton(plain), bl) if bl is not None else (wrap_triton(tuned), {})
+
+
+def _splits(m: int, n: int, device: torch.device, block_m: int = 64, block_n: int = 64) -> tuple[int, int]:
     """(S, candidates per split). One program per BLOCK_M anchors alone leaves an H100 idle
-    when m is small and the bank is large (m = 512: 8 programs for 132 SMs), so the forward and
-    the dA pass also split the candidates into S ranges (partial LSEs / partial dÂ slabs,
-    combined in PyTorch: O(S·m) and O(S·m·d) memory, no atomics). Target: ~2 programs per SM.
-    Under the interpreter S = 2 whenever there are >= 2 candidate tiles, so the tests exercise
-    the combine."""
-    n_tiles = triton.cdiv(n, bl["BLOCK_N"])
+    when m is small and the bank is large (m = 512: 8 programs for 132 SMs), so the forward
+    also splits the candidates into S ranges (partial LSEs combined in PyTorch: O(S·m) memory,
+    no atomics). Target: ~2 programs per SM at the nominal 64×64 tiles (a split need not be a
+    multiple of the tile actually chosen: its last tile is masked). Under the interpreter S = 2
+    whenever there are >= 2 candidate tiles, so the tests exercise the combine."""
+    n_tiles = triton.cdiv(n, block_n)
     if device.type != "cuda":
         want = 2
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        want = triton.cdiv(2 * sms, triton.cdiv(m, bl["BLOCK_M"]))
-    per = triton.cdiv(n_tiles, max(1, min(n_tiles, want))) * bl["BLOCK_N"]
+        want = triton.cdiv(2 * sms, triton.cdiv(m, block_m))
+    per = triton.cdiv(n_tiles, max(1, min(n_tiles, want))) * block_n
     return triton.cdiv(n, per), per
 
 
@@ -281,22 +270,22 @@ def stats_forward(a, k, ra, rk, a_labels, k_labels, inv_tau: float, beta: float,
         s_min: floor of the similarities, s ← max(s, s_min) (−inf: none).
     Returns:
         (L1, L0, N), each (m,) fp32; L0 = log N when β = 0; empty rows give L1 = L0 = −inf.
+    Executed FLOPs: 2·m·N·d (the similarity tiles, computed once).
     """
     a, k, la, lk, has_labels = _prepare(a, k, a_labels, k_labels)
     m, d = a.shape
     n = k.shape[0]
     bl = _blocks(d, a.dtype, a.device)
-    n_split, per = _splits(m, n, bl, a.device)
+    n_split, per = _splits(m, n, a.device, *((bl["BLOCK_M"], bl["BLOCK_N"]) if bl else ()))
     L1p = torch.empty(n_split, m, dtype=torch.float32, device=a.device)
     L0p = torch.empty(n_split, m, dtype=torch.float32, device=a.device) if beta != 0 else L1p
     cntp = torch.empty(n_split, m, dtype=torch.float32, device=a.device)
-    grid = (triton.cdiv(m, bl["BLOCK_M"]), n_split)
-    wrap_triton(_stats_fwd_kernel)[grid](
+    kernel, tiles = _kernel(_stats_fwd_kernel, _fwd_tuned, bl)
+    kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_split)](
         a, k, ra, rk, la, lk, L1p, L0p, cntp, m, n, d, a.stride(0), k.stride(0),
         (1.0 + beta) * inv_tau, beta * inv_tau, float(s_min), per,
         IN_BATCH=in_batch, HAS_LABELS=has_labels, HAS_BETA=beta != 0,
-        PRECISION=_precision(a.dtype, a.device),
-        BLOCK_M=bl["BLOCK_M"], BLOCK_N=bl["BLOCK_N"], BLOCK_K=bl["BLOCK_K"])
+        PRECISION=_precision(a.dtype, a.device), **tiles)
     # combine the splits: LSE over splits of the partial LSEs (all -inf stays -inf)
     L1 = torch.logsumexp(L1p, 0)
     cnt = cntp.sum(0)
@@ -304,15 +293,28 @@ def stats_forward(a, k, ra, rk, a_labels, k_labels, inv_tau: float, beta: float,
     return L1, L0, cnt
 
 
+#: bytes of the fp32 D block the backward materialises at a time (rows of the m×N matrix)
+D_BLOCK_BYTES = 256 * 2**20
+
+
 def stats_backward(a, k, ra, rk, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: float, beta: float,
-                   in_batch: bool, s_min: float = float("-inf")):
+                   in_batch: bool, s_min: float = float("-inf"), block_bytes: int | None = None):
     """Backward statistics: the gradients with respect to the normalised rows.
 
     Args: as :func:`stats_forward`, plus the forward's L1, L0 (m,) and their incoming
-    gradients dL1, dL0 (m,).
+    gradients dL1, dL0 (m,); ``block_bytes`` (default :data:`D_BLOCK_BYTES`) bounds the D
+    block held at once.
     Returns:
         (dÂ (m, d), dK̂ (N, d)), fp32: dÂ_i = Σ_j D_ij k̂_j, dK̂_j = Σ_i D_ij â_i with
         D_ij = (1+β)/τ·dL1_i·P1_ij + β/τ·dL0_i·P0_ij.
+
+    Structure: for each block of anchor rows (as many as fit ``block_bytes`` of fp32 D: all of
+    them unless m·N > 64M), ``_stats_bwd_d_kernel`` recomputes the similarity tiles once and
+    writes D (fp32); two GEMMs (cuBLAS, fp32 — true fp32 unless the caller enabled TF32
+    matmuls) give dÂ = D·K̂ and accumulate dK̂ += Dᵀ·Â, in a fixed order (deterministic).
+    Executed FLOPs: 6·m·N·d (s once, then the two products), where recomputing s per
+    128-wide slice of d in a kernel that owns its output slices cost 2·m·N·d·(1 + 2·⌈d/128⌉)
+    (26·m·N·d at d = 640). Memory: O((m + N)·d) plus the D block.
     """
     a, k, la, lk, has_labels = _prepare(a, k, a_labels, k_labels)
     m, d = a.shape
@@ -322,27 +324,26 @@ def stats_backward(a, k, ra, rk, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: 
     zero = torch.zeros_like(L1, dtype=torch.float32)
     l1 = torch.where(has, L1.float(), zero).contiguous()
     l0 = torch.where(has, L0.float(), zero).contiguous()
-    g1 = torch.where(has, dL1.float() * c1, zero)
-    g0 = torch.where(has, dL0.float() * c0, zero)
-    # D_ij is cast to the input dtype for the tensor-core dot; with g ~ c/m (the mean over m
-    # anchors) it would underflow fp16 (m = 65536: ~1e-5·P). Scale the row coefficients so
-    # max|g| = 1 and unscale the fp32 results (a tensor, no host sync).
-    gscale = torch.maximum(g1.abs().max(), g0.abs().max()).clamp(min=1e-30)
-    g1 = (g1 / gscale).contiguous()
-    g0 = (g0 / gscale).contiguous()
+    g1 = torch.where(has, dL1.float() * c1, zero).contiguous()
+    g0 = torch.where(has, dL0.float() * c0, zero).contiguous()
     bl = _blocks(d, a.dtype, a.device)
-    n_split, per = _splits(m, n, bl, a.device)
-    da_part = torch.empty(n_split, m, d, dtype=torch.float32, device=a.device)
-    dk = torch.empty(n, d, dtype=torch.float32, device=a.device)
+    kernel, tiles = _kernel(_stats_bwd_d_kernel, _bwd_d_tuned, bl)
     flags = dict(IN_BATCH=in_batch, HAS_LABELS=has_labels, HAS_BETA=beta != 0,
-                 PRECISION=_precision(a.dtype, a.device), BLOCK_M=bl["BLOCK_M"], BLOCK_N=bl["BLOCK_N"],
-                 BLOCK_K=bl["BLOCK_K"], BLOCK_DO=bl["BLOCK_DO"])
-    nd = triton.cdiv(d, bl["BLOCK_DO"])
-    wrap_triton(_stats_bwd_da_kernel)[(triton.cdiv(m, bl["BLOCK_M"]), nd, n_split)](
-        a, k, ra, rk, la, lk, l1, l0, g1, g0, da_part, m, n, d, a.stride(0), k.stride(0), d,
-        c1, c0, float(s_min), per, **flags)
-    da = da_part[0] if n_split == 1 else da_part.sum(0)
-    wrap_triton(_stats_bwd_dk_kernel)[(triton.cdiv(n, bl["BLOCK_N"]), nd)](
-        a, k, ra, rk, la, lk, l1, l0, g1, g0, dk, m, n, d, a.stride(0), k.stride(0), dk.stride(0),
-        c1, c0, float(s_min), **flags)
-    return da.mul_(gscale), dk.mul_(gscale)
+                 PRECISION=_precision(a.dtype, a.device), **tiles)
+    # the normalised rows, fp32 (the similarities were computed from these rows × these norms)
+    ah = a.float() * ra[:, None]
+    kh = k.float() * rk[:, None]
+    budget = D_BLOCK_BYTES if block_bytes is None else block_bytes
+    rows = max(1, min(m, budget // (4 * max(n, 1))))
+    da_parts, dk = [], None
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        block = torch.empty(r1 - r0, n, dtype=torch.float32, device=a.device)
+        kernel[lambda meta, c=r1 - r0: (triton.cdiv(c, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))](
+            a, k, ra, rk, la, lk, l1, l0, g1, g0, block, r1, n, d, a.stride(0), k.stride(0), block.stride(0),
+            c1, c0, float(s_min), r0, **flags)
+        da_parts.append(block @ kh)
+        part = block.t() @ ah[r0:r1]
+        dk = part if dk is None else dk + part
+    da = da_parts[0] if len(da_parts) == 1 else torch.cat(da_parts)
+    return da, dk

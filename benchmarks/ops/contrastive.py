@@ -6,8 +6,12 @@ dense eager reference and torch.compile(reference), in the same run.
 
 Same options and JSON as ``benchmarks/kernels.py --only loss`` (the runner over all ops, which
 owns the table, the ceilings and the provenance). Model FLOPs: 6·m·N·d (forward 2mNd,
-backward dA and dK 4mNd; the fused backward recomputes s, doing 10·m·N·d). Dense providers
-are skipped where their m×N working set would not fit (estimated).
+backward dA and dK 4mNd) give ``TFLOPs``; executed FLOPs give ``exec_TFLOPs``: the fused op
+recomputes s once in its backward (one D-tile kernel, then dÂ = D·K̂ and dK̂ = Dᵀ·Â as GEMMs),
+8·m·N·d in all — before the restructure it recomputed s per 128-wide slice of d for each of
+its two passes, 2·m·N·d·(2 + 2·⌈d/128⌉) (26·m·N·d at d = 640); the dense providers execute
+the model FLOPs. Dense providers are skipped where their m×N working set would not fit
+(estimated).
 """
 from __future__ import annotations
 
@@ -69,6 +73,8 @@ def bench(cfg, device, dtype, providers, budget):
                 row["skipped"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             if "median_ms" in row:
                 row["TFLOPs"] = 6 * m * nn * d / (row["median_ms"] * 1e-3) / 1e12
+                executed = (8 if prov == "fused" else 6) * m * nn * d
+                row["exec_TFLOPs"] = executed / (row["median_ms"] * 1e-3) / 1e12
             rows.append(row)
         del a, p, k, ins
     return rows

@@ -165,6 +165,33 @@ def test_interpreted_op_matches_torch_op_statistics():
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not INTERP, reason="the Triton kernels run on CPU only under TRITON_INTERPRET=1")
+@settings(max_examples=8)
+@given(m=st.integers(1, 40), n=st.integers(1, 40), d=st.integers(1, 24), rows=st.integers(1, 7),
+       in_batch=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_backward_row_blocks_change_nothing(m, n, d, rows, in_batch, seed):
+    """The backward materialises D for blocks of anchor rows (``block_bytes``): any block size
+    gives the single-block gradients (same formulas, fp32 GEMMs summed in another grouping:
+    1e-6 relative), and a rerun is bitwise identical (no atomics)."""
+    from cdp_fast.kernels import contrastive as kc
+
+    g = torch.Generator().manual_seed(seed)
+    n = m if in_batch else n
+    a, k = torch.randn(m, d, generator=g), torch.randn(n, d, generator=g)
+    ra, rk = op._inv_norms(a), op._inv_norms(k)
+    la, lk = torch.randint(0, 3, (m,), generator=g), torch.randint(0, 3, (n,), generator=g)
+    L1, L0, _ = kc.stats_forward(a, k, ra, rk, la, lk, 2.0, 1.0, in_batch, -0.5)
+    dL1, dL0 = torch.rand(m, generator=g), torch.rand(m, generator=g)
+    args = (a, k, ra, rk, la, lk, L1, L0, dL1, dL0, 2.0, 1.0, in_batch, -0.5)
+    whole = kc.stats_backward(*args)
+    blocked = kc.stats_backward(*args, block_bytes=4 * n * rows)
+    again = kc.stats_backward(*args, block_bytes=4 * n * rows)
+    for w, b, r in zip(whole, blocked, again):
+        assert torch.isfinite(w).all()
+        torch.testing.assert_close(b, w, rtol=1e-6, atol=1e-6)
+        assert torch.equal(b, r)
+
+
 def test_torch_compile_fullgraph(monkeypatch):
     """The public loss (dispatch + op + epilogue) traces without graph breaks."""
     monkeypatch.setenv("CDP_FAST_BACKEND", "auto")
@@ -221,12 +248,15 @@ def test_chunked_memory_400k_bank():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("autotune", ["1", "0"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,n,d", [(37, None, 29), (100, 1000, 128), (257, 3001, 640)])
-def test_triton_cuda_matches_reference(dtype, m, n, d):
-    """CUDA kernels vs the fp64 reference. fp32 (tf32x3 dots): as the interpreter tolerance.
-    bf16/fp16: |tri − ref| <= 2·|ref computed in the same dtype − ref| + atol (flash-attention's
-    rule), since rounding the inputs alone moves the loss by that much."""
+def test_triton_cuda_matches_reference(dtype, m, n, d, autotune, monkeypatch):
+    """CUDA kernels (autotuned tiles, and the fixed ones of CDP_FAST_AUTOTUNE=0) vs the fp64
+    reference. fp32 (tf32x3 dots): as the interpreter tolerance. bf16/fp16: |tri − ref| <=
+    2·|ref computed in the same dtype − ref| + atol (flash-attention's rule), since rounding
+    the inputs alone moves the loss by that much."""
+    monkeypatch.setenv("CDP_FAST_AUTOTUNE", autotune)
     torch.manual_seed(0)
     dev = "cuda"
     a64 = torch.randn(m, d, dtype=torch.float64, device=dev)
