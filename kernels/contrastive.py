@@ -312,9 +312,9 @@ def stats_backward(a, k, ra, rk, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: 
     them unless m·N > 64M), ``_stats_bwd_d_kernel`` recomputes the similarity tiles once and
     writes D (fp32); two GEMMs (cuBLAS, fp32 — true fp32 unless the caller enabled TF32
     matmuls) give dÂ = D·K̂ and accumulate dK̂ += Dᵀ·Â, in a fixed order (deterministic).
-    Executed FLOPs: 6·m·N·d (s once, then the two products), where recomputing s per
-    128-wide slice of d in a kernel that owns its output slices cost 2·m·N·d·(1 + 2·⌈d/128⌉)
-    (26·m·N·d at d = 640). Memory: O((m + N)·d) plus the D block.
+    Executed FLOPs: 6·m·N·d (s once, then the two products), where the two passes (dÂ, then
+    dK̂ transposed) that recomputed s per 128-wide slice of d cost 2·m·N·d·(2·⌈d/128⌉ + 2)
+    (24·m·N·d at d = 640; 26 with the forward). Memory: O((m + N)·d) plus the D block.
     """
     a, k, la, lk, has_labels = _prepare(a, k, a_labels, k_labels)
     m, d = a.shape

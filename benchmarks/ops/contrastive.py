@@ -9,7 +9,7 @@ owns the table, the ceilings and the provenance). Model FLOPs: 6·m·N·d (forwa
 backward dA and dK 4mNd) give ``TFLOPs``; executed FLOPs give ``exec_TFLOPs``: the fused op
 recomputes s once in its backward (one D-tile kernel, then dÂ = D·K̂ and dK̂ = Dᵀ·Â as GEMMs),
 8·m·N·d in all — before the restructure it recomputed s per 128-wide slice of d for each of
-its two passes, 2·m·N·d·(2 + 2·⌈d/128⌉) (26·m·N·d at d = 640); the dense providers execute
+its two passes, 2·m·N·d·(1 + 2·⌈d/128⌉ + 2) with the forward (26·m·N·d at d = 640); the dense providers execute
 the model FLOPs. Dense providers are skipped where their m×N working set would not fit
 (estimated).
 """
