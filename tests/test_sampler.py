@@ -575,3 +575,87 @@ def test_resume_of_a_run_written_before_the_new_arguments(tmp_path):
     np.testing.assert_array_equal(np.asarray(again.images), np.asarray(first.images))
     with pytest.raises(ValueError, match="solver"):
         cdp_fast.sample(TinyEps(), 4, out=str(out), shard_size=2, solver="ddpm", **kw)
+
+
+class _BNFeatures(torch.nn.Module):
+    """A conv feature net with BatchNorm and max-pooling (what inductor handles differently),
+    (B, 3, 8, 8) -> (B, 6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(6)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.2, 0.2)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        return torch.nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 2).mean((2, 3))
+
+
+def test_features_run_as_a_frozen_eval_copy_and_the_callers_module_is_untouched():
+    """sample() guides through a copy of the feature module in eval mode with frozen weights:
+    the caller's module keeps its training flag, its BatchNorm statistics, its requires_grad
+    and gets no .grad; the samples equal those of the same module given in eval mode."""
+    from cdp_fast import sampler
+
+    feats = _BNFeatures().train()
+    before = {k: v.clone() for k, v in feats.state_dict().items()}
+    kw = _kw(loss="hnm", lam=20.0, tau=0.5, batch_size=4, features=feats, image_shape=(3, 8, 8), steps=4,
+             guide_window=None)
+    a = cdp_fast.sample(TinyEps(3), 4, **kw)
+    assert feats.training and all(p.requires_grad and p.grad is None for p in feats.parameters())
+    for k, v in feats.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    b = cdp_fast.sample(TinyEps(3), 4, **dict(kw, features=_eval_copy(feats)))
+    np.testing.assert_array_equal(a.images, b.images)
+    prepared = sampler._prepare_features(feats, torch.device("cpu"), compile=False)
+    assert not prepared.module.training and not any(p.requires_grad for p in prepared.module.parameters())
+    assert prepared is sampler._prepare_features(feats, torch.device("cpu"), compile=False)   # cached
+    with torch.no_grad():
+        feats.conv.bias.add_(0.1)                     # new weights: a new copy
+    assert prepared is not sampler._prepare_features(feats, torch.device("cpu"), compile=False)
+
+
+def _eval_copy(m):
+    import copy
+    return copy.deepcopy(m).eval()
+
+
+@pytest.mark.slow
+def test_compiled_channels_last_features_give_the_eager_gradient():
+    """The CUDA preparation (channels_last + torch.compile of forward and input-gradient, weights
+    frozen), run here on CPU: features and the gradient with respect to the images equal the
+    eager module's (fp32, different kernels and summation order: 1e-5)."""
+    from cdp_fast import sampler
+
+    torch._dynamo.reset()
+    feats = _BNFeatures().eval()
+    prepared = sampler._prepare_features(feats, torch.device("cpu"), compile=True)
+    assert prepared.compiled is not None and prepared.channels_last
+    g = torch.Generator().manual_seed(0)
+    for b in (5, 5, 7):                                  # a repeated shape reuses the graph
+        x = torch.randn(b, 3, 8, 8, generator=g)
+        w = torch.randn(b, 6, generator=g)
+        grads = []
+        for f in (prepared, feats):
+            xi = x.clone().requires_grad_(True)
+            z = f(xi)
+            grads.append((z, torch.autograd.grad((z * w).sum(), xi)[0]))
+        torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-5)
+    assert all(p.grad is None for p in feats.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_guided_compile_with_conv_features_in_channels_last_matches_eager():
+    """3-channel images, a conv/BatchNorm/max-pool feature net: on CUDA compile="auto" runs the
+    ε-model and the features in channels_last, compiled; the guided samples equal the eager ones
+    (fp32 with TF32 off, chaotic only at far larger λ: 1e-3)."""
+    kw = _kw(loss="hnm", lam=20.0, tau=0.5, batch_size=4, device="cuda", image_shape=(3, 8, 8),
+             features=_BNFeatures().cuda().eval(), guide_window=None)
+    eager = cdp_fast.sample(TinyEps(3).cuda(), 8, compile=False, **kw)
+    for _ in range(2):
+        compiled = cdp_fast.sample(TinyEps(3).cuda(), 8, compile="auto", **kw)
+        np.testing.assert_allclose(compiled.images, eager.images, rtol=1e-3, atol=1e-3)
