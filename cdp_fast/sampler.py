@@ -47,169 +47,17 @@ import torch
 from cdp_fast import distributed, runtime
 from cdp_fast.checks import check_number, is_int
 from cdp_fast.guidance import DEFAULTS, LOSSES, ContrastiveGuidance, check_options
-from cdp_fast.models.external import EpsModel, as_eps_model, call_model
-from cdp_fast.ops.ddim import ddim_update, ddpm_update
-from cdp_fast.schedule import as_alphas_cumprod, make_alphas_cumprod, timesteps as make_timesteps
-from cdp_fast.seeding import counter_normal, generators, per_sample_randn, sample_seed, sample_seeds
+from cdp_fast.models.external import EpsModel, SigmaDenoiser, as_eps_model, call_model
+from cdp_fast.schedule import as_alphas_cumprod, karras_sigmas, make_alphas_cumprod, sigmas_of
+from cdp_fast.schedule import timesteps as make_timesteps
+from cdp_fast.seeding import generators, per_sample_randn, sample_seed, sample_seeds
+# the pure loops live in cdp_fast.solvers; their names stay importable from here
+from cdp_fast.solvers import (SOLVERS, _check_eps, _check_timesteps, _guided_loop, _noise_source,  # noqa: F401
+                              guided_ddim, guided_ddpm, guided_dpmpp_2m, guided_heun, nfe_of)
 from cdp_fast.stream import ShardPlan, fingerprint, write_shards
 
-SOLVERS = ("ddim", "ddpm")
-
-__all__ = ["sample", "guided_ddim", "guided_ddpm", "ContrastiveGuidance", "DEFAULTS", "call_model", "sample_seed",
-           "SOLVERS", "authors_window"]
-
-
-# ----------------------------------------------------------------------------- pure loop
-def _check_eps(eps, x, step, t):
-    if not isinstance(eps, torch.Tensor):
-        raise ValueError(f"model returned {type(eps).__name__} at step {step} (t={t}); expected a tensor")
-    if eps.shape != x.shape:
-        raise ValueError(
-            f"model output at step {step} (t={t}) has shape {tuple(eps.shape)}, expected "
-            f"{tuple(x.shape)} (the input's shape)")
-
-
-def _check_timesteps(alphas_cumprod, timesteps):
-    abar = as_alphas_cumprod(alphas_cumprod)
-    ts = torch.as_tensor(timesteps, dtype=torch.long).flatten().cpu()
-    if ts.numel() < 1:
-        raise ValueError("timesteps is empty")
-    if (ts < 0).any() or (ts >= abar.numel()).any():
-        raise ValueError(f"timesteps must lie in [0, {abar.numel() - 1}]")
-    if (ts[1:] > ts[:-1]).any():
-        raise ValueError("timesteps must be descending")
-    return abar, ts.tolist()
-
-
-def _noise_source(generator, x):
-    """A function drawing one (B, *shape) standard normal tensor per call: from B per-sample
-    int64 keys (a LongTensor: counter-based noise on the device, :func:`cdp_fast.seeding.
-    counter_normal`, no host sync), B per-sample torch.Generators (drawn on CPU per sample),
-    one torch.Generator (on CPU), or the device RNG (None)."""
-    keys = isinstance(generator, torch.Tensor)
-    per_sample = generator is not None and not keys and not isinstance(generator, torch.Generator)
-    if (keys or per_sample) and len(generator) != x.shape[0]:
-        raise ValueError(f"generator: got {len(generator)} per-sample generators/keys for a batch of {x.shape[0]}")
-    if keys:
-        keys_dev = generator.to(device=x.device, dtype=torch.int64)
-    count = [0]
-
-    def draw():
-        if keys:
-            count[0] += 1
-            return counter_normal(keys_dev, count[0] - 1, x.shape[1:], x.dtype)
-        if per_sample:
-            return per_sample_randn(generator, x.shape[1:], x.device, x.dtype)
-        return torch.randn(x.shape, generator=generator, dtype=x.dtype,
-                           device="cpu" if generator is not None else x.device).to(x.device)
-    return draw
-
-
-def _guided_loop(model, x_T, abar, t_list, update, *, guidance, draw, callback, y, on_step=None):
-    """The loop shared by the solvers: ε-model, guidance, ``update(x, eps, g, lam, t, t_prev,
-    a_t, a_prev, draw, want_x0) -> (x_prev, x0)``; repeated timesteps are skipped; non-finite
-    values are reported with their step after the loop (no host sync inside it)."""
-    eps_model = as_eps_model(model)
-    x = x_T
-    B = x.shape[0]
-    bad = torch.zeros((), dtype=torch.long, device=x.device)  # first non-finite step + 1 (no host sync)
-    for step, t in enumerate(t_list):
-        t_prev = t_list[step + 1] if step + 1 < len(t_list) else -1
-        if t_prev == t:  # repeated t (quadratic skip): ᾱ_prev = ᾱ_t makes the update the identity
-            continue
-        a_t = float(abar[t])
-        a_prev = float(abar[t_prev]) if t_prev >= 0 else 1.0
-        t_batch = torch.full((B,), t, dtype=torch.long, device=x.device)
-        with torch.no_grad():
-            eps = eps_model(x, t_batch, y)
-        _check_eps(eps, x, step, t)
-        eps = eps.to(x.dtype)
-        g, lam = None, 0.0
-        if guidance is not None:
-            res = guidance(x, t, eps, step)
-            if res is not None:
-                g, lam = res
-        finite = torch.isfinite(eps).all()
-        if g is not None:
-            finite = finite & torch.isfinite(g).all()
-        bad = torch.where((bad == 0) & ~finite, torch.full_like(bad, step + 1), bad)
-        with torch.no_grad():
-            x_new, x0 = update(x, eps, g, float(lam), t, t_prev, a_t, a_prev, draw, callback is not None)
-        if callback is not None:
-            callback({"step": step, "t": t, "x": x_new, "x0": x0, "eps": eps})
-        if on_step is not None:
-            on_step(step)
-        x = x_new
-    bad_step = int(bad)  # the loop's only host sync
-    if bad_step:
-        s = bad_step - 1
-        raise ValueError(f"model output or guidance gradient at step {s} (t={t_list[s]}) is not finite")
-    return x
-
-
-def guided_ddim(model, x_T, *, alphas_cumprod, timesteps, guidance=None, eta=0.0,
-                generator=None, callback=None, y=None, on_step=None):
-    """Guided DDIM (Algorithm 1 of Contrastive-DP; DDIM eq. (12) with Δ = ε + λ∇ℓ).
-
-    Args:
-        model: ε-model, ``model(x, t)`` (or ``model(x, t, y)`` when ``y`` is given); outputs
-            with ``.sample`` (diffusers) or tuples are unwrapped (:class:`EpsModel`).
-        x_T: (B, *shape) starting noise.
-        alphas_cumprod: (T,) ᾱ table (float; see cdp_fast.schedule).
-        timesteps: (S,) descending LongTensor (cdp_fast.timesteps); after the last entry
-            ᾱ_prev = 1; a repeated entry is skipped (its update is the identity).
-        guidance: None, or a callable ``guidance(x_t, t, eps, step) -> (g, lam) | None``
-            returning ∇_{x_t}ℓ and λ (e.g. :class:`cdp_fast.ContrastiveGuidance`, used for one
-            trajectory at a time).
-        eta: η ≥ 0; 0 = deterministic DDIM, 1 = DDPM-like ancestral noise.
-        generator: for η > 0: a torch.Generator, a sequence of B generators (one per sample:
-            per-sample noise, drawn on CPU), or a (B,) int64 tensor of per-sample keys
-            (counter-based noise drawn on x_T's device: :func:`cdp_fast.seeding.counter_normal`;
-            what :func:`sample` uses).
-        callback: called as ``callback({"step", "t", "x", "x0", "eps"})`` after each step.
-        y: optional (B,) class labels for class-conditional models.
-        on_step: called as ``on_step(step)`` after each step (progress; lighter than
-            ``callback``: no x̂_0 is kept).
-    Returns:
-        x_0, (B, *shape) float, model space (≈ [-1, 1]; not clipped).
-    """
-    abar, t_list = _check_timesteps(alphas_cumprod, timesteps)
-    if not (isinstance(eta, (int, float)) and eta >= 0):
-        raise ValueError(f"eta must be >= 0, got {eta!r}")
-
-    def update(x, eps, g, lam, t, t_prev, a_t, a_prev, draw, want_x0):
-        sigma, noise = 0.0, None
-        if eta > 0 and t_prev >= 0:
-            sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)
-            noise = draw()
-        return ddim_update(x, eps, g, lam=lam, abar_t=a_t, abar_prev=a_prev, sigma=sigma, noise=noise,
-                           return_x0=want_x0)
-
-    return _guided_loop(model, x_T, abar, t_list, update, guidance=guidance,
-                        draw=_noise_source(generator, x_T), callback=callback, y=y, on_step=on_step)
-
-
-def guided_ddpm(model, x_T, *, alphas_cumprod, timesteps, guidance=None, clip_x0=True,
-                generator=None, callback=None, y=None, on_step=None):
-    """Guided DDPM ancestral sampling (Ho et al. 2020; the revised paper's DDPM rows and the
-    authors' MNIST / GTSRB sampler, ``minimal-diffusion-main/main_nonddp.py``): at each step
-    Δ = ε + λ∇ℓ, x̂_0 from Δ (clipped to [-1, 1] when ``clip_x0``), then the posterior mean
-    plus √β̃·z (:func:`cdp_fast.ops.ddim.ddpm_update`; noise at every step with t > 0, as
-    diffusers' ``DDPMScheduler``).
-
-    Args: as :func:`guided_ddim` (no η: the variance is the posterior's); ``generator``: a
-    torch.Generator or B per-sample generators for z.
-    Returns:
-        x_0, (B, *shape) float, model space.
-    """
-    abar, t_list = _check_timesteps(alphas_cumprod, timesteps)
-
-    def update(x, eps, g, lam, t, t_prev, a_t, a_prev, draw, want_x0):
-        return ddpm_update(x, eps, g, lam=lam, abar_t=a_t, abar_prev=a_prev, noise=draw() if t > 0 else None,
-                           clip_x0=clip_x0, return_x0=want_x0)
-
-    return _guided_loop(model, x_T, abar, t_list, update, guidance=guidance,
-                        draw=_noise_source(generator, x_T), callback=callback, y=y, on_step=on_step)
+__all__ = ["sample", "guided_ddim", "guided_ddpm", "guided_dpmpp_2m", "guided_heun", "ContrastiveGuidance",
+           "DEFAULTS", "call_model", "sample_seed", "SOLVERS", "authors_window", "SigmaDenoiser"]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -233,10 +81,10 @@ def _validate(n, loss, positive, negatives, embedding, guide_window, form, solve
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if clip_x0 not in (None, True, False):
         raise ValueError(f"clip_x0 must be None, True or False, got {clip_x0!r}")
-    if solver == "ddim" and clip_x0:
-        raise ValueError("clip_x0=True needs solver='ddpm' (DDIM here follows the official code: no clipping)")
-    if solver == "ddpm" and eta not in (0, 0.0):
-        raise ValueError(f"eta is a DDIM option; solver='ddpm' uses the posterior variance (got eta={eta!r})")
+    if solver != "ddpm" and clip_x0:
+        raise ValueError(f"clip_x0=True needs solver='ddpm' (solver={solver!r} does not clip x̂_0)")
+    if solver != "ddim" and eta not in (0, 0.0):
+        raise ValueError(f"eta is a DDIM option; solver={solver!r} has no η (got eta={eta!r})")
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if not is_int(steps) or steps < 1:
@@ -272,6 +120,26 @@ def _validate(n, loss, positive, negatives, embedding, guide_window, form, solve
     if negatives == "class" and class_labels is None and labeler is None and num_classes is None:
         raise ValueError("negatives='class' needs class_labels, num_classes (a class-conditional "
                          "model) or a labeler to classify the current x0-prediction")
+
+
+def _steps_for(solver, nfe, steps, T, skip) -> int:
+    """``steps`` for a requested NFE: Heun (nfe + 1)/2 levels; the timestep solvers the fewest
+    steps whose distinct timesteps number ``nfe`` (a quadratic sequence repeats small t)."""
+    if nfe is None:
+        return steps
+    if not is_int(nfe) or nfe < 1:
+        raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
+    if solver == "heun":
+        if nfe % 2 == 0:
+            raise ValueError(f"nfe: solver='heun' makes 2·steps − 1 evaluations; give an odd nfe, got {nfe}")
+        return (nfe + 1) // 2
+    for s in range(nfe, T + 1):
+        got = nfe_of(solver, make_timesteps(T, s, skip))
+        if got == nfe:
+            return s
+        if got > nfe:
+            break
+    raise ValueError(f"nfe: no number of {skip!r} steps of T={T} gives exactly {nfe} distinct timesteps")
 
 
 # ----------------------------------------------------------------------------- one run
@@ -311,7 +179,8 @@ class _Run:
 
     eps_model: EpsModel
     guidance: Optional[ContrastiveGuidance]   # None: no guidance (also for λ = 0)
-    solver: str                               # "ddim" | "ddpm"
+    solver: str                               # one of SOLVERS
+    sigmas: Optional[torch.Tensor]            # heun: (n + 1,) noise levels, else None
     clip_x0: bool                             # DDPM only
     head_scope: int                           # rows per online-head lifetime (the shard size)
     alphas_cumprod: torch.Tensor
@@ -373,12 +242,18 @@ def _generate_group(run: _Run, start: int, count: int, advance=None):
                        real_positive_index=real_pos, keep_head=start % run.head_scope != 0)
     on_step = None
     if advance is not None:
-        per_step = count / len(run.timesteps)
+        per_step = count / (len(run.sigmas) - 1 if run.solver == "heun" else len(run.timesteps))
         on_step = lambda step: advance(per_step)  # noqa: E731  (skipped repeats: a bar just short of a step)
     with run.autocast():
         # per-step noise keyed by (seed, i) and drawn on the device: no host round trip per step
         keys = sample_seeds(run.seed, idx, run.device) if (run.solver == "ddpm" or run.eta > 0) else None
-        if run.solver == "ddpm":
+        if run.solver == "heun":
+            x0 = guided_heun(run.eps_model, x_T, alphas_cumprod=run.alphas_cumprod, sigmas=run.sigmas,
+                             guidance=guidance, y=y, on_step=on_step)
+        elif run.solver == "dpmpp_2m":
+            x0 = guided_dpmpp_2m(run.eps_model, x_T, alphas_cumprod=run.alphas_cumprod, timesteps=run.timesteps,
+                                 guidance=guidance, y=y, on_step=on_step)
+        elif run.solver == "ddpm":
             x0 = guided_ddpm(run.eps_model, x_T, alphas_cumprod=run.alphas_cumprod, timesteps=run.timesteps,
                              guidance=guidance, clip_x0=run.clip_x0, generator=keys, y=y, on_step=on_step)
         else:
@@ -580,7 +455,7 @@ def _check_logits(logits, batch, what):
 _PROBE_SEED = 0x5EED
 
 
-def _probe(eps_model: EpsModel, features, labeler, image_shape, T, num_classes, dev):
+def _probe(eps_model: EpsModel, features, labeler, image_shape, T, num_classes, dev, fractional_t=False):
     """Run each network once on a fixed probe batch (2 images from a fixed seed, t = T // 2),
     as sampling will run it (the prepared ε-model on ``dev``; every module in eval mode for
     the probe, so no BatchNorm statistic moves): a wrong ``image_shape`` or a network that
@@ -604,6 +479,15 @@ def _probe(eps_model: EpsModel, features, labeler, image_shape, T, num_classes, 
 
     with runtime.eval_mode(eps_model.module):
         eps = run("model", eps_model.forward, x, t, y)
+        if fractional_t and not isinstance(eps_model.model, SigmaDenoiser):
+            try:
+                with torch.no_grad():
+                    eps_model.forward(x, t.float() + 0.5, y)
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError("solver='heun' calls the ε-model at fractional timesteps t(σ) (as diffusers and "
+                                 f"k-diffusion); this model failed on t = {T // 2 + 0.5} ({msg}); use a model "
+                                 "that accepts float timesteps, or solver='dpmpp_2m'") from None
     if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
         raise ValueError(f"model returns {tuple(getattr(eps, 'shape', ())) or type(eps).__name__} for images of "
                          f"shape {tuple(x.shape)} (checked on a probe batch before sampling); is image_shape "
@@ -659,13 +543,15 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
            num_classes=None, class_labels=None, labeler=None, steps=200, skip="quadratic", eta=0.0,
            T=1000, betas="linear", alphas_cumprod=None, image_shape=(3, 32, 32), batch_size=512,
            out=None, shard_size=None, output="uint8", seed=0, device=None, dtype=None,
-           compile="auto", progress=True, init_std=1.0, form=None, solver="ddim", clip_x0=None):
+           compile="auto", progress=True, init_std=1.0, form=None, solver="ddim", clip_x0=None, nfe=None):
     """Generate ``n`` Contrastive-DP samples (Algorithm 1), optionally streamed to disk.
 
     Args (DESIGN.md §3; shapes in brackets):
         model: ε-model ``model(x, t)`` [(B, *image_shape), (B,) long] -> ε, or
             ``model(x, t, y)`` when ``num_classes`` is set (class-conditional); outputs with
-            ``.sample`` (diffusers) are unwrapped.
+            ``.sample`` (diffusers) are unwrapped; or a σ-space denoiser wrapped as
+            ``cdp_fast.SigmaDenoiser(net)`` (EDM / k-diffusion ``D(x, σ[, class_labels])``),
+            which every solver runs (as ε = (x_σ − D)/σ on this call's ᾱ table).
         n: number of samples (>= 1).
         loss: None/"none" (plain DDIM), "infonce" or "hnm".
         features: f: x_t [(B, *image_shape) in [-1, 1]] -> (B, d); None = flattened pixels.
@@ -699,8 +585,15 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
             ``labels`` (argmax) and ``confidence`` (max softmax), and the classes of
             negatives="class" when no class_labels are given.
         steps, skip, eta, T, betas: sub-sequence (cdp_fast.timesteps), η (DDIM), schedule.
-        solver: "ddim" (default, the paper's) or "ddpm" (ancestral; the revised paper's DDPM
-            rows and the authors' MNIST/GTSRB sampler: :func:`guided_ddpm`).
+        solver: "ddim" (default, the paper's), "ddpm" (ancestral; the revised paper's DDPM
+            rows and the authors' MNIST/GTSRB sampler: :func:`guided_ddpm`), "dpmpp_2m"
+            (DPM-Solver++(2M) on the same timesteps: :func:`guided_dpmpp_2m`) or "heun" (EDM's
+            Heun on ``steps`` Karras noise levels, ρ = 7, 2·steps − 1 evaluations; ``skip`` does
+            not apply: :func:`guided_heun`). The guidance enters each as ε̃ = ε + λ∇ℓ, so λ
+            keeps its meaning (README "Fast solvers").
+        nfe: network evaluations per sample; sets ``steps`` (and takes precedence): DDIM, DDPM,
+            DPM-Solver++ evaluate once per distinct timestep, Heun 2·steps − 1 (odd nfe only).
+            The run's NFE is recorded (``Samples.meta["nfe"]``, the manifest).
         clip_x0: clip x̂_0 to [-1, 1] in the DDPM step (None: True for "ddpm"; "ddim" does not
             clip, as the official DDIM code).
         alphas_cumprod: a foreign ᾱ table (e.g. a diffusers scheduler's) instead of betas/T.
@@ -760,7 +653,17 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
         T = abar.numel()
     else:
         abar = make_alphas_cumprod(betas, T)
+    steps = _steps_for(solver, nfe, steps, T, skip)
     ts = make_timesteps(T, steps, skip)
+    sigmas = None
+    if solver == "heun":
+        den = model if isinstance(model, SigmaDenoiser) else None
+        table = sigmas_of(abar)
+        sigmas = (karras_sigmas(steps, den.sigma_min, den.sigma_max, den.rho) if den is not None
+                  else karras_sigmas(steps, float(table[0]), float(table[-1])))
+    run_nfe = nfe_of(solver, ts, sigmas)
+    if isinstance(model, SigmaDenoiser):
+        model = model.on_table(abar)            # the same network as an ε-model on this table
     window = authors_window(T) if guide_window == "auto" else guide_window
     guidance = None
     if loss is not None:
@@ -784,18 +687,19 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
     # the ε-model forwards of this process (an upper bound on a resumed run): compile="auto"
     # on CPU weighs them against the compile's cost
     world = distributed.world_info()[1] if out is not None else 1
-    work = (min(batch_size, n), math.ceil(math.ceil(n / world) / batch_size) * len(ts))
+    work = (min(batch_size, n), math.ceil(math.ceil(n / world) / batch_size) * run_nfe)
     eps_model, channels_last = _prepare_model(model, dev, compile, image_shape)
     # the probe runs the eager adapter (its fingerprint does not depend on compile), then
     # compile="auto" on CPU times the same adapter
-    behaviour = _probe(eps_model, features if guided else None, labeler, image_shape, T, num_classes, dev)
+    behaviour = _probe(eps_model, features if guided else None, labeler, image_shape, T, num_classes, dev,
+                       fractional_t=solver == "heun")
     if guided:
         guidance.features = _prepare_features(
             features, dev, compile=dev.type == "cuda" and (compile is True or compile == "auto"))
     if compile == "auto" and dev.type == "cpu" and _cpu_auto_compiles(eps_model.model, image_shape, work, dev,
                                                                        num_classes):
         eps_model = _compiled(eps_model, dev)
-    run = _Run(eps_model=eps_model, guidance=guidance if guided else None, solver=solver,
+    run = _Run(eps_model=eps_model, guidance=guidance if guided else None, solver=solver, sigmas=sigmas,
                clip_x0=(solver == "ddpm") if clip_x0 is None else bool(clip_x0), head_scope=shard_size,
                alphas_cumprod=abar,
                timesteps=ts, eta=float(eta), batch_size=batch_size, seed=seed, image_shape=tuple(image_shape),
@@ -812,7 +716,7 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
                       bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]") as bar:
                 chunks = list(_batches(run, 0, n, bar.update))
             cat = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-            meta = {"seed": seed, "n": n}
+            meta = {"seed": seed, "n": n, "nfe": run_nfe}
             if guided:
                 meta["guidance_strength"] = run.strength.summary()
             return Samples(cat["image"], cat.get("label"), cat.get("confidence"), meta=meta)
@@ -828,10 +732,14 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
         legacy = {"form": "anchors" if loss is not None else None, "solver": "ddim", "clip_x0": False}
         plan = ShardPlan(Path(out), n, shard_size, _manifest_args(model, n, kw, behaviour), legacy=legacy)
         # the guidance strength of this call's batches (a resumed call measures what it made)
-        merge = None if not guided else (
-            lambda parts: {"guidance_strength": _Strength().merge(parts).summary()} if any(parts) else {})
+        def merge(parts):
+            entries = {"nfe": run_nfe}
+            if guided and any(parts):
+                entries["guidance_strength"] = _Strength().merge(parts).summary()
+            return entries
         stats = write_shards(plan, lambda s, c, advance: _batches(run, s, c, advance), device=dev,
                              progress=progress, extras=lambda: run.strength.by_t, merge=merge)
     result = Samples.load(out, verify=False)        # every shard was just written or verified
     result.meta["throughput"] = stats
+    result.meta["nfe"] = run_nfe
     return result

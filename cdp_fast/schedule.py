@@ -92,3 +92,53 @@ def timesteps(T: int, steps: int, skip: str = "uniform") -> torch.Tensor:
     else:
         raise ValueError(f"skip must be 'uniform' or 'quadratic', got {skip!r}")
     return torch.tensor(seq[::-1], dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- σ-space (EDM)
+def sigmas_of(alphas_cumprod) -> torch.Tensor:
+    """σ_t = √((1 − ᾱ_t)/ᾱ_t), (T,) float64: the noise level of x_σ = x_t/√ᾱ_t = x_0 + σ_t·ε
+    (Karras et al. 2022, Table 1, VP column; Song et al. 2021 DDIM §4.3)."""
+    abar = as_alphas_cumprod(alphas_cumprod).double()
+    return ((1 - abar) / abar).sqrt()
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """EDM's σ schedule (Karras et al. 2022, eq. (5)): σ_i = (σ_max^{1/ρ} + i/(n−1)·(σ_min^{1/ρ}
+    − σ_max^{1/ρ}))^ρ for i < n, then σ_n = 0; (n + 1,) float64, descending. n = 1 gives
+    (σ_max, 0)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    if not (0 < sigma_min <= sigma_max and math.isfinite(sigma_max)):
+        raise ValueError(f"need 0 < sigma_min <= sigma_max < inf, got {sigma_min!r}, {sigma_max!r}")
+    if not rho > 0:
+        raise ValueError(f"rho must be > 0, got {rho!r}")
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1, dtype=torch.float64)])
+
+
+def sigma_to_t(sigma, alphas_cumprod) -> torch.Tensor:
+    """Fractional timestep of noise level σ on the table: t linear in log σ between the two
+    table entries around it, clamped to [0, T − 1] (diffusers' ``_sigma_to_t``, k-diffusion's
+    ``DiscreteSchedule.sigma_to_t``). Inverse of :func:`t_to_sigma` inside the table's range."""
+    log_table = sigmas_of(alphas_cumprod).log()                  # increasing in t
+    s = torch.as_tensor(sigma, dtype=torch.float64).clamp_min(1e-300).log()
+    T = log_table.numel()
+    if T == 1:
+        return torch.zeros_like(s)
+    hi = torch.searchsorted(log_table, s).clamp(1, T - 1)
+    lo = hi - 1
+    w = ((s - log_table[lo]) / (log_table[hi] - log_table[lo])).clamp(0, 1)
+    return lo.double() + w
+
+
+def t_to_sigma(t, alphas_cumprod) -> torch.Tensor:
+    """σ at a (fractional) timestep: log σ linearly interpolated between table entries
+    (the inverse of :func:`sigma_to_t`); integer t gives the table's σ_t exactly."""
+    t = torch.as_tensor(t)
+    log_table = sigmas_of(alphas_cumprod).log().to(t.device)          # t's device: no host sync
+    t = t.to(torch.float64).clamp(0, log_table.numel() - 1)
+    lo = t.floor().long().clamp(max=max(log_table.numel() - 2, 0))
+    hi = (lo + 1).clamp(max=log_table.numel() - 1)
+    w = t - lo.double()
+    return (log_table[lo] * (1 - w) + log_table[hi] * w).exp()

@@ -123,6 +123,9 @@ def test_guided_ddpm_runs_with_the_authors_mnist_window():
     with pytest.raises(ValueError, match="clip_x0"):
         cdp_fast.sample(m, 4, clip_x0=True, **_kw(loss=None, batch_size=4))
     with pytest.raises(ValueError, match="solver"):
+        cdp_fast.sample(m, 4, solver="euler", **_kw(loss=None, batch_size=4))
+    # Heun calls ε-models at fractional t; TinyEps indexes a table by t: one clear line
+    with pytest.raises(ValueError, match="fractional timesteps"):
         cdp_fast.sample(m, 4, solver="heun", **_kw(loss=None, batch_size=4))
 
 

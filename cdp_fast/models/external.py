@@ -4,6 +4,8 @@ them (as k-diffusion's ``external.py``):
 - :func:`call_model` / :class:`EpsModel`: any ε-model — ``model(x, t)``, ``model(x, t, y)``
   (class-conditional), outputs with ``.sample`` (diffusers ``UNet2DOutput``) or tuples — as a
   plain ``eps(x, t, y=None) -> Tensor`` (unwrapped once, here and nowhere else);
+- :class:`SigmaDenoiser`: a σ-space denoiser ``D(x, σ[, class_labels]) -> x̂_0`` (EDM /
+  k-diffusion convention) as an ε-model on any ᾱ table, and as itself for the Heun solver;
 - :class:`FeatureExtractor` / :func:`as_feature_extractor`: a classifier on [0, 1] images as the
   guidance's feature map on the sampler's [-1, 1] images;
 - :func:`load_diffusers_unet`: a local diffusers ``UNet2DModel`` folder (and its scheduler's ᾱ).
@@ -15,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["call_model", "unwrap_output", "EpsModel", "as_eps_model", "FeatureExtractor", "as_feature_extractor",
-           "load_diffusers_unet"]
+__all__ = ["call_model", "unwrap_output", "EpsModel", "as_eps_model", "SigmaDenoiser", "FeatureExtractor",
+           "as_feature_extractor", "load_diffusers_unet"]
 
 
 def unwrap_output(out):
@@ -65,6 +67,77 @@ class EpsModel:
 def as_eps_model(model) -> EpsModel:
     """``model`` as an :class:`EpsModel` (an EpsModel is returned as it is)."""
     return model if isinstance(model, EpsModel) else EpsModel(model)
+
+
+class SigmaDenoiser(nn.Module):
+    """A σ-space denoiser ``net(x_σ, σ[, class_labels]) -> x̂_0`` (EDM's ``EDMPrecond``,
+    k-diffusion's denoisers; Karras et al. 2022) as a model :func:`cdp_fast.sample` accepts.
+
+    The parameterisations (Karras et al. 2022, Table 1; VP: x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε):
+
+        σ = √((1−ᾱ)/ᾱ),   x_σ = x_t/√ᾱ = x_0 + σ·ε,   x̂_0 = D(x_σ, σ),   ε = (x_σ − D)/σ.
+
+    :meth:`denoise` is D itself (what ``solver="heun"`` integrates, at σ ∈ [sigma_min,
+    sigma_max], EDM's defaults 0.002 and 80); :meth:`forward` ``(x_t, t, y=None) -> ε`` is the
+    same network as an ε-model on the ᾱ table it is bound to (:meth:`on_table`; sample() binds
+    its own), so DDIM, DDPM and DPM-Solver++ run it too. Fractional t (Heun on an ε-model, not
+    needed here) maps to σ by log-linear interpolation of the table.
+
+    Args:
+        net: the denoiser (an nn.Module: its weights are the fingerprint a resumed run checks).
+            Built by the caller and loaded from a state dict — never unpickled here.
+        sigma_min, sigma_max, rho: the σ range and schedule exponent of ``solver="heun"``
+            (EDM: 0.002, 80, 7).
+        one_hot_classes: K for networks that take one-hot class labels (B, K) (EDM's
+            ``class_labels``); None passes the (B,) int labels as they are.
+    Shapes: x (B, *shape); σ a float or (B,); y (B,) long or None.
+    """
+
+    def __init__(self, net: nn.Module, *, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                 one_hot_classes: int | None = None, alphas_cumprod=None):
+        super().__init__()
+        if not callable(net):
+            raise TypeError(f"net must be callable, got {type(net).__name__}")
+        if not (0 < sigma_min < sigma_max < float("inf")):
+            raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got {sigma_min!r}, {sigma_max!r}")
+        self.net = net
+        self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
+        self.one_hot_classes = one_hot_classes
+        # a plain attribute, not a buffer: the fingerprint of a run is the network's weights
+        self.alphas_cumprod = None if alphas_cumprod is None else torch.as_tensor(alphas_cumprod).double().cpu()
+
+    def on_table(self, alphas_cumprod) -> "SigmaDenoiser":
+        """The same network (shared, not copied) as an ε-model on this ᾱ table."""
+        return SigmaDenoiser(self.net, sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho,
+                             one_hot_classes=self.one_hot_classes, alphas_cumprod=alphas_cumprod)
+
+    def _labels(self, y):
+        if y is None or self.one_hot_classes is None:
+            return y
+        return nn.functional.one_hot(y.long(), self.one_hot_classes).float()
+
+    def denoise(self, x, sigma, y=None):
+        """x̂_0 = D(x_σ, σ): x (B, *shape), σ float or (B,) -> (B, *shape)."""
+        s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0]).contiguous()
+        y = self._labels(y)
+        return unwrap_output(self.net(x, s) if y is None else self.net(x, s, y))
+
+    def eps_at_sigma(self, x, sigma, y=None):
+        """ε = (x_σ − D(x_σ, σ))/σ, for σ > 0: x (B, *shape) -> (B, *shape)."""
+        s = torch.as_tensor(sigma, dtype=torch.float64)
+        view = (-1,) + (1,) * (x.dim() - 1)
+        return (x - self.denoise(x, sigma, y)) / s.to(x.device, x.dtype).reshape(view if s.dim() else ())
+
+    def forward(self, x, t, y=None):
+        """ε(x_t, t) on the bound ᾱ table: x_σ = x_t·√(1+σ_t²), ε = (x_σ − D(x_σ, σ_t))/σ_t."""
+        if self.alphas_cumprod is None:
+            raise ValueError("SigmaDenoiser: no ᾱ table bound; use .on_table(alphas_cumprod) "
+                             "(cdp_fast.sample binds its own)")
+        from cdp_fast.schedule import t_to_sigma
+        sigma = t_to_sigma(torch.as_tensor(t, device=x.device), self.alphas_cumprod)
+        view = (-1,) + (1,) * (x.dim() - 1)
+        scale = (1 + sigma.square()).sqrt().to(x.dtype).reshape(view)
+        return self.eps_at_sigma(x * scale, sigma, y)
 
 
 class FeatureExtractor(nn.Module):
