@@ -128,7 +128,7 @@ def cmd_sample(a):
         tau_plus=a.tau_plus, beta=a.beta, positive=a.positive, negatives=a.negatives,
         num_classes=a.num_classes if a.num_classes is not None else info.get("num_classes"),
         class_labels=specs.load_class_labels(a.class_labels),
-        steps=a.steps if a.steps is not None else samp.get("steps", 200),
+        steps=a.steps if a.steps is not None else samp.get("steps", 200), nfe=a.nfe,
         skip=a.skip if a.skip is not None else samp.get("skip", "quadratic"),
         eta=a.eta, image_shape=image_shape,
         batch_size=a.batch_size if a.batch_size is not None else samp.get("batch_size", 512),
@@ -476,8 +476,12 @@ def _add_ddim_flags(s):
     s.add_argument("--skip", choices=("uniform", "quadratic"), default=None,
                    help="timestep sub-sequence (default: per model; library quadratic)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 = deterministic (default: 0)")
-    s.add_argument("--solver", choices=("ddim", "ddpm"), default="ddim",
-                   help="ddim (the paper's) or ddpm (ancestral, the revised paper's DDPM rows) (default: ddim)")
+    s.add_argument("--solver", choices=("ddim", "ddpm", "dpmpp_2m", "heun"), default="ddim",
+                   help="ddim (the paper's), ddpm (ancestral, the revised paper's DDPM rows), dpmpp_2m "
+                        "(DPM-Solver++(2M)) or heun (EDM, Karras sigmas; the model must take float "
+                        "timesteps) (default: ddim)")
+    s.add_argument("--nfe", type=int, default=None,
+                   help="network evaluations per sample; sets --steps (heun: odd, 2*steps-1) (default: from --steps)")
     s.add_argument("--clip-x0", choices=("auto", "true", "false"), default="auto",
                    help="clip the x0-prediction to [-1, 1] in the DDPM step; auto = on for ddpm, off for "
                         "ddim (default: auto)")

@@ -351,8 +351,24 @@ def test_sample_fidelity_flags(monkeypatch):
     assert cli.main(base + ["--guide-window", "all"]) == 0 and calls[-1]["guide_window"] is None
     assert cli.main(base + ["--model", "tests.test_cli:_tiny_eps", "--image-shape", "1,8,8"]) == 0
     assert (calls[-1]["form"], calls[-1]["embedding"], calls[-1]["guide_window"]) == (None, "auto", "auto")
-    for bad in (["--guide-window", "5", "x"], ["--solver", "heun"], ["--form", "symmetric"]):
+    assert cli.main(base + ["--solver", "heun", "--nfe", "19"]) == 0
+    assert (calls[-1]["solver"], calls[-1]["nfe"]) == ("heun", 19)
+    assert cli.main(base + ["--solver", "dpmpp_2m"]) == 0 and calls[-1]["nfe"] is None
+    for bad in (["--guide-window", "5", "x"], ["--solver", "euler"], ["--form", "symmetric"], ["--nfe", "x"]):
         assert cli.main(base + bad) == 2
+
+
+def test_sample_cli_fast_solver_end_to_end(tmp_path, capsys):
+    """`cdp-fast sample --solver heun --nfe 5` on the bundled digits model: runs, and a
+    bad NFE is one line, exit 2."""
+    out = tmp_path / "s.npz"
+    assert cli.main(["sample", "-n", "4", "--batch-size", "4", "--no-progress", "--solver", "heun", "--nfe", "5",
+                     "--npz", str(out)]) == 0
+    assert out.exists()
+    capsys.readouterr()
+    assert cli.main(["sample", "-n", "4", "--no-progress", "--solver", "heun", "--nfe", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "odd nfe" in err and len(err.splitlines()) == 1, err
 
 
 def _tiny_eps():
