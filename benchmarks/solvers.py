@@ -1,0 +1,228 @@
+"""Contrastive guidance on fast solvers: sample quality against network evaluations (NFE) on the
+bundled digits models, guided DDIM at 10-200 steps vs DPM-Solver++(2M) and EDM Heun at ~10, 20,
+40 NFE, every condition from the same x_T (per-sample seeding), over paired seeds.
+
+    python benchmarks/solvers.py [--n 512] [--seeds 5] [--threads 2] [--out benchmarks/results/solvers-cpu.json]
+
+Guidance: ℓ_HNM with the digits preset (cdp_fast.models.digits.DIGITS_GUIDANCE: λ = 1e4, τ = 10,
+anchor form, every step, no head) on the bundled classifier's features; λ is the same for every
+solver (the rule, README "Fast solvers": the guidance enters each solver as the velocity term
+ε̃ = ε + λ∇ℓ of the same ODE, so it is integrated over σ rather than applied per step; the
+unguided twin of every condition measures the guidance's effect at that NFE).
+
+Metrics, none of which the guidance optimises (cdp_fast.metrics): features = PCA-20 of the real
+training pixels; labels = an independent judge (multinomial logistic regression on the real
+training pixels); Fisher ratio of the judge-labelled samples; k-NN precision / recall (k = 5)
+against the real *test* digits; class balance (normalised label entropy); pseudo-label agreement
+(the bundled classifier — the labeller — against the judge). Per condition: mean and 95%
+t-interval over seeds; paired differences (guided − unguided; condition − guided DDIM-200) with
+their intervals. "Quality-matched": the fewest-NFE condition whose mean precision and recall lie
+inside guided DDIM-200's interval (benchmarks/throughput.py --quality-matched times it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+#: (solver, NFE): guided DDIM at the paper's 200 steps and fewer; the fast solvers near 10/20/40
+CONDITIONS = [("ddim", 200), ("ddim", 50), ("ddim", 20), ("ddim", 10),
+              ("dpmpp_2m", 10), ("dpmpp_2m", 20), ("dpmpp_2m", 40),
+              ("heun", 9), ("heun", 19), ("heun", 39)]
+METRICS = ("fisher_ratio", "precision", "recall", "balance", "agreement")
+#: two-sided 97.5% Student-t quantiles by degrees of freedom
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+         10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def ci(values) -> dict:
+    """Mean and 95% Student-t interval of per-seed values."""
+    v = np.asarray(values, dtype=np.float64)
+    m = float(v.mean())
+    if len(v) < 2:
+        return {"mean": m, "lo": m, "hi": m, "n": len(v)}
+    df = len(v) - 1
+    t = _T975.get(df, _T975[max(k for k in _T975 if k <= df)])
+    half = t * float(v.std(ddof=1)) / math.sqrt(len(v))
+    return {"mean": m, "lo": m - half, "hi": m + half, "n": len(v)}
+
+
+class Instruments:
+    """The measuring side: PCA-20 and the logistic-regression judge, both fit on the real
+    training pixels; the real test digits' features are the precision/recall reference."""
+
+    def __init__(self):
+        from cdp_fast import metrics
+        from cdp_fast.models import digits
+
+        x_tr, y_tr = digits.load_digits_data("train")
+        x_te, _ = digits.load_digits_data("test")
+        self.pca = metrics.fit_pca(x_tr, 20)
+        self.judge = metrics.fit_logistic_regression(x_tr, y_tr, num_classes=10)
+        self.f_test = metrics.extract_features(self.pca, x_te)
+        self.labeler = digits.load_digits_classifier()
+
+    def measure(self, x_model) -> dict:
+        from cdp_fast import metrics
+
+        x01 = ((torch.as_tensor(x_model).float() + 1) / 2).clamp(0, 1)
+        f = metrics.extract_features(self.pca, x01)
+        with torch.no_grad():
+            y = self.judge(x01).argmax(1)
+            pseudo = self.labeler(x01).argmax(1)
+        pr = metrics.prdc(self.f_test, f, k=5)
+        return {"fisher_ratio": metrics.class_separation(f, y)["fisher_ratio"],
+                "precision": pr["precision"], "recall": pr["recall"],
+                "balance": metrics.class_balance(y, 10)["entropy_normalised"],
+                "agreement": float((pseudo == y).double().mean())}
+
+
+def run(n: int, seeds: list, conditions=CONDITIONS, progress=print) -> dict:
+    import cdp_fast
+    from cdp_fast.models import digits
+
+    eps = digits.load_digits_eps_model()
+    feats = digits.digits_features()
+    g = dict(digits.DIGITS_GUIDANCE["hnm"])
+    common = dict(image_shape=digits.IMAGE_SHAPE, batch_size=digits.DIGITS_SAMPLING["batch_size"],
+                  skip=digits.DIGITS_SAMPLING["skip"], output="float", progress=False, compile=False)
+    inst = Instruments()
+    rows = []
+    for seed in seeds:
+        for solver, nfe in conditions:
+            for guided in (True, False):
+                kw = dict(common, solver=solver, nfe=nfe, seed=seed)
+                if guided:
+                    kw.update(loss="hnm", features=feats, **g)
+                else:
+                    kw.update(loss=None)
+                start = time.perf_counter()
+                s = cdp_fast.sample(eps, n, **kw)
+                secs = time.perf_counter() - start
+                m = inst.measure(s.images)
+                rows.append({"seed": seed, "solver": solver, "nfe": s.meta["nfe"], "guided": guided,
+                             "seconds": secs, **m})
+                progress(f"  seed {seed} {solver:8s} nfe {nfe:3d} {'guided  ' if guided else 'unguided'} "
+                         f"{secs:6.1f} s  " + "  ".join(f"{k} {m[k]:.3f}" for k in METRICS))
+    return {"rows": rows, "summary": summarise(rows)}
+
+
+def summarise(rows) -> dict:
+    """Per (solver, NFE, guided): CIs of each metric over seeds; paired differences guided −
+    unguided and condition − guided DDIM-200 (same seed); the quality-matched condition."""
+    by = {}
+    for r in rows:
+        by.setdefault((r["solver"], r["nfe"], r["guided"]), {})[r["seed"]] = r
+    ref = by.get(("ddim", 200, True), {})
+    out = []
+    for (solver, nfe, guided), per_seed in by.items():
+        seeds = sorted(per_seed)
+        entry = {"solver": solver, "nfe": nfe, "guided": guided, "seeds": seeds,
+                 "seconds": ci([per_seed[s]["seconds"] for s in seeds])}
+        for k in METRICS:
+            entry[k] = ci([per_seed[s][k] for s in seeds])
+            twin = by.get((solver, nfe, not guided), {})
+            if guided and all(s in twin for s in seeds):
+                entry[f"{k}_guidance_effect"] = ci([per_seed[s][k] - twin[s][k] for s in seeds])
+            if guided and all(s in ref for s in seeds):
+                entry[f"{k}_minus_ddim200"] = ci([per_seed[s][k] - ref[s][k] for s in seeds])
+        out.append(entry)
+    matched = None
+    bar = next((e for e in out if (e["solver"], e["nfe"], e["guided"]) == ("ddim", 200, True)), None)
+    if bar is not None:
+        inside = [e for e in out if e["guided"] and (e["solver"], e["nfe"]) != ("ddim", 200)
+                  and all(bar[k]["lo"] <= e[k]["mean"] <= bar[k]["hi"] for k in ("precision", "recall"))]
+        for e in out:
+            if e["guided"]:
+                e["inside_ddim200_interval"] = e in inside or (e["solver"], e["nfe"]) == ("ddim", 200)
+        if inside:
+            best = min(inside, key=lambda e: (e["nfe"], e["solver"]))
+            matched = {"solver": best["solver"], "nfe": best["nfe"]}
+    return {"conditions": out, "quality_matched": matched}
+
+
+def table(summary) -> str:
+    """The README table: guided conditions, mean [95% CI] per metric, guidance effect on Fisher."""
+    lines = ["| solver | NFE | Fisher ratio | precision | recall | balance | agreement | Δ Fisher (guided − unguided) | in DDIM-200 CI |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    conds = sorted((e for e in summary["conditions"] if e["guided"]),
+                   key=lambda e: (["ddim", "dpmpp_2m", "heun"].index(e["solver"]), -e["nfe"]))
+    for e in conds:
+        def f(c):
+            return f"{c['mean']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]"
+        eff = e.get("fisher_ratio_guidance_effect")
+        lines.append(f"| {e['solver']} | {e['nfe']} | " + " | ".join(f(e[k]) for k in METRICS)
+                     + f" | {f(eff) if eff else '-'} | {'yes' if e.get('inside_ddim200_interval') else 'no'} |")
+    return "\n".join(lines)
+
+
+def plot(summary, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, k in zip(axes, ("fisher_ratio", "precision", "recall", "agreement")):
+        for solver, style in (("ddim", "o-"), ("dpmpp_2m", "s-"), ("heun", "^-")):
+            for guided, alpha in ((True, 1.0), (False, 0.35)):
+                es = sorted((e for e in summary["conditions"] if e["solver"] == solver and e["guided"] == guided),
+                            key=lambda e: e["nfe"])
+                if not es:
+                    continue
+                x = [e["nfe"] for e in es]
+                m = [e[k]["mean"] for e in es]
+                err = [[e[k]["mean"] - e[k]["lo"] for e in es], [e[k]["hi"] - e[k]["mean"] for e in es]]
+                ax.errorbar(x, m, yerr=err, fmt=style, alpha=alpha, capsize=2,
+                            label=f"{solver}{'' if guided else ' (unguided)'}")
+        bar = next((e for e in summary["conditions"] if (e["solver"], e["nfe"], e["guided"]) == ("ddim", 200, True)),
+                   None)
+        if bar is not None:
+            ax.axhspan(bar[k]["lo"], bar[k]["hi"], color="grey", alpha=0.2, label="guided DDIM-200 95% CI")
+        ax.set_xscale("log")
+        ax.set_xlabel("network evaluations per sample (NFE)")
+        ax.set_title(k.replace("_", " "))
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Contrastive-guided (HNM) digits samples vs NFE: mean and 95% CI over paired seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=512, help="samples per condition and seed (default 512)")
+    ap.add_argument("--seeds", type=int, default=5, help="paired seeds (default 5)")
+    ap.add_argument("--seed", type=int, default=2000, help="first seed (default 2000, outside the demo's)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "solvers-cpu.json"))
+    args = ap.parse_args(argv)
+    if args.n < 16 or args.seeds < 1:
+        ap.error("need --n >= 16 and --seeds >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import harness
+
+    res = run(args.n, list(range(args.seed, args.seed + args.seeds)))
+    out = Path(args.out)
+    res = {"machine": harness.machine_info("cpu"), "n": args.n, "seeds": args.seeds, **res,
+           "setup": {"guidance": "hnm, cdp_fast.models.digits.DIGITS_GUIDANCE", "skip": "uniform (digits preset)",
+                     "features": "PCA-20 of the real training pixels", "labels": "logistic-regression judge",
+                     "precision_recall_reference": "real test digits, k = 5"}}
+    harness.write_json(out, res)
+    print(table(res["summary"]))
+    print("quality-matched:", res["summary"]["quality_matched"])
+    plot(res["summary"], out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
