@@ -75,6 +75,9 @@ ALL_METHODS = ("ddim", "ddim-eager", "diffusers", "hnm", "hnm-eager", "ref-hnm",
 # CUDA only: the same yardsticks with TF32 allowed (cuDNN convolutions and matmuls on tensor
 # cores), beside the true-fp32 ones; the plain names run with TF32 off on CUDA
 TF32_METHODS = ("diffusers-tf32", "ref-hnm-tf32", "ref-infonce-tf32")
+# --quality-matched: guided (HNM) DDIM at 200 steps, and the fewest-NFE solver setting whose
+# quality benchmarks/solvers.py found inside DDIM-200's 95% interval (both ours, same x_T)
+QUALITY_METHODS = ("hnm-ddim200", "hnm-matched")
 # (method, yardstick) rows of the ratio table; the goals are per device (GOALS)
 RATIOS = (
     ("ddim", "diffusers"),
@@ -84,6 +87,7 @@ RATIOS = (
     ("hnm", "ref-hnm-tf32"),
     ("hnm-eager", "ref-hnm"),
     ("infonce", "ref-infonce"),
+    ("hnm-matched", "hnm-ddim200"),
 )
 # speed goals per device type: CPU ≥ 1.3× both yardsticks; GPU ≥ 1.5× diffusers unguided, ≥ 3×
 # the faithful eager fp32 loop guided (HNM), and ≥ 60% MFU (of the measured bf16 peak) for hnm
@@ -255,6 +259,16 @@ def make_runner(method, setup, args, device, x_T):
             return torch.as_tensor(s.images)
         return run
 
+    if method in QUALITY_METHODS:
+        solver, nfe = ("ddim", 200) if method == "hnm-ddim200" else args.matched
+        kw = dict(setup["hnm"], features=feats, form="anchors", guide_window=None, embedding=None)
+
+        def run_q():
+            s = cdp_fast.sample(model, B, loss="hnm", solver=solver, nfe=nfe, skip="uniform", image_shape=shape,
+                                batch_size=B, output="float", seed=args.seed, device=device, compile=args.compile,
+                                dtype=args.dtype, progress=False, **kw)
+            return torch.as_tensor(s.images)
+        return run_q
     if method in ("ddim", "ddim-eager"):
         return ours(None, eager=method.endswith("-eager"))
     if method in ("hnm", "hnm-eager", "infonce"):
@@ -444,6 +458,10 @@ def parse_args(argv=None, prog=None):
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--no-flops", dest="flops", action="store_false", help="skip FLOP counting on CUDA")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quality-matched", nargs="?", const=str(ROOT / "benchmarks" / "results" / "solvers-cpu.json"),
+                    default=None, metavar="SOLVERS_JSON",
+                    help="also time guided DDIM-200 and the quality-matched fast-solver setting recorded by "
+                         "benchmarks/solvers.py (default file: benchmarks/results/solvers-cpu.json)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput-<device>.json)")
     args = ap.parse_args(argv)
     args.compile = {"auto": "auto", "true": True, "false": False}[args.compile]
@@ -451,6 +469,17 @@ def parse_args(argv=None, prog=None):
     bad = [m for m in methods if m not in ALL_METHODS + TF32_METHODS]
     if bad:
         ap.error(f"--methods: unknown {bad}; choose from {ALL_METHODS + TF32_METHODS}")
+    args.matched = None
+    if args.quality_matched is not None:
+        try:
+            rec = json.loads(Path(args.quality_matched).read_text())
+            qm = rec["summary"]["quality_matched"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"--quality-matched: cannot read the quality-matched setting from {args.quality_matched} ({e})")
+        if not qm:
+            ap.error(f"--quality-matched: {args.quality_matched} found no setting inside DDIM-200's interval")
+        args.matched = (qm["solver"], int(qm["nfe"]))
+        methods += [m for m in QUALITY_METHODS if m not in methods]
     args.methods = methods
     if args.batch is None:
         args.batch = {"digits": 128, "small": 64, "cifar": 512}[args.config]
@@ -529,6 +558,10 @@ def main(argv=None, prog=None):
             g = "" if goal is None else f"{goal:.1f}x"
             flag = "" if ok is None else (" met" if ok else " MISSED")
             print(f"{m + ' / ' + ref:<26} {sp:>8.2f}x {lo:>5.2f}-{hi:<5.2f}x {g:>6} {diff:>10.2e}{flag}")
+    if "hnm-matched" in results:
+        print(f"(hnm-matched = {args.matched[0]} at {args.matched[1]} NFE, the fewest-NFE setting inside guided "
+              "DDIM-200's quality interval (benchmarks/solvers.py); its max|Δx0| compares two solvers' samples, "
+              "not a correctness check)")
     if device.type == "cuda" and not peak:
         print("(MFU not measured: --no-flops)")
     elif device.type != "cuda":
@@ -541,6 +574,8 @@ def main(argv=None, prog=None):
         "commit": git_commit(), "machine": machine_info(device), "versions": versions(),
         "config": {"name": args.config, "note": setup["note"], "params": setup["params"], "batch": args.batch,
                    "steps": args.steps, "skip": "uniform", "repeats": args.repeats, "compile": args.compile,
+                   "quality_matched": None if args.matched is None else
+                   {"solver": args.matched[0], "nfe": args.matched[1], "from": args.quality_matched},
                    "dtype": str(args.dtype or torch.float32),
                    "image_shape": list(setup["image_shape"]), "hnm": setup["hnm"], "infonce": setup["infonce"]},
         "peak_flops_measured": peaks or None,
