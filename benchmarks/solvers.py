@@ -17,7 +17,9 @@ against the real *test* digits; class balance (normalised label entropy); pseudo
 (the bundled classifier — the labeller — against the judge). Per condition: mean and 95%
 t-interval over seeds; paired differences (guided − unguided; condition − guided DDIM-200) with
 their intervals. "Quality-matched": the fewest-NFE condition whose mean precision and recall lie
-inside guided DDIM-200's interval (benchmarks/throughput.py --quality-matched times it).
+inside guided DDIM-200's interval (uniform spacing; benchmarks/throughput.py --quality-matched
+times it). Timestep spacings: "uniform" (the digits preset, DDIM's leading spacing) and
+"quadratic" (the paper's CIFAR-10 spacing) for DDIM and DPM-Solver++; Karras σ's for Heun.
 """
 from __future__ import annotations
 
@@ -34,10 +36,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-#: (solver, NFE): guided DDIM at the paper's 200 steps and fewer; the fast solvers near 10/20/40
-CONDITIONS = [("ddim", 200), ("ddim", 50), ("ddim", 20), ("ddim", 10),
-              ("dpmpp_2m", 10), ("dpmpp_2m", 20), ("dpmpp_2m", 40),
-              ("heun", 9), ("heun", 19), ("heun", 39)]
+#: (solver, NFE, timestep spacing): guided DDIM at 200 steps and fewer, the fast solvers near
+#: 10/20/40; "uniform" is the digits preset (DDIM's leading spacing), "quadratic" the paper's
+#: CIFAR-10 spacing (small steps near t = 0); Heun uses Karras σ's whatever the spacing
+CONDITIONS = [("ddim", 200, "uniform"), ("ddim", 50, "uniform"), ("ddim", 20, "uniform"), ("ddim", 10, "uniform"),
+              ("ddim", 20, "quadratic"), ("ddim", 10, "quadratic"),
+              ("dpmpp_2m", 10, "uniform"), ("dpmpp_2m", 20, "uniform"), ("dpmpp_2m", 40, "uniform"),
+              ("dpmpp_2m", 10, "quadratic"), ("dpmpp_2m", 20, "quadratic"), ("dpmpp_2m", 40, "quadratic"),
+              ("heun", 9, "karras"), ("heun", 19, "karras"), ("heun", 39, "karras")]
 METRICS = ("fisher_ratio", "precision", "recall", "balance", "agreement")
 #: two-sided 97.5% Student-t quantiles by degrees of freedom
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
@@ -94,13 +100,14 @@ def run(n: int, seeds: list, conditions=CONDITIONS, progress=print) -> dict:
     feats = digits.digits_features()
     g = dict(digits.DIGITS_GUIDANCE["hnm"])
     common = dict(image_shape=digits.IMAGE_SHAPE, batch_size=digits.DIGITS_SAMPLING["batch_size"],
-                  skip=digits.DIGITS_SAMPLING["skip"], output="float", progress=False, compile=False)
+                  output="float", progress=False, compile=False)
     inst = Instruments()
     rows = []
     for seed in seeds:
-        for solver, nfe in conditions:
+        for solver, nfe, spacing in conditions:
             for guided in (True, False):
-                kw = dict(common, solver=solver, nfe=nfe, seed=seed)
+                kw = dict(common, solver=solver, nfe=nfe, seed=seed,
+                          skip="uniform" if spacing == "karras" else spacing)
                 if guided:
                     kw.update(loss="hnm", features=feats, **g)
                 else:
@@ -109,9 +116,9 @@ def run(n: int, seeds: list, conditions=CONDITIONS, progress=print) -> dict:
                 s = cdp_fast.sample(eps, n, **kw)
                 secs = time.perf_counter() - start
                 m = inst.measure(s.images)
-                rows.append({"seed": seed, "solver": solver, "nfe": s.meta["nfe"], "guided": guided,
-                             "seconds": secs, **m})
-                progress(f"  seed {seed} {solver:8s} nfe {nfe:3d} {'guided  ' if guided else 'unguided'} "
+                rows.append({"seed": seed, "solver": solver, "nfe": s.meta["nfe"], "spacing": spacing,
+                             "guided": guided, "seconds": secs, **m})
+                progress(f"  seed {seed} {solver:8s} {spacing:9s} nfe {nfe:3d} {'guided  ' if guided else 'unguided'} "
                          f"{secs:6.1f} s  " + "  ".join(f"{k} {m[k]:.3f}" for k in METRICS))
     return {"rows": rows, "summary": summarise(rows)}
 
@@ -121,46 +128,48 @@ def summarise(rows) -> dict:
     unguided and condition − guided DDIM-200 (same seed); the quality-matched condition."""
     by = {}
     for r in rows:
-        by.setdefault((r["solver"], r["nfe"], r["guided"]), {})[r["seed"]] = r
-    ref = by.get(("ddim", 200, True), {})
+        by.setdefault((r["solver"], r["nfe"], r.get("spacing", "uniform"), r["guided"]), {})[r["seed"]] = r
+    ref = by.get(("ddim", 200, "uniform", True), {})
     out = []
-    for (solver, nfe, guided), per_seed in by.items():
+    for (solver, nfe, spacing, guided), per_seed in by.items():
         seeds = sorted(per_seed)
-        entry = {"solver": solver, "nfe": nfe, "guided": guided, "seeds": seeds,
+        entry = {"solver": solver, "nfe": nfe, "spacing": spacing, "guided": guided, "seeds": seeds,
                  "seconds": ci([per_seed[s]["seconds"] for s in seeds])}
         for k in METRICS:
             entry[k] = ci([per_seed[s][k] for s in seeds])
-            twin = by.get((solver, nfe, not guided), {})
+            twin = by.get((solver, nfe, spacing, not guided), {})
             if guided and all(s in twin for s in seeds):
                 entry[f"{k}_guidance_effect"] = ci([per_seed[s][k] - twin[s][k] for s in seeds])
             if guided and all(s in ref for s in seeds):
                 entry[f"{k}_minus_ddim200"] = ci([per_seed[s][k] - ref[s][k] for s in seeds])
         out.append(entry)
     matched = None
-    bar = next((e for e in out if (e["solver"], e["nfe"], e["guided"]) == ("ddim", 200, True)), None)
+    is_bar = lambda e: (e["solver"], e["nfe"], e["spacing"]) == ("ddim", 200, "uniform")  # noqa: E731
+    bar = next((e for e in out if is_bar(e) and e["guided"]), None)
     if bar is not None:
-        inside = [e for e in out if e["guided"] and (e["solver"], e["nfe"]) != ("ddim", 200)
+        inside = [e for e in out if e["guided"] and not is_bar(e)
                   and all(bar[k]["lo"] <= e[k]["mean"] <= bar[k]["hi"] for k in ("precision", "recall"))]
         for e in out:
             if e["guided"]:
-                e["inside_ddim200_interval"] = e in inside or (e["solver"], e["nfe"]) == ("ddim", 200)
+                e["inside_ddim200_interval"] = e in inside or is_bar(e)
         if inside:
-            best = min(inside, key=lambda e: (e["nfe"], e["solver"]))
-            matched = {"solver": best["solver"], "nfe": best["nfe"]}
+            best = min(inside, key=lambda e: (e["nfe"], e["solver"] == "ddim", e["solver"]))
+            matched = {"solver": best["solver"], "nfe": best["nfe"],
+                       "skip": "uniform" if best["spacing"] == "karras" else best["spacing"]}
     return {"conditions": out, "quality_matched": matched}
 
 
 def table(summary) -> str:
     """The README table: guided conditions, mean [95% CI] per metric, guidance effect on Fisher."""
-    lines = ["| solver | NFE | Fisher ratio | precision | recall | balance | agreement | Δ Fisher (guided − unguided) | in DDIM-200 CI |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| solver | spacing | NFE | Fisher ratio | precision | recall | balance | agreement | Δ Fisher (guided − unguided) | in DDIM-200 CI |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     conds = sorted((e for e in summary["conditions"] if e["guided"]),
-                   key=lambda e: (["ddim", "dpmpp_2m", "heun"].index(e["solver"]), -e["nfe"]))
+                   key=lambda e: (["ddim", "dpmpp_2m", "heun"].index(e["solver"]), e["spacing"], -e["nfe"]))
     for e in conds:
         def f(c):
             return f"{c['mean']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]"
         eff = e.get("fisher_ratio_guidance_effect")
-        lines.append(f"| {e['solver']} | {e['nfe']} | " + " | ".join(f(e[k]) for k in METRICS)
+        lines.append(f"| {e['solver']} | {e['spacing']} | {e['nfe']} | " + " | ".join(f(e[k]) for k in METRICS)
                      + f" | {f(eff) if eff else '-'} | {'yes' if e.get('inside_ddim200_interval') else 'no'} |")
     return "\n".join(lines)
 
@@ -172,19 +181,21 @@ def plot(summary, path):
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     for ax, k in zip(axes, ("fisher_ratio", "precision", "recall", "agreement")):
-        for solver, style in (("ddim", "o-"), ("dpmpp_2m", "s-"), ("heun", "^-")):
-            for guided, alpha in ((True, 1.0), (False, 0.35)):
-                es = sorted((e for e in summary["conditions"] if e["solver"] == solver and e["guided"] == guided),
-                            key=lambda e: e["nfe"])
+        for solver, spacing, style in (("ddim", "uniform", "o-"), ("ddim", "quadratic", "o--"),
+                                       ("dpmpp_2m", "uniform", "s-"), ("dpmpp_2m", "quadratic", "s--"),
+                                       ("heun", "karras", "^-")):
+            for guided, alpha in ((True, 1.0), (False, 0.3)):
+                es = sorted((e for e in summary["conditions"] if e["solver"] == solver and e["spacing"] == spacing
+                             and e["guided"] == guided), key=lambda e: e["nfe"])
                 if not es:
                     continue
                 x = [e["nfe"] for e in es]
                 m = [e[k]["mean"] for e in es]
                 err = [[e[k]["mean"] - e[k]["lo"] for e in es], [e[k]["hi"] - e[k]["mean"] for e in es]]
                 ax.errorbar(x, m, yerr=err, fmt=style, alpha=alpha, capsize=2,
-                            label=f"{solver}{'' if guided else ' (unguided)'}")
-        bar = next((e for e in summary["conditions"] if (e["solver"], e["nfe"], e["guided"]) == ("ddim", 200, True)),
-                   None)
+                            label=f"{solver} {spacing}{'' if guided else ' (unguided)'}")
+        bar = next((e for e in summary["conditions"] if (e["solver"], e["nfe"], e["spacing"], e["guided"])
+                    == ("ddim", 200, "uniform", True)), None)
         if bar is not None:
             ax.axhspan(bar[k]["lo"], bar[k]["hi"], color="grey", alpha=0.2, label="guided DDIM-200 95% CI")
         ax.set_xscale("log")
@@ -214,7 +225,8 @@ def main(argv=None):
     res = run(args.n, list(range(args.seed, args.seed + args.seeds)))
     out = Path(args.out)
     res = {"machine": harness.machine_info("cpu"), "n": args.n, "seeds": args.seeds, **res,
-           "setup": {"guidance": "hnm, cdp_fast.models.digits.DIGITS_GUIDANCE", "skip": "uniform (digits preset)",
+           "setup": {"guidance": "hnm, cdp_fast.models.digits.DIGITS_GUIDANCE",
+                     "spacing": "per condition; the bar is guided DDIM-200 with uniform (leading) spacing",
                      "features": "PCA-20 of the real training pixels", "labels": "logistic-regression judge",
                      "precision_recall_reference": "real test digits, k = 5"}}
     harness.write_json(out, res)

@@ -260,11 +260,11 @@ def make_runner(method, setup, args, device, x_T):
         return run
 
     if method in QUALITY_METHODS:
-        solver, nfe = ("ddim", 200) if method == "hnm-ddim200" else args.matched
+        solver, nfe, skip = ("ddim", 200, "uniform") if method == "hnm-ddim200" else args.matched
         kw = dict(setup["hnm"], features=feats, form="anchors", guide_window=None, embedding=None)
 
         def run_q():
-            s = cdp_fast.sample(model, B, loss="hnm", solver=solver, nfe=nfe, skip="uniform", image_shape=shape,
+            s = cdp_fast.sample(model, B, loss="hnm", solver=solver, nfe=nfe, skip=skip, image_shape=shape,
                                 batch_size=B, output="float", seed=args.seed, device=device, compile=args.compile,
                                 dtype=args.dtype, progress=False, **kw)
             return torch.as_tensor(s.images)
@@ -478,7 +478,7 @@ def parse_args(argv=None, prog=None):
             ap.error(f"--quality-matched: cannot read the quality-matched setting from {args.quality_matched} ({e})")
         if not qm:
             ap.error(f"--quality-matched: {args.quality_matched} found no setting inside DDIM-200's interval")
-        args.matched = (qm["solver"], int(qm["nfe"]))
+        args.matched = (qm["solver"], int(qm["nfe"]), qm.get("skip", "uniform"))
         methods += [m for m in QUALITY_METHODS if m not in methods]
     args.methods = methods
     if args.batch is None:
@@ -559,7 +559,8 @@ def main(argv=None, prog=None):
             flag = "" if ok is None else (" met" if ok else " MISSED")
             print(f"{m + ' / ' + ref:<26} {sp:>8.2f}x {lo:>5.2f}-{hi:<5.2f}x {g:>6} {diff:>10.2e}{flag}")
     if "hnm-matched" in results:
-        print(f"(hnm-matched = {args.matched[0]} at {args.matched[1]} NFE, the fewest-NFE setting inside guided "
+        print(f"(hnm-matched = {args.matched[0]} at {args.matched[1]} NFE ({args.matched[2]} spacing), the "
+              "fewest-NFE setting inside guided "
               "DDIM-200's quality interval (benchmarks/solvers.py); its max|Δx0| compares two solvers' samples, "
               "not a correctness check)")
     if device.type == "cuda" and not peak:
@@ -575,7 +576,8 @@ def main(argv=None, prog=None):
         "config": {"name": args.config, "note": setup["note"], "params": setup["params"], "batch": args.batch,
                    "steps": args.steps, "skip": "uniform", "repeats": args.repeats, "compile": args.compile,
                    "quality_matched": None if args.matched is None else
-                   {"solver": args.matched[0], "nfe": args.matched[1], "from": args.quality_matched},
+                   {"solver": args.matched[0], "nfe": args.matched[1], "skip": args.matched[2],
+                    "from": args.quality_matched},
                    "dtype": str(args.dtype or torch.float32),
                    "image_shape": list(setup["image_shape"]), "hnm": setup["hnm"], "infonce": setup["infonce"]},
         "peak_flops_measured": peaks or None,

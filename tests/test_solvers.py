@@ -286,3 +286,65 @@ def test_lambda_rule_guidance_displacement_does_not_depend_on_the_solver_or_nfe(
     msg = " ".join(f"{k[0]}{k[1]}:{v / ref:.3f}" for k, v in shifts.items())
     for (name, nfe), v in shifts.items():
         assert abs(v / ref - 1) < (0.08 if nfe >= 39 else 0.35), msg
+
+
+def _bench(name):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(root))
+    spec = importlib.util.spec_from_file_location(f"_{name}_under_test", root / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_solver_benchmark_intervals_and_quality_matched_choice():
+    """benchmarks/solvers.py: the t-interval is right (3 values: mean ± 4.303·sd/√3), paired
+    differences are per seed, and the quality-matched setting is the fewest-NFE guided one
+    whose precision and recall means lie inside guided DDIM-200's interval."""
+    sb = _bench("solvers")
+    c = sb.ci([1.0, 2.0, 3.0])
+    assert c["mean"] == 2.0 and abs(c["hi"] - (2.0 + 4.303 / math.sqrt(3))) < 1e-9
+
+    def rows(solver, nfe, spacing, prec, rec, shift=0.0):
+        return [dict(seed=s, solver=solver, nfe=nfe, spacing=spacing, guided=g, seconds=1.0,
+                     fisher_ratio=0.8 + 0.01 * s - (0.05 if g else 0.0), precision=prec + 0.002 * s + shift,
+                     recall=rec + 0.002 * s, balance=0.98, agreement=0.9) for s in (0, 1, 2) for g in (True, False)]
+    data = (rows("ddim", 200, "uniform", 0.85, 0.97) + rows("ddim", 10, "uniform", 0.95, 0.90)
+            + rows("dpmpp_2m", 10, "quadratic", 0.851, 0.971) + rows("heun", 9, "karras", 0.30, 0.99)
+            + rows("heun", 19, "karras", 0.85, 0.97))
+    summ = sb.summarise(data)
+    assert summ["quality_matched"] == {"solver": "dpmpp_2m", "nfe": 10, "skip": "quadratic"}
+    (e,) = [e for e in summ["conditions"] if e["solver"] == "ddim" and e["nfe"] == 10 and e["guided"]]
+    assert not e["inside_ddim200_interval"]
+    assert abs(e["fisher_ratio_guidance_effect"]["mean"] + 0.05) < 1e-12          # paired, per seed
+    assert abs(e["precision_minus_ddim200"]["mean"] - 0.10) < 1e-12
+    assert "| dpmpp_2m | quadratic | 10 |" in sb.table(summ)
+
+
+@pytest.mark.slow
+def test_solver_benchmark_runs_end_to_end(tmp_path):
+    """A tiny run of benchmarks/solvers.py (16 samples, one seed, two conditions): rows for
+    guided and unguided, finite metrics, NFE as asked; table and plot are written; throughput.py
+    --quality-matched reads the setting back, and refuses a file without one (exit 2)."""
+    sb = _bench("solvers")
+    res = sb.run(32, [0], conditions=[("ddim", 4, "uniform"), ("heun", 3, "karras")], progress=lambda *_: None)
+    assert {(r["solver"], r["nfe"], r["guided"]) for r in res["rows"]} == {
+        ("ddim", 4, True), ("ddim", 4, False), ("heun", 3, True), ("heun", 3, False)}
+    assert all(np.isfinite([r[k] for k in sb.METRICS]).all() for r in res["rows"])
+    sb.plot(res["summary"], tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    tp = _bench("throughput")
+    import json
+    good = tmp_path / "s.json"
+    good.write_text(json.dumps({"summary": {"quality_matched": {"solver": "heun", "nfe": 19, "skip": "uniform"}}}))
+    args = tp.parse_args(["--quality-matched", str(good), "--methods", "hnm"])
+    assert args.matched == ("heun", 19, "uniform") and args.methods == ["hnm", "hnm-ddim200", "hnm-matched"]
+    bad = tmp_path / "b.json"
+    bad.write_text(json.dumps({"summary": {"quality_matched": None}}))
+    with pytest.raises(SystemExit) as e:
+        tp.parse_args(["--quality-matched", str(bad)])
+    assert e.value.code == 2
