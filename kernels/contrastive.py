@@ -193,34 +193,41 @@ def _autotune_on() -> bool:
 
 
 def _gpu_configs():
-    """Tile candidates autotuned on CUDA (per (M, N, D, dtype, flags) key; the first call of a
-    shape benchmarks them all). BLOCK_K 32 keeps fp32 tiles inside shared memory."""
-    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st)
-            for bm, bn, bk, w, st in ((64, 64, 32, 4, 3), (64, 64, 64, 4, 3), (128, 64, 32, 4, 3),
-                                      (128, 64, 64, 8, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 2),
-                                      (32, 64, 64, 4, 4), (128, 128, 64, 8, 3))]
+    """Candidates autotuned on CUDA: rows per program, warps and pipeline stages only. BLOCK_N
+    (the order candidates enter each row's log-sum-exp) and BLOCK_K (the d-slices of each dot)
+    are fixed per dtype by :func:`_blocks`, and warps split a tile's rows and columns, not its
+    d-reduction, so every candidate computes every output element in the same order: the choice,
+    which timing makes and which may differ between processes, changes speed, not bits (resumed
+    and multi-rank runs stay exact; the gpu test compares tuned and fixed tiles bitwise)."""
+    return [triton.Config(dict(BLOCK_M=bm), num_warps=w, num_stages=st)
+            for bm, w, st in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (32, 4, 4), (64, 8, 2), (128, 8, 4),
+                              (64, 4, 4), (32, 2, 3))]
 
 
-_KEY = ["M", "N", "D", "IN_BATCH", "HAS_LABELS", "HAS_BETA", "PRECISION"]
-_fwd_tuned = triton.autotune(_gpu_configs(), key=_KEY)(_stats_fwd_kernel)
-_bwd_d_tuned = triton.autotune(_gpu_configs(), key=_KEY)(_stats_bwd_d_kernel)
+_FLAGS = ["IN_BATCH", "HAS_LABELS", "HAS_BETA", "PRECISION"]
+# the forward's best tiles depend on the anchor count too (its grid); the D kernel runs per row
+# block, so it is keyed on the candidates and d only (one tuning for every block of a call)
+_fwd_tuned = triton.autotune(_gpu_configs(), key=["M", "N", "D"] + _FLAGS)(_stats_fwd_kernel)
+_bwd_d_tuned = triton.autotune(_gpu_configs(), key=["N", "D"] + _FLAGS)(_stats_bwd_d_kernel)
 
 
-def _blocks(d: int, dtype: torch.dtype, device: torch.device):
-    """Fixed tile sizes, or None when the autotuned kernels choose. CPU tensors (the
-    interpreter): the smallest legal dot tiles (16) keep the tests fast; on CUDA with
-    ``CDP_FAST_AUTOTUNE=0`` 64×64 tiles with 32..64-wide d slices (fp32 halves BLOCK_K to fit
-    shared memory)."""
+def _blocks(d: int, dtype: torch.dtype, device: torch.device) -> tuple[dict, bool]:
+    """(tile kwargs passed at launch, whether the autotuner chooses BLOCK_M and the launch
+    parameters). CPU tensors (the interpreter): the smallest legal dot tiles (16) keep the tests
+    fast. CUDA: BLOCK_N 64 and BLOCK_K 64 (32 for fp32, whose tiles take twice the shared
+    memory), fixed so the results do not depend on the tuning; BLOCK_M 64 with
+    ``CDP_FAST_AUTOTUNE=0``."""
     if device.type != "cuda":
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), False
+    fixed = dict(BLOCK_N=64, BLOCK_K=32 if dtype == torch.float32 else 64)
     if _autotune_on():
-        return None
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32 if dtype == torch.float32 else 64)
+        return fixed, True
+    return dict(fixed, BLOCK_M=64), False
 
 
-def _kernel(plain, tuned, bl):
-    """(the kernel to launch, the tile kwargs to pass): the autotuned one takes none."""
-    return (wrap_triton(plain), bl) if bl is not None else (wrap_triton(tuned), {})
+def _kernel(plain, tuned, autotuned: bool):
+    """The kernel to launch: the autotuned one, or the plain one with every tile given."""
+    return wrap_triton(tuned if autotuned else plain)
 
 
 def _splits(m: int, n: int, device: torch.device, block_m: int = 64, block_n: int = 64) -> tuple[int, int]:
@@ -275,12 +282,12 @@ def stats_forward(a, k, ra, rk, a_labels, k_labels, inv_tau: float, beta: float,
     a, k, la, lk, has_labels = _prepare(a, k, a_labels, k_labels)
     m, d = a.shape
     n = k.shape[0]
-    bl = _blocks(d, a.dtype, a.device)
-    n_split, per = _splits(m, n, a.device, *((bl["BLOCK_M"], bl["BLOCK_N"]) if bl else ()))
+    tiles, tuned = _blocks(d, a.dtype, a.device)
+    n_split, per = _splits(m, n, a.device, tiles.get("BLOCK_M", 64), tiles["BLOCK_N"])
     L1p = torch.empty(n_split, m, dtype=torch.float32, device=a.device)
     L0p = torch.empty(n_split, m, dtype=torch.float32, device=a.device) if beta != 0 else L1p
     cntp = torch.empty(n_split, m, dtype=torch.float32, device=a.device)
-    kernel, tiles = _kernel(_stats_fwd_kernel, _fwd_tuned, bl)
+    kernel = _kernel(_stats_fwd_kernel, _fwd_tuned, tuned)
     kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_split)](
         a, k, ra, rk, la, lk, L1p, L0p, cntp, m, n, d, a.stride(0), k.stride(0),
         (1.0 + beta) * inv_tau, beta * inv_tau, float(s_min), per,
@@ -310,8 +317,10 @@ def stats_backward(a, k, ra, rk, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: 
 
     Structure: for each block of anchor rows (as many as fit ``block_bytes`` of fp32 D: all of
     them unless m·N > 64M), ``_stats_bwd_d_kernel`` recomputes the similarity tiles once and
-    writes D (fp32); two GEMMs (cuBLAS, fp32 — true fp32 unless the caller enabled TF32
-    matmuls) give dÂ = D·K̂ and accumulate dK̂ += Dᵀ·Â, in a fixed order (deterministic).
+    writes D (fp32); two GEMMs give dÂ = D·K̂ and accumulate dK̂ += Dᵀ·Â in a fixed order
+    (deterministic): in fp32 for fp32 inputs (true fp32 unless the caller enabled TF32
+    matmuls), in the input dtype with fp32 accumulation (tensor cores) for bf16/fp16 inputs,
+    D scaled to max|g| = 1 so fp16 does not underflow.
     Executed FLOPs: 6·m·N·d (s once, then the two products), where the two passes (dÂ, then
     dK̂ transposed) that recomputed s per 128-wide slice of d cost 2·m·N·d·(2·⌈d/128⌉ + 2)
     (24·m·N·d at d = 640; 26 with the forward). Memory: O((m + N)·d) plus the D block.
@@ -324,26 +333,42 @@ def stats_backward(a, k, ra, rk, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: 
     zero = torch.zeros_like(L1, dtype=torch.float32)
     l1 = torch.where(has, L1.float(), zero).contiguous()
     l0 = torch.where(has, L0.float(), zero).contiguous()
-    g1 = torch.where(has, dL1.float() * c1, zero).contiguous()
-    g0 = torch.where(has, dL0.float() * c0, zero).contiguous()
-    bl = _blocks(d, a.dtype, a.device)
-    kernel, tiles = _kernel(_stats_bwd_d_kernel, _bwd_d_tuned, bl)
+    g1 = torch.where(has, dL1.float() * c1, zero)
+    g0 = torch.where(has, dL0.float() * c0, zero)
+    low = a.dtype in (torch.float16, torch.bfloat16)
+    gscale = None
+    if low:
+        # 16-bit inputs: D and the GEMMs run in the input dtype (tensor cores, fp32
+        # accumulation). With g ~ c/m (the mean over m anchors) D would underflow fp16 (m =
+        # 65536: ~1e-5·P): scale the row coefficients so max|g| = 1, unscale the fp32 results.
+        gscale = torch.maximum(g1.abs().max(), g0.abs().max()).clamp(min=1e-30)
+        g1, g0 = g1 / gscale, g0 / gscale
+    g1, g0 = g1.contiguous(), g0.contiguous()
+    tiles, tuned = _blocks(d, a.dtype, a.device)
+    kernel = _kernel(_stats_bwd_d_kernel, _bwd_d_tuned, tuned)
     flags = dict(IN_BATCH=in_batch, HAS_LABELS=has_labels, HAS_BETA=beta != 0,
                  PRECISION=_precision(a.dtype, a.device), **tiles)
-    # the normalised rows, fp32 (the similarities were computed from these rows × these norms)
-    ah = a.float() * ra[:, None]
-    kh = k.float() * rk[:, None]
+    # the normalised rows (the similarities were computed from these rows × these norms)
+    ah = (a.float() * ra[:, None]).to(a.dtype)
+    kh = (k.float() * rk[:, None]).to(a.dtype)
     budget = D_BLOCK_BYTES if block_bytes is None else block_bytes
     rows = max(1, min(m, budget // (4 * max(n, 1))))
-    da_parts, dk = [], None
+    da_parts = []
+    dk = torch.zeros(n, d, dtype=torch.float32, device=a.device)
     for r0 in range(0, m, rows):
         r1 = min(m, r0 + rows)
         block = torch.empty(r1 - r0, n, dtype=torch.float32, device=a.device)
         kernel[lambda meta, c=r1 - r0: (triton.cdiv(c, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))](
             a, k, ra, rk, la, lk, l1, l0, g1, g0, block, r1, n, d, a.stride(0), k.stride(0), block.stride(0),
             c1, c0, float(s_min), r0, **flags)
-        da_parts.append(block @ kh)
-        part = block.t() @ ah[r0:r1]
-        dk = part if dk is None else dk + part
+        if low:
+            block = block.to(a.dtype)
+            da_parts.append((block @ kh).float())
+            dk += (block.t() @ ah[r0:r1]).float()
+        else:
+            da_parts.append(block @ kh)
+            dk.addmm_(block.t(), ah[r0:r1])
     da = da_parts[0] if len(da_parts) == 1 else torch.cat(da_parts)
+    if gscale is not None:
+        da, dk = da * gscale, dk * gscale
     return da, dk

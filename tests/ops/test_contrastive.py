@@ -281,3 +281,27 @@ def test_triton_cuda_matches_reference(dtype, m, n, d, autotune, monkeypatch):
             assert float((t - r).abs().max()) <= 2e-5 * 10 * max(1.0, float(r.abs().max()))
         else:
             assert float((t - r).abs().max()) <= 2 * float((s - r).abs().max()) + 1e-3 * float(r.abs().max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autotuned_tiles_change_speed_not_bits(dtype, monkeypatch):
+    """The autotuner chooses BLOCK_M, warps and stages by timing (a choice that may differ
+    between processes); BLOCK_N and BLOCK_K are fixed, so the statistics and gradients are
+    bitwise those of the fixed tiles — resumed and multi-rank runs stay exact."""
+    from cdp_fast.kernels import contrastive as kc
+
+    torch.manual_seed(0)
+    a = torch.randn(300, 640, device="cuda", dtype=dtype)
+    k = torch.randn(2000, 640, device="cuda", dtype=dtype)
+    la, lk = torch.randint(0, 10, (300,), device="cuda"), torch.randint(0, 10, (2000,), device="cuda")
+    ra, rk = op._inv_norms(a), op._inv_norms(k)
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("CDP_FAST_AUTOTUNE", flag)
+        L1, L0, cnt = kc.stats_forward(a, k, ra, rk, la, lk, 5.0, 1.0, False)
+        d = kc.stats_backward(a, k, ra, rk, la, lk, L1, L0, torch.ones_like(L1), torch.ones_like(L0), 5.0, 1.0,
+                              False)
+        outs[flag] = (L1, L0, cnt) + tuple(d)
+    for x, y in zip(outs["1"], outs["0"]):
+        assert torch.equal(x, y)
