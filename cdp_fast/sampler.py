@@ -390,6 +390,11 @@ def _prepare_model(model, dev: torch.device, compile, image_shape, work=None,
 def _compiled(eps_model: EpsModel, dev: torch.device) -> EpsModel:
     """The adapter running a compiled forward: CUDA graphs on CUDA, a frozen inductor graph on
     CPU (the feature network is prepared apart: :func:`_prepare_features`)."""
+    den = eps_model.model if isinstance(eps_model.model, SigmaDenoiser) else None
+    if den is not None:
+        # Heun calls a denoiser in σ-space, not through forward(): compile that path too
+        den.sigma_runner = (torch.compile(den.eps_at_sigma) if dev.type == "cuda"
+                            else runtime.compile_frozen(den.eps_at_sigma, den))
     if dev.type == "cuda":
         return eps_model.with_runner(runtime.compile_cuda_graphs(eps_model.forward))
     return eps_model.with_runner(runtime.compile_frozen(eps_model.forward, eps_model.module))
@@ -504,7 +509,11 @@ def _probe(eps_model: EpsModel, features, labeler, image_shape, T, num_classes, 
         outs["labeler"] = logits
     prints = {}
     for name, fn in (("model", eps_model.model), ("features", features), ("labeler", labeler)):
-        if name in outs and not isinstance(fn, torch.nn.Module):
+        # a module is fingerprinted by its weights; a plain callable (also one inside a
+        # SigmaDenoiser, which has no weights of its own) by what it computes
+        plain = not isinstance(fn, torch.nn.Module) or (
+            isinstance(fn, SigmaDenoiser) and not isinstance(fn.net, torch.nn.Module))
+        if name in outs and plain:
             v = torch.as_tensor(outs[name].detach().double().cpu().flatten())
             r = torch.randn((8, v.numel()), generator=torch.Generator().manual_seed(_PROBE_SEED + 1),
                             dtype=torch.float64)
@@ -659,8 +668,11 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
     if solver == "heun":
         den = model if isinstance(model, SigmaDenoiser) else None
         table = sigmas_of(abar)
+        noisy = table[table > 0]                    # a table may start at ᾱ = 1 (σ = 0)
+        if den is None and noisy.numel() == 0:
+            raise ValueError("solver='heun': the ᾱ table has no entry below 1 (no noise level to start from)")
         sigmas = (karras_sigmas(steps, den.sigma_min, den.sigma_max, den.rho) if den is not None
-                  else karras_sigmas(steps, float(table[0]), float(table[-1])))
+                  else karras_sigmas(steps, float(noisy[0]), float(table[-1])))
     run_nfe = nfe_of(solver, ts, sigmas)
     if isinstance(model, SigmaDenoiser):
         model = model.on_table(abar)            # the same network as an ε-model on this table
@@ -725,11 +737,13 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
                   guide_window=window if guidance is not None else None, lam=lam,
                   tau=tau, tau_plus=tau_plus, beta=beta, positive=positive, negatives=negatives, real=real,
                   num_classes=num_classes, class_labels=class_labels, labeler=labeler, steps=steps,
-                  skip=skip, eta=eta, T=T, betas=betas, alphas_cumprod=alphas_cumprod,
+                  skip=None if solver == "heun" else skip, eta=eta, T=T, betas=betas, alphas_cumprod=alphas_cumprod,
+                  sigma_range=model.settings() if isinstance(model, SigmaDenoiser) else None,
                   image_shape=image_shape, batch_size=batch_size, shard_size=shard_size, output=output,
                   seed=seed, dtype=str(dtype), init_std=float(init_std))
         # runs written before form/solver/clip_x0 existed used the anchor form and plain DDIM
-        legacy = {"form": "anchors" if loss is not None else None, "solver": "ddim", "clip_x0": False}
+        legacy = {"form": "anchors" if loss is not None else None, "solver": "ddim", "clip_x0": False,
+                  "sigma_range": None}
         plan = ShardPlan(Path(out), n, shard_size, _manifest_args(model, n, kw, behaviour), legacy=legacy)
         # the guidance strength of this call's batches (a resumed call measures what it made)
         def merge(parts):

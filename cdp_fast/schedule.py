@@ -121,7 +121,7 @@ def sigma_to_t(sigma, alphas_cumprod) -> torch.Tensor:
     """Fractional timestep of noise level σ on the table: t linear in log σ between the two
     table entries around it, clamped to [0, T − 1] (diffusers' ``_sigma_to_t``, k-diffusion's
     ``DiscreteSchedule.sigma_to_t``). Inverse of :func:`t_to_sigma` inside the table's range."""
-    log_table = sigmas_of(alphas_cumprod).log()                  # increasing in t
+    log_table = sigmas_of(alphas_cumprod).clamp_min(1e-30).log()   # increasing in t (ᾱ = 1: σ = 0)
     s = torch.as_tensor(sigma, dtype=torch.float64).clamp_min(1e-300).log()
     T = log_table.numel()
     if T == 1:
@@ -136,7 +136,7 @@ def t_to_sigma(t, alphas_cumprod) -> torch.Tensor:
     """σ at a (fractional) timestep: log σ linearly interpolated between table entries
     (the inverse of :func:`sigma_to_t`); integer t gives the table's σ_t exactly."""
     t = torch.as_tensor(t)
-    log_table = sigmas_of(alphas_cumprod).log().to(t.device)          # t's device: no host sync
+    log_table = sigmas_of(alphas_cumprod).clamp_min(1e-30).log().to(t.device)   # t's device: no host sync
     t = t.to(torch.float64).clamp(0, log_table.numel() - 1)
     lo = t.floor().long().clamp(max=max(log_table.numel() - 2, 0))
     hi = (lo + 1).clamp(max=log_table.numel() - 1)

@@ -203,29 +203,37 @@ def guided_dpmpp_2m(model, x_T, *, alphas_cumprod, timesteps, guidance=None, cal
     solver_type="midpoint", final_sigmas_type="zero")`` on the same timesteps (a test).
 
     Args: as :func:`guided_ddim` (deterministic: no η, no generator). One model evaluation per
-    distinct timestep; a repeated timestep is skipped.
+    distinct timestep; a repeated timestep is skipped (as are two timesteps with equal ᾱ). A
+    step where the guidance switches on or off (a ``guide_window`` edge) is first order: the
+    multistep correction would otherwise read the guidance itself as curvature.
     Returns:
         x_0, (B, *shape), model space.
     """
     abar, t_list = _check_timesteps(alphas_cumprod, timesteps)
-    state = {"x0": None, "h": None}
+    state = {"x0": None, "h": None, "guided": None}
 
     def update(x, eps, g, lam, t, t_prev, a_t, a_prev, draw, want_x0):
-        d = eps if g is None else eps + lam * g
+        guided = g is not None and lam != 0
+        d = eps if not guided else eps + lam * g
         alpha_t, sigma_t = math.sqrt(a_t), math.sqrt(1.0 - a_t)
         x0 = (x - sigma_t * d) / alpha_t
         if t_prev < 0 or a_prev >= 1.0:          # to σ = 0: first order gives x̂_0 itself
             x_new, h = x0, None
+        elif a_prev == a_t:                      # two timesteps with one ᾱ: h = 0, the identity
+            return x, (x0 if want_x0 else None)
         else:
             alpha_s, sigma_s = math.sqrt(a_prev), math.sqrt(1.0 - a_prev)
             h = math.log(alpha_s / sigma_s) - math.log(alpha_t / sigma_t)
             phi = math.expm1(-h)                 # e^{−h} − 1
             target = x0
-            if state["x0"] is not None and state["h"] is not None:
+            # second order from the previous x̂_0 — unless the guidance switched on or off
+            # between the two (a window edge): their difference would then be the guidance
+            # itself, not the curvature of one ODE, so that step is first order
+            if state["x0"] is not None and state["h"] is not None and state["guided"] == guided:
                 r = state["h"] / h
                 target = x0 + (x0 - state["x0"]) * (0.5 / r)
             x_new = (sigma_s / sigma_t) * x - (alpha_s * phi) * target
-        state["x0"], state["h"] = x0, h
+        state["x0"], state["h"], state["guided"] = x0, h, guided
         return x_new, (x0 if want_x0 else None)
 
     return _guided_loop(model, x_T, abar, t_list, update, guidance=guidance, draw=None, callback=callback, y=y,
@@ -252,7 +260,11 @@ def guided_heun(model, x_T, *, alphas_cumprod, sigmas, guidance=None, callback=N
 
     — 2n − 1 function evaluations for n noise levels, diffusers' ``HeunDiscreteScheduler``
     (``use_karras_sigmas=True``) on the same σ's (a test). The guidance runs at every
-    evaluation (its ``step`` counts evaluations; its t is the table timestep nearest σ).
+    evaluation (its ``step`` counts evaluations; its t is the table timestep nearest σ). For a
+    stateful guidance that means: with ``positive="previous"`` the positive of an evaluation is
+    the previous *evaluation's* features (a corrector is paired with its own predictor, the next
+    step's predictor with the corrector's Euler point x̃), and an online head takes one step per
+    evaluation (2n − 1 in all).
 
     Args:
         model: an ε-model, called at x_t with the fractional timestep t(σ) (log-linear in the
@@ -287,7 +299,10 @@ def guided_heun(model, x_T, *, alphas_cumprod, sigmas, guidance=None, callback=N
         x_t = x / math.sqrt(1.0 + s * s)
         with torch.no_grad():
             if den is not None:
-                eps = den.eps_at_sigma(x, s, y)
+                # the compiled σ-space forward when sample() compiled the model; σ as a (B,)
+                # tensor made on the device (no host copy, no recompile per σ)
+                run = den.sigma_runner if den.sigma_runner is not None else den.eps_at_sigma
+                eps = run(x, x.new_full((B,), s), y)
             else:
                 eps = eps_model(x_t, torch.full((B,), t, dtype=torch.float32, device=x.device), y)
         _check_eps(eps, x, n, t)

@@ -100,41 +100,76 @@ class SigmaDenoiser(nn.Module):
             raise TypeError(f"net must be callable, got {type(net).__name__}")
         if not (0 < sigma_min < sigma_max < float("inf")):
             raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got {sigma_min!r}, {sigma_max!r}")
+        if rho <= 0:
+            raise ValueError(f"rho must be > 0, got {rho!r}")
+        if one_hot_classes is not None and (isinstance(one_hot_classes, bool) or not isinstance(one_hot_classes, int)
+                                            or one_hot_classes < 1):
+            raise ValueError(f"one_hot_classes must be None or an int >= 1, got {one_hot_classes!r}")
         self.net = net
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
         self.one_hot_classes = one_hot_classes
-        # a plain attribute, not a buffer: the fingerprint of a run is the network's weights
-        self.alphas_cumprod = None if alphas_cumprod is None else torch.as_tensor(alphas_cumprod).double().cpu()
+        # plain attributes, not buffers: the fingerprint of a run is the network's weights. The
+        # table is validated once here; forward() is then tensor arithmetic only (no checks,
+        # no host round trip: one copy of log σ per device)
+        self.alphas_cumprod = None
+        self._log_sigma, self._log_sigma_on = None, {}
+        if alphas_cumprod is not None:
+            from cdp_fast.schedule import as_alphas_cumprod, sigmas_of
+            self.alphas_cumprod = as_alphas_cumprod(alphas_cumprod).double().cpu()
+            self._log_sigma = sigmas_of(self.alphas_cumprod).clamp_min(1e-30).log()
+        #: a compiled :meth:`eps_at_sigma` that the Heun solver calls when set (cdp_fast.sample
+        #: sets it when it compiles the model)
+        self.sigma_runner = None
 
     def on_table(self, alphas_cumprod) -> "SigmaDenoiser":
         """The same network (shared, not copied) as an ε-model on this ᾱ table."""
         return SigmaDenoiser(self.net, sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho,
                              one_hot_classes=self.one_hot_classes, alphas_cumprod=alphas_cumprod)
 
+    def settings(self) -> dict:
+        """What a resumed run must repeat besides the weights (recorded in the manifest)."""
+        return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "rho": self.rho,
+                "one_hot_classes": self.one_hot_classes}
+
     def _labels(self, y):
         if y is None or self.one_hot_classes is None:
             return y
         return nn.functional.one_hot(y.long(), self.one_hot_classes).float()
 
+    def _sigmas(self, x, sigma):
+        """σ as a (B,) tensor on x's device (a float becomes one without a host copy)."""
+        if isinstance(sigma, torch.Tensor):
+            return sigma.to(x.device).expand(x.shape[0])
+        return x.new_full((x.shape[0],), float(sigma), dtype=torch.float32)
+
     def denoise(self, x, sigma, y=None):
-        """x̂_0 = D(x_σ, σ): x (B, *shape), σ float or (B,) -> (B, *shape)."""
-        s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0]).contiguous()
+        """x̂_0 = D(x_σ, σ): x (B, *shape), σ a float or (B,) -> (B, *shape)."""
+        s = self._sigmas(x, sigma).to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous()
         y = self._labels(y)
         return unwrap_output(self.net(x, s) if y is None else self.net(x, s, y))
 
     def eps_at_sigma(self, x, sigma, y=None):
-        """ε = (x_σ − D(x_σ, σ))/σ, for σ > 0: x (B, *shape) -> (B, *shape)."""
-        s = torch.as_tensor(sigma, dtype=torch.float64)
+        """ε = (x_σ − D(x_σ, σ))/σ, for σ > 0: x (B, *shape), σ a float or (B,) -> (B, *shape)."""
+        s = self._sigmas(x, sigma)
         view = (-1,) + (1,) * (x.dim() - 1)
-        return (x - self.denoise(x, sigma, y)) / s.to(x.device, x.dtype).reshape(view if s.dim() else ())
+        return (x - self.denoise(x, s, y)) / s.to(x.dtype).reshape(view)
 
     def forward(self, x, t, y=None):
-        """ε(x_t, t) on the bound ᾱ table: x_σ = x_t·√(1+σ_t²), ε = (x_σ − D(x_σ, σ_t))/σ_t."""
-        if self.alphas_cumprod is None:
+        """ε(x_t, t) on the bound ᾱ table: σ_t (log-linear between entries for fractional t),
+        x_σ = x_t·√(1+σ_t²), ε = (x_σ − D(x_σ, σ_t))/σ_t."""
+        if self._log_sigma is None:
             raise ValueError("SigmaDenoiser: no ᾱ table bound; use .on_table(alphas_cumprod) "
                              "(cdp_fast.sample binds its own)")
-        from cdp_fast.schedule import t_to_sigma
-        sigma = t_to_sigma(torch.as_tensor(t, device=x.device), self.alphas_cumprod)
+        key = str(x.device)
+        if key not in self._log_sigma_on:
+            self._log_sigma_on[key] = self._log_sigma.to(x.device)
+        log_table = self._log_sigma_on[key]
+        T = log_table.numel()
+        tt = torch.as_tensor(t, device=x.device).to(torch.float64).clamp(0, T - 1)
+        lo = tt.floor().long().clamp(max=max(T - 2, 0))
+        hi = (lo + 1).clamp(max=T - 1)
+        w = tt - lo.to(torch.float64)
+        sigma = (log_table[lo] * (1 - w) + log_table[hi] * w).exp()
         view = (-1,) + (1,) * (x.dim() - 1)
         scale = (1 + sigma.square()).sqrt().to(x.dtype).reshape(view)
         return self.eps_at_sigma(x * scale, sigma, y)
