@@ -18,7 +18,7 @@ against the real *test* digits; class balance (normalised label entropy); pseudo
 t-interval over seeds; paired differences (guided − unguided; condition − guided DDIM-200) with
 their intervals. "Quality-matched": the fewest-NFE condition whose mean precision and recall lie
 inside guided DDIM-200's interval (uniform spacing; benchmarks/throughput.py --quality-matched
-times it). Timestep spacings: "uniform" (the digits preset, DDIM's leading spacing) and
+times it); beside it, the fewest-NFE condition no worse than that interval's lower ends. Timestep spacings: "uniform" (the digits preset, DDIM's leading spacing) and
 "quadratic" (the paper's CIFAR-10 spacing) for DDIM and DPM-Solver++; Karras σ's for Heun.
 """
 from __future__ import annotations
@@ -156,7 +156,22 @@ def summarise(rows) -> dict:
             best = min(inside, key=lambda e: (e["nfe"], e["solver"] == "ddim", e["solver"]))
             matched = {"solver": best["solver"], "nfe": best["nfe"],
                        "skip": "uniform" if best["spacing"] == "karras" else best["spacing"]}
-    return {"conditions": out, "quality_matched": matched}
+        # a looser reading: no worse than DDIM-200's interval (a recall or precision *above*
+        # it counts as matched); reported beside the strict one, not used by throughput.py
+        no_worse = [e for e in out if e["guided"] and not is_bar(e)
+                    and all(e[k]["mean"] >= bar[k]["lo"] for k in ("precision", "recall"))]
+        for e in out:
+            if e["guided"]:
+                e["no_worse_than_ddim200"] = e in no_worse or is_bar(e)
+        if no_worse:
+            best = min(no_worse, key=lambda e: (e["nfe"], e["solver"] == "ddim", e["solver"]))
+            loose = {"solver": best["solver"], "nfe": best["nfe"],
+                     "skip": "uniform" if best["spacing"] == "karras" else best["spacing"]}
+        else:
+            loose = None
+    else:
+        loose = None
+    return {"conditions": out, "quality_matched": matched, "no_worse_than_ddim200": loose}
 
 
 def table(summary) -> str:
@@ -179,7 +194,7 @@ def plot(summary, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
     for ax, k in zip(axes, ("fisher_ratio", "precision", "recall", "agreement")):
         for solver, spacing, style in (("ddim", "uniform", "o-"), ("ddim", "quadratic", "o--"),
                                        ("dpmpp_2m", "uniform", "s-"), ("dpmpp_2m", "quadratic", "s--"),
@@ -201,9 +216,10 @@ def plot(summary, path):
         ax.set_xscale("log")
         ax.set_xlabel("network evaluations per sample (NFE)")
         ax.set_title(k.replace("_", " "))
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=7)
     fig.suptitle("Contrastive-guided (HNM) digits samples vs NFE: mean and 95% CI over paired seeds")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -215,7 +231,17 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=2000, help="first seed (default 2000, outside the demo's)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "solvers-cpu.json"))
+    ap.add_argument("--resummarise", action="store_true",
+                    help="recompute the summary, table and plot from the rows already in --out (no sampling)")
     args = ap.parse_args(argv)
+    if args.resummarise:
+        import harness
+        rec = json.loads(Path(args.out).read_text())
+        rec["summary"] = summarise(rec["rows"])
+        harness.write_json(Path(args.out), rec)
+        print(table(rec["summary"]))
+        plot(rec["summary"], Path(args.out).with_suffix(".png"))
+        return
     if args.n < 16 or args.seeds < 1:
         ap.error("need --n >= 16 and --seeds >= 1")
     if args.threads:
@@ -231,7 +257,8 @@ def main(argv=None):
                      "precision_recall_reference": "real test digits, k = 5"}}
     harness.write_json(out, res)
     print(table(res["summary"]))
-    print("quality-matched:", res["summary"]["quality_matched"])
+    print("quality-matched:", res["summary"]["quality_matched"],
+          "| no worse on precision and recall:", res["summary"]["no_worse_than_ddim200"])
     plot(res["summary"], out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

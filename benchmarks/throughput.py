@@ -560,9 +560,9 @@ def main(argv=None, prog=None):
             print(f"{m + ' / ' + ref:<26} {sp:>8.2f}x {lo:>5.2f}-{hi:<5.2f}x {g:>6} {diff:>10.2e}{flag}")
     if "hnm-matched" in results:
         print(f"(hnm-matched = {args.matched[0]} at {args.matched[1]} NFE ({args.matched[2]} spacing), the "
-              "fewest-NFE setting inside guided "
-              "DDIM-200's quality interval (benchmarks/solvers.py); its max|Δx0| compares two solvers' samples, "
-              "not a correctness check)")
+              f"quality-matched setting read from {args.quality_matched} (benchmarks/solvers.py: the fewest-NFE "
+              "setting inside guided DDIM-200's interval); its max|Δx0| compares two solvers' samples, not a "
+              "correctness check)")
     if device.type == "cuda" and not peak:
         print("(MFU not measured: --no-flops)")
     elif device.type != "cuda":
