@@ -232,7 +232,10 @@ try:
         p = torch.randn(1024, 640, device=dev, dtype=dt)
         oc.hnm_loss(a, p, None, tau=0.5, impl="triton").backward()
     torch.cuda.synchronize()
-    for name in ("_stats_fwd_kernel", "_stats_bwd_da_kernel", "_stats_bwd_dk_kernel"):
+    for name in ("_fwd_tuned", "_bwd_d_tuned"):     # the autotuners' choices, per key
+        for key, cfg in getattr(getattr(kc, name, None), "cache", {}).items():
+            print(f"  {name}: {key} -> {cfg}")
+    for name in ("_stats_fwd_kernel", "_stats_bwd_d_kernel"):
         fn = getattr(kc, name)
         caches = getattr(fn, "device_caches", {})
         for entry in caches.values():
