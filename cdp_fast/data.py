@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from cdp_fast.checks import is_int
+
 if TYPE_CHECKING:   # torch is imported where it is used: storage alone never loads it
     import torch
 
@@ -404,6 +406,12 @@ class Samples:
             if bad:
                 raise ValueError(f"{manifest_path}: lists shard names the sampler never makes ({bad[0]!r}); "
                                  "refusing to read outside the directory")
+            broken = [name for name, info in records.items()
+                      if not (isinstance(info, dict) and is_int(info.get("start")) and is_int(info.get("count"))
+                              and info["start"] >= 0 and info["count"] >= 0)]
+            if broken:
+                raise ValueError(f"{manifest_path}: the record of shard {broken[0]!r} lacks a valid start/count "
+                                 "(a damaged or hand-edited manifest)")
             shards = sorted(records.items(), key=lambda kv: kv[1]["start"])
             if not manifest.get("complete", False):
                 import warnings

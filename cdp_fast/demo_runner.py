@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from cdp_fast import demo
+from cdp_fast.checks import check_number
 from cdp_fast import demo_data as dd
 from cdp_fast.demo_stats import paired_ci, summarise
 
 
 def _int(name, v, lo):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    check_number(name, v, lo=lo, integer=True)
     return int(v)
 
 

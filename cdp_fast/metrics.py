@@ -268,21 +268,13 @@ def extract_features(features: Callable, x, *, batch_size: int = 1024, device=No
 
     x = _x01(x)
     dev = model_device(features, device)
-    ctx = eval_mode(features) if isinstance(features, torch.nn.Module) else _null()
+    ctx = eval_mode(features)          # a plain callable: nothing to switch
     out = []
     with torch.no_grad(), ctx:
         for s in range(0, len(x), batch_size):
             f = features(x[s:s + batch_size].to(dev))
             out.append(torch.as_tensor(f).reshape(min(batch_size, len(x) - s), -1).to("cpu", torch.float64))
     return torch.cat(out)
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 # ----------------------------------------------------------------------------- class separation
@@ -553,7 +545,7 @@ def _predict(classifier, x, batch_size=1024, device=None):
     from cdp_fast.runtime import eval_mode, model_device
 
     dev = model_device(classifier, device)
-    ctx = eval_mode(classifier) if isinstance(classifier, torch.nn.Module) else _null()
+    ctx = eval_mode(classifier)
     preds = []
     with torch.no_grad(), ctx:
         for s in range(0, len(x), batch_size):

@@ -131,6 +131,20 @@ def test_manifest_shard_names_are_not_trusted(tmp_path):
     assert len(s) == 4
 
 
+def test_manifest_records_without_start_or_count_are_a_clear_error(tmp_path):
+    """A shard record missing its start (or with a non-int count) is a ValueError naming the
+    shard, not a KeyError from inside the loader."""
+    out = tmp_path / "o"
+    cdp_fast.sample(Eps(), 4, out=str(out), **KW)
+    good = (out / "manifest.json").read_text()
+    for damage in (lambda r: r.pop("start"), lambda r: r.update(count="2")):
+        man = json.loads(good)
+        damage(man["shards"]["shard-000000.npz"])
+        (out / "manifest.json").write_text(json.dumps(man))
+        with pytest.raises(ValueError, match="shard-000000.npz.*start/count"):
+            Samples.load(out)
+
+
 @pytest.mark.parametrize("bad", ["nan", "batch"])
 def test_labeler_output_is_validated_before_anything_is_written(tmp_path, bad):
     def labeler(x):
