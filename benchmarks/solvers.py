@@ -143,34 +143,30 @@ def summarise(rows) -> dict:
             if guided and all(s in ref for s in seeds):
                 entry[f"{k}_minus_ddim200"] = ci([per_seed[s][k] - ref[s][k] for s in seeds])
         out.append(entry)
-    matched = None
     is_bar = lambda e: (e["solver"], e["nfe"], e["spacing"]) == ("ddim", 200, "uniform")  # noqa: E731
     bar = next((e for e in out if is_bar(e) and e["guided"]), None)
-    if bar is not None:
-        inside = [e for e in out if e["guided"] and not is_bar(e)
-                  and all(bar[k]["lo"] <= e[k]["mean"] <= bar[k]["hi"] for k in ("precision", "recall"))]
+
+    def fewest(flag, ok):
+        """Mark each guided condition with ``flag`` (the bar itself counts) and return the
+        fewest-NFE condition whose precision and recall means are ``ok`` against the bar's
+        intervals (at equal NFE a fast solver before DDIM), or None."""
+        if bar is None:
+            return None
+        hits = [e for e in out if e["guided"] and not is_bar(e)
+                and all(ok(e[k]["mean"], bar[k]) for k in ("precision", "recall"))]
         for e in out:
             if e["guided"]:
-                e["inside_ddim200_interval"] = e in inside or is_bar(e)
-        if inside:
-            best = min(inside, key=lambda e: (e["nfe"], e["solver"] == "ddim", e["solver"]))
-            matched = {"solver": best["solver"], "nfe": best["nfe"],
-                       "skip": "uniform" if best["spacing"] == "karras" else best["spacing"]}
-        # a looser reading: no worse than DDIM-200's interval (a recall or precision *above*
-        # it counts as matched); reported beside the strict one, not used by throughput.py
-        no_worse = [e for e in out if e["guided"] and not is_bar(e)
-                    and all(e[k]["mean"] >= bar[k]["lo"] for k in ("precision", "recall"))]
-        for e in out:
-            if e["guided"]:
-                e["no_worse_than_ddim200"] = e in no_worse or is_bar(e)
-        if no_worse:
-            best = min(no_worse, key=lambda e: (e["nfe"], e["solver"] == "ddim", e["solver"]))
-            loose = {"solver": best["solver"], "nfe": best["nfe"],
-                     "skip": "uniform" if best["spacing"] == "karras" else best["spacing"]}
-        else:
-            loose = None
-    else:
-        loose = None
+                e[flag] = e in hits or is_bar(e)
+        if not hits:
+            return None
+        best = min(hits, key=lambda e: (e["nfe"], e["solver"] == "ddim", e["solver"]))
+        return {"solver": best["solver"], "nfe": best["nfe"],
+                "skip": "uniform" if best["spacing"] == "karras" else best["spacing"]}
+
+    matched = fewest("inside_ddim200_interval", lambda m, c: c["lo"] <= m <= c["hi"])
+    # a looser reading: no worse than DDIM-200's interval (a recall or precision *above* it
+    # counts as matched); reported beside the strict one, not used by throughput.py
+    loose = fewest("no_worse_than_ddim200", lambda m, c: m >= c["lo"])
     return {"conditions": out, "quality_matched": matched, "no_worse_than_ddim200": loose}
 
 

@@ -1,6 +1,8 @@
-"""Contrastive-guided DDIM sampling: the pure loop :func:`guided_ddim` and the driver :func:`sample`.
-(Over 400 lines because :func:`sample` documents and validates every one of its ~30 arguments;
-the jobs around it live in guidance, stream, seeding, runtime and models.external.)
+"""Contrastive-guided sampling: the driver :func:`sample` (the pure loops — :func:`guided_ddim`,
+``guided_ddpm``, ``guided_dpmpp_2m``, ``guided_heun`` — live in :mod:`cdp_fast.solvers` and are
+importable from here too). Over 400 lines because :func:`sample` documents and validates every
+one of its ~30 arguments and prepares the networks; the jobs around it live in guidance,
+solvers, stream, seeding, runtime and models.external.
 
 Implements Algorithm 1 of Ouyang, Xie & Cheng, "Improving Adversarial Robustness by
 Contrastive Guided Diffusion Process" (Contrastive-DP): at every DDIM step
@@ -17,7 +19,8 @@ builds a frozen :class:`_Run` (the ε-model adapter, possibly compiled — :mod:
 the schedule; a :class:`cdp_fast.guidance.ContrastiveGuidance`); :func:`_batches` yields the
 run's rows batch by batch (per-sample seeding — :mod:`cdp_fast.seeding`), either collected in
 memory or streamed to shards by :func:`cdp_fast.stream.write_shards` (resume, ranks). Each
-batch is one :func:`guided_ddim` trajectory: the ε-model (:mod:`cdp_fast.models.external`),
+batch is one trajectory of the chosen solver (:mod:`cdp_fast.solvers`; the paper's is
+:func:`guided_ddim`): the ε-model (:mod:`cdp_fast.models.external`),
 the guidance (:mod:`cdp_fast.losses` -> :mod:`cdp_fast.ops.contrastive`) and the update
 (:mod:`cdp_fast.ops.ddim`).
 
