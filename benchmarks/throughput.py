@@ -462,6 +462,9 @@ def parse_args(argv=None, prog=None):
                     default=None, metavar="SOLVERS_JSON",
                     help="also time guided DDIM-200 and the quality-matched fast-solver setting recorded by "
                          "benchmarks/solvers.py (default file: benchmarks/results/solvers-cpu.json)")
+    ap.add_argument("--match-rule", choices=("strict", "no-worse"), default="strict",
+                    help="which of benchmarks/solvers.py's settings --quality-matched times: strict = precision "
+                         "and recall inside guided DDIM-200's 95%% interval; no-worse = not below it")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput-<device>.json)")
     args = ap.parse_args(argv)
     args.compile = {"auto": "auto", "true": True, "false": False}[args.compile]
@@ -473,11 +476,11 @@ def parse_args(argv=None, prog=None):
     if args.quality_matched is not None:
         try:
             rec = json.loads(Path(args.quality_matched).read_text())
-            qm = rec["summary"]["quality_matched"]
+            qm = rec["summary"]["quality_matched" if args.match_rule == "strict" else "no_worse_than_ddim200"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             ap.error(f"--quality-matched: cannot read the quality-matched setting from {args.quality_matched} ({e})")
         if not qm:
-            ap.error(f"--quality-matched: {args.quality_matched} found no setting inside DDIM-200's interval")
+            ap.error(f"--quality-matched: {args.quality_matched} records no {args.match_rule} setting")
         args.matched = (qm["solver"], int(qm["nfe"]), qm.get("skip", "uniform"))
         methods += [m for m in QUALITY_METHODS if m not in methods]
     args.methods = methods
@@ -560,9 +563,9 @@ def main(argv=None, prog=None):
             print(f"{m + ' / ' + ref:<26} {sp:>8.2f}x {lo:>5.2f}-{hi:<5.2f}x {g:>6} {diff:>10.2e}{flag}")
     if "hnm-matched" in results:
         print(f"(hnm-matched = {args.matched[0]} at {args.matched[1]} NFE ({args.matched[2]} spacing), the "
-              f"quality-matched setting read from {args.quality_matched} (benchmarks/solvers.py: the fewest-NFE "
-              "setting inside guided DDIM-200's interval); its max|Δx0| compares two solvers' samples, not a "
-              "correctness check)")
+              f"{args.match_rule} quality match read from {args.quality_matched} (benchmarks/solvers.py: the "
+              "fewest-NFE setting whose precision and recall are inside / not below guided DDIM-200's interval); "
+              "its max|Δx0| compares two solvers' samples, not a correctness check)")
     if device.type == "cuda" and not peak:
         print("(MFU not measured: --no-flops)")
     elif device.type != "cuda":
@@ -577,7 +580,7 @@ def main(argv=None, prog=None):
                    "steps": args.steps, "skip": "uniform", "repeats": args.repeats, "compile": args.compile,
                    "quality_matched": None if args.matched is None else
                    {"solver": args.matched[0], "nfe": args.matched[1], "skip": args.matched[2],
-                    "from": args.quality_matched},
+                    "rule": args.match_rule, "from": args.quality_matched},
                    "dtype": str(args.dtype or torch.float32),
                    "image_shape": list(setup["image_shape"]), "hnm": setup["hnm"], "infonce": setup["infonce"]},
         "peak_flops_measured": peaks or None,

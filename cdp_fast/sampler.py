@@ -125,6 +125,15 @@ def _validate(n, loss, positive, negatives, embedding, guide_window, form, solve
                          "model) or a labeler to classify the current x0-prediction")
 
 
+def _denoiser_settings(model, solver):
+    """What of a SigmaDenoiser's settings the run depends on (manifest): the σ range and ρ only
+    for Heun (the other solvers see the ε-view on the table), the label format always."""
+    if not isinstance(model, SigmaDenoiser):
+        return None
+    st = model.settings()
+    return st if solver == "heun" else {"one_hot_classes": st["one_hot_classes"]}
+
+
 def _steps_for(solver, nfe, steps, T, skip) -> int:
     """``steps`` for a requested NFE: Heun (nfe + 1)/2 levels; the timestep solvers the fewest
     steps whose distinct timesteps number ``nfe`` (a quadratic sequence repeats small t)."""
@@ -395,6 +404,7 @@ def _compiled(eps_model: EpsModel, dev: torch.device) -> EpsModel:
     CPU (the feature network is prepared apart: :func:`_prepare_features`)."""
     den = eps_model.model if isinstance(eps_model.model, SigmaDenoiser) else None
     if den is not None:
+        den.table_on(dev)                        # the device copy exists before tracing
         # Heun calls a denoiser in σ-space, not through forward(): compile that path too
         den.sigma_runner = (torch.compile(den.eps_at_sigma) if dev.type == "cuda"
                             else runtime.compile_frozen(den.eps_at_sigma, den))
@@ -741,7 +751,7 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
                   tau=tau, tau_plus=tau_plus, beta=beta, positive=positive, negatives=negatives, real=real,
                   num_classes=num_classes, class_labels=class_labels, labeler=labeler, steps=steps,
                   skip=None if solver == "heun" else skip, eta=eta, T=T, betas=betas, alphas_cumprod=alphas_cumprod,
-                  sigma_range=model.settings() if isinstance(model, SigmaDenoiser) else None,
+                  sigma_range=_denoiser_settings(model, solver),
                   image_shape=image_shape, batch_size=batch_size, shard_size=shard_size, output=output,
                   seed=seed, dtype=str(dtype), init_std=float(init_std))
         # runs written before form/solver/clip_x0 existed used the anchor form and plain DDIM

@@ -35,7 +35,8 @@ Dtypes: fp32 / bf16 / fp16 inputs on GPU with fp32 accumulation; fp32 dots use
 would put ~1e-3 error into s and ×1/τ = ×20 into the loss at τ = 0.05). CPU tensors are only
 valid under ``TRITON_INTERPRET=1`` (Triton's NumPy interpreter, fp32 only); the launchers then
 use the smallest legal tiles and IEEE dots. On CUDA the tiles are autotuned per shape
-(``_gpu_configs``; ``CDP_FAST_AUTOTUNE=0``: fixed 64×64 tiles). Not yet measured on a GPU.
+(``_gpu_configs``) with ``CDP_FAST_AUTOTUNE=1``, else fixed 64×64 tiles (the default: bitwise
+reproducible across processes). Not yet measured on a GPU.
 """
 from __future__ import annotations
 
@@ -188,17 +189,19 @@ def _stats_bwd_d_kernel(A, K, RA, RK, LA, LK, L1, L0, G1, G0, DM, M, N, D, strid
 # launchers (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
 # --------------------------------------------------------------------------------------------
 def _autotune_on() -> bool:
-    """Autotuning on CUDA unless ``CDP_FAST_AUTOTUNE=0`` (then the fixed first-choice tiles)."""
-    return os.environ.get("CDP_FAST_AUTOTUNE", "1") != "0"
+    """Autotuning on CUDA only with ``CDP_FAST_AUTOTUNE=1`` (the benchmarks set it). Off by
+    default: the tuner chooses by timing, so two processes may choose differently, and a row's
+    log-sum-exp over a tile is reduced in a layout that depends on the warps — the last bits of
+    the statistics could then differ between the ranks or the resumed parts of one run."""
+    return os.environ.get("CDP_FAST_AUTOTUNE", "0") == "1"
 
 
 def _gpu_configs():
-    """Candidates autotuned on CUDA: rows per program, warps and pipeline stages only. BLOCK_N
-    (the order candidates enter each row's log-sum-exp) and BLOCK_K (the d-slices of each dot)
-    are fixed per dtype by :func:`_blocks`, and warps split a tile's rows and columns, not its
-    d-reduction, so every candidate computes every output element in the same order: the choice,
-    which timing makes and which may differ between processes, changes speed, not bits (resumed
-    and multi-rank runs stay exact; the gpu test compares tuned and fixed tiles bitwise)."""
+    """Candidates autotuned on CUDA (``CDP_FAST_AUTOTUNE=1``): rows per program, warps and
+    pipeline stages. BLOCK_N (the order candidates enter each row's log-sum-exp) and BLOCK_K (the
+    d-slices of each dot) stay fixed per dtype (:func:`_blocks`), which keeps the tuned results
+    within rounding of the fixed tiles' (a gpu test), though not necessarily bitwise: the
+    in-tile reductions' layout follows the warps."""
     return [triton.Config(dict(BLOCK_M=bm), num_warps=w, num_stages=st)
             for bm, w, st in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (32, 4, 4), (64, 8, 2), (128, 8, 4),
                               (64, 4, 4), (32, 2, 3))]
@@ -215,8 +218,7 @@ def _blocks(d: int, dtype: torch.dtype, device: torch.device) -> tuple[dict, boo
     """(tile kwargs passed at launch, whether the autotuner chooses BLOCK_M and the launch
     parameters). CPU tensors (the interpreter): the smallest legal dot tiles (16) keep the tests
     fast. CUDA: BLOCK_N 64 and BLOCK_K 64 (32 for fp32, whose tiles take twice the shared
-    memory), fixed so the results do not depend on the tuning; BLOCK_M 64 with
-    ``CDP_FAST_AUTOTUNE=0``."""
+    memory); BLOCK_M 64 unless ``CDP_FAST_AUTOTUNE=1``."""
     if device.type != "cuda":
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), False
     fixed = dict(BLOCK_N=64, BLOCK_K=32 if dtype == torch.float32 else 64)
@@ -300,6 +302,12 @@ def stats_forward(a, k, ra, rk, a_labels, k_labels, inv_tau: float, beta: float,
     return L1, L0, cnt
 
 
+def _mm_fp32_out(device) -> bool:
+    """Whether 16-bit GEMMs with fp32 outputs exist here (``aten::mm.dtype``: CUDA, torch ≥ 2.8);
+    otherwise 16-bit inputs take the fp32 GEMMs (slower, never less exact)."""
+    return device.type == "cuda" and hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
+
+
 #: bytes of the fp32 D block the backward materialises at a time (rows of the m×N matrix)
 D_BLOCK_BYTES = 256 * 2**20
 
@@ -318,9 +326,9 @@ def stats_backward(a, k, ra, rk, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: 
     Structure: for each block of anchor rows (as many as fit ``block_bytes`` of fp32 D: all of
     them unless m·N > 64M), ``_stats_bwd_d_kernel`` recomputes the similarity tiles once and
     writes D (fp32); two GEMMs give dÂ = D·K̂ and accumulate dK̂ += Dᵀ·Â in a fixed order
-    (deterministic): in fp32 for fp32 inputs (true fp32 unless the caller enabled TF32
-    matmuls), in the input dtype with fp32 accumulation (tensor cores) for bf16/fp16 inputs,
-    D scaled to max|g| = 1 so fp16 does not underflow.
+    (deterministic), with fp32 outputs: fp32 GEMMs for fp32 inputs (true fp32 unless the caller
+    enabled TF32 matmuls); for bf16/fp16 inputs on CUDA, 16-bit operands on tensor cores
+    (``out_dtype=torch.float32``), D scaled by a power of two so fp16 does not underflow.
     Executed FLOPs: 6·m·N·d (s once, then the two products), where the two passes (dÂ, then
     dK̂ transposed) that recomputed s per 128-wide slice of d cost 2·m·N·d·(2·⌈d/128⌉ + 2)
     (24·m·N·d at d = 640; 26 with the forward). Memory: O((m + N)·d) plus the D block.
@@ -335,13 +343,15 @@ def stats_backward(a, k, ra, rk, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: 
     l0 = torch.where(has, L0.float(), zero).contiguous()
     g1 = torch.where(has, dL1.float() * c1, zero)
     g0 = torch.where(has, dL0.float() * c0, zero)
-    low = a.dtype in (torch.float16, torch.bfloat16)
+    low = a.dtype in (torch.float16, torch.bfloat16) and _mm_fp32_out(a.device)
     gscale = None
     if low:
-        # 16-bit inputs: D and the GEMMs run in the input dtype (tensor cores, fp32
-        # accumulation). With g ~ c/m (the mean over m anchors) D would underflow fp16 (m =
-        # 65536: ~1e-5·P): scale the row coefficients so max|g| = 1, unscale the fp32 results.
-        gscale = torch.maximum(g1.abs().max(), g0.abs().max()).clamp(min=1e-30)
+        # 16-bit inputs: D and the rows enter the GEMMs in the input dtype (tensor cores) with
+        # fp32 accumulation and fp32 outputs. With g ~ c/m (the mean over m anchors) D would
+        # underflow fp16 (m = 65536: ~1e-5·P): scale the row coefficients by a power of two
+        # (exact) so max|g| <= 1, and unscale the fp32 results. NaNs do not set the scale.
+        top = torch.maximum(g1.abs().nan_to_num(0.0).max(), g0.abs().nan_to_num(0.0).max()).clamp(min=1e-30)
+        gscale = torch.exp2(torch.ceil(torch.log2(top)))
         g1, g0 = g1 / gscale, g0 / gscale
     g1, g0 = g1.contiguous(), g0.contiguous()
     tiles, tuned = _blocks(d, a.dtype, a.device)
@@ -349,8 +359,10 @@ def stats_backward(a, k, ra, rk, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: 
     flags = dict(IN_BATCH=in_batch, HAS_LABELS=has_labels, HAS_BETA=beta != 0,
                  PRECISION=_precision(a.dtype, a.device), **tiles)
     # the normalised rows (the similarities were computed from these rows × these norms)
-    ah = (a.float() * ra[:, None]).to(a.dtype)
-    kh = (k.float() * rk[:, None]).to(a.dtype)
+    ah = a.float() * ra[:, None]
+    kh = k.float() * rk[:, None]
+    if low:
+        ah, kh = ah.to(a.dtype), kh.to(a.dtype)
     budget = D_BLOCK_BYTES if block_bytes is None else block_bytes
     rows = max(1, min(m, budget // (4 * max(n, 1))))
     da_parts = []
@@ -363,8 +375,8 @@ def stats_backward(a, k, ra, rk, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: 
             c1, c0, float(s_min), r0, **flags)
         if low:
             block = block.to(a.dtype)
-            da_parts.append((block @ kh).float())
-            dk += (block.t() @ ah[r0:r1]).float()
+            da_parts.append(torch.mm(block, kh, out_dtype=torch.float32))
+            dk = torch.addmm(dk, block.t(), ah[r0:r1], out_dtype=torch.float32)
         else:
             da_parts.append(block @ kh)
             dk.addmm_(block.t(), ah[r0:r1])

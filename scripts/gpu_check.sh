@@ -173,8 +173,10 @@ grep -v '^=====' "$OUT/bench.log" | grep -E "Recompiling|stride mismatch|skippin
 cp "$RES"/throughput-*.json "$OUT"/ 2>/dev/null
 
 # ------------------------------------------------------------------ 4. kernel micro-benchmarks
+# bf16 with the autotuned tiles (CDP_FAST_AUTOTUNE=1; the probe below prints the choices), fp32
+# with the fixed default tiles: the two views of the contrastive kernels
 phase kernels_bf16 "$(cap 80 40)" "$OUT/bench.log" \
-    "$PY" benchmarks/kernels.py --config gpu --dtype bfloat16 --providers fused --only loss \
+    env CDP_FAST_AUTOTUNE=1 "$PY" benchmarks/kernels.py --config gpu --dtype bfloat16 --providers fused --only loss \
     --out "$RES/kernels-bf16-$GPU_TAG.json"
 cp "$RES"/kernels-bf16-*.json "$OUT"/ 2>/dev/null
 if (( $(left) > 60 )); then
@@ -225,6 +227,7 @@ print("measured matmul peaks TFLOP/s:", {k: round(v / 1e12, 1) for k, v in peaks
 
 # --- contrastive kernels: registers, spills, shared memory, wgmma or not (d = 640)
 try:
+    os.environ["CDP_FAST_AUTOTUNE"] = "1"          # probe the autotuned launches (and print their choices)
     from cdp_fast.kernels import contrastive as kc
     from cdp_fast.ops import contrastive as oc
     for dt in (torch.float32, torch.bfloat16):

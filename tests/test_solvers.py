@@ -345,9 +345,13 @@ def test_solver_benchmark_runs_end_to_end(tmp_path):
     tp = _bench("throughput")
     import json
     good = tmp_path / "s.json"
-    good.write_text(json.dumps({"summary": {"quality_matched": {"solver": "heun", "nfe": 19, "skip": "uniform"}}}))
+    good.write_text(json.dumps({"summary": {"quality_matched": {"solver": "heun", "nfe": 19, "skip": "uniform"},
+                                            "no_worse_than_ddim200": {"solver": "dpmpp_2m", "nfe": 10,
+                                                                      "skip": "quadratic"}}}))
     args = tp.parse_args(["--quality-matched", str(good), "--methods", "hnm"])
     assert args.matched == ("heun", 19, "uniform") and args.methods == ["hnm", "hnm-ddim200", "hnm-matched"]
+    args = tp.parse_args(["--quality-matched", str(good), "--match-rule", "no-worse"])
+    assert args.matched == ("dpmpp_2m", 10, "quadratic")
     bad = tmp_path / "b.json"
     bad.write_text(json.dumps({"summary": {"quality_matched": None}}))
     with pytest.raises(SystemExit) as e:
@@ -428,15 +432,22 @@ def test_compiled_denoiser_runs_heun_through_the_compiled_sigma_path():
     kw = dict(loss=None, solver="heun", nfe=5, image_shape=(1, 2, 2), progress=False, output="float",
               batch_size=4, num_classes=3)
     eager = cdp_fast.sample(den, 4, compile=False, **kw)
-    calls = []
+    calls, runs = [], []
     from cdp_fast import runtime
     real = runtime.compile_frozen
 
     def spy(fn, module=None):
-        calls.append(getattr(fn, "__name__", ""))
-        return real(fn, module)
+        name = getattr(fn, "__name__", "")
+        calls.append(name)
+        compiled = real(fn, module)
+
+        def counted(*a):
+            runs.append(name)
+            return compiled(*a)
+        return counted
     import unittest.mock as um
     with um.patch.object(runtime, "compile_frozen", spy):
         compiled = cdp_fast.sample(den, 4, compile=True, **kw)
     assert "eps_at_sigma" in calls
+    assert runs.count("eps_at_sigma") == 5          # every Heun evaluation went through the compiled path
     np.testing.assert_allclose(compiled.images, eager.images, rtol=1e-5, atol=1e-5)

@@ -126,6 +126,13 @@ class SigmaDenoiser(nn.Module):
         return SigmaDenoiser(self.net, sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho,
                              one_hot_classes=self.one_hot_classes, alphas_cumprod=alphas_cumprod)
 
+    def table_on(self, device) -> torch.Tensor:
+        """log σ_t of the bound table on ``device`` (copied once per device)."""
+        key = str(device)
+        if key not in self._log_sigma_on:
+            self._log_sigma_on[key] = self._log_sigma.to(device)
+        return self._log_sigma_on[key]
+
     def settings(self) -> dict:
         """What a resumed run must repeat besides the weights (recorded in the manifest)."""
         return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "rho": self.rho,
@@ -160,10 +167,7 @@ class SigmaDenoiser(nn.Module):
         if self._log_sigma is None:
             raise ValueError("SigmaDenoiser: no ᾱ table bound; use .on_table(alphas_cumprod) "
                              "(cdp_fast.sample binds its own)")
-        key = str(x.device)
-        if key not in self._log_sigma_on:
-            self._log_sigma_on[key] = self._log_sigma.to(x.device)
-        log_table = self._log_sigma_on[key]
+        log_table = self.table_on(x.device)
         T = log_table.numel()
         tt = torch.as_tensor(t, device=x.device).to(torch.float64).clamp(0, T - 1)
         lo = tt.floor().long().clamp(max=max(T - 2, 0))
