@@ -54,9 +54,8 @@ from cdp_fast.models.external import EpsModel, SigmaDenoiser, as_eps_model, call
 from cdp_fast.schedule import as_alphas_cumprod, karras_sigmas, make_alphas_cumprod, sigmas_of
 from cdp_fast.schedule import timesteps as make_timesteps
 from cdp_fast.seeding import generators, per_sample_randn, sample_seed, sample_seeds
-# the pure loops live in cdp_fast.solvers; their names stay importable from here
-from cdp_fast.solvers import (SOLVERS, _check_eps, _check_timesteps, _guided_loop, _noise_source,  # noqa: F401
-                              guided_ddim, guided_ddpm, guided_dpmpp_2m, guided_heun, nfe_of)
+# the pure loops live in cdp_fast.solvers; their public names stay importable from here
+from cdp_fast.solvers import SOLVERS, guided_ddim, guided_ddpm, guided_dpmpp_2m, guided_heun, nfe_of
 from cdp_fast.stream import ShardPlan, fingerprint, write_shards
 
 __all__ = ["sample", "guided_ddim", "guided_ddpm", "guided_dpmpp_2m", "guided_heun", "ContrastiveGuidance",
