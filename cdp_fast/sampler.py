@@ -376,13 +376,12 @@ def _model_plan(model, dev: torch.device, compile, image_shape, work=None,
 _PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _prepare_model(model, dev: torch.device, compile, image_shape, work=None,
-                   num_classes=None) -> tuple[EpsModel, bool]:
+def _prepare_model(model, dev: torch.device, compile, image_shape) -> tuple[EpsModel, bool]:
     """(the ε-model adapter to run, whether x_T goes in channels_last); see :func:`_model_plan`.
-    :func:`sample` calls it without ``work`` (eager on CPU), probes the eager adapter, and only
-    then lets :func:`_cpu_auto_compiles` time it, so a wrong ``image_shape`` or model signature
-    is reported by the probe rather than by the timing."""
-    use_compile, must_copy, channels_last = _model_plan(model, dev, compile, image_shape, work, num_classes)
+    Without the call's work, ``compile="auto"`` stays eager on CPU here: :func:`sample` probes
+    the eager adapter and only then lets :func:`_cpu_auto_compiles` time it, so a wrong
+    ``image_shape`` or model signature is reported by the probe rather than by the timing."""
+    use_compile, must_copy, channels_last = _model_plan(model, dev, compile, image_shape)
     if must_copy:
         key = (str(dev), channels_last, runtime.weights_fingerprint(model))
         hit = _PREPARED.get(model)

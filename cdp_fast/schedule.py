@@ -117,11 +117,16 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1, dtype=torch.float64)])
 
 
+def log_sigmas(alphas_cumprod) -> torch.Tensor:
+    """log σ_t of the table, (T,) float64, increasing in t (ᾱ = 1 gives σ = 0: floored at 1e-30)."""
+    return sigmas_of(alphas_cumprod).clamp_min(1e-30).log()
+
+
 def sigma_to_t(sigma, alphas_cumprod) -> torch.Tensor:
     """Fractional timestep of noise level σ on the table: t linear in log σ between the two
     table entries around it, clamped to [0, T − 1] (diffusers' ``_sigma_to_t``, k-diffusion's
     ``DiscreteSchedule.sigma_to_t``). Inverse of :func:`t_to_sigma` inside the table's range."""
-    log_table = sigmas_of(alphas_cumprod).clamp_min(1e-30).log()   # increasing in t (ᾱ = 1: σ = 0)
+    log_table = log_sigmas(alphas_cumprod)
     s = torch.as_tensor(sigma, dtype=torch.float64).clamp_min(1e-300).log()
     T = log_table.numel()
     if T == 1:
@@ -132,13 +137,20 @@ def sigma_to_t(sigma, alphas_cumprod) -> torch.Tensor:
     return lo.double() + w
 
 
+def sigma_at(t, log_table: torch.Tensor) -> torch.Tensor:
+    """σ at (fractional) timesteps ``t`` from a :func:`log_sigmas` table on t's device: log σ
+    linearly interpolated between entries, t clamped to [0, T − 1]. Tensor arithmetic only
+    (no checks, no host copy), so it runs inside compiled models."""
+    T = log_table.numel()
+    t = t.to(torch.float64).clamp(0, T - 1)
+    lo = t.floor().long().clamp(max=max(T - 2, 0))
+    hi = (lo + 1).clamp(max=T - 1)
+    w = t - lo.double()
+    return (log_table[lo] * (1 - w) + log_table[hi] * w).exp()
+
+
 def t_to_sigma(t, alphas_cumprod) -> torch.Tensor:
     """σ at a (fractional) timestep: log σ linearly interpolated between table entries
     (the inverse of :func:`sigma_to_t`); integer t gives the table's σ_t exactly."""
     t = torch.as_tensor(t)
-    log_table = sigmas_of(alphas_cumprod).clamp_min(1e-30).log().to(t.device)   # t's device: no host sync
-    t = t.to(torch.float64).clamp(0, log_table.numel() - 1)
-    lo = t.floor().long().clamp(max=max(log_table.numel() - 2, 0))
-    hi = (lo + 1).clamp(max=log_table.numel() - 1)
-    w = t - lo.double()
-    return (log_table[lo] * (1 - w) + log_table[hi] * w).exp()
+    return sigma_at(t, log_sigmas(alphas_cumprod).to(t.device))   # t's device: no host sync

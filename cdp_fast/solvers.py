@@ -290,12 +290,15 @@ def guided_heun(model, x_T, *, alphas_cumprod, sigmas, guidance=None, callback=N
     nfe = [0]
     where = []
 
+    # the table timestep of every noise level, once (each level is evaluated once or twice)
+    t_of = dict(zip(sig, sigma_to_t(torch.tensor(sig, dtype=torch.float64), abar).tolist()))
+
     def velocity(x, s):
         """(ε̃, ε, t) at (x_σ, σ); ``bad`` records the first evaluation that is not finite."""
         nonlocal bad
         n = nfe[0]
         nfe[0] += 1
-        t = float(sigma_to_t(s, abar))
+        t = t_of[s]
         x_t = x / math.sqrt(1.0 + s * s)
         with torch.no_grad():
             if den is not None:

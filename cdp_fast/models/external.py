@@ -114,9 +114,9 @@ class SigmaDenoiser(nn.Module):
         self.alphas_cumprod = None
         self._log_sigma, self._log_sigma_on = None, {}
         if alphas_cumprod is not None:
-            from cdp_fast.schedule import as_alphas_cumprod, sigmas_of
+            from cdp_fast.schedule import as_alphas_cumprod, log_sigmas
             self.alphas_cumprod = as_alphas_cumprod(alphas_cumprod).double().cpu()
-            self._log_sigma = sigmas_of(self.alphas_cumprod).clamp_min(1e-30).log()
+            self._log_sigma = log_sigmas(self.alphas_cumprod)
         #: a compiled :meth:`eps_at_sigma` that the Heun solver calls when set (cdp_fast.sample
         #: sets it when it compiles the model)
         self.sigma_runner = None
@@ -167,13 +167,8 @@ class SigmaDenoiser(nn.Module):
         if self._log_sigma is None:
             raise ValueError("SigmaDenoiser: no ᾱ table bound; use .on_table(alphas_cumprod) "
                              "(cdp_fast.sample binds its own)")
-        log_table = self.table_on(x.device)
-        T = log_table.numel()
-        tt = torch.as_tensor(t, device=x.device).to(torch.float64).clamp(0, T - 1)
-        lo = tt.floor().long().clamp(max=max(T - 2, 0))
-        hi = (lo + 1).clamp(max=T - 1)
-        w = tt - lo.to(torch.float64)
-        sigma = (log_table[lo] * (1 - w) + log_table[hi] * w).exp()
+        from cdp_fast.schedule import sigma_at
+        sigma = sigma_at(torch.as_tensor(t, device=x.device), self.table_on(x.device))
         view = (-1,) + (1,) * (x.dim() - 1)
         scale = (1 + sigma.square()).sqrt().to(x.dtype).reshape(view)
         return self.eps_at_sigma(x * scale, sigma, y)
