@@ -173,8 +173,6 @@ def build_small(device):
         from diffusers import UNet2DModel
     except ImportError as e:
         raise SystemExit("--config small needs diffusers: pip install 'cdp_fast[diffusers]'") from e
-    from cdp_fast.guidance import DEFAULTS
-    from cdp_fast.models import as_feature_extractor
     from cdp_fast.models.small_cnn import small_cnn
 
     torch.manual_seed(0)
@@ -185,12 +183,20 @@ def build_small(device):
         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     ).to(device).eval()
     cnn = small_cnn(in_channels=3).to(device).eval()
-    for p in list(model.parameters()) + list(cnn.parameters()):
+    return _random_setup(model, cnn, (3, 16, 16), "diffusers UNet2DModel 16x16 (32-64-64, attention at 8x8), "
+                         "random init + SmallCNN (3 channels) features, random init")
+
+
+def _random_setup(model, classifier, image_shape, note):
+    """The setup of a random-init config: both networks frozen, the classifier as the feature
+    extractor, the library's default guidance (cdp_fast.guidance.DEFAULTS)."""
+    from cdp_fast.guidance import DEFAULTS
+    from cdp_fast.models import as_feature_extractor
+
+    for p in list(model.parameters()) + list(classifier.parameters()):
         p.requires_grad_(False)
-    return {"model": model, "features": as_feature_extractor(cnn), "image_shape": (3, 16, 16),
-            "note": "diffusers UNet2DModel 16x16 (32-64-64, attention at 8x8), random init + SmallCNN "
-                    "(3 channels) features, random init",
-            "params": sum(p.numel() for p in model.parameters()),
+    return {"model": model, "features": as_feature_extractor(classifier), "image_shape": image_shape,
+            "note": note, "params": sum(p.numel() for p in model.parameters()),
             "hnm": dict(DEFAULTS["hnm"]), "infonce": dict(DEFAULTS["infonce"])}
 
 
@@ -199,7 +205,7 @@ def build_cifar(device):
         from diffusers import UNet2DModel
     except ImportError as e:
         raise SystemExit("--config cifar needs diffusers: pip install 'cdp_fast[diffusers]'") from e
-    from cdp_fast.models import as_feature_extractor, wrn_28_10
+    from cdp_fast.models import wrn_28_10
 
     # Ho et al. (2020)'s CIFAR-10 DDPM UNet as diffusers expresses it (the google/ddpm-cifar10-32
     # architecture): widths 128-256-256-256, 2 res blocks per level, self-attention at 16x16,
@@ -213,15 +219,8 @@ def build_cifar(device):
         flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,
     ).to(device).eval()
     wrn = wrn_28_10().to(device).eval()
-    for p in list(model.parameters()) + list(wrn.parameters()):
-        p.requires_grad_(False)
-    from cdp_fast.guidance import DEFAULTS
-
-    return {"model": model, "features": as_feature_extractor(wrn), "image_shape": (3, 32, 32),
-            "note": "diffusers UNet2DModel, DDPM CIFAR-10 config, random init + WRN-28-10 (Swish) "
-                    "features, random init",
-            "params": sum(p.numel() for p in model.parameters()),
-            "hnm": dict(DEFAULTS["hnm"]), "infonce": dict(DEFAULTS["infonce"])}
+    return _random_setup(model, wrn, (3, 32, 32), "diffusers UNet2DModel, DDPM CIFAR-10 config, random init + "
+                         "WRN-28-10 (Swish) features, random init")
 
 
 def start_noise(n, shape, seed, device):
