@@ -263,13 +263,17 @@ class ContrastiveGuidance:
             # head init: a function of the seed only, from a generator of its own
             gen = torch.Generator().manual_seed(sample_seed(self.seed, -1))
             self._head = MLPHead(d, generator=gen).to(device)
-            self._opt = torch.optim.Adam(self._head.parameters(), lr=1e-2)
+            # capturable on CUDA: the step count lives on the device, so a CUDA graph of the
+            # guided step (cdp_fast.graphs) replays the Adam update with the right bias correction
+            self._opt = torch.optim.Adam(self._head.parameters(), lr=1e-2,
+                                         capturable=torch.device(device).type == "cuda")
 
     def _embed(self, raw):
         return raw if self._head is None else self._head(raw)
 
-    def _positive_raw(self, x, raw):
-        """f of the positives, (B, d) detached; None at an unguided first step (authors' form)."""
+    def _positive_raw(self, x):
+        """f of the positives, (B, d) detached; None when there is none yet (no x_{t+1}: the
+        first guided step of a trajectory)."""
         if self.positive == "real":
             idx = self.real_positive_index
             if idx is None:
@@ -279,7 +283,7 @@ class ContrastiveGuidance:
             return self._prev_raw
         if self._prev_x is not None:
             return self._f(self._prev_x).float()
-        return None if self.form == "authors" else raw.detach()
+        return None
 
     def _labels(self, x, t, eps):
         if self.class_labels is not None:
@@ -305,26 +309,30 @@ class ContrastiveGuidance:
                                    anchor_labels=labels)
         return losses.infonce_loss(z, w, cand, tau=self.tau, anchor_labels=labels)
 
-    def __call__(self, x, t, eps, step):
-        if step == 0:
-            # a new trajectory: never pair x_T with the last state of the previous one (the
-            # head, the labels and the real positives stay as reset() set them)
-            self._prev_raw = self._prev_x = None
-            self.strength = []
-        in_window = self.guide_window is None or (self.guide_window[0] <= t <= self.guide_window[1])
-        if not in_window or self.lam == 0:
-            self._prev_raw = None
-            self._prev_x = x.detach()
-            return None
+    @property
+    def graphable(self) -> bool:
+        """Whether a steady guided step (in the window, λ > 0, the previous step's features as
+        positives) does the same device work every step, with no host decision on data, so
+        that :class:`cdp_fast.graphs.StepGraph` can capture it: positive="previous" and
+        negatives "batch" or "real" (class negatives take per-batch labels or a labeler's
+        argmax on x̂_0 at this step's ᾱ_t)."""
+        return self.positive == "previous" and self.negatives in ("batch", "real") and self.lam != 0
+
+    def in_window(self, t) -> bool:
+        return self.guide_window is None or (self.guide_window[0] <= t <= self.guide_window[1])
+
+    def _step(self, x, t, eps, pos_raw):
+        """The device work of one guided step: raw = f(x) (B, d) fp32; ℓ on (e(x), e(positives))
+        (``pos_raw`` None: the anchor form's first step, the anchor itself, detached); g = ∇_x ℓ
+        (x only: the features' weights are frozen); one Adam step of the online head; and
+        r = λ‖g_i‖/‖ε_i‖ (B,). No host decision depends on the data, so a CUDA graph can capture
+        it (:class:`cdp_fast.graphs.StepGraph` does, with ``pos_raw`` a static buffer).
+        Returns (g (B, *shape), raw detached (B, d), r (B,))."""
         x_in = x.detach().requires_grad_(True)
         with torch.enable_grad():
             raw = self._f(x_in).float()
-            with torch.no_grad():
-                pos_raw = self._positive_raw(x, raw)
-            if pos_raw is None:                 # the authors' `len(xs) >= 2`: no x_{t+1} yet
-                self._prev_raw = raw.detach()
-                self._prev_x = x.detach()
-                return None
+            if pos_raw is None:
+                pos_raw = raw.detach()
             self._ensure_head(raw.shape[1], x.device)
             z = self._embed(raw)
             # the authors' head also learns from the x_{t+1} rows; the anchor form keeps its
@@ -346,10 +354,30 @@ class ContrastiveGuidance:
             else:
                 g = torch.autograd.grad(ell, x_in)[0]
         with torch.no_grad():
-            # how hard this step pushes, relative to the model: λ‖∇ℓ_i‖/‖ε_i‖ per sample (kept as
-            # tensors: no host sync in the loop)
+            # how hard this step pushes, relative to the model (kept as tensors: no host sync)
             r = self.lam * g.flatten(1).norm(dim=1) / eps.flatten(1).norm(dim=1).clamp_min(1e-12)
-            self.strength.append((t, r.mean(), r.max()))
-        self._prev_raw = raw.detach()
+        return g, raw.detach(), r
+
+    def __call__(self, x, t, eps, step):
+        if step == 0:
+            # a new trajectory: never pair x_T with the last state of the previous one (the
+            # head, the labels and the real positives stay as reset() set them)
+            self._prev_raw = self._prev_x = None
+            self.strength = []
+        if not self.in_window(t) or self.lam == 0:
+            self._prev_raw = None
+            self._prev_x = x.detach()
+            return None
+        with torch.no_grad():
+            pos_raw = self._positive_raw(x)
+        if pos_raw is None and self.form == "authors":
+            # the authors' `len(xs) >= 2`: no x_{t+1} yet, so this step is not guided
+            with torch.enable_grad():     # as the guided steps compute f (a compiled f runs with grad)
+                self._prev_raw = self._f(x.detach().requires_grad_(True)).float().detach()
+            self._prev_x = x.detach()
+            return None
+        g, raw, r = self._step(x, t, eps, pos_raw)
+        self.strength.append((t, r.mean(), r.max()))
+        self._prev_raw = raw
         self._prev_x = x.detach()
         return g, self.lam

@@ -47,7 +47,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from cdp_fast import distributed, runtime
+from cdp_fast import distributed, graphs, runtime
 from cdp_fast.checks import check_number, is_int
 from cdp_fast.guidance import DEFAULTS, LOSSES, ContrastiveGuidance, check_options
 from cdp_fast.models.external import EpsModel, SigmaDenoiser, as_eps_model, call_model
@@ -209,6 +209,7 @@ class _Run:
     output: str
     autocast: Callable
     strength: _Strength
+    step_graph: Optional[graphs.StepGraph]    # the steps' graphs (cdp_fast.graphs), or None
 
 
 def _labels_from(labeler, x):
@@ -263,13 +264,16 @@ def _generate_group(run: _Run, start: int, count: int, advance=None):
                              guidance=guidance, y=y, on_step=on_step)
         elif run.solver == "dpmpp_2m":
             x0 = guided_dpmpp_2m(run.eps_model, x_T, alphas_cumprod=run.alphas_cumprod, timesteps=run.timesteps,
-                                 guidance=guidance, y=y, on_step=on_step)
+                                 guidance=guidance, y=y, on_step=on_step,
+                                 step_graph=run.step_graph)
         elif run.solver == "ddpm":
             x0 = guided_ddpm(run.eps_model, x_T, alphas_cumprod=run.alphas_cumprod, timesteps=run.timesteps,
-                             guidance=guidance, clip_x0=run.clip_x0, generator=keys, y=y, on_step=on_step)
+                             guidance=guidance, clip_x0=run.clip_x0, generator=keys, y=y, on_step=on_step,
+                             step_graph=run.step_graph)
         else:
             x0 = guided_ddim(run.eps_model, x_T, alphas_cumprod=run.alphas_cumprod, timesteps=run.timesteps,
-                             guidance=guidance, eta=run.eta, generator=keys, y=y, on_step=on_step)
+                             guidance=guidance, eta=run.eta, generator=keys, y=y, on_step=on_step,
+                             step_graph=run.step_graph)
     if guidance is not None:
         run.strength.add(guidance.strength)
     x0 = x0[:count].float()
@@ -376,7 +380,7 @@ def _model_plan(model, dev: torch.device, compile, image_shape, work=None,
 _PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _prepare_model(model, dev: torch.device, compile, image_shape) -> tuple[EpsModel, bool]:
+def _prepare_model(model, dev: torch.device, compile, image_shape, step_graph=False) -> tuple[EpsModel, bool]:
     """(the ε-model adapter to run, whether x_T goes in channels_last); see :func:`_model_plan`.
     Without the call's work, ``compile="auto"`` stays eager on CPU here: :func:`sample` probes
     the eager adapter and only then lets :func:`_cpu_auto_compiles` time it, so a wrong
@@ -394,12 +398,14 @@ def _prepare_model(model, dev: torch.device, compile, image_shape) -> tuple[EpsM
             _PREPARED[model] = (key, module)
         model = module
     eps_model = EpsModel(model)
-    return (_compiled(eps_model, dev) if use_compile else eps_model), channels_last
+    return (_compiled(eps_model, dev, step_graph) if use_compile else eps_model), channels_last
 
 
-def _compiled(eps_model: EpsModel, dev: torch.device) -> EpsModel:
-    """The adapter running a compiled forward: CUDA graphs on CUDA, a frozen inductor graph on
-    CPU (the feature network is prepared apart: :func:`_prepare_features`)."""
+def _compiled(eps_model: EpsModel, dev: torch.device, step_graph=False) -> EpsModel:
+    """The adapter running a compiled forward: on CUDA inside the step's graph (``step_graph``:
+    :class:`cdp_fast.graphs.StepGraph` captures it with the guidance, so it is compiled without
+    graphs of its own — a capture cannot nest) or with CUDA graphs of its own, a frozen inductor
+    graph on CPU (the feature network is prepared apart: :func:`_prepare_features`)."""
     den = eps_model.model if isinstance(eps_model.model, SigmaDenoiser) else None
     if den is not None:
         den.table_on(dev)                        # the device copy exists before tracing
@@ -407,7 +413,8 @@ def _compiled(eps_model: EpsModel, dev: torch.device) -> EpsModel:
         den.sigma_runner = (torch.compile(den.eps_at_sigma) if dev.type == "cuda"
                             else runtime.compile_frozen(den.eps_at_sigma, den))
     if dev.type == "cuda":
-        return eps_model.with_runner(runtime.compile_cuda_graphs(eps_model.forward))
+        return eps_model.with_runner(torch.compile(eps_model.forward) if step_graph
+                                     else runtime.compile_cuda_graphs(eps_model.forward))
     return eps_model.with_runner(runtime.compile_frozen(eps_model.forward, eps_model.module))
 
 
@@ -711,7 +718,8 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
     # on CPU weighs them against the compile's cost
     world = distributed.world_info()[1] if out is not None else 1
     work = (min(batch_size, n), math.ceil(math.ceil(n / world) / batch_size) * run_nfe)
-    eps_model, channels_last = _prepare_model(model, dev, compile, image_shape)
+    use_step_graph = graphs.wanted(dev, compile, solver)
+    eps_model, channels_last = _prepare_model(model, dev, compile, image_shape, step_graph=use_step_graph)
     # the probe runs the eager adapter (its fingerprint does not depend on compile), then
     # compile="auto" on CPU times the same adapter
     behaviour = _probe(eps_model, features if guided else None, labeler, image_shape, T, num_classes, dev,
@@ -721,14 +729,15 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
             features, dev, compile=dev.type == "cuda" and (compile is True or compile == "auto"))
     if compile == "auto" and dev.type == "cpu" and _cpu_auto_compiles(eps_model.model, image_shape, work, dev,
                                                                        num_classes):
-        eps_model = _compiled(eps_model, dev)
+        eps_model = _compiled(eps_model, dev, step_graph=use_step_graph)
     run = _Run(eps_model=eps_model, guidance=guidance if guided else None, solver=solver, sigmas=sigmas,
                clip_x0=(solver == "ddpm") if clip_x0 is None else bool(clip_x0), head_scope=shard_size,
                alphas_cumprod=abar,
                timesteps=ts, eta=float(eta), batch_size=batch_size, seed=seed, image_shape=tuple(image_shape),
                init_std=float(init_std), device=dev, channels_last=channels_last,
                class_labels=class_labels, num_classes=num_classes, labeler=labeler, output=output,
-               autocast=runtime.autocast(dev, dtype), strength=_Strength())
+               autocast=runtime.autocast(dev, dtype), strength=_Strength(),
+               step_graph=graphs.StepGraph() if use_step_graph else None)
     from tqdm.auto import tqdm
 
     from cdp_fast.data import Samples
@@ -742,6 +751,8 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
             meta = {"seed": seed, "n": n, "nfe": run_nfe}
             if guided:
                 meta["guidance_strength"] = run.strength.summary()
+            if run.step_graph is not None:
+                meta["step_graph"] = dict(run.step_graph.counts, disabled=run.step_graph.disabled)
             return Samples(cat["image"], cat.get("label"), cat.get("confidence"), meta=meta)
         kw = dict(loss=loss, features=features, embedding=None if guidance is None else guidance.embedding,
                   form=None if guidance is None else guidance.form, solver=solver, clip_x0=run.clip_x0,

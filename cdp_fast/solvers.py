@@ -77,13 +77,33 @@ def _noise_source(generator, x):
     return draw
 
 
-def _guided_loop(model, x_T, abar, t_list, update, *, guidance, draw, callback, y, on_step=None):
-    """The loop shared by the solvers: ε-model, guidance, ``update(x, eps, g, lam, t, t_prev,
-    a_t, a_prev, draw, want_x0) -> (x_prev, x0)``; repeated timesteps are skipped; non-finite
-    values are reported with their step after the loop (no host sync inside it)."""
+def evaluate_step(eps_model, guidance, x, t, step, y):
+    """(ε, g or None, λ) at (x_t, t): the ε-model (``eps_model``: an :class:`EpsModel`), then
+    the guidance (``guidance(x_t, t, eps, step) -> (g, λ) | None``). Shapes: x (B, *shape);
+    ε, g (B, *shape). What a :class:`cdp_fast.graphs.StepGraph` replaces at steady steps."""
+    t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    with torch.no_grad():
+        eps = eps_model(x, t_batch, y)
+    _check_eps(eps, x, step, t)
+    eps = eps.to(x.dtype)
+    g, lam = None, 0.0
+    if guidance is not None:
+        res = guidance(x, t, eps, step)
+        if res is not None:
+            g, lam = res
+    return eps, g, lam
+
+
+def _guided_loop(model, x_T, abar, t_list, update, *, guidance, draw, callback, y, on_step=None,
+                 step_graph=None):
+    """The loop shared by the solvers: ε-model and guidance (:func:`evaluate_step`, or
+    ``step_graph.evaluate``: the same work, captured in a CUDA graph where it can be), then
+    ``update(x, eps, g, lam, t, t_prev, a_t, a_prev, draw, want_x0) -> (x_prev, x0)``;
+    repeated timesteps are skipped; non-finite values are reported with their step after the
+    loop (no host sync inside it)."""
     eps_model = as_eps_model(model)
+    run = evaluate_step if step_graph is None else step_graph.evaluate
     x = x_T
-    B = x.shape[0]
     bad = torch.zeros((), dtype=torch.long, device=x.device)  # first non-finite step + 1 (no host sync)
     for step, t in enumerate(t_list):
         t_prev = t_list[step + 1] if step + 1 < len(t_list) else -1
@@ -91,16 +111,7 @@ def _guided_loop(model, x_T, abar, t_list, update, *, guidance, draw, callback, 
             continue
         a_t = float(abar[t])
         a_prev = float(abar[t_prev]) if t_prev >= 0 else 1.0
-        t_batch = torch.full((B,), t, dtype=torch.long, device=x.device)
-        with torch.no_grad():
-            eps = eps_model(x, t_batch, y)
-        _check_eps(eps, x, step, t)
-        eps = eps.to(x.dtype)
-        g, lam = None, 0.0
-        if guidance is not None:
-            res = guidance(x, t, eps, step)
-            if res is not None:
-                g, lam = res
+        eps, g, lam = run(eps_model, guidance, x, t, step, y)
         finite = torch.isfinite(eps).all()
         if g is not None:
             finite = finite & torch.isfinite(g).all()
@@ -120,7 +131,7 @@ def _guided_loop(model, x_T, abar, t_list, update, *, guidance, draw, callback, 
 
 
 def guided_ddim(model, x_T, *, alphas_cumprod, timesteps, guidance=None, eta=0.0,
-                generator=None, callback=None, y=None, on_step=None):
+                generator=None, callback=None, y=None, on_step=None, step_graph=None):
     """Guided DDIM (Algorithm 1 of Contrastive-DP; DDIM eq. (12) with Δ = ε + λ∇ℓ).
 
     Args:
@@ -142,6 +153,9 @@ def guided_ddim(model, x_T, *, alphas_cumprod, timesteps, guidance=None, eta=0.0
         y: optional (B,) class labels for class-conditional models.
         on_step: called as ``on_step(step)`` after each step (progress; lighter than
             ``callback``: no x̂_0 is kept).
+        step_graph: None, or a :class:`cdp_fast.graphs.StepGraph` that runs the ε-model and
+            the guidance of the steady guided steps as one captured CUDA graph (what
+            :func:`cdp_fast.sample` passes on CUDA when compiling); same results.
     Returns:
         x_0, (B, *shape) float, model space (≈ [-1, 1]; not clipped).
     """
@@ -158,11 +172,12 @@ def guided_ddim(model, x_T, *, alphas_cumprod, timesteps, guidance=None, eta=0.0
                            return_x0=want_x0)
 
     return _guided_loop(model, x_T, abar, t_list, update, guidance=guidance,
-                        draw=_noise_source(generator, x_T), callback=callback, y=y, on_step=on_step)
+                        draw=_noise_source(generator, x_T), callback=callback, y=y, on_step=on_step,
+                        step_graph=step_graph)
 
 
 def guided_ddpm(model, x_T, *, alphas_cumprod, timesteps, guidance=None, clip_x0=True,
-                generator=None, callback=None, y=None, on_step=None):
+                generator=None, callback=None, y=None, on_step=None, step_graph=None):
     """Guided DDPM ancestral sampling (Ho et al. 2020; the revised paper's DDPM rows and the
     authors' MNIST / GTSRB sampler, ``minimal-diffusion-main/main_nonddp.py``): at each step
     Δ = ε + λ∇ℓ, x̂_0 from Δ (clipped to [-1, 1] when ``clip_x0``), then the posterior mean
@@ -181,13 +196,14 @@ def guided_ddpm(model, x_T, *, alphas_cumprod, timesteps, guidance=None, clip_x0
                            clip_x0=clip_x0, return_x0=want_x0)
 
     return _guided_loop(model, x_T, abar, t_list, update, guidance=guidance,
-                        draw=_noise_source(generator, x_T), callback=callback, y=y, on_step=on_step)
+                        draw=_noise_source(generator, x_T), callback=callback, y=y, on_step=on_step,
+                        step_graph=step_graph)
 
 
 
 
 def guided_dpmpp_2m(model, x_T, *, alphas_cumprod, timesteps, guidance=None, callback=None, y=None,
-                    on_step=None):
+                    on_step=None, step_graph=None):
     """Guided DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling
     of Diffusion Probabilistic Models", Algorithm 2 — multistep, data prediction).
 
@@ -237,7 +253,7 @@ def guided_dpmpp_2m(model, x_T, *, alphas_cumprod, timesteps, guidance=None, cal
         return x_new, (x0 if want_x0 else None)
 
     return _guided_loop(model, x_T, abar, t_list, update, guidance=guidance, draw=None, callback=callback, y=y,
-                        on_step=on_step)
+                        on_step=on_step, step_graph=step_graph)
 
 
 def _denoiser_of(model):

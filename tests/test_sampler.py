@@ -413,9 +413,13 @@ def test_compile_true_on_cpu_follows_weight_changes():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("loss", [None, "hnm"])
-def test_cuda_compile_with_cuda_graphs_matches_eager(loss):
-    """compile="auto" on CUDA (channels_last + torch.compile with CUDA graphs) gives the eager
-    samples, on repeated calls (graph replays) and with a smaller last batch (a second graph)."""
+@pytest.mark.parametrize("step_graph", ["auto", "0"])
+def test_cuda_compile_with_cuda_graphs_matches_eager(loss, step_graph, monkeypatch):
+    """compile="auto" on CUDA (channels_last + torch.compile; the whole step in a CUDA graph,
+    cdp_fast.graphs — or with CDP_FAST_STEP_GRAPH=0 the ε-model alone with CUDA graphs of its
+    own) gives the eager samples, on repeated calls (graph replays) and with a smaller last
+    batch (a second graph)."""
+    monkeypatch.setenv("CDP_FAST_STEP_GRAPH", step_graph)
     feats = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(25, 8)).cuda()
     kw = _kw(loss=loss, batch_size=4, device="cuda")
     if loss is not None:
@@ -425,6 +429,9 @@ def test_cuda_compile_with_cuda_graphs_matches_eager(loss):
     for _ in range(2):
         compiled = cdp_fast.sample(m, 7 if loss is None else 8, compile="auto", **kw)
         np.testing.assert_allclose(compiled.images, eager.images, rtol=1e-3, atol=1e-3)
+        graphed = compiled.meta.get("step_graph")
+        assert (graphed is None) == (step_graph == "0")
+        assert graphed is None or (graphed["disabled"] is None and graphed["replayed"] > 0)
 
 
 @pytest.mark.slow

@@ -1,0 +1,261 @@
+"""The whole-step graph (cdp_fast.graphs.StepGraph), on CPU: the same numbers as the plain loop
+(bitwise: on CPU the steady steps run the same ops through static buffers), the right steps
+steady / warm-up / captured / replayed, the state carried between steps and batches through
+the static buffers, and the capture refusing a step that synchronises with the host (what a
+CUDA graph cannot capture) with a fallback that changes nothing. The CUDA capture itself:
+the gpu-marked test at the end (compile on vs off, on a GPU)."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import cdp_fast
+from cdp_fast.graphs import HostSyncError, StepGraph, _NoHostSync
+from cdp_fast.guidance import ContrastiveGuidance
+from cdp_fast.schedule import make_alphas_cumprod
+from cdp_fast.solvers import guided_ddim, guided_ddpm, guided_dpmpp_2m
+
+ABAR = make_alphas_cumprod("linear", 1000)
+
+
+class Eps(torch.nn.Module):
+    """A small conv ε-model (3 channels, odd size), class-conditional when ``classes``."""
+
+    def __init__(self, classes=None):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 3, 3, padding=1)
+        self.emb = torch.nn.Embedding(classes, 8) if classes else None
+
+    def forward(self, x, t, y=None):
+        h = torch.relu(self.c1(x)) * (1 + t.float().view(-1, 1, 1, 1) / 1000)
+        if self.emb is not None:
+            h = h + self.emb(y).view(-1, 8, 1, 1)
+        return self.c2(h)
+
+
+class Feat(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.l = torch.nn.Linear(6 * 9 * 9, 10)
+
+    def forward(self, x):
+        return self.l(torch.tanh(self.c(x)).flatten(1))
+
+
+def _nets(classes=None):
+    torch.manual_seed(0)
+    return Eps(classes).eval().requires_grad_(False), Feat().eval().requires_grad_(False)
+
+
+def _guidance(feat, **kw):
+    args = dict(loss="hnm", lam=50.0, tau=1.0, features=feat, seed=3)
+    args.update(kw)
+    return ContrastiveGuidance(**args)
+
+
+def _x_T(B=6, seed=1):
+    return torch.randn(B, 3, 9, 9, generator=torch.Generator().manual_seed(seed))
+
+
+def _same_strength(a, b):
+    assert len(a) == len(b)
+    for (t1, m1, x1), (t2, m2, x2) in zip(a, b):
+        assert t1 == t2 and torch.equal(m1, m2) and torch.equal(x1, x2)
+
+
+CASES = {
+    "hnm-authors-head": dict(),
+    "infonce-no-head": dict(loss="infonce", lam=20.0, tau=0.5),
+    "hnm-anchors": dict(form="anchors", embedding=None),
+    "hnm-window": dict(guide_window=(300, 800)),
+    "infonce-real-bank": dict(loss="infonce", lam=20.0, tau=0.5, negatives="real", real="REAL"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("solver", ["ddim", "ddim-eta", "ddpm", "dpmpp_2m"])
+def test_step_graph_gives_the_plain_loops_numbers(case, solver):
+    """Two batches (the head kept between them, as sample() does within a shard) through the
+    plain loop and through one StepGraph: the same x_0 and guidance strengths bit for bit; the
+    steady steps were warmed up, captured once per kind and then replayed."""
+    eps, feat = _nets()
+    kw = dict(CASES[case])
+    if kw.get("real") == "REAL":
+        kw["real"] = torch.rand(5, 3, 9, 9) * 2 - 1
+    ts = cdp_fast.timesteps(1000, 12, "uniform")
+    run = {"ddim": lambda **a: guided_ddim(eps, alphas_cumprod=ABAR, timesteps=ts, **a),
+           "ddim-eta": lambda **a: guided_ddim(eps, alphas_cumprod=ABAR, timesteps=ts, eta=1.0,
+                                               generator=torch.tensor([11, 12, 13, 14, 15, 16]), **a),
+           "ddpm": lambda **a: guided_ddpm(eps, alphas_cumprod=ABAR, timesteps=ts,
+                                           generator=torch.tensor([11, 12, 13, 14, 15, 16]), **a),
+           "dpmpp_2m": lambda **a: guided_dpmpp_2m(eps, alphas_cumprod=ABAR, timesteps=ts, **a)}[solver]
+    outs = {}
+    for graphed in (False, True):
+        g = _guidance(feat, **kw)
+        sg = StepGraph(warmup=2) if graphed else None
+        xs, strengths = [], []
+        for b in range(2):
+            g.reset(keep_head=b > 0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")        # no capture failure
+                xs.append(run(x_T=_x_T(seed=b), guidance=g, step_graph=sg))
+            strengths.append(list(g.strength))
+        outs[graphed] = (xs, strengths, sg)
+    (x_a, s_a, _), (x_b, s_b, sg) = outs[False], outs[True]
+    for a, b in zip(x_a, x_b):
+        assert torch.equal(a, b)
+    for a, b in zip(s_a, s_b):
+        _same_strength(a, b)
+    assert sg.disabled is None
+    c = sg.counts
+    assert c["eager"] + c["warmup"] + c["captured"] + c["replayed"] == 2 * len(ts)
+    assert c["captured"] >= 1 and c["replayed"] >= 1
+    assert c["warmup"] <= 2 * c["captured"]           # warm-up happens once per kind and shape
+    kinds = {e.kind for e in sg._entries}
+    assert "guided" in kinds
+
+
+def test_which_steps_are_steady():
+    """Authors' HNM with the head: step 0 (no x_{t+1}) and step 1 (creates the head) run
+    uncaptured; from step 2 the guided steps are steady: 2 warm-up, 1 capture, then replays;
+    the second batch (head kept) is steady from step 1. Outside the window: "plain"."""
+    eps, feat = _nets()
+    ts = cdp_fast.timesteps(1000, 10, "uniform")          # 999, 899, ..., 99
+    g, sg = _guidance(feat), StepGraph(warmup=2)
+    guided_ddim(eps, _x_T(), alphas_cumprod=ABAR, timesteps=ts, guidance=g, step_graph=sg)
+    assert sg.counts == {"eager": 2, "warmup": 2, "captured": 1, "replayed": 5}
+    g.reset(keep_head=True)
+    guided_ddim(eps, _x_T(seed=2), alphas_cumprod=ABAR, timesteps=ts, guidance=g, step_graph=sg)
+    assert sg.counts == {"eager": 3, "warmup": 2, "captured": 1, "replayed": 14}
+    # a new head (a new shard) is new state: warm-up and capture again
+    g.reset(keep_head=False)
+    guided_ddim(eps, _x_T(seed=3), alphas_cumprod=ABAR, timesteps=ts, guidance=g, step_graph=sg)
+    assert sg.counts == {"eager": 5, "warmup": 4, "captured": 2, "replayed": 19}
+    # a window: the steps outside it are "plain" (ε-model only), captured apart
+    g2, sg2 = _guidance(feat, embedding=None, guide_window=(400, 1000)), StepGraph(warmup=1)
+    guided_ddim(eps, _x_T(), alphas_cumprod=ABAR, timesteps=ts, guidance=g2, step_graph=sg2)
+    # 999 (first: eager), 899..499 guided (1 warm-up, 1 capture, 3 replays), 399..99 plain
+    # (1 warm-up, 1 capture, 2 replays)
+    assert sg2.counts == {"eager": 1, "warmup": 2, "captured": 2, "replayed": 5}
+    assert sorted(e.kind for e in sg2._entries) == ["guided", "plain"]
+
+
+def test_unguided_and_class_conditional():
+    """No guidance: every step is "plain"; a class-conditional model gets its labels through
+    the static buffer (two batches with different labels, bitwise equal to the plain loop)."""
+    eps, _ = _nets(classes=4)
+    ts = cdp_fast.timesteps(1000, 8, "uniform")
+    sg = StepGraph(warmup=1)
+    for b in range(2):
+        y = torch.tensor([0, 1, 2, 3, 0, 1]).roll(b)
+        ref = guided_ddim(eps, _x_T(seed=b), alphas_cumprod=ABAR, timesteps=ts, y=y)
+        got = guided_ddim(eps, _x_T(seed=b), alphas_cumprod=ABAR, timesteps=ts, y=y, step_graph=sg)
+        assert torch.equal(ref, got)
+    assert sg.counts == {"eager": 0, "warmup": 1, "captured": 1, "replayed": 14}
+
+
+def test_class_negatives_are_not_captured():
+    """negatives="class" reads per-batch labels (or a labeler's argmax at this step's ᾱ_t):
+    not graphable, so its guided steps run uncaptured, with the plain loop's numbers."""
+    eps, feat = _nets()
+    ts = cdp_fast.timesteps(1000, 6, "uniform")
+    labels = torch.tensor([0, 1, 0, 1, 2, 2])
+    xs = []
+    for sg in (None, StepGraph(warmup=1)):
+        g = _guidance(feat, negatives="class", embedding=None)
+        g.reset(class_labels=labels)
+        xs.append(guided_ddim(eps, _x_T(), alphas_cumprod=ABAR, timesteps=ts, guidance=g, step_graph=sg))
+    assert torch.equal(xs[0], xs[1])
+    assert sg.counts["eager"] == len(ts) and sg.counts["replayed"] == 0
+
+
+class SyncingEps(Eps):
+    """Reads a value on the host every call (as `if t[0] > 500:` would): not capturable."""
+
+    def forward(self, x, t, y=None):
+        scale = 1.0 if float(t[0]) > 500 else 0.5
+        return super().forward(x, t, y) * scale
+
+
+def test_a_step_that_syncs_with_the_host_is_refused_and_run_uncaptured():
+    """The capture step runs under the host-sync check: a model calling float(t[0]) is caught
+    (on CUDA the capture itself would fail), one warning names the cause, and every later step
+    runs uncaptured — with the same numbers as the plain loop."""
+    torch.manual_seed(0)
+    eps = SyncingEps().eval().requires_grad_(False)
+    ts = cdp_fast.timesteps(1000, 8, "uniform")
+    ref = guided_ddim(eps, _x_T(), alphas_cumprod=ABAR, timesteps=ts)
+    sg = StepGraph(warmup=1)
+    with pytest.warns(RuntimeWarning, match="_local_scalar_dense"):
+        got = guided_ddim(eps, _x_T(), alphas_cumprod=ABAR, timesteps=ts, step_graph=sg)
+    assert torch.equal(ref, got)
+    assert sg.disabled and "host" in sg.disabled
+    assert sg.counts == {"eager": 7, "warmup": 1, "captured": 0, "replayed": 0}
+
+
+def test_host_sync_check_catches_what_capture_refuses():
+    x = torch.randn(5)
+    for fn in (lambda: x.sum().item(), lambda: bool(x.sum() > 0), lambda: x.nonzero(),
+               lambda: x[x > 0]):
+        with pytest.raises(HostSyncError), _NoHostSync():
+            fn()
+    with _NoHostSync():                       # device-side equivalents pass
+        torch.where(x > 0, x, 0.0).sum()
+        torch.isfinite(x).all()
+
+
+def test_warmup_must_be_positive():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="warmup"):
+            StepGraph(warmup=bad)
+
+
+def test_sample_with_the_step_graph_forced_on_cpu(monkeypatch, tmp_path):
+    """CDP_FAST_STEP_GRAPH=1 puts sample() on the step graph on CPU too (uncaptured there): the
+    images and the manifest's guidance strengths are those of the plain path, in memory and
+    streamed to shards (heads per shard, several batches)."""
+    eps, feat = _nets()
+    kw = dict(loss="hnm", features=feat, steps=6, skip="uniform", image_shape=(3, 9, 9), batch_size=4,
+              seed=5, compile=False, progress=False, output="float", lam=50.0, tau=1.0)
+    monkeypatch.setenv("CDP_FAST_STEP_GRAPH", "0")
+    ref = cdp_fast.sample(eps, 12, **kw)
+    ref_dir = cdp_fast.sample(eps, 12, out=tmp_path / "a", shard_size=8, **kw)
+    monkeypatch.setenv("CDP_FAST_STEP_GRAPH", "1")
+    got = cdp_fast.sample(eps, 12, **kw)
+    got_dir = cdp_fast.sample(eps, 12, out=tmp_path / "b", shard_size=8, **kw)
+    assert np.array_equal(ref.images, got.images)
+    assert np.array_equal(ref_dir.images[:12], got_dir.images[:12]) and len(got_dir.images) == 12
+    assert ref.meta["guidance_strength"] == got.meta["guidance_strength"]
+    assert ref.meta.get("step_graph") is None and got.meta["step_graph"]["replayed"] > 0
+
+
+def test_step_graph_setting_is_checked(monkeypatch):
+    eps, feat = _nets()
+    monkeypatch.setenv("CDP_FAST_STEP_GRAPH", "sometimes")
+    with pytest.raises(ValueError, match="CDP_FAST_STEP_GRAPH"):
+        cdp_fast.sample(eps, 2, loss=None, steps=2, image_shape=(3, 9, 9), progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_step_graph_matches_the_uncaptured_loop():
+    """On CUDA: the captured steps (forward, input-gradient, Triton contrastive kernels, the
+    capturable Adam) replay to the uncaptured loop's numbers (fp32; both run the same kernels,
+    so the tolerance is reduction-order noise over 12 steps)."""
+    eps, feat = _nets()
+    eps, feat = eps.cuda(), feat.cuda()
+    ts = cdp_fast.timesteps(1000, 12, "uniform")
+    outs = []
+    for sg in (None, StepGraph(warmup=2)):
+        g = _guidance(feat)
+        xs = []
+        for b in range(2):
+            g.reset(keep_head=b > 0)
+            xs.append(guided_ddim(eps, _x_T(seed=b).cuda(), alphas_cumprod=ABAR, timesteps=ts, guidance=g,
+                                  step_graph=sg))
+        outs.append(torch.stack(xs))
+    assert sg.disabled is None and sg.counts["replayed"] > 0
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
