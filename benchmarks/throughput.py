@@ -13,6 +13,8 @@ measured in one run:
   ddim-eager    the same with compile=False
   infonce, hnm  cdp_fast.sample(loss=..., features=f)              (ours, guided)
   hnm-eager     the same with compile=False
+  hnm-nograph   (opt-in) "hnm" with CDP_FAST_STEP_GRAPH=0: on CUDA the ε-model alone in CUDA
+                graphs instead of the whole guided step (cdp_fast.graphs); on CPU = "hnm"
   ref-hnm, ref-infonce   benchmarks/reference_cdp.py: Algorithm 1 written plainly (fp32, full
                 similarity matrix, Python loop, fresh autograd graph each step)
   diffusers     diffusers.DDIMScheduler (leading spacing, set_alpha_to_one, no clipping) +
@@ -75,6 +77,9 @@ ALL_METHODS = ("ddim", "ddim-eager", "diffusers", "hnm", "hnm-eager", "ref-hnm",
 # CUDA only: the same yardsticks with TF32 allowed (cuDNN convolutions and matmuls on tensor
 # cores), beside the true-fp32 ones; the plain names run with TF32 off on CUDA
 TF32_METHODS = ("diffusers-tf32", "ref-hnm-tf32", "ref-infonce-tf32")
+# opt-in: ours guided (HNM) without the whole-step CUDA graph (CDP_FAST_STEP_GRAPH=0: the
+# ε-model alone in CUDA graphs); on CPU the same as "hnm" (no step graph there)
+GRAPH_METHODS = ("hnm-nograph",)
 # --quality-matched: guided (HNM) DDIM at 200 steps, and the fewest-NFE solver setting whose
 # quality benchmarks/solvers.py found inside DDIM-200's 95% interval (both ours, same x_T)
 QUALITY_METHODS = ("hnm-ddim200", "hnm-matched")
@@ -86,6 +91,7 @@ RATIOS = (
     ("hnm", "ref-hnm"),
     ("hnm", "ref-hnm-tf32"),
     ("hnm-eager", "ref-hnm"),
+    ("hnm", "hnm-nograph"),
     ("infonce", "ref-infonce"),
     ("hnm-matched", "hnm-ddim200"),
 )
@@ -239,7 +245,7 @@ def make_runner(method, setup, args, device, x_T):
     shape = tuple(setup["image_shape"])
     B = args.batch
 
-    def ours(loss, eager=False):
+    def ours(loss, eager=False, step_graph=None):
         # The optimised methods take --compile and --dtype ("-eager" ones: no compile, fp32) and
         # their own copy of the ε-model: compiling on CUDA converts the module to channels_last,
         # which must not change the model the yardsticks run.
@@ -252,9 +258,12 @@ def make_runner(method, setup, args, device, x_T):
                 # the yardstick is Algorithm 1 as written (every step, anchor form, no head):
                 # ours runs that same method, so the ratio compares implementations
                 kw = dict(setup[loss], features=feats, form="anchors", guide_window=None, embedding=None)
-            s = cdp_fast.sample(net, B, loss=loss, steps=args.steps, skip="uniform", image_shape=shape,
-                                batch_size=B, output="float", seed=args.seed, device=device,
-                                compile=compile_, dtype=dtype, progress=False, **kw)
+            with _env("CDP_FAST_STEP_GRAPH", step_graph):
+                s = cdp_fast.sample(net, B, loss=loss, steps=args.steps, skip="uniform", image_shape=shape,
+                                    batch_size=B, output="float", seed=args.seed, device=device,
+                                    compile=compile_, dtype=dtype, progress=False, **kw)
+            if s.meta.get("step_graph"):
+                setup.setdefault("step_graph", {})[method] = s.meta["step_graph"]
             return torch.as_tensor(s.images)
         return run
 
@@ -270,6 +279,8 @@ def make_runner(method, setup, args, device, x_T):
         return run_q
     if method in ("ddim", "ddim-eager"):
         return ours(None, eager=method.endswith("-eager"))
+    if method == "hnm-nograph":
+        return ours("hnm", step_graph="0")
     if method in ("hnm", "hnm-eager", "infonce"):
         return ours(method.split("-")[0], eager=method.endswith("-eager"))
     if method.endswith("-tf32"):
@@ -310,6 +321,22 @@ def make_runner(method, setup, args, device, x_T):
             return x.cpu()
         return lambda: _with_tf32(False, loop)
     raise ValueError(f"unknown method {method!r}")
+
+
+@contextlib.contextmanager
+def _env(name, value):
+    """Environment variable ``name`` set to ``value`` inside (None: left as it is)."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
 
 
 def _with_tf32(allowed: bool, fn):
@@ -446,8 +473,9 @@ def parse_args(argv=None, prog=None):
     ap.add_argument("--repeats", type=int, default=7,
                     help="interleaved timing rounds (each times every method once; medians are reported)")
     ap.add_argument("--methods", default=",".join(ALL_METHODS),
-                    help=f"comma-separated subset of {','.join(ALL_METHODS + TF32_METHODS)} (the -tf32 "
-                         "yardsticks: CUDA only; the plain ones run with TF32 off there)")
+                    help=f"comma-separated subset of {','.join(ALL_METHODS + TF32_METHODS + GRAPH_METHODS)} "
+                         "(the -tf32 yardsticks: CUDA only; the plain ones run with TF32 off there; "
+                         "hnm-nograph: ours without the whole-step CUDA graph)")
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     ap.add_argument("--compile", choices=("auto", "true", "false"), default="true",
                     help="compile= passed to cdp_fast.sample for the non-'-eager' methods")
@@ -468,9 +496,9 @@ def parse_args(argv=None, prog=None):
     args = ap.parse_args(argv)
     args.compile = {"auto": "auto", "true": True, "false": False}[args.compile]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ALL_METHODS + TF32_METHODS]
+    bad = [m for m in methods if m not in ALL_METHODS + TF32_METHODS + GRAPH_METHODS]
     if bad:
-        ap.error(f"--methods: unknown {bad}; choose from {ALL_METHODS + TF32_METHODS}")
+        ap.error(f"--methods: unknown {bad}; choose from {ALL_METHODS + TF32_METHODS + GRAPH_METHODS}")
     args.matched = None
     if args.quality_matched is not None:
         try:
@@ -592,6 +620,9 @@ def main(argv=None, prog=None):
         "results": {m: {k: v for k, v in r.items() if k != "x0"} for m, r in results.items()},
         "ratios": ratios,
         "skipped": skipped,
+        # the whole-step CUDA graph of ours (cdp_fast.graphs): steps eager / warm-up / captured /
+        # replayed in the last run of each method that used one
+        "step_graph": setup.get("step_graph"),
     }
     _atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     print(f"\nwrote {out}")

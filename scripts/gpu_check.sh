@@ -16,7 +16,7 @@
 #   1. build: pip install --no-build-isolation --no-deps -e . (CUDAExtension cdp_fast._C, sm_90
 #      only), then checks that cdp_fast.kernels imports and that cdp_fast::pgd_step has a CUDA
 #      kernel (cdp_fast.ops.pgd_step).
-#   2. the gpu-marked tests (tests/ops/*, tests/test_sampler.py; -m gpu; junit XML).
+#   2. the gpu-marked tests (tests/ops/*, tests/test_sampler.py, tests/test_graphs.py; -m gpu; junit XML).
 #   3. throughput benchmark, CIFAR config (DDPM UNet 35.7M + WRN-28-10, batch 512), 10 uniform
 #      steps, 3 interleaved rounds, methods ddim/diffusers/hnm/ref-hnm; TORCH_LOGS=recompiles,
 #      perf_hints to catch recompiles and cudagraph skips. Falls back to --config digits when
@@ -156,7 +156,7 @@ TO=""
 # shellcheck disable=SC2086
 phase gpu_tests "$(cap 140 215)" "$OUT/tests.log" \
     "$PY" -m pytest -m gpu $XD $TO -p no:cacheprovider -rA -q --junitxml="$OUT/tests.xml" \
-    tests/ops/test_contrastive.py tests/ops/test_ddim.py tests/ops/test_pgd_step.py tests/test_sampler.py
+    tests/ops/test_contrastive.py tests/ops/test_ddim.py tests/ops/test_pgd_step.py tests/test_sampler.py tests/test_graphs.py
 grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped|error)" "$OUT/tests.log" | tail -n 25 >> "$S"
 
 # ------------------------------------------------------------------ 3. sampling throughput
