@@ -42,6 +42,7 @@ _LAZY = {
     "backend": ("cdp_fast.backend", None),
     "ops": ("cdp_fast.ops", None),
     "runtime": ("cdp_fast.runtime", None),
+    "graphs": ("cdp_fast.graphs", None),
     "distributed": ("cdp_fast.distributed", None),
 }
 

@@ -635,8 +635,12 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
         device, dtype: device (default: the model's); dtype bf16/fp16 runs the networks under
             autocast (the sampler state stays fp32). Under torchrun with CUDA and no
             ``device``, each rank uses cuda:LOCAL_RANK.
-        compile: "auto", True, or False. On CUDA the ε-model is compiled in channels_last with
-            CUDA graphs (``mode="reduce-overhead"``); on CPU it is compiled with inductor
+        compile: "auto", True, or False. On CUDA the ε-model is compiled in channels_last and
+            the whole step (ε-model, features, contrastive loss and its gradient, the head's
+            Adam step) is captured in one CUDA graph (:class:`cdp_fast.graphs.StepGraph`;
+            ``CDP_FAST_STEP_GRAPH=0``: the ε-model alone with ``mode="reduce-overhead"``; Heun:
+            always the latter); the call's ``meta["step_graph"]`` counts the steps eager /
+            warm-up / captured / replayed. On CPU it is compiled with inductor
             freezing, left in its layout, and recompiled if its weights changed since the last
             call (:mod:`cdp_fast.runtime`). The feature extractor stays eager. "auto" compiles
             on CUDA always and on CPU only when the call is long enough to repay the compile:
