@@ -225,7 +225,7 @@ class StepGraph:
         entry.load(x, t, y, guidance._prev_raw if kind == "guided" else None)
         cuda = x.device.type == "cuda"
         if entry.runs < self.warmup:
-            outs = _on_side_stream(entry.step, t) if cuda else entry.step(t)
+            outs = _on_side_stream(entry.x.device, entry.step, t) if cuda else entry.step(t)
             self.counts["warmup"] += 1
         elif entry.outs is None:
             try:
@@ -241,7 +241,8 @@ class StepGraph:
             self.counts["captured"] += 1
         else:
             if cuda:
-                entry.graph.replay()
+                with torch.cuda.device(entry.x.device):
+                    entry.graph.replay()
                 outs = entry.outs
             else:
                 outs = entry.step(t)
@@ -266,18 +267,20 @@ class StepGraph:
             with _NoHostSync():
                 entry.outs = entry.step(t)
             return entry.outs
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outs = entry.step(t)
-        entry.graph, entry.outs = graph, outs
-        graph.replay()
+        with torch.cuda.device(entry.x.device):    # the capture stream on the run's device (ranks)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outs = entry.step(t)
+            entry.graph, entry.outs = graph, outs
+            graph.replay()
         return outs
 
 
-def _on_side_stream(fn, *args):
-    """``fn(*args)`` on a side stream, as CUDA-graph warm-up must run (torch.cuda.graphs notes)."""
-    main = torch.cuda.current_stream()
-    side = torch.cuda.Stream()
+def _on_side_stream(device, fn, *args):
+    """``fn(*args)`` on a side stream of ``device``, as CUDA-graph warm-up must run (PyTorch's
+    CUDA-graph notes: warm up on a side stream before capturing)."""
+    main = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device=device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
         out = fn(*args)

@@ -67,10 +67,16 @@ def check_dtype(dtype) -> None:
 
 def autocast(device: torch.device, dtype=None):
     """A zero-argument context factory: ``torch.autocast(device.type, dtype)`` for bf16/fp16,
-    else ``contextlib.nullcontext`` (fp32: nothing to do)."""
+    else ``contextlib.nullcontext`` (fp32: nothing to do).
+
+    Without autocast's weight-cast cache (``cache_enabled=False``): the sampler's region spans
+    a whole trajectory, and the cache keeps the first 16-bit copy of every leaf weight that
+    requires grad until the region ends — so the online head, updated in place by Adam at each
+    guided step, would run its first weights all trajectory long, and a CUDA graph captured
+    on a cache hit would read cast copies freed when the region closes."""
     check_dtype(dtype)
     if dtype in (torch.bfloat16, torch.float16):
-        return lambda: torch.autocast(torch.device(device).type, dtype=dtype)
+        return lambda: torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=False)
     return contextlib.nullcontext
 
 

@@ -259,3 +259,45 @@ def test_cuda_step_graph_matches_the_uncaptured_loop():
         outs.append(torch.stack(xs))
     assert sg.disabled is None and sg.counts["replayed"] > 0
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+def test_sampler_autocast_does_not_cache_weight_casts():
+    """The sampler's autocast region spans a trajectory: a weight updated in place inside it
+    (the online head's Adam step) must be seen by the next forward, and a captured graph must
+    not read a cast copy that the region's end frees. torch.autocast's default cache fails the
+    first (checked here, as the regression it guards against)."""
+    from cdp_fast import runtime
+
+    lin, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
+
+    def changes(ctx):
+        with ctx:
+            a = lin(x)
+            with torch.no_grad():
+                lin.weight.add_(1.0)
+            return not torch.equal(a, lin(x))
+    assert not changes(torch.autocast("cpu", dtype=torch.bfloat16))       # the default caches
+    assert changes(runtime.autocast(torch.device("cpu"), torch.bfloat16)())
+
+
+def test_bf16_head_learns_within_a_trajectory():
+    """Under bf16 autocast (sample(dtype=torch.bfloat16)) the head's Adam updates reach its
+    forward within the trajectory: the guided x_0 differs from a run whose head is frozen
+    after its first step (lr 0 from then on)."""
+    from cdp_fast import runtime
+
+    eps, feat = _nets()
+    ts = cdp_fast.timesteps(1000, 6, "uniform")
+    outs = []
+    for freeze in (False, True):
+        g = _guidance(feat, lam=5000.0)
+        if freeze:
+            orig = g._ensure_head
+
+            def ensure(d, device, orig=orig, g=g):
+                orig(d, device)
+                g._opt.param_groups[0]["lr"] = 0.0
+            g._ensure_head = ensure
+        with runtime.autocast(torch.device("cpu"), torch.bfloat16)():
+            outs.append(guided_ddim(eps, _x_T(), alphas_cumprod=ABAR, timesteps=ts, guidance=g))
+    assert not torch.equal(outs[0], outs[1])
