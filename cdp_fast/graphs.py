@@ -269,7 +269,8 @@ class StepGraph:
             return entry.outs
         with torch.cuda.device(entry.x.device):    # the capture stream on the run's device (ranks)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: another thread's CUDA work (a user's loader) does not void the capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 outs = entry.step(t)
             entry.graph, entry.outs = graph, outs
             graph.replay()
