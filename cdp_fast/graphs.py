@@ -37,6 +37,7 @@ with the uncaptured loop). Not yet run on a GPU.
 """
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -59,8 +60,6 @@ def wanted(device: torch.device, compile, solver: str) -> bool:
     (``compile`` True or "auto"); "0" — never (the ε-model alone is graphed, by
     ``torch.compile(mode="reduce-overhead")``); "1" — always, CPU included (uncaptured there:
     a way to test the plumbing). Heun calls the ε-model in σ-space and never uses one."""
-    import os
-
     setting = os.environ.get("CDP_FAST_STEP_GRAPH", "auto").strip().lower()
     if setting not in ("auto", "0", "1"):
         raise ValueError(f"CDP_FAST_STEP_GRAPH must be auto, 0 or 1, got {setting!r}")
@@ -116,6 +115,7 @@ class _Entry:
         self.kind, self.eps_model = kind, eps_model
         self.guidance = guidance if kind == "guided" else None
         self.head = guidance._head if kind == "guided" else None
+        self.settings = _settings(guidance) if kind == "guided" else None
         self.x = torch.empty_like(x)                                   # keeps x's memory format
         self.t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         self.y = None if y is None else y.detach().clone()
@@ -126,6 +126,7 @@ class _Entry:
         if self.kind != kind or not _same_model(self.eps_model, eps_model):
             return False
         if kind == "guided" and not (self.guidance is guidance and self.head is guidance._head
+                                     and self.settings == _settings(guidance)
                                      and self.pos.shape == guidance._prev_raw.shape):
             return False
         return (self.x.shape == x.shape and self.x.dtype == x.dtype and self.x.device == x.device
@@ -151,6 +152,13 @@ class _Entry:
         g, raw, r = self.guidance._step(self.x, t, eps, self.pos)
         self.pos.copy_(raw)                   # after the loss read the old positives (stream order)
         return eps, g, r
+
+
+def _settings(guidance):
+    """What a captured guided step baked in from the guidance object (a replay reads none of
+    it again): a change of any of them means a new capture."""
+    return (guidance.loss, guidance.form, guidance.lam, guidance.tau, guidance.tau_plus, guidance.beta,
+            guidance.negatives, id(guidance.features), id(guidance.real), guidance.embedding)
 
 
 def _same_model(a, b) -> bool:

@@ -301,3 +301,19 @@ def test_bf16_head_learns_within_a_trajectory():
         with runtime.autocast(torch.device("cpu"), torch.bfloat16)():
             outs.append(guided_ddim(eps, _x_T(), alphas_cumprod=ABAR, timesteps=ts, guidance=g))
     assert not torch.equal(outs[0], outs[1])
+
+
+def test_changed_guidance_settings_mean_a_new_capture():
+    """A replay reads nothing from the guidance object: changing λ or τ between calls on the
+    same StepGraph captures afresh, and the numbers follow the new setting."""
+    eps, feat = _nets()
+    ts = cdp_fast.timesteps(1000, 8, "uniform")
+    g, sg = _guidance(feat, embedding=None), StepGraph(warmup=1)
+    guided_ddim(eps, _x_T(), alphas_cumprod=ABAR, timesteps=ts, guidance=g, step_graph=sg)
+    g.tau, g.lam = 0.5, 80.0
+    g.reset()
+    got = guided_ddim(eps, _x_T(), alphas_cumprod=ABAR, timesteps=ts, guidance=g, step_graph=sg)
+    assert sg.counts["captured"] == 2
+    ref = guided_ddim(eps, _x_T(), alphas_cumprod=ABAR, timesteps=ts,
+                      guidance=_guidance(feat, embedding=None, tau=0.5, lam=80.0))
+    assert torch.equal(ref, got)
