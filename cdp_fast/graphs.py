@@ -15,10 +15,13 @@ negatives "batch" or "real"), not the first step of a trajectory, inside the gui
 previous step's features at hand, and the online head (if any) already made. Everything else
 runs uncaptured through :func:`cdp_fast.solvers.evaluate_step`: the first step, steps outside
 the window and the first one inside it, the step that creates the head, class negatives
-(per-batch labels / a labeler's argmax at this step's ᾱ_t), plus the first ``warmup`` steady
-steps of each batch shape (they compile, autotune and allocate — on a side stream, as capture
-requires). If a capture fails (a model that syncs with the host, data-dependent shapes), a
-warning names the cause and the rest runs uncaptured: same results, no graph.
+(per-batch labels / a labeler's argmax at this step's ᾱ_t) and real positives (per-batch
+rows), plus ``warmup`` steady steps before each capture (on a side stream, as capture
+requires). A capture is made per kind of step, batch shape, autocast state and — for guided
+steps — online head and guidance settings: once per call of :func:`cdp_fast.sample`, or once
+per shard with a head. If a capture fails (a model that syncs with the host, data-dependent
+shapes, autocast with its weight cache on), a warning names the cause and the rest runs
+uncaptured: same results, no graph.
 
 Requirements the captured step meets: no host synchronisation (the guidance keeps its
 statistics as tensors; the noise is counter-based, :func:`cdp_fast.seeding.counter_normal`),
@@ -54,18 +57,21 @@ __all__ = ["StepGraph", "HostSyncError", "wanted"]
 MAX_GRAPHS = 4
 
 
-def wanted(device: torch.device, compile, solver: str) -> bool:
+def wanted(device: torch.device, compile, solver: str, guidance=None) -> bool:
     """Whether :func:`cdp_fast.sample` runs its steps through a :class:`StepGraph`, by the
     ``CDP_FAST_STEP_GRAPH`` environment variable: unset or "auto" — on CUDA when compiling
     (``compile`` True or "auto"); "0" — never (the ε-model alone is graphed, by
     ``torch.compile(mode="reduce-overhead")``); "1" — always, CPU included (uncaptured there:
-    a way to test the plumbing). Heun calls the ε-model in σ-space and never uses one."""
+    a way to test the plumbing). Heun calls the ε-model in σ-space and never uses one; a
+    guidance that is not :attr:`~ContrastiveGuidance.graphable` (class negatives, real
+    positives) would have no step captured, so "auto" leaves the ε-model its own graphs."""
     setting = os.environ.get("CDP_FAST_STEP_GRAPH", "auto").strip().lower()
     if setting not in ("auto", "0", "1"):
         raise ValueError(f"CDP_FAST_STEP_GRAPH must be auto, 0 or 1, got {setting!r}")
     if solver == "heun" or setting == "0":
         return False
-    return setting == "1" or (torch.device(device).type == "cuda" and compile in (True, "auto"))
+    return setting == "1" or (torch.device(device).type == "cuda" and compile in (True, "auto")
+                              and (guidance is None or guidance.graphable))
 
 
 class HostSyncError(RuntimeError):
@@ -73,7 +79,7 @@ class HostSyncError(RuntimeError):
 
 
 _SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
-             "unique_consecutive", "equal", "is_nonzero"}
+             "unique_consecutive", "equal", "is_nonzero", "bincount"}
 
 
 # indexing with a boolean mask: the result's size is data (a sync, as nonzero)
@@ -85,13 +91,28 @@ def _has_mask(args) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in (idx or ()))
 
 
+def _sized_by_data(func, args, kwargs) -> bool:
+    """repeat_interleave with tensor repeats and no output_size: the output size is data."""
+    if func._overloadname not in ("Tensor", "self_Tensor"):
+        return False
+    pos = 1 if func._overloadname == "Tensor" else 3
+    size = (kwargs or {}).get("output_size", args[pos] if len(args) > pos else None)
+    return size is None
+
+
 class _NoHostSync(TorchDispatchMode):
     """Raises :class:`HostSyncError` on an op that needs the data on the host (what a CUDA graph
-    capture refuses), except inside ``torch.optim`` (see the module docstring)."""
+    capture refuses), except inside ``torch.optim`` (see the module docstring). Caught:
+    ``.item()`` / ``float()`` / ``bool()`` of a tensor, ``nonzero``, boolean-mask indexing,
+    ``masked_select``, ``unique``, ``bincount``, ``repeat_interleave`` without ``output_size``,
+    ``equal``. Not caught (no op reaches the dispatcher for them on CPU): ``.cpu()``,
+    ``.tolist()``, ``.numpy()`` — on CUDA the capture itself refuses those."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if (name in _SYNC_OPS or (name in _INDEX_OPS and _has_mask(args))) and not _inside_optimizer():
+        if (name in _SYNC_OPS or (name in _INDEX_OPS and _has_mask(args))
+                or (name == "repeat_interleave" and _sized_by_data(func, args, kwargs))) \
+                and not _inside_optimizer():
             raise HostSyncError(f"aten.{name} needs the data on the host (a host synchronisation; "
                                 "a CUDA graph cannot capture it)")
         return func(*args, **(kwargs or {}))
@@ -116,6 +137,7 @@ class _Entry:
         self.guidance = guidance if kind == "guided" else None
         self.head = guidance._head if kind == "guided" else None
         self.settings = _settings(guidance) if kind == "guided" else None
+        self.autocast = _autocast_state(x.device)
         self.x = torch.empty_like(x)                                   # keeps x's memory format
         self.t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         self.y = None if y is None else y.detach().clone()
@@ -129,7 +151,8 @@ class _Entry:
                                      and self.settings == _settings(guidance)
                                      and self.pos.shape == guidance._prev_raw.shape):
             return False
-        return (self.x.shape == x.shape and self.x.dtype == x.dtype and self.x.device == x.device
+        return (self.autocast == _autocast_state(x.device)
+                and self.x.shape == x.shape and self.x.dtype == x.dtype and self.x.device == x.device
                 and self.x.stride() == x.stride() and (self.y is None) == (y is None)
                 and (y is None or self.y.shape == y.shape))
 
@@ -157,8 +180,16 @@ class _Entry:
 def _settings(guidance):
     """What a captured guided step baked in from the guidance object (a replay reads none of
     it again): a change of any of them means a new capture."""
+    lrs = None if guidance._opt is None else tuple(grp["lr"] for grp in guidance._opt.param_groups)
     return (guidance.loss, guidance.form, guidance.lam, guidance.tau, guidance.tau_plus, guidance.beta,
-            guidance.negatives, id(guidance.features), id(guidance.real), guidance.embedding)
+            guidance.negatives, id(guidance.features), id(guidance.real), guidance.embedding, lrs,
+            os.environ.get("CDP_FAST_BACKEND", "auto"), os.environ.get("CDP_FAST_AUTOTUNE", ""))
+
+
+def _autocast_state(device):
+    """(enabled, dtype, cache) of autocast for ``device``'s type: baked into a capture."""
+    kind = torch.device(device).type
+    return (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind), torch.is_autocast_cache_enabled())
 
 
 def _same_model(a, b) -> bool:
@@ -180,21 +211,30 @@ class StepGraph:
     no guidance, or a :class:`ContrastiveGuidance` step outside its window or with λ = 0, whose
     call then only updates its host-side state and is made as usual after the graph).
 
+    A graph is made (``warmup`` uncaptured steps, then the capture) per kind of step, batch
+    shape, autocast state and — for guided steps — online head and guidance settings: so once
+    per shard of a :func:`cdp_fast.sample` run with a head (each shard starts a new head; the
+    previous head's graph is released), once per call without one.
+
     Args:
-        warmup: uncaptured steady steps per kind and batch shape before the capture (≥ 1;
-            torch.compile and Triton compile and autotune in these).
+        warmup: uncaptured steady steps before each capture (≥ 1), on a side stream as the
+            CUDA-graph notes ask. The uncaptured first steps of a trajectory have already run
+            (and compiled) the same networks at the same shapes, so 1 is the default.
 
     ``counts``: how many steps ran "eager" (neither kind), "warmup", "captured" (the capture
     step, then replayed once), "replayed"; ``disabled``: why graphs were given up, or None.
+    A :class:`ContrastiveGuidance` evaluated here gets ``capturable_head = True``: its online
+    head's Adam keeps its step count on the device (CUDA), as a captured step needs.
     """
 
-    def __init__(self, warmup: int = 2):
+    def __init__(self, warmup: int = 1):
         if not (isinstance(warmup, int) and not isinstance(warmup, bool) and warmup >= 1):
             raise ValueError(f"warmup must be an int >= 1, got {warmup!r}")
         self.warmup = warmup
         self.counts = {"eager": 0, "warmup": 0, "captured": 0, "replayed": 0}
         self.disabled = None
         self._entries: list[_Entry] = []
+        self._streams = {}                    # device -> its capture stream
 
     def kind(self, guidance, x, t, step):
         """"guided", "plain" or None (run uncaptured) for this step: host state only, no data
@@ -217,6 +257,10 @@ class StepGraph:
         for e in self._entries:
             if e.fits(kind, eps_model, guidance, x, y):
                 return e
+        if kind == "guided":
+            # the same guidance with another head or settings: its old graph is dead weight
+            # (one pool of activations each), release it
+            self._entries = [e for e in self._entries if not (e.kind == "guided" and e.guidance is guidance)]
         if len(self._entries) >= MAX_GRAPHS:
             self._entries.pop(0)              # the oldest: its graph is released
         e = _Entry(kind, eps_model, guidance, x, y)
@@ -225,6 +269,8 @@ class StepGraph:
 
     def evaluate(self, eps_model, guidance, x, t, step, y):
         """(ε, g or None, λ) at (x_t, t), as :func:`cdp_fast.solvers.evaluate_step`."""
+        if isinstance(guidance, ContrastiveGuidance):
+            guidance.capturable_head = True
         kind = self.kind(guidance, x, t, step)
         if kind is None:
             self.counts["eager"] += 1
@@ -239,8 +285,7 @@ class StepGraph:
             try:
                 outs = self._capture(entry, t, cuda)
             except Exception as e:        # noqa: BLE001 — any capture failure: run uncaptured
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                self.disabled = f"{type(e).__name__}: {msg}"
+                self.disabled = _cause(e)
                 warnings.warn(f"cdp_fast: capturing the sampling step in a CUDA graph failed ({self.disabled}); "
                               "running it uncaptured (same results, no graph)", RuntimeWarning, stacklevel=3)
                 self._entries.clear()
@@ -251,15 +296,19 @@ class StepGraph:
             if cuda:
                 with torch.cuda.device(entry.x.device):
                     entry.graph.replay()
-                outs = entry.outs
-            else:
-                outs = entry.step(t)
+            else:                             # CPU: run the step, write the static outputs as a replay does
+                for static, new in zip(entry.outs, entry.step(t)):
+                    if static is not None:
+                        static.copy_(new)
+            outs = entry.outs
             self.counts["replayed"] += 1
         entry.runs += 1
         eps, g, r = outs
         _check_eps(eps, x, step, t)
-        # a replay overwrites its outputs: ε may outlive the step (callback), g does not
-        eps = eps.clone() if cuda else eps
+        if outs is entry.outs:
+            # the next replay overwrites the static outputs: ε may outlive the step (callback);
+            # g is consumed by the update and r reduced below, both before the next replay
+            eps = eps.clone()
         if kind == "plain":
             if guidance is not None:
                 guidance(x, t, eps, step)     # host-side bookkeeping only (returns None)
@@ -268,21 +317,45 @@ class StepGraph:
         guidance.strength.append((t, r.mean(), r.max()))
         return eps, g, guidance.lam
 
-    @staticmethod
-    def _capture(entry, t, cuda):
+    def _capture(self, entry, t, cuda):
         """Capture the step (CUDA) and replay it once; on CPU, run it under the host-sync check."""
+        if _autocast_state(entry.x.device)[0] and torch.is_autocast_cache_enabled():
+            raise RuntimeError("autocast's weight-cast cache is on (torch.autocast(..., cache_enabled=True)): "
+                               "a graph would read cast copies freed when the region ends; use "
+                               "cache_enabled=False (cdp_fast.sample does)")
         if not cuda:
             with _NoHostSync():
                 entry.outs = entry.step(t)
             return entry.outs
-        with torch.cuda.device(entry.x.device):    # the capture stream on the run's device (ranks)
+        dev = entry.x.device
+        with torch.cuda.device(dev):
+            # a capture stream of the run's device: torch.cuda.graph's default is one stream
+            # made on whichever device was current at its first use (a second GPU's capture
+            # would then record nothing)
+            stream = self._streams.setdefault(str(dev), torch.cuda.Stream(device=dev))
+            before = torch.cuda.current_stream(dev)
             graph = torch.cuda.CUDAGraph()
-            # thread_local: another thread's CUDA work (a user's loader) does not void the capture
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                outs = entry.step(t)
+            try:
+                # thread_local: another thread's CUDA work (a user's loader) does not void it
+                with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                    outs = entry.step(t)
+            except BaseException:
+                # a failed capture leaves its stream current (torch.cuda.graph's exit raises
+                # before restoring it): put the run's stream back
+                torch.cuda.set_stream(before)
+                raise
             entry.graph, entry.outs = graph, outs
             graph.replay()
         return outs
+
+
+def _cause(e: BaseException) -> str:
+    """The first failure behind ``e`` (a failed capture raises again on its way out, hiding
+    the cause), as "Type: first line"."""
+    while e.__context__ is not None and e.__context__ is not e:
+        e = e.__context__
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 def _on_side_stream(device, fn, *args):

@@ -206,6 +206,7 @@ class ContrastiveGuidance:
         self.real, self.labeler, self.guide_window, self.seed = real, labeler, guide_window, seed
         self.abar = None if alphas_cumprod is None else as_alphas_cumprod(alphas_cumprod)
         self.feature_batch = feature_batch
+        self.capturable_head = False     # the head's Adam made capturable (cdp_fast.graphs)
         self._real_raw = None            # f(real), computed once
         self._head = None                # the online MLP, created at the first guided step
         self._opt = None
@@ -263,10 +264,13 @@ class ContrastiveGuidance:
             # head init: a function of the seed only, from a generator of its own
             gen = torch.Generator().manual_seed(sample_seed(self.seed, -1))
             self._head = MLPHead(d, generator=gen).to(device)
-            # capturable on CUDA: the step count lives on the device, so a CUDA graph of the
-            # guided step (cdp_fast.graphs) replays the Adam update with the right bias correction
-            self._opt = torch.optim.Adam(self._head.parameters(), lr=1e-2,
-                                         capturable=torch.device(device).type == "cuda")
+            # capturable (set by cdp_fast.graphs.StepGraph, CUDA only): the step count lives on
+            # the device, so a captured guided step replays the Adam update with the right bias
+            # correction; otherwise the plain Adam (its bias correction on the host, in fp64)
+            capturable = self.capturable_head and torch.device(device).type == "cuda"
+            self._opt = torch.optim.Adam(self._head.parameters(), lr=1e-2, capturable=capturable)
+            if capturable:   # its first steps run uncaptured by design: no "impairs performance" warning
+                self._opt._warned_capturable_if_run_uncaptured = True
 
     def _embed(self, raw):
         return raw if self._head is None else self._head(raw)

@@ -638,9 +638,10 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
         compile: "auto", True, or False. On CUDA the ε-model is compiled in channels_last and
             the whole step (ε-model, features, contrastive loss and its gradient, the head's
             Adam step) is captured in one CUDA graph (:class:`cdp_fast.graphs.StepGraph`;
-            ``CDP_FAST_STEP_GRAPH=0``: the ε-model alone with ``mode="reduce-overhead"``; Heun:
-            always the latter); the call's ``meta["step_graph"]`` counts the steps eager /
-            warm-up / captured / replayed. On CPU it is compiled with inductor
+            ``CDP_FAST_STEP_GRAPH=0``: the ε-model alone with ``mode="reduce-overhead"``, as
+            also for Heun and for class negatives / real positives, whose guided steps cannot
+            be captured); the first steps of a trajectory run uncaptured; the call's
+            ``meta["step_graph"]`` counts the steps eager / warm-up / captured / replayed. On CPU it is compiled with inductor
             freezing, left in its layout, and recompiled if its weights changed since the last
             call (:mod:`cdp_fast.runtime`). The feature extractor stays eager. "auto" compiles
             on CUDA always and on CPU only when the call is long enough to repay the compile:
@@ -722,7 +723,7 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
     # on CPU weighs them against the compile's cost
     world = distributed.world_info()[1] if out is not None else 1
     work = (min(batch_size, n), math.ceil(math.ceil(n / world) / batch_size) * run_nfe)
-    use_step_graph = graphs.wanted(dev, compile, solver)
+    use_step_graph = graphs.wanted(dev, compile, solver, guidance if guided else None)
     eps_model, channels_last = _prepare_model(model, dev, compile, image_shape, step_graph=use_step_graph)
     # the probe runs the eager adapter (its fingerprint does not depend on compile), then
     # compile="auto" on CPU times the same adapter
