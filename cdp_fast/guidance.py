@@ -323,6 +323,7 @@ class ContrastiveGuidance:
         return self.positive == "previous" and self.negatives in ("batch", "real") and self.lam != 0
 
     def in_window(self, t) -> bool:
+        """Whether timestep ``t`` lies in ``guide_window`` (t_lo <= t <= t_hi; None: every t)."""
         return self.guide_window is None or (self.guide_window[0] <= t <= self.guide_window[1])
 
     def _step(self, x, t, eps, pos_raw):
