@@ -313,8 +313,7 @@ class StepGraph:
             if guidance is not None:
                 guidance(x, t, eps, step)     # host-side bookkeeping only (returns None)
             return eps, None, 0.0
-        guidance._prev_raw, guidance._prev_x = entry.pos, x.detach()
-        guidance.strength.append((t, r.mean(), r.max()))
+        guidance._record(x, t, entry.pos, r)
         return eps, g, guidance.lam
 
     def _capture(self, entry, t, cuda):

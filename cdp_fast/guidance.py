@@ -382,7 +382,13 @@ class ContrastiveGuidance:
             self._prev_x = x.detach()
             return None
         g, raw, r = self._step(x, t, eps, pos_raw)
+        self._record(x, t, raw, r)
+        return g, self.lam
+
+    def _record(self, x, t, raw, r):
+        """After a guided step at (x_t, t): its features ``raw`` (B, d) are the next step's
+        positives, and its strength ratios ``r`` (B,) are summarised (as tensors: no host sync).
+        Also called by :class:`cdp_fast.graphs.StepGraph` after a replay (``raw`` its buffer)."""
         self.strength.append((t, r.mean(), r.max()))
         self._prev_raw = raw
         self._prev_x = x.detach()
-        return g, self.lam
