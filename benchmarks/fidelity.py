@@ -38,9 +38,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import harness  # noqa: E402
 
 import cdp_fast  # noqa: E402
-from cdp_fast import losses  # noqa: E402
+from cdp_fast.guidance import losses  # noqa: E402
 from cdp_fast.models import digits  # noqa: E402
-from cdp_fast.seeding import generators, per_sample_randn  # noqa: E402
+from cdp_fast.utils.seeding import generators, per_sample_randn  # noqa: E402
 
 STEPS, B = 50, 128
 

@@ -9,10 +9,10 @@ benchmarks/ops/pgd_step.py.
     python benchmarks/kernels.py --config gpu     # CUDA: m up to 65536, banks up to 1M, d 128/640
 
 Providers:
-  fused     the op as cdp_fast runs it (cdp_fast.backend.choose: Triton on CUDA; on CPU the
+  fused     the op as cdp_fast runs it (cdp_fast.ops.backend.choose: Triton on CUDA; on CPU the
             contrastive op's chunked streaming PyTorch path, and for the DDIM update the
             reference itself)
-  eager     cdp_fast.losses.hnm_loss_ref / cdp_fast.ops.ddim.ddim_update_ref
+  eager     cdp_fast.guidance.losses.hnm_loss_ref / cdp_fast.ops.ddim.ddim_update_ref
   compiled  torch.compile(reference) (inductor)
 """
 from __future__ import annotations

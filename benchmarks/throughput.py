@@ -14,7 +14,7 @@ measured in one run:
   infonce, hnm  cdp_fast.sample(loss=..., features=f)              (ours, guided)
   hnm-eager     the same with compile=False
   hnm-nograph   (opt-in) "hnm" with CDP_FAST_STEP_GRAPH=0: on CUDA the ε-model alone in CUDA
-                graphs instead of the whole guided step (cdp_fast.graphs); on CPU = "hnm"
+                graphs instead of the whole guided step (cdp_fast.sampling.graphs); on CPU = "hnm"
   ref-hnm, ref-infonce   benchmarks/reference_cdp.py: Algorithm 1 written plainly (fp32, full
                 similarity matrix, Python loop, fresh autograd graph each step)
   diffusers     diffusers.DDIMScheduler (leading spacing, set_alpha_to_one, no clipping) +
@@ -196,7 +196,7 @@ def build_small(device):
 def _random_setup(model, classifier, image_shape, note):
     """The setup of a random-init config: both networks frozen, the classifier as the feature
     extractor, the library's default guidance (cdp_fast.guidance.DEFAULTS)."""
-    from cdp_fast.guidance import DEFAULTS
+    from cdp_fast.guidance.contrastive import DEFAULTS
     from cdp_fast.models import as_feature_extractor
 
     for p in list(model.parameters()) + list(classifier.parameters()):
@@ -231,7 +231,7 @@ def build_cifar(device):
 
 def start_noise(n, shape, seed, device):
     """x_T exactly as cdp_fast.sample draws it: sample i from sample_seed(seed, i)."""
-    from cdp_fast.seeding import sample_seed
+    from cdp_fast.utils.seeding import sample_seed
 
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, i)))
                         for i in range(n)]).to(device)
@@ -291,7 +291,7 @@ def make_runner(method, setup, args, device, x_T):
     if method in ("ref-hnm", "ref-infonce"):
         from reference_cdp import reference_cdp
 
-        from cdp_fast.schedule import make_alphas_cumprod, timesteps
+        from cdp_fast.diffusion.schedule import make_alphas_cumprod, timesteps
 
         loss = method.split("-")[1]
         abar = make_alphas_cumprod("linear", 1000)
@@ -620,7 +620,7 @@ def main(argv=None, prog=None):
         "results": {m: {k: v for k, v in r.items() if k != "x0"} for m, r in results.items()},
         "ratios": ratios,
         "skipped": skipped,
-        # the whole-step CUDA graph of ours (cdp_fast.graphs): steps eager / warm-up / captured /
+        # the whole-step CUDA graph of ours (cdp_fast.sampling.graphs): steps eager / warm-up / captured /
         # replayed in the last run of each method that used one
         "step_graph": setup.get("step_graph"),
     }

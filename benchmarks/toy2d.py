@@ -30,11 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cdp_fast  # noqa: E402
 from harness import git_commit  # noqa: E402  (provenance, shared with the other benchmarks)
-from cdp_fast.schedule import timesteps as make_timesteps  # noqa: E402
+from cdp_fast.diffusion.schedule import timesteps as make_timesteps  # noqa: E402
 
 # the mixture, its exact ε-model and the measured guidance settings live in the package (the
 # demo's Gaussian part imports them); re-exported here under their old names
-from cdp_fast.toy import LAM_CLASS, LAM_UNCOND, MU, VARIANTS, MixtureEps, sign_labeler  # noqa: E402,F401
+from cdp_fast.theory.mixture import LAM_CLASS, LAM_UNCOND, MU, VARIANTS, MixtureEps, sign_labeler  # noqa: E402,F401
 
 
 def oracle_samples(n, *, mu=MU, s0=1.0, seed=0):
@@ -80,7 +80,7 @@ def generate(variant, *, n=200, steps=50, init_std=1.0, seed=0, real=None, model
                             image_shape=(2,), output="float", steps=steps, skip="uniform",
                             batch_size=n, seed=seed, progress=False, compile=False, guide_window=None, **kw)
         return np.asarray(s.images, dtype=np.float32)
-    from cdp_fast.seeding import sample_seed
+    from cdp_fast.utils.seeding import sample_seed
     abar = model.alphas_cumprod
     ts = make_timesteps(abar.numel(), steps, "uniform")
     gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in range(n)]

@@ -16,7 +16,7 @@ criterion            score                                                   kee
 "grad_norm"          ‖∇_θ CE(f_θ(x), ỹ)‖₂ over all trainable parameters       largest
 "robust_grad_norm"   ‖∇_θ [CE(f_θ(x), ỹ) + β·KL(p_θ(x) ‖ p_θ(x'))]‖₂, x' the   largest
                      TRADES attack point (held fixed), i.e. the per-sample
-                     TRADES loss of :mod:`cdp_fast.train`
+                     TRADES loss of :mod:`cdp_fast.robust.train`
 "separability"       ‖φ(x) − c_ỹ‖₂, φ the penultimate features, c_ỹ the mean  smallest
                      feature of the samples labelled ỹ
 ==================== ======================================================= =========
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdp_fast.data import images_to_float01
-from cdp_fast.runtime import model_device
+from cdp_fast.utils.runtime import model_device
 
 __all__ = ["pseudo_label", "select", "scores", "per_sample_grad_norm", "attack_generator",
            "CRITERIA"]
@@ -129,9 +129,9 @@ def pseudo_label(classifier: nn.Module, images, *, batch_size: int = 512, device
     _check_bs(batch_size)
     imgs = _Images(images)
     dev = model_device(classifier, device)
-    from cdp_fast.runtime import eval_mode
+    from cdp_fast.utils.runtime import eval_mode
 
-    from cdp_fast import distributed as cdist
+    from cdp_fast.utils import distributed as cdist
 
     try:
         from tqdm.auto import tqdm
@@ -240,8 +240,8 @@ def scores(samples, criterion: str, *, classifier: Optional[nn.Module] = None,
     if criterion == "confidence":
         return pl["confidence"].astype(np.float64), labels
 
-    from cdp_fast.attacks import trades_attack
-    from cdp_fast.runtime import eval_mode
+    from cdp_fast.robust.attacks import trades_attack
+    from cdp_fast.utils.runtime import eval_mode
 
     if criterion in ("grad_norm", "robust_grad_norm"):
         dev = model_device(classifier, device)

@@ -7,5 +7,5 @@
 
 The kernels are leaves: they import torch and triton, nothing from cdp_fast. Their references,
 registrations and autograd live in :mod:`cdp_fast.ops`; which implementation runs is decided
-in :mod:`cdp_fast.backend` only. Importing this package imports nothing heavy.
+in :mod:`cdp_fast.ops.backend` only. Importing this package imports nothing heavy.
 """

@@ -4,7 +4,7 @@ its gradient weights D in row blocks of at most 256 MiB, then two GEMMs).
 
 A leaf: imports torch and triton only. The op these kernels implement — its plain-PyTorch
 reference, the CPU path, the ``torch.library`` registration and the autograd glue — lives in
-:mod:`cdp_fast.ops.contrastive`; which implementation runs is decided in :mod:`cdp_fast.backend`.
+:mod:`cdp_fast.ops.contrastive`; which implementation runs is decided in :mod:`cdp_fast.ops.backend`.
 
 Formula (DESIGN.md §4; derivation of the gradients: :mod:`cdp_fast.ops.contrastive.chunked`).
 With â_i, k̂_j the L2-normalised anchor and candidate rows, s_ij = â_i·k̂_j and N(i) the valid

@@ -2,7 +2,7 @@
 sampling step.
 
 A leaf: imports torch and triton only. The op (reference, registration, autograd) lives in
-:mod:`cdp_fast.ops.ddim`; which implementation runs is decided in :mod:`cdp_fast.backend`.
+:mod:`cdp_fast.ops.ddim`; which implementation runs is decided in :mod:`cdp_fast.ops.backend`.
 
 Formula (Song et al. 2021, DDIM eq. (12), with Δ = ε + λ·g in place of ε as in Algorithm 1,
 line 7, of the Contrastive-DP paper), with the coefficients computed by the caller:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from cdp_fast.ops.ddim import ddim_update_ref  # noqa: E402
 from cdp_fast.models import digits  # noqa: E402
-from cdp_fast.schedule import make_alphas_cumprod, timesteps  # noqa: E402
+from cdp_fast.diffusion.schedule import make_alphas_cumprod, timesteps  # noqa: E402
 
 
 def atomic_save(obj_bytes: bytes, path: Path) -> None:

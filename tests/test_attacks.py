@@ -1,4 +1,4 @@
-"""cdp_fast.attacks: PGD (Madry et al. 2018) and the TRADES inner maximisation (Zhang et al.
+"""cdp_fast.robust.attacks: PGD (Madry et al. 2018) and the TRADES inner maximisation (Zhang et al.
 2019), each checked against a literal transcription of the published loop written with the
 plain PyTorch composite (no fused op), plus the properties the trainers rely on: the loss goes
 up, the result stays in the ε-ball ∩ [0, 1], train/eval modes and parameter grads are left as
@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cdp_fast.ops import pgd_step as _ext
-from cdp_fast.attacks import eval_mode, pgd_attack, trades_attack
+from cdp_fast.robust.attacks import eval_mode, pgd_attack, trades_attack
 
 EPS, ALPHA = 8 / 255, 2 / 255
 
@@ -288,7 +288,7 @@ def test_trades_train_mode_uses_batch_statistics_and_freezes_running_stats(ext):
 
 
 def test_batch_stats_mode_restores_on_error_and_rejects_bad_options():
-    from cdp_fast.attacks import batch_stats_mode
+    from cdp_fast.robust.attacks import batch_stats_mode
 
     class Boom(nn.Module):
         def forward(self, x):

@@ -1,4 +1,4 @@
-"""CDP_FAST_BACKEND semantics (cdp_fast.backend.choose is the one place that decides; the ops
+"""CDP_FAST_BACKEND semantics (cdp_fast.ops.backend.choose is the one place that decides; the ops
 execute its answer) and the end-to-end equivalence of the sampler on the Triton (interpreted)
 and PyTorch backends."""
 import os
@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from cdp_fast import backend, losses
+from cdp_fast.ops import backend
+from cdp_fast.guidance import losses
 from cdp_fast.ops.ddim import ddim_update, ddim_update_ref
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -178,17 +179,18 @@ def test_explicit_triton_without_triton_raises(monkeypatch):
 
 
 def test_kernels_load_from_an_uninstalled_checkout():
-    """Without the editable install's finder, cdp_fast.backend still finds <repo>/kernels."""
+    """Without the editable install's finder, cdp_fast.ops.backend still finds <repo>/kernels."""
     import subprocess
     import sys
     from pathlib import Path
 
-    root = Path(backend.__file__).resolve().parent.parent
+    root = Path(backend.__file__).resolve().parents[2]
     code = (
         "import sys\n"
         "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
         "import torch\n"
-        "from cdp_fast import backend, losses\n"
+        "from cdp_fast.ops import backend\n"
+        "from cdp_fast.guidance import losses\n"
         "mod, err = backend._kernels_or_error('contrastive')\n"
         "assert mod is not None, err\n"
         "a = torch.randn(5, 3, requires_grad=True)\n"

@@ -212,7 +212,7 @@ def test_bench_help_names_the_subcommand(capsys):
 
 
 def test_spec_loaders_live_in_specs_and_stay_importable_from_cli():
-    from cdp_fast import specs
+    from cdp_fast.cli import specs
 
     assert cli.load_model_spec is specs.load_model_spec
     assert cli.load_callable_spec is specs.load_callable_spec
@@ -228,7 +228,7 @@ def test_spec_loaders_live_in_specs_and_stay_importable_from_cli():
 
 @pytest.mark.parametrize("pipeline", [False, True])
 def test_model_spec_loads_a_local_diffusers_folder(tmp_path, pipeline):
-    """--model FOLDER goes through cdp_fast.models.external.load_diffusers_unet: a UNet2DModel
+    """--model FOLDER goes through cdp_fast.diffusion.adapters.load_diffusers_unet: a UNet2DModel
     folder, or a pipeline folder whose scheduler/ also gives alphas_cumprod."""
     pytest.importorskip("diffusers")
     import torch

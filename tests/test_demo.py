@@ -13,7 +13,10 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from cdp_fast import demo, demo_data, demo_gaussian, demo_stats, theory  # noqa: E402
+from cdp_fast import demo, theory
+from cdp_fast.demo import digits as demo_data
+from cdp_fast.demo import gaussian as demo_gaussian
+from cdp_fast.demo import stats as demo_stats  # noqa: E402
 
 TINY = dict(k_per_class=2, n_synthetic=32, epochs=2, updates_per_epoch=2, sampling_steps=4, sweep_n=16, test_n=40,
             labeler_steps=5, guide_updates=2, gaussian_seeds=2, lams=(5e3, 4e4), attacks=("clean", "pgd"),
@@ -106,7 +109,7 @@ def test_demo_autoattack_on_the_first_aa_n_test_digits():
 
 
 def test_networks_are_distinct_objects_per_role():
-    from cdp_fast.demo_runner import Run
+    from cdp_fast.demo.runner import Run
     from cdp_fast.models import SmallCNN, digits
 
     run = Run(_run_opts())

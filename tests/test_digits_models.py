@@ -10,7 +10,7 @@ pytest.importorskip("sklearn")
 from cdp_fast.ops.ddim import ddim_update_ref  # noqa: E402
 from cdp_fast.models import digits  # noqa: E402
 from cdp_fast.models.unet import UNet, timestep_embedding  # noqa: E402
-from cdp_fast.schedule import make_alphas_cumprod, timesteps  # noqa: E402
+from cdp_fast.diffusion.schedule import make_alphas_cumprod, timesteps  # noqa: E402
 
 
 def test_data_split_fixed_and_disjoint():

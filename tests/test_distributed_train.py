@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from cdp_fast.train import MixedBatchSampler, epoch_indices
+from cdp_fast.robust.train import MixedBatchSampler, epoch_indices
 
 REPO = Path(__file__).resolve().parents[1]
 
 WORKER = r'''
-import shutil, sys, torch, cdp_fast
+import shutil, sys, torch, cdp_fast, cdp_fast.utils.distributed
 from cdp_fast.models import SmallCNN
 from sklearn.datasets import load_digits
 torch.set_num_threads(1)
@@ -32,7 +32,7 @@ out, ckpt, mid, evaluate_from = sys.argv[1:5]
 d = load_digits()
 x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
 y = torch.tensor(d.target, dtype=torch.int64)
-rank, world = cdp_fast.distributed.maybe_init(torch.device("cpu"))
+rank, world = cdp_fast.utils.distributed.maybe_init(torch.device("cpu"))
 
 def copy_mid(info):   # keep the checkpoint of epoch 3 to resume from it elsewhere
     if info["epoch"] == 3 and mid != "-" and rank == 0:

@@ -132,7 +132,7 @@ def test_pgd_randomness_is_per_point_so_batching_does_not_matter():
     """PGD's random start of point i comes from (seed, i) alone: the blocks of any batch size
     (and so any split over torch.distributed ranks, tests/test_distributed_train.py) give the
     same accuracy."""
-    from cdp_fast.robustness import pgd_starts
+    from cdp_fast.robust.evaluation import pgd_starts
 
     x = torch.rand(13, 1, 8, 8)
     assert torch.equal(pgd_starts(x[3:9], 3, seed=4), pgd_starts(x, 0, seed=4)[3:9])
@@ -147,8 +147,8 @@ def test_pgd_randomness_is_per_point_so_batching_does_not_matter():
         assert res[0] == res[1] == res[2]
         per_seed.append(res[0]["pgd"])
     assert per_seed[0] != per_seed[1]
-    # Importing the module (cdp_fast.robustness) leaves the public name a function.
-    assert cdp_fast.evaluate is cdp_fast.robustness.evaluate
+    # Importing the module (cdp_fast.robust.evaluation) leaves the public name a function.
+    assert cdp_fast.evaluate is cdp_fast.robust.evaluation.evaluate
     assert cdp_fast.evaluate(model, x, y, eps=0.05, attacks=("clean",))["clean"] == res[0]["clean"]
     with pytest.raises(ValueError, match="distributed"):
         cdp_fast.evaluate(model, x, y, distributed="no")

@@ -1,4 +1,4 @@
-"""The whole-step graph (cdp_fast.graphs.StepGraph), on CPU: the same numbers as the plain loop
+"""The whole-step graph (cdp_fast.sampling.graphs.StepGraph), on CPU: the same numbers as the plain loop
 (bitwise: on CPU the steady steps run the same ops through static buffers), the right steps
 steady / warm-up / captured / replayed, the state carried between steps and batches through
 the static buffers, and the capture refusing a step that synchronises with the host (what a
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import cdp_fast
-from cdp_fast.graphs import HostSyncError, StepGraph, _NoHostSync
-from cdp_fast.guidance import ContrastiveGuidance
-from cdp_fast.schedule import make_alphas_cumprod
-from cdp_fast.solvers import guided_ddim, guided_ddpm, guided_dpmpp_2m
+from cdp_fast.sampling.graphs import HostSyncError, StepGraph, _NoHostSync
+from cdp_fast.guidance.contrastive import ContrastiveGuidance
+from cdp_fast.diffusion.schedule import make_alphas_cumprod
+from cdp_fast.diffusion.solvers import guided_ddim, guided_ddpm, guided_dpmpp_2m
 
 ABAR = make_alphas_cumprod("linear", 1000)
 
@@ -235,7 +235,7 @@ def test_a_new_head_releases_the_old_heads_graph():
 def test_autocast_with_its_cache_is_refused_and_without_is_captured():
     """torch.autocast's weight-cast cache would leave a graph reading casts freed at the region's
     end: refused (warning, uncaptured, same numbers); sample()'s autocast (no cache) captures."""
-    from cdp_fast import runtime
+    from cdp_fast.utils import runtime
 
     eps, feat = _nets()
     ts = cdp_fast.timesteps(1000, 6, "uniform")
@@ -254,7 +254,7 @@ def test_autocast_with_its_cache_is_refused_and_without_is_captured():
 def test_when_sample_uses_a_step_graph(monkeypatch):
     """CDP_FAST_STEP_GRAPH: auto = CUDA + compile + a graphable guidance (or none); 0 never;
     1 always (CPU too); never for Heun."""
-    from cdp_fast.graphs import wanted
+    from cdp_fast.sampling.graphs import wanted
 
     eps, feat = _nets()
     plain, cls = _guidance(feat), _guidance(feat, negatives="class")
@@ -323,7 +323,7 @@ def test_cuda_step_graph_matches_the_uncaptured_loop(dtype):
     and guidance strengths (both run the same kernels: fp32 to reduction-order noise over 12
     steps, 1e-4; bf16 autocast without the weight cache, as sample() runs it, 2e-2), and the
     replays really ran (a graph that recorded nothing would repeat the capture step's output)."""
-    from cdp_fast import runtime
+    from cdp_fast.utils import runtime
 
     eps, feat = _nets()
     eps, feat = eps.cuda(), feat.cuda()
@@ -351,7 +351,7 @@ def test_sampler_autocast_does_not_cache_weight_casts():
     (the online head's Adam step) must be seen by the next forward, and a captured graph must
     not read a cast copy that the region's end frees. torch.autocast's default cache fails the
     first (checked here, as the regression it guards against)."""
-    from cdp_fast import runtime
+    from cdp_fast.utils import runtime
 
     lin, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
 
@@ -369,7 +369,7 @@ def test_bf16_head_learns_within_a_trajectory():
     """Under bf16 autocast (sample(dtype=torch.bfloat16)) the head's Adam updates reach its
     forward within the trajectory: the guided x_0 differs from a run whose head never moves
     (lr 0 from its creation) — with autocast's cache the two were equal."""
-    from cdp_fast import runtime
+    from cdp_fast.utils import runtime
 
     eps, feat = _nets()
     ts = cdp_fast.timesteps(1000, 6, "uniform")

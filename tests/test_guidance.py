@@ -3,7 +3,7 @@ paper's Contrastive-DP, exactly"): the symmetric 2B-row HNM and the keys InfoNCE
 gradients w.r.t. x_t through a feature network, the online head trained through both rows and
 carried through a shard, the first step of a trajectory unguided, and the authors' window.
 
-References: ``cdp_fast.losses.hnm_symmetric_ref`` / ``infonce_keys_ref`` transcribe
+References: ``cdp_fast.guidance.losses.hnm_symmetric_ref`` / ``infonce_keys_ref`` transcribe
 ``adv_training/hard_negative_sample.py`` / ``adv_training/infonce.py`` of
 YiDongOuYang/Contrastive-Guided-Diffusion-Process with plain exp (fp64 here). Tolerances: the
 guidance runs in fp32 (features are cast to float) while the references run in fp64, so
@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import cdp_fast
-from cdp_fast import losses
-from cdp_fast.guidance import MLPHead
-from cdp_fast.seeding import sample_seed
+from cdp_fast.guidance import losses
+from cdp_fast.guidance.contrastive import MLPHead
+from cdp_fast.utils.seeding import sample_seed
 
 
 def _features(d_in=12, d=7):
@@ -166,7 +166,7 @@ def test_head_lives_for_a_shard():
 def test_default_window_is_the_authors():
     """guide_window="auto": t >= 0.4·T (their i >= 400 at T = 1000); the guidance sees only those
     steps, and the first of them is unguided (no x_{t+1} yet)."""
-    from cdp_fast.sampler import authors_window
+    from cdp_fast.sampling.driver import authors_window
 
     assert authors_window(1000) == (400, 999) and authors_window(500) == (200, 499)
     seen = []
@@ -177,7 +177,7 @@ def test_default_window_is_the_authors():
             seen.append((t, out is not None))
             return out
 
-    import cdp_fast.sampler as sampler_mod
+    import cdp_fast.sampling.driver as sampler_mod
 
     orig = sampler_mod.ContrastiveGuidance
     sampler_mod.ContrastiveGuidance = Spy

@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import cdp_fast
-from cdp_fast.attacks import trades_attack
-from cdp_fast.label import (CRITERIA, attack_generator, per_sample_grad_norm, pseudo_label,
-                            scores, select)
+from cdp_fast.robust.attacks import trades_attack
+from cdp_fast.label import CRITERIA, attack_generator, per_sample_grad_norm, pseudo_label, scores, select
 from cdp_fast.models import SmallCNN, WideResNet
 
 

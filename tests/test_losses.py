@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from cdp_fast import losses
+from cdp_fast.guidance import losses
 
 
 def literal_hnm(a, p, k, tau, tau_plus, beta, in_batch, la=None, lk=None, infonce=False):

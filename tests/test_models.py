@@ -3,8 +3,7 @@ feature adapter, the name factory and the DeepMind WRN layout (parameter count, 
 import pytest
 import torch
 
-from cdp_fast.models import (CIFAR10_MEAN, CIFAR10_STD, FeatureExtractor, PreActResNet,
-                             SmallCNN, WideResNet, as_feature_extractor, get_model)
+from cdp_fast.models import CIFAR10_MEAN, CIFAR10_STD, FeatureExtractor, PreActResNet, SmallCNN, WideResNet, as_feature_extractor, get_model
 
 
 def test_wrn_28_10_shapes_features_and_param_count():

@@ -32,7 +32,7 @@ def test_quickstart_runs_as_written(tmp_path, monkeypatch):
 
 
 def test_cli_reads_cifar10_folders(tmp_path):
-    from cdp_fast.specs import load_train_data
+    from cdp_fast.cli.specs import load_train_data
 
     root = tmp_path / "cifar-10-batches-bin"
     root.mkdir()

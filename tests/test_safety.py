@@ -224,7 +224,7 @@ def test_sample_cli_checks_outputs_first(argv, needle, capsys, tmp_path, monkeyp
 
     monkeypatch.chdir(tmp_path)
     calls = []
-    monkeypatch.setattr(cdp_fast.sampler, "_batches", lambda *a, **k: calls.append(1) or iter(()))
+    monkeypatch.setattr(cdp_fast.sampling.driver, "_batches", lambda *a, **k: calls.append(1) or iter(()))
     assert cli.main(["sample", "-n", "2", "--steps", "2", "--no-progress"] + argv) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
@@ -236,7 +236,8 @@ def test_disk_full_is_one_line_and_leaves_the_dir_consistent(tmp_path, monkeypat
     intact shards, and the same call later resumes to the uninterrupted result."""
     import errno
 
-    from cdp_fast import cli, stream
+    from cdp_fast import cli
+    from cdp_fast.sampling import stream
 
     out = tmp_path / "o"
     calls = {"n": 0}
@@ -288,7 +289,7 @@ def test_the_lock_is_released_whatever_fails(tmp_path, monkeypatch):
     next call in the same process runs (it was refused as 'in use by' its own pid)."""
     import errno
 
-    from cdp_fast import stream
+    from cdp_fast.sampling import stream
 
     real = stream.atomic_write_json
     fail = {"on": True}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cdp_fast
-from cdp_fast.sampler import sample_seed
+from cdp_fast.sampling.driver import sample_seed
 
 
 class TinyEps(torch.nn.Module):
@@ -341,9 +341,9 @@ def test_batch_of_one_is_fine_without_guidance():
 
 
 def test_schedules():
-    lin = cdp_fast.schedule.make_betas("linear", 1000)
+    lin = cdp_fast.diffusion.schedule.make_betas("linear", 1000)
     assert lin[0].item() == pytest.approx(1e-4) and lin[-1].item() == pytest.approx(0.02)
-    cos = cdp_fast.schedule.make_betas("cosine", 1000)
+    cos = cdp_fast.diffusion.schedule.make_betas("cosine", 1000)
     assert (cos > 0).all() and (cos <= 0.999).all()
     abar = cdp_fast.make_alphas_cumprod("cosine", 1000)
     assert (abar[1:] <= abar[:-1]).all() and abar[0] > 0.999
@@ -351,9 +351,9 @@ def test_schedules():
     f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
     assert abar[499].item() == pytest.approx(f(500) / f(0), rel=1e-4)
     with pytest.raises(ValueError, match="betas"):
-        cdp_fast.schedule.make_betas("sigmoid", 10)
+        cdp_fast.diffusion.schedule.make_betas("sigmoid", 10)
     with pytest.raises(ValueError, match="alphas_cumprod"):
-        cdp_fast.schedule.as_alphas_cumprod(torch.tensor([0.5, 0.9]))
+        cdp_fast.diffusion.schedule.as_alphas_cumprod(torch.tensor([0.5, 0.9]))
 
 
 def test_foreign_alphas_cumprod_and_defaults():
@@ -364,11 +364,11 @@ def test_foreign_alphas_cumprod_and_defaults():
     np.testing.assert_array_equal(a.images, b.images)
     # lam=None / tau=None take the paper's defaults for the loss (App. D.1)
     kw = _kw(batch_size=4, steps=3)
-    for loss, d in cdp_fast.sampler.DEFAULTS.items():
+    for loss, d in cdp_fast.sampling.driver.DEFAULTS.items():
         implicit = cdp_fast.sample(GaussEps(), 4, loss=loss, **kw)
         explicit = cdp_fast.sample(GaussEps(), 4, loss=loss, lam=d["lam"], tau=d["tau"], **kw)
         np.testing.assert_array_equal(implicit.images, explicit.images)
-    assert cdp_fast.sampler.DEFAULTS == {"infonce": {"tau": 0.1, "lam": 20_000.0},
+    assert cdp_fast.sampling.driver.DEFAULTS == {"infonce": {"tau": 0.1, "lam": 20_000.0},
                                          "hnm": {"tau": 10.0, "lam": 100_000.0, "tau_plus": 0.1, "beta": 1.0}}
 
 
@@ -416,7 +416,7 @@ def test_compile_true_on_cpu_follows_weight_changes():
 @pytest.mark.parametrize("step_graph", ["auto", "0"])
 def test_cuda_compile_with_cuda_graphs_matches_eager(loss, step_graph, monkeypatch):
     """compile="auto" on CUDA (channels_last + torch.compile; the whole step in a CUDA graph,
-    cdp_fast.graphs — or with CDP_FAST_STEP_GRAPH=0 the ε-model alone with CUDA graphs of its
+    cdp_fast.sampling.graphs — or with CDP_FAST_STEP_GRAPH=0 the ε-model alone with CUDA graphs of its
     own) gives the eager samples, on repeated calls (graph replays) and with a smaller last
     batch (a second graph)."""
     monkeypatch.setenv("CDP_FAST_STEP_GRAPH", step_graph)
@@ -438,8 +438,8 @@ def test_cuda_compile_with_cuda_graphs_matches_eager(loss, step_graph, monkeypat
 def test_cuda_graph_wrapper_logic_on_cpu():
     """The CUDA-graph wrapper's own logic (step marking, unwrapping, copying out) on CPU, where
     torch skips the graphs and runs the compiled model: same values as the module."""
-    from cdp_fast.models.external import EpsModel
-    from cdp_fast.runtime import compile_cuda_graphs
+    from cdp_fast.diffusion.adapters import EpsModel
+    from cdp_fast.utils.runtime import compile_cuda_graphs
 
     class Wrapped(torch.nn.Module):  # diffusers-style output object
         def __init__(self):
@@ -505,7 +505,7 @@ def test_contrastive_guidance_checks_its_arguments():
 def test_model_plan_copies_instead_of_mutating():
     """Where the caller's module would have to move or change layout, sample() works on a copy
     (CUDA decisions checked with device objects; nothing runs on a GPU here)."""
-    from cdp_fast.sampler import _model_plan
+    from cdp_fast.sampling.driver import _model_plan
 
     m = TinyEps()
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
@@ -534,7 +534,7 @@ class _SlowEps(torch.nn.Module):
 def test_compile_auto_on_cpu_weighs_the_timed_eager_work_against_the_threshold(monkeypatch):
     """compile="auto" on CPU: compile iff (timed forward) × (forwards) ≥ CPU_AUTO_COMPILE_S. The
     model sleeps 1 ms per sample, so 64 samples × 100 forwards ≈ 6.4 s of eager model time."""
-    from cdp_fast import sampler
+    from cdp_fast.sampling import driver as sampler
 
     cpu = torch.device("cpu")
     m = _SlowEps(1e-3)
@@ -551,7 +551,8 @@ def test_compile_auto_on_cpu_weighs_the_timed_eager_work_against_the_threshold(m
 def test_sample_compiles_on_cpu_when_auto_and_the_run_is_long_enough(monkeypatch):
     """sample() hands the call's work to the decision: with the threshold at 0 it compiles (the
     spy stands in for inductor), with the threshold out of reach it does not."""
-    from cdp_fast import runtime, sampler
+    from cdp_fast.utils import runtime
+    from cdp_fast.sampling import driver as sampler
 
     calls = []
 
@@ -607,7 +608,7 @@ def test_features_run_as_a_frozen_eval_copy_and_the_callers_module_is_untouched(
     """sample() guides through a copy of the feature module in eval mode with frozen weights:
     the caller's module keeps its training flag, its BatchNorm statistics, its requires_grad
     and gets no .grad; the samples equal those of the same module given in eval mode."""
-    from cdp_fast import sampler
+    from cdp_fast.sampling import driver as sampler
 
     feats = _BNFeatures().train()
     before = {k: v.clone() for k, v in feats.state_dict().items()}
@@ -637,7 +638,7 @@ def test_compiled_channels_last_features_give_the_eager_gradient():
     """The CUDA preparation (channels_last + torch.compile of forward and input-gradient, weights
     frozen), run here on CPU: features and the gradient with respect to the images equal the
     eager module's (fp32, different kernels and summation order: 1e-5)."""
-    from cdp_fast import sampler
+    from cdp_fast.sampling import driver as sampler
 
     torch._dynamo.reset()
     feats = _BNFeatures().eval()

@@ -1,11 +1,11 @@
-"""Per-sample randomness (cdp_fast.seeding): the counter-based on-device noise against a
+"""Per-sample randomness (cdp_fast.utils.seeding): the counter-based on-device noise against a
 Python transcription of splitmix64, its distribution, and its independence of the batch."""
 import math
 
 import numpy as np
 import torch
 
-from cdp_fast import seeding
+from cdp_fast.utils import seeding
 
 
 def _splitmix_py(z):

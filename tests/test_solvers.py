@@ -1,4 +1,4 @@
-"""The fast solvers (cdp_fast.solvers): DPM-Solver++(2M) and EDM Heun against diffusers'
+"""The fast solvers (cdp_fast.diffusion.solvers): DPM-Solver++(2M) and EDM Heun against diffusers'
 schedulers (oracles no one here wrote), the σ-space parameterisation against exact answers
 (a Gaussian mixture whose denoiser is known in closed form), the guidance at every
 evaluation, and sample()'s solver / nfe wiring.
@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import cdp_fast
-from cdp_fast.models.external import SigmaDenoiser
-from cdp_fast.schedule import karras_sigmas, make_alphas_cumprod, sigma_to_t, sigmas_of, t_to_sigma
-from cdp_fast.solvers import guided_ddim, guided_dpmpp_2m, guided_heun, nfe_of
+from cdp_fast.diffusion.adapters import SigmaDenoiser
+from cdp_fast.diffusion.schedule import karras_sigmas, make_alphas_cumprod, sigma_to_t, sigmas_of, t_to_sigma
+from cdp_fast.diffusion.solvers import guided_ddim, guided_dpmpp_2m, guided_heun, nfe_of
 
 
 def _unet():
@@ -433,7 +433,7 @@ def test_compiled_denoiser_runs_heun_through_the_compiled_sigma_path():
               batch_size=4, num_classes=3)
     eager = cdp_fast.sample(den, 4, compile=False, **kw)
     calls, runs = [], []
-    from cdp_fast import runtime
+    from cdp_fast.utils import runtime
     real = runtime.compile_frozen
 
     def spy(fn, module=None):

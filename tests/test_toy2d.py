@@ -13,8 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import toy2d  # noqa: E402
 
-HAS_SAMPLER = importlib.util.find_spec("cdp_fast.sampler") is not None
-needs_sampler = pytest.mark.skipif(not HAS_SAMPLER, reason="cdp_fast.sampler not written yet")
+HAS_SAMPLER = importlib.util.find_spec("cdp_fast.sampling.driver") is not None
+needs_sampler = pytest.mark.skipif(not HAS_SAMPLER, reason="cdp_fast.sampling.driver not written yet")
 
 
 # ----------------------------------------------------------------------------- ε-model

@@ -18,8 +18,7 @@ from hypothesis import strategies as st
 
 import cdp_fast
 from cdp_fast.models import SmallCNN
-from cdp_fast.train import (augment_batch, augment_defaults, cosine_lr, ema_decay, epoch_indices,
-                            mix_counts, trades_loss)
+from cdp_fast.robust.train import augment_batch, augment_defaults, cosine_lr, ema_decay, epoch_indices, mix_counts, trades_loss
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -390,7 +389,7 @@ def test_out_directories_are_fingerprinted_by_their_manifest(tmp_path, monkeypat
     """An out directory (a million images) is fingerprinted by its manifest's shard hashes and
     its labels: no image is read. Another directory of the same size is refused by name."""
     from cdp_fast.data import Samples, _LazyConcat
-    from cdp_fast.trainloop import data_fingerprint
+    from cdp_fast.robust.loop import data_fingerprint
 
     x, y = _tiny_data(40, 1)
     u8 = lambda t: (t * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()   # noqa: E731
@@ -686,8 +685,8 @@ def test_bf16_autocast_path_runs_on_cpu():
 @given(b=st.integers(1, 7), steps=st.integers(0, 3), seed=st.integers(0, 2**31 - 1))
 def test_attacks_from_given_draws_equal_the_attacks_module_bitwise(b, steps, seed):
     """The training loop draws attack starts for the whole global batch and keeps this rank's
-    rows; its attack functions must be cdp_fast.attacks' own, bitwise, for the same draws."""
-    from cdp_fast.attacks import pgd_attack, pgd_from_draws, trades_attack, trades_from_noise
+    rows; its attack functions must be cdp_fast.robust.attacks' own, bitwise, for the same draws."""
+    from cdp_fast.robust.attacks import pgd_attack, pgd_from_draws, trades_attack, trades_from_noise
 
     m = _tiny_model(seed % 7).train()
     x, y = _tiny_data(b, seed)
@@ -697,14 +696,14 @@ def test_attacks_from_given_draws_equal_the_attacks_module_bitwise(b, steps, see
     got = trades_from_noise(m, x, noise, eps=0.1, step_size=0.03, steps=steps)
     assert torch.equal(got, ref) and m.training
     # recipe="gowal": uniform draws, train mode with frozen BatchNorm statistics.
-    from cdp_fast.attacks import trades_from_draws
+    from cdp_fast.robust.attacks import trades_from_draws
 
     ref = trades_attack(m, x, eps=0.1, step_size=0.03, steps=steps, start="uniform",
                         mode="train", generator=torch.Generator().manual_seed(seed))
     u = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed))
     got = trades_from_draws(m, x, u, eps=0.1, step_size=0.03, steps=steps, mode="train")
     assert torch.equal(got, ref) and m.training
-    from cdp_fast.attacks import eval_mode
+    from cdp_fast.robust.attacks import eval_mode
 
     with eval_mode(m):
         ref = pgd_attack(m, x, y, eps=0.1, step_size=0.03, steps=steps, random_start=True,
@@ -717,8 +716,8 @@ def test_attacks_from_given_draws_equal_the_attacks_module_bitwise(b, steps, see
 def test_modules_import_with_docstrings_stripped():
     """``python -OO`` drops docstrings (``__doc__`` is None): nothing may build on them at import
     time (train.py used to append its Args section with ``__doc__ +=``)."""
-    mods = "cdp_fast, cdp_fast.train, cdp_fast.robustness, cdp_fast.label, cdp_fast.data, " \
-           "cdp_fast.attacks, cdp_fast.batches, cdp_fast.trainloop"
+    mods = "cdp_fast, cdp_fast.robust.train, cdp_fast.robust.evaluation, cdp_fast.label, cdp_fast.data, " \
+           "cdp_fast.robust.attacks, cdp_fast.robust.batches, cdp_fast.robust.loop"
     r = subprocess.run([sys.executable, "-OO", "-c", f"import {mods}"], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]

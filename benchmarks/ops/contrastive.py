@@ -41,7 +41,7 @@ def _loss_inputs(m, n, d, device, dtype):
 
 def bench(cfg, device, dtype, providers, budget):
     """Rows of {op, provider, m, N, d, ..., median_ms, TFLOPs | skipped} per (m, N, d) of cfg."""
-    from cdp_fast import losses
+    from cdp_fast.guidance import losses
     from cdp_fast.ops import contrastive as op
 
     rows = []

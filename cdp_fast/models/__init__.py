@@ -20,11 +20,11 @@ import re
 
 from torch import nn
 
-from ._common import CIFAR10_MEAN, CIFAR10_STD, Normalize
-from .external import FeatureExtractor, as_feature_extractor
-from .preact import PreActResNet, preact_resnet18
-from .small_cnn import SmallCNN, small_cnn
-from .wrn import WideResNet, wrn_28_10
+from cdp_fast.models._common import CIFAR10_MEAN, CIFAR10_STD, Normalize
+from cdp_fast.diffusion.adapters import FeatureExtractor, as_feature_extractor
+from cdp_fast.models.preact import PreActResNet, preact_resnet18
+from cdp_fast.models.small_cnn import SmallCNN, small_cnn
+from cdp_fast.models.wrn import WideResNet, wrn_28_10
 
 __all__ = [
     "WideResNet", "wrn_28_10", "PreActResNet", "preact_resnet18", "SmallCNN", "small_cnn",

@@ -8,7 +8,7 @@ Everything `cdp-fast demo` needs runs from here without a download:
 - :func:`load_digits_eps_model` — a small UNet ε-model (:class:`cdp_fast.models.unet.UNet`,
   ch=32, ch_mult=(1, 2, 2)) trained on the train split in the sampler's space
   x ↦ 2x − 1 ∈ [-1, 1], shape (1, 8, 8), with the 1000-step linear-β DDPM schedule
-  (β = linspace(1e-4, 0.02, 1000), :func:`cdp_fast.schedule.make_alphas_cumprod`).
+  (β = linspace(1e-4, 0.02, 1000), :func:`cdp_fast.diffusion.schedule.make_alphas_cumprod`).
 - :func:`load_digits_classifier` — a small CNN (:class:`DigitsClassifier`) trained on the
   train split; input float [0, 1] (like every classifier of the training / attack code).
 - :func:`digits_features` — that classifier's penultimate layer as the feature extractor f

@@ -13,7 +13,7 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from ._common import CIFAR10_MEAN, CIFAR10_STD, Normalize, check_input
+from cdp_fast.models._common import CIFAR10_MEAN, CIFAR10_STD, Normalize, check_input
 
 __all__ = ["PreActResNet", "preact_resnet18"]
 

@@ -19,7 +19,7 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from ._common import Normalize, check_input
+from cdp_fast.models._common import Normalize, check_input
 
 __all__ = ["SmallCNN", "small_cnn"]
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import CIFAR10_MEAN, CIFAR10_STD, Normalize, check_input
+from cdp_fast.models._common import CIFAR10_MEAN, CIFAR10_STD, Normalize, check_input
 
 __all__ = ["WideResNet", "wrn_28_10"]
 

@@ -8,6 +8,6 @@ registration and its one autograd glue:
 
 Each op has four homes with the same stem: ``kernels/<op>.py`` (Triton) or ``csrc/<op>*``
 (C++/CUDA), ``cdp_fast/ops/<op>``, ``tests/ops/test_<op>.py``, ``benchmarks/ops/<op>.py``.
-:func:`cdp_fast.backend.choose` decides which implementation runs; the ops execute it.
+:func:`cdp_fast.ops.backend.choose` decides which implementation runs; the ops execute it.
 Submodules are imported on use (``from cdp_fast.ops import ddim``).
 """

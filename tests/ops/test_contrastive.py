@@ -25,7 +25,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdp_fast import losses
+from cdp_fast.guidance import losses
 from cdp_fast.ops import contrastive as op
 from cdp_fast.ops.contrastive import chunked
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from cdp_fast import backend
+from cdp_fast.ops import backend
 from cdp_fast.ops import pgd_step as _ext
 from cdp_fast.ops.pgd_step import pgd_step, pgd_step_ref
 

@@ -5,7 +5,7 @@ Homes of this op (one stem each): kernels ``kernels/contrastive.py`` (Triton, a 
 dense reference (:mod:`.reference`, the paper's formulas line by line), the chunked PyTorch
 path (:mod:`.chunked`) and the registration; tests ``tests/ops/test_contrastive.py``;
 benchmark ``benchmarks/ops/contrastive.py``. The public face with argument checks is
-:mod:`cdp_fast.losses`; :func:`cdp_fast.backend.choose` picks the implementation.
+:mod:`cdp_fast.guidance.losses`; :func:`cdp_fast.ops.backend.choose` picks the implementation.
 
 A call: ``losses.hnm_loss`` -> :func:`contrastive_loss` -> ``backend.choose("contrastive", a)``
 -> the op ``cdp_fast::contrastive_stats(a, k, labels, 1/τ, β, in_batch, s_min, impl)`` -> per-row
@@ -25,12 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch.library import triton_op
 
-from cdp_fast import backend
+from cdp_fast.ops import backend
 
-from . import chunked
-from .chunked import normalize_backward
-from .reference import (NORM_EPS, check_loss_args, hnm_loss_ref, hnm_rows_ref, hnm_symmetric_ref,
-                        infonce_keys_ref, infonce_loss_ref, infonce_rows_ref, negative_mask)
+from cdp_fast.ops.contrastive import chunked
+from cdp_fast.ops.contrastive.chunked import normalize_backward
+from cdp_fast.ops.contrastive.reference import NORM_EPS, check_loss_args, hnm_loss_ref, hnm_rows_ref, hnm_symmetric_ref, infonce_keys_ref, infonce_loss_ref, infonce_rows_ref, negative_mask
 
 __all__ = [
     "contrastive_stats", "contrastive_stats_backward", "contrastive_loss", "rows_from_stats",
@@ -38,7 +37,7 @@ __all__ = [
     "hnm_symmetric_ref", "infonce_keys_ref", "check_loss_args", "negative_mask", "NORM_EPS", "IMPLS",
 ]
 
-#: Values of the op's ``impl`` argument (what :func:`cdp_fast.backend.choose` answers).
+#: Values of the op's ``impl`` argument (what :func:`cdp_fast.ops.backend.choose` answers).
 IMPLS = ("triton", "interpret", "torch")
 
 
@@ -166,13 +165,13 @@ def contrastive_loss(anchor, positive, candidates=None, *, tau, tau_plus=0.0, be
                      anchor_labels=None, candidate_labels=None, detach_positive=True, neg_floor=0.0,
                      ratio_floor=0.0, impl=None):
     """Mean loss over the anchors through the statistics op (no argument checks: see
-    :mod:`cdp_fast.losses`). ``impl`` None = :func:`cdp_fast.backend.choose`'s answer.
+    :mod:`cdp_fast.guidance.losses`). ``impl`` None = :func:`cdp_fast.ops.backend.choose`'s answer.
 
     HNM: ``clamp=True``; InfoNCE: ``tau_plus=0, beta=0, clamp=False``. ``detach_positive``:
     Algorithm 1's fixed target (True), or gradients through the positives too (the authors'
     symmetric form, where each x_t row is also a positive). ``neg_floor`` / ``ratio_floor``:
     the authors' clamps (:func:`.reference.hnm_rows_ref`). Shapes as
-    :func:`cdp_fast.losses.hnm_loss`; returns a 0-dim tensor in the anchors' dtype.
+    :func:`cdp_fast.guidance.losses.hnm_loss`; returns a 0-dim tensor in the anchors' dtype.
     """
     if impl is None:
         impl = backend.choose("contrastive", anchor)

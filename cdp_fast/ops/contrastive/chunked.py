@@ -63,7 +63,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .reference import NORM_EPS
+from cdp_fast.ops.contrastive.reference import NORM_EPS
 
 __all__ = ["lse_stats_forward", "lse_stats_backward", "normalize_backward", "default_chunk"]
 

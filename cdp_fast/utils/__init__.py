@@ -1,0 +1,3 @@
+"""Leaves of the package: argument checks, per-sample seeding, devices and compile helpers,
+torchrun glue, atomic file writes and PNG output. Nothing here imports from the rest of
+cdp_fast (docs/design.md, "Layers")."""
