@@ -195,8 +195,8 @@ def build_small(device):
 
 def _random_setup(model, classifier, image_shape, note):
     """The setup of a random-init config: both networks frozen, the classifier as the feature
-    extractor, the library's default guidance (cdp_fast.guidance.DEFAULTS)."""
-    from cdp_fast.guidance.contrastive import DEFAULTS
+    extractor, the library's default guidance (cdp_fast.guidance.PAPER_DEFAULTS)."""
+    from cdp_fast.guidance import PAPER_DEFAULTS as DEFAULTS
     from cdp_fast.models import as_feature_extractor
 
     for p in list(model.parameters()) + list(classifier.parameters()):

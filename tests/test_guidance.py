@@ -166,7 +166,7 @@ def test_head_lives_for_a_shard():
 def test_default_window_is_the_authors():
     """guide_window="auto": t >= 0.4·T (their i >= 400 at T = 1000); the guidance sees only those
     steps, and the first of them is unguided (no x_{t+1} yet)."""
-    from cdp_fast.sampling.driver import authors_window
+    from cdp_fast.sampling.options import authors_window
 
     assert authors_window(1000) == (400, 999) and authors_window(500) == (200, 499)
     seen = []

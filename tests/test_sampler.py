@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cdp_fast
-from cdp_fast.sampling.driver import sample_seed
+from cdp_fast.utils.seeding import sample_seed
 
 
 class TinyEps(torch.nn.Module):
@@ -364,11 +364,11 @@ def test_foreign_alphas_cumprod_and_defaults():
     np.testing.assert_array_equal(a.images, b.images)
     # lam=None / tau=None take the paper's defaults for the loss (App. D.1)
     kw = _kw(batch_size=4, steps=3)
-    for loss, d in cdp_fast.sampling.driver.DEFAULTS.items():
+    for loss, d in cdp_fast.guidance.PAPER_DEFAULTS.items():
         implicit = cdp_fast.sample(GaussEps(), 4, loss=loss, **kw)
         explicit = cdp_fast.sample(GaussEps(), 4, loss=loss, lam=d["lam"], tau=d["tau"], **kw)
         np.testing.assert_array_equal(implicit.images, explicit.images)
-    assert cdp_fast.sampling.driver.DEFAULTS == {"infonce": {"tau": 0.1, "lam": 20_000.0},
+    assert cdp_fast.guidance.PAPER_DEFAULTS == {"infonce": {"tau": 0.1, "lam": 20_000.0},
                                          "hnm": {"tau": 10.0, "lam": 100_000.0, "tau_plus": 0.1, "beta": 1.0}}
 
 
@@ -505,7 +505,7 @@ def test_contrastive_guidance_checks_its_arguments():
 def test_model_plan_copies_instead_of_mutating():
     """Where the caller's module would have to move or change layout, sample() works on a copy
     (CUDA decisions checked with device objects; nothing runs on a GPU here)."""
-    from cdp_fast.sampling.driver import _model_plan
+    from cdp_fast.sampling.prepare import model_plan as _model_plan
 
     m = TinyEps()
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
@@ -534,25 +534,25 @@ class _SlowEps(torch.nn.Module):
 def test_compile_auto_on_cpu_weighs_the_timed_eager_work_against_the_threshold(monkeypatch):
     """compile="auto" on CPU: compile iff (timed forward) × (forwards) ≥ CPU_AUTO_COMPILE_S. The
     model sleeps 1 ms per sample, so 64 samples × 100 forwards ≈ 6.4 s of eager model time."""
-    from cdp_fast.sampling import driver as sampler
+    from cdp_fast.sampling import prepare as sampler
 
     cpu = torch.device("cpu")
     m = _SlowEps(1e-3)
-    est = sampler._eager_seconds(m, (1, 2, 2), 64, 100, cpu)
+    est = sampler.eager_seconds(m, (1, 2, 2), 64, 100, cpu)
     assert 6.4 <= est < 6.4 * 4          # sleep granularity and call overhead only add
     monkeypatch.setattr(sampler, "CPU_AUTO_COMPILE_S", 5.0)
-    assert sampler._model_plan(m, cpu, "auto", (1, 2, 2), (64, 100))[0] is True
-    assert sampler._model_plan(m, cpu, "auto", (1, 2, 2), (64, 10))[0] is False   # ~0.64 s
-    assert sampler._model_plan(m, cpu, False, (1, 2, 2), (64, 100))[0] is False   # asked: never
+    assert sampler.model_plan(m, cpu, "auto", (1, 2, 2), (64, 100))[0] is True
+    assert sampler.model_plan(m, cpu, "auto", (1, 2, 2), (64, 10))[0] is False   # ~0.64 s
+    assert sampler.model_plan(m, cpu, False, (1, 2, 2), (64, 100))[0] is False   # asked: never
     plain = lambda x, t: x  # noqa: E731   (no module to freeze: "auto" leaves callables eager)
-    assert sampler._model_plan(plain, cpu, "auto", (1, 2, 2), (64, 100))[0] is False
+    assert sampler.model_plan(plain, cpu, "auto", (1, 2, 2), (64, 100))[0] is False
 
 
 def test_sample_compiles_on_cpu_when_auto_and_the_run_is_long_enough(monkeypatch):
     """sample() hands the call's work to the decision: with the threshold at 0 it compiles (the
     spy stands in for inductor), with the threshold out of reach it does not."""
     from cdp_fast.utils import runtime
-    from cdp_fast.sampling import driver as sampler
+    from cdp_fast.sampling import prepare as sampler
 
     calls = []
 
@@ -608,7 +608,7 @@ def test_features_run_as_a_frozen_eval_copy_and_the_callers_module_is_untouched(
     """sample() guides through a copy of the feature module in eval mode with frozen weights:
     the caller's module keeps its training flag, its BatchNorm statistics, its requires_grad
     and gets no .grad; the samples equal those of the same module given in eval mode."""
-    from cdp_fast.sampling import driver as sampler
+    from cdp_fast.sampling import prepare as sampler
 
     feats = _BNFeatures().train()
     before = {k: v.clone() for k, v in feats.state_dict().items()}
@@ -620,12 +620,12 @@ def test_features_run_as_a_frozen_eval_copy_and_the_callers_module_is_untouched(
         assert torch.equal(v, before[k]), k
     b = cdp_fast.sample(TinyEps(3), 4, **dict(kw, features=_eval_copy(feats)))
     np.testing.assert_array_equal(a.images, b.images)
-    prepared = sampler._prepare_features(feats, torch.device("cpu"), compile=False)
+    prepared = sampler.prepare_features(feats, torch.device("cpu"), compile=False)
     assert not prepared.module.training and not any(p.requires_grad for p in prepared.module.parameters())
-    assert prepared is sampler._prepare_features(feats, torch.device("cpu"), compile=False)   # cached
+    assert prepared is sampler.prepare_features(feats, torch.device("cpu"), compile=False)   # cached
     with torch.no_grad():
         feats.conv.bias.add_(0.1)                     # new weights: a new copy
-    assert prepared is not sampler._prepare_features(feats, torch.device("cpu"), compile=False)
+    assert prepared is not sampler.prepare_features(feats, torch.device("cpu"), compile=False)
 
 
 def _eval_copy(m):
@@ -638,11 +638,11 @@ def test_compiled_channels_last_features_give_the_eager_gradient():
     """The CUDA preparation (channels_last + torch.compile of forward and input-gradient, weights
     frozen), run here on CPU: features and the gradient with respect to the images equal the
     eager module's (fp32, different kernels and summation order: 1e-5)."""
-    from cdp_fast.sampling import driver as sampler
+    from cdp_fast.sampling import prepare as sampler
 
     torch._dynamo.reset()
     feats = _BNFeatures().eval()
-    prepared = sampler._prepare_features(feats, torch.device("cpu"), compile=True)
+    prepared = sampler.prepare_features(feats, torch.device("cpu"), compile=True)
     assert prepared.compiled is not None and prepared.channels_last
     g = torch.Generator().manual_seed(0)
     for b in (5, 5, 7):                                  # a repeated shape reuses the graph

@@ -26,13 +26,14 @@ from cdp_fast.ops.ddim import ddim_update, ddpm_update
 from cdp_fast.diffusion.schedule import as_alphas_cumprod, sigma_to_t
 from cdp_fast.utils.seeding import counter_normal, per_sample_randn
 
-__all__ = ["guided_ddim", "guided_ddpm", "guided_dpmpp_2m", "guided_heun", "SOLVERS", "nfe_of"]
+__all__ = ["guided_ddim", "guided_ddpm", "guided_dpmpp_2m", "guided_heun", "SOLVERS", "nfe_of", "evaluate_step",
+           "check_eps"]
 
 #: the solvers of :func:`cdp_fast.sample` (``solver=``)
 SOLVERS = ("ddim", "ddpm", "dpmpp_2m", "heun")
 
 
-def _check_eps(eps, x, step, t):
+def check_eps(eps, x, step, t):
     if not isinstance(eps, torch.Tensor):
         raise ValueError(f"model returned {type(eps).__name__} at step {step} (t={t}); expected a tensor")
     if eps.shape != x.shape:
@@ -84,7 +85,7 @@ def evaluate_step(eps_model, guidance, x, t, step, y):
     t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
     with torch.no_grad():
         eps = eps_model(x, t_batch, y)
-    _check_eps(eps, x, step, t)
+    check_eps(eps, x, step, t)
     eps = eps.to(x.dtype)
     g, lam = None, 0.0
     if guidance is not None:
@@ -324,7 +325,7 @@ def guided_heun(model, x_T, *, alphas_cumprod, sigmas, guidance=None, callback=N
                 eps = run(x, x.new_full((B,), s), y)
             else:
                 eps = eps_model(x_t, torch.full((B,), t, dtype=torch.float32, device=x.device), y)
-        _check_eps(eps, x, n, t)
+        check_eps(eps, x, n, t)
         eps = eps.to(x.dtype)
         d = eps
         finite = torch.isfinite(eps).all()

@@ -41,103 +41,17 @@ file names below are in that repository):
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from cdp_fast.guidance import losses
+from cdp_fast.guidance.options import LOSSES, MLPHead, check_options, resolve_embedding, resolve_form
 from cdp_fast.utils.checks import check_number
 from cdp_fast.diffusion.schedule import as_alphas_cumprod
 from cdp_fast.utils.seeding import sample_seed
 
-__all__ = ["ContrastiveGuidance", "MLPHead", "check_options", "resolve_form", "resolve_embedding", "DEFAULTS",
-           "LOSSES", "POSITIVES", "NEGATIVES", "FORMS"]
-
-#: Paper defaults (App. D.1: CIFAR-10, WRN-28-10 features, 200 quadratic steps, batch 512;
-#: the authors' code: hard_negative_sample.py ``temperature = 10``, ``criterion(..., 0.1, 512,
-#: 1.0)``, ``delta.grad*100000``). λ and τ are tied to the feature extractor's scale and the
-#: batch size: re-tune them for other features. The authors' InfoNCE code multiplies by 1000
-#: where the paper says λ = 2e4; the paper's value is kept.
-#:
-#: What HNM does at τ = 10: cosine similarities in [−1, 1] give logits s/τ in [−0.1, 0.1], so
-#: every exp(s/τ) is within 10% of 1 and the importance weights neg^β are nearly uniform. The
-#: HNM gradient is then InfoNCE's (β = 0, τ⁺ = 0) up to the factor 1/(1 − τ⁺): measured on
-#: the digits features at sampler states (benchmarks/fidelity.py), cosine 1.0000 and norm
-#: ratio 1.10-1.11 for β = 1, τ⁺ = 0.1. Hard-negative mining only reweights once τ is small
-#: enough for the similarities to spread the weights (τ ≲ 1).
-DEFAULTS = {
-    "infonce": {"tau": 0.1, "lam": 20_000.0},
-    "hnm": {"tau": 10.0, "lam": 100_000.0, "tau_plus": 0.1, "beta": 1.0},
-}
-LOSSES = ("infonce", "hnm")
-POSITIVES = ("previous", "real")
-NEGATIVES = ("batch", "real", "class")
-FORMS = ("authors", "anchors")
-EMBEDDINGS = ("auto", None, "mlp")
-
-
-def resolve_form(form, negatives):
-    """``form=None``: the authors' form, except with a real negative bank (they have none), where
-    the anchor form is used. An explicit "authors" with negatives="real" is an error."""
-    if form is None:
-        return "anchors" if negatives == "real" else "authors"
-    if form not in FORMS:
-        raise ValueError(f"form must be None, 'authors' or 'anchors', got {form!r}")
-    if form == "authors" and negatives == "real":
-        raise ValueError("form='authors' has no real-bank variant (the authors' negatives are the batch); "
-                         "use form='anchors' with negatives='real'")
-    return form
-
-
-def resolve_embedding(embedding, loss):
-    """``embedding="auto"``: the head for HNM (the authors' code trains one for HNM, and Table 5
-    has HNM "with embedding" ahead of "without" at 50K and 200K images), none for InfoNCE (the
-    authors' InfoNCE code uses the raw features; the paper reports no InfoNCE head)."""
-    if embedding == "auto":
-        return "mlp" if loss == "hnm" else None
-    return embedding
-
-
-class MLPHead(torch.nn.Module):
-    """The paper's "with embedding" head (App. D.1; the authors' ``EmbeddingModel``): 2 layers,
-    d -> 128 -> 128 (the loss L2-normalises the output, as their head's last line does).
-
-    ``generator``: initialise from it with PyTorch's default Linear rule (weights
-    kaiming_uniform(a = √5), i.e. U(±1/√fan_in), biases U(±1/√fan_in)) instead of the global
-    RNG, so creating a head neither reads nor disturbs anyone else's random state."""
-
-    def __init__(self, d, hidden=128, out=128, generator=None):
-        super().__init__()
-        # with a generator the layers are built uninitialised (skip_init), so that the global
-        # RNG is not consumed, then initialised from the generator below
-        linear = torch.nn.Linear if generator is None else (
-            lambda i, o: torch.nn.utils.skip_init(torch.nn.Linear, i, o))
-        self.net = torch.nn.Sequential(linear(d, hidden), torch.nn.ReLU(), linear(hidden, out))
-        if generator is not None:
-            with torch.no_grad():
-                for layer in (self.net[0], self.net[2]):
-                    torch.nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
-                    bound = 1.0 / math.sqrt(layer.in_features)
-                    layer.bias.uniform_(-bound, bound, generator=generator)
-
-    def forward(self, z):
-        return self.net(z)
-
-
-def check_options(*, positive="previous", negatives="batch", embedding=None, guide_window=None, form=None):
-    """ValueError naming the argument unless the pair strategies, the head and the window are
-    valid values (shared by :class:`ContrastiveGuidance` and :func:`cdp_fast.sample`)."""
-    if positive not in POSITIVES:
-        raise ValueError(f"positive must be one of {POSITIVES}, got {positive!r}")
-    if negatives not in NEGATIVES:
-        raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
-    if embedding not in EMBEDDINGS:
-        raise ValueError(f"embedding must be 'auto', None or 'mlp', got {embedding!r}")
-    resolve_form(form, negatives)
-    if guide_window is not None and not (
-            isinstance(guide_window, (tuple, list)) and len(guide_window) == 2
-            and all(isinstance(v, (int, float)) for v in guide_window)
-            and guide_window[0] <= guide_window[1]):
-        raise ValueError(f"guide_window must be (t_lo, t_hi) with t_lo <= t_hi, got {guide_window!r}")
+__all__ = ["ContrastiveGuidance"]
 
 
 class ContrastiveGuidance:
@@ -313,6 +227,40 @@ class ContrastiveGuidance:
                                    anchor_labels=labels)
         return losses.infonce_loss(z, w, cand, tau=self.tau, anchor_labels=labels)
 
+    # ------------------------------------------------------------------ capturable guidance
+    # The protocol :class:`cdp_fast.sampling.graphs.StepGraph` drives (and nothing else outside
+    # this class reads its state): a steady step is ``device_step`` on static buffers, followed
+    # by ``record``; ``prev_features``, ``head`` and ``settings_key()`` say what a capture bakes
+    # in; ``make_capturable()`` asks for a head whose optimiser can be captured.
+
+    @property
+    def prev_features(self):
+        """f(x_{t+1}) of the last guided step, (B, d) fp32 detached, or None: the next step's
+        "previous" positives."""
+        return self._prev_raw
+
+    @property
+    def head(self):
+        """The online embedding head (an :class:`MLPHead`) of the current trajectory, or None
+        (no head, or not made yet: it is made at the first guided step)."""
+        return self._head
+
+    def settings_key(self) -> tuple:
+        """What a captured guided step bakes in from this object (a replay reads none of it
+        again): the loss, its form and hyper-parameters, the pair strategy, the identity of the
+        networks and the real bank, the head's learning rates and the backend environment. A
+        change of any of them means a new capture."""
+        lrs = None if self._opt is None else tuple(grp["lr"] for grp in self._opt.param_groups)
+        return (self.loss, self.form, self.lam, self.tau, self.tau_plus, self.beta, self.negatives,
+                id(self.features), id(self.real), self.embedding, lrs,
+                os.environ.get("CDP_FAST_BACKEND", "auto"), os.environ.get("CDP_FAST_AUTOTUNE", ""))
+
+    def make_capturable(self) -> None:
+        """Make the online head's Adam ``capturable`` on CUDA (its step count on the device, so a
+        replayed step applies the right bias correction); takes effect when the next head is
+        made. Without it the plain Adam keeps its bias correction on the host, in fp64."""
+        self.capturable_head = True
+
     @property
     def graphable(self) -> bool:
         """Whether a steady guided step (in the window, λ > 0, the previous step's features as
@@ -326,7 +274,7 @@ class ContrastiveGuidance:
         """Whether timestep ``t`` lies in ``guide_window`` (t_lo <= t <= t_hi; None: every t)."""
         return self.guide_window is None or (self.guide_window[0] <= t <= self.guide_window[1])
 
-    def _step(self, x, t, eps, pos_raw):
+    def device_step(self, x, t, eps, pos_raw):
         """The device work of one guided step: raw = f(x) (B, d) fp32; ℓ on (e(x), e(positives))
         (``pos_raw`` None: the anchor form's first step, the anchor itself, detached); g = ∇_x ℓ
         (x only: the features' weights are frozen); one Adam step of the online head; and
@@ -381,11 +329,11 @@ class ContrastiveGuidance:
                 self._prev_raw = self._f(x.detach().requires_grad_(True)).float().detach()
             self._prev_x = x.detach()
             return None
-        g, raw, r = self._step(x, t, eps, pos_raw)
-        self._record(x, t, raw, r)
+        g, raw, r = self.device_step(x, t, eps, pos_raw)
+        self.record(x, t, raw, r)
         return g, self.lam
 
-    def _record(self, x, t, raw, r):
+    def record(self, x, t, raw, r):
         """After a guided step at (x_t, t): its features ``raw`` (B, d) are the next step's
         positives, and its strength ratios ``r`` (B,) are summarised (as tensors: no host sync).
         Also called by :class:`cdp_fast.sampling.graphs.StepGraph` after a replay (``raw`` its buffer)."""

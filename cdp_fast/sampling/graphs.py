@@ -48,7 +48,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cdp_fast.guidance.contrastive import ContrastiveGuidance
-from cdp_fast.diffusion.solvers import _check_eps, evaluate_step
+from cdp_fast.diffusion.solvers import check_eps, evaluate_step
 
 __all__ = ["StepGraph", "HostSyncError", "wanted"]
 
@@ -135,21 +135,21 @@ class _Entry:
     def __init__(self, kind, eps_model, guidance, x, y):
         self.kind, self.eps_model = kind, eps_model
         self.guidance = guidance if kind == "guided" else None
-        self.head = guidance._head if kind == "guided" else None
-        self.settings = _settings(guidance) if kind == "guided" else None
+        self.head = guidance.head if kind == "guided" else None
+        self.settings = guidance.settings_key() if kind == "guided" else None
         self.autocast = _autocast_state(x.device)
         self.x = torch.empty_like(x)                                   # keeps x's memory format
         self.t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         self.y = None if y is None else y.detach().clone()
-        self.pos = torch.empty_like(guidance._prev_raw) if kind == "guided" else None   # (B, d) fp32
+        self.pos = torch.empty_like(guidance.prev_features) if kind == "guided" else None   # (B, d) fp32
         self.runs, self.graph, self.outs = 0, None, None
 
     def fits(self, kind, eps_model, guidance, x, y) -> bool:
         if self.kind != kind or not _same_model(self.eps_model, eps_model):
             return False
-        if kind == "guided" and not (self.guidance is guidance and self.head is guidance._head
-                                     and self.settings == _settings(guidance)
-                                     and self.pos.shape == guidance._prev_raw.shape):
+        if kind == "guided" and not (self.guidance is guidance and self.head is guidance.head
+                                     and self.settings == guidance.settings_key()
+                                     and self.pos.shape == guidance.prev_features.shape):
             return False
         return (self.autocast == _autocast_state(x.device)
                 and self.x.shape == x.shape and self.x.dtype == x.dtype and self.x.device == x.device
@@ -172,18 +172,9 @@ class _Entry:
         eps = eps.to(self.x.dtype)
         if self.kind == "plain":
             return eps, None, None
-        g, raw, r = self.guidance._step(self.x, t, eps, self.pos)
+        g, raw, r = self.guidance.device_step(self.x, t, eps, self.pos)
         self.pos.copy_(raw)                   # after the loss read the old positives (stream order)
         return eps, g, r
-
-
-def _settings(guidance):
-    """What a captured guided step baked in from the guidance object (a replay reads none of
-    it again): a change of any of them means a new capture."""
-    lrs = None if guidance._opt is None else tuple(grp["lr"] for grp in guidance._opt.param_groups)
-    return (guidance.loss, guidance.form, guidance.lam, guidance.tau, guidance.tau_plus, guidance.beta,
-            guidance.negatives, id(guidance.features), id(guidance.real), guidance.embedding, lrs,
-            os.environ.get("CDP_FAST_BACKEND", "auto"), os.environ.get("CDP_FAST_AUTOTUNE", ""))
 
 
 def _autocast_state(device):
@@ -223,8 +214,10 @@ class StepGraph:
 
     ``counts``: how many steps ran "eager" (neither kind), "warmup", "captured" (the capture
     step, then replayed once), "replayed"; ``disabled``: why graphs were given up, or None.
-    A :class:`ContrastiveGuidance` evaluated here gets ``capturable_head = True``: its online
-    head's Adam keeps its step count on the device (CUDA), as a captured step needs.
+    A :class:`ContrastiveGuidance` is driven only through its capturable-guidance protocol
+    (``device_step``, ``record``, ``prev_features``, ``head``, ``settings_key()``,
+    ``make_capturable()``: its online head's Adam keeps its step count on the device on CUDA,
+    as a captured step needs), never through its private state.
     """
 
     def __init__(self, warmup: int = 1):
@@ -247,9 +240,9 @@ class StepGraph:
             return None
         if guidance.lam == 0 or not guidance.in_window(t):
             return "plain"
-        if (guidance.graphable and step > 0 and guidance._prev_raw is not None
-                and guidance._prev_raw.shape[0] == x.shape[0]
-                and (guidance.embedding != "mlp" or guidance._head is not None)):
+        prev = guidance.prev_features
+        if (guidance.graphable and step > 0 and prev is not None and prev.shape[0] == x.shape[0]
+                and (guidance.embedding != "mlp" or guidance.head is not None)):
             return "guided"
         return None
 
@@ -270,13 +263,13 @@ class StepGraph:
     def evaluate(self, eps_model, guidance, x, t, step, y):
         """(ε, g or None, λ) at (x_t, t), as :func:`cdp_fast.diffusion.solvers.evaluate_step`."""
         if isinstance(guidance, ContrastiveGuidance):
-            guidance.capturable_head = True
+            guidance.make_capturable()
         kind = self.kind(guidance, x, t, step)
         if kind is None:
             self.counts["eager"] += 1
             return evaluate_step(eps_model, guidance, x, t, step, y)
         entry = self._entry(kind, eps_model, guidance, x, y)
-        entry.load(x, t, y, guidance._prev_raw if kind == "guided" else None)
+        entry.load(x, t, y, guidance.prev_features if kind == "guided" else None)
         cuda = x.device.type == "cuda"
         if entry.runs < self.warmup:
             outs = _on_side_stream(entry.x.device, entry.step, t) if cuda else entry.step(t)
@@ -304,7 +297,7 @@ class StepGraph:
             self.counts["replayed"] += 1
         entry.runs += 1
         eps, g, r = outs
-        _check_eps(eps, x, step, t)
+        check_eps(eps, x, step, t)
         if outs is entry.outs:
             # the next replay overwrites the static outputs: ε may outlive the step (callback);
             # g is consumed by the update and r reduced below, both before the next replay
@@ -313,7 +306,7 @@ class StepGraph:
             if guidance is not None:
                 guidance(x, t, eps, step)     # host-side bookkeeping only (returns None)
             return eps, None, 0.0
-        guidance._record(x, t, entry.pos, r)
+        guidance.record(x, t, entry.pos, r)
         return eps, g, guidance.lam
 
     def _capture(self, entry, t, cuda):
