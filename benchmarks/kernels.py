@@ -12,7 +12,7 @@ Providers:
   fused     the op as cdp_fast runs it (cdp_fast.ops.backend.choose: Triton on CUDA; on CPU the
             contrastive op's chunked streaming PyTorch path, and for the DDIM update the
             reference itself)
-  eager     cdp_fast.guidance.losses.hnm_loss_ref / cdp_fast.ops.ddim.ddim_update_ref
+  eager     cdp_fast.ops.contrastive.reference.hnm_loss_ref / cdp_fast.ops.ddim.ddim_update_ref
   compiled  torch.compile(reference) (inductor)
 """
 from __future__ import annotations

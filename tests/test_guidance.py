@@ -3,7 +3,7 @@ paper's Contrastive-DP, exactly"): the symmetric 2B-row HNM and the keys InfoNCE
 gradients w.r.t. x_t through a feature network, the online head trained through both rows and
 carried through a shard, the first step of a trajectory unguided, and the authors' window.
 
-References: ``cdp_fast.guidance.losses.hnm_symmetric_ref`` / ``infonce_keys_ref`` transcribe
+References: ``cdp_fast.guidance.reference.hnm_symmetric_ref`` / ``infonce_keys_ref`` transcribe
 ``adv_training/hard_negative_sample.py`` / ``adv_training/infonce.py`` of
 YiDongOuYang/Contrastive-Guided-Diffusion-Process with plain exp (fp64 here). Tolerances: the
 guidance runs in fp32 (features are cast to float) while the references run in fp64, so
@@ -17,6 +17,7 @@ import torch
 
 import cdp_fast
 from cdp_fast.guidance import losses
+from cdp_fast.ops.contrastive import reference
 from cdp_fast.guidance.contrastive import MLPHead
 from cdp_fast.utils.seeding import sample_seed
 
@@ -39,9 +40,9 @@ def _ref_grad(features, x_t, x_prev, loss, tau, head=None, labels=None):
     if head is not None:
         z, w = head(z), head(w)
     if loss == "hnm":
-        ell = losses.hnm_symmetric_ref(z, w, tau=tau, tau_plus=0.1, beta=1.0, labels=labels)
+        ell = reference.hnm_symmetric_ref(z, w, tau=tau, tau_plus=0.1, beta=1.0, labels=labels)
     else:
-        ell = losses.infonce_keys_ref(z, w, tau=tau, labels=labels)
+        ell = reference.infonce_keys_ref(z, w, tau=tau, labels=labels)
     params = [] if head is None else list(head.parameters())
     grads = torch.autograd.grad(ell, [x] + params)
     return grads[0], grads[1:]
@@ -137,7 +138,7 @@ def test_authors_clamps_bind_only_where_the_code_would():
     z = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     w = -z.detach() + 0.1 * torch.randn(6, 4, dtype=torch.float64)
     a = losses.hnm_loss_symmetric(z, w, tau=0.05)
-    ref = losses.hnm_symmetric_ref(z, w, tau=0.05)
+    ref = reference.hnm_symmetric_ref(z, w, tau=0.05)
     torch.testing.assert_close(a, ref, rtol=1e-9, atol=1e-12)
     rows = torch.arange(6).repeat(2)
     unclamped = losses.hnm_loss(torch.cat([z, w]), torch.cat([w, z]), tau=0.05, anchor_labels=rows)
@@ -281,11 +282,11 @@ def test_symmetric_rows_without_negatives():
     w = torch.randn(4, 3, dtype=torch.float64)
     labels = torch.tensor([0, 0, 0, 1])          # every row has negatives of the other class
     a = losses.hnm_loss_symmetric(z, w, tau=0.5, labels=labels)
-    r = losses.hnm_symmetric_ref(z, w, tau=0.5, labels=labels)
+    r = reference.hnm_symmetric_ref(z, w, tau=0.5, labels=labels)
     assert torch.isfinite(r)
     torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-12)
     same = torch.zeros(4, dtype=torch.long)
     a = losses.hnm_loss_symmetric(z, w, tau=0.5, labels=same)
-    r = losses.hnm_symmetric_ref(z, w, tau=0.5, labels=same)
+    r = reference.hnm_symmetric_ref(z, w, tau=0.5, labels=same)
     assert float(a) == float(r) == 0.0
     assert float(torch.autograd.grad(a, z)[0].abs().max()) == 0.0

@@ -8,6 +8,8 @@ from hypothesis import given, strategies as st
 
 from cdp_fast.guidance import losses
 
+from cdp_fast.ops.contrastive import reference
+
 
 def literal_hnm(a, p, k, tau, tau_plus, beta, in_batch, la=None, lk=None, infonce=False):
     """ℓ = mean_i −log(pos_i / (pos_i + Ng_i)), written with explicit loops over i and j."""
@@ -70,9 +72,9 @@ def test_hnm_and_infonce_match_literal_formula(prob):
         a1 = a.clone().requires_grad_()
         k1 = k.clone().requires_grad_() if bank else None
         if infonce:
-            ours = losses.infonce_loss_ref(a1, p, k1, tau=tau, anchor_labels=la, candidate_labels=lk)
+            ours = reference.infonce_loss_ref(a1, p, k1, tau=tau, anchor_labels=la, candidate_labels=lk)
         else:
-            ours = losses.hnm_loss_ref(a1, p, k1, tau=tau, tau_plus=tau_plus, beta=beta,
+            ours = reference.hnm_loss_ref(a1, p, k1, tau=tau, tau_plus=tau_plus, beta=beta,
                                        anchor_labels=la, candidate_labels=lk)
         a2 = a.clone().requires_grad_()
         k2 = k.clone().requires_grad_() if bank else None

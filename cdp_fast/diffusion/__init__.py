@@ -1,10 +1,10 @@
 """Generic diffusion machinery, pure: noise schedules and timestep sequences
 (:mod:`.schedule`), adapters that make foreign models ε-models or σ-denoisers
 (:mod:`.adapters`), and the sampling loops with guidance as an argument (:mod:`.solvers`)."""
-from cdp_fast.diffusion.adapters import EpsModel, FeatureExtractor, SigmaDenoiser, as_feature_extractor
+from cdp_fast.diffusion.adapters import EpsModel, SigmaDenoiser
 from cdp_fast.diffusion.schedule import karras_sigmas, make_alphas_cumprod, timesteps
 from cdp_fast.diffusion.solvers import SOLVERS, guided_ddim, guided_ddpm, guided_dpmpp_2m, guided_heun
 
-__all__ = ["EpsModel", "SigmaDenoiser", "FeatureExtractor", "as_feature_extractor", "timesteps",
+__all__ = ["EpsModel", "SigmaDenoiser", "timesteps",
            "make_alphas_cumprod", "karras_sigmas", "SOLVERS", "guided_ddim", "guided_ddpm",
            "guided_dpmpp_2m", "guided_heun"]

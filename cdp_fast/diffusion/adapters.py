@@ -6,8 +6,6 @@ them (as k-diffusion's ``external.py``):
   plain ``eps(x, t, y=None) -> Tensor`` (unwrapped once, here and nowhere else);
 - :class:`SigmaDenoiser`: a σ-space denoiser ``D(x, σ[, class_labels]) -> x̂_0`` (EDM /
   k-diffusion convention) as an ε-model on any ᾱ table, and as itself for the Heun solver;
-- :class:`FeatureExtractor` / :func:`as_feature_extractor`: a classifier on [0, 1] images as the
-  guidance's feature map on the sampler's [-1, 1] images;
 - :func:`load_diffusers_unet`: a local diffusers ``UNet2DModel`` folder (and its scheduler's ᾱ).
 """
 from __future__ import annotations
@@ -17,8 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["call_model", "unwrap_output", "EpsModel", "as_eps_model", "SigmaDenoiser", "FeatureExtractor",
-           "as_feature_extractor", "load_diffusers_unet"]
+__all__ = ["call_model", "unwrap_output", "EpsModel", "as_eps_model", "SigmaDenoiser", "load_diffusers_unet"]
 
 
 def unwrap_output(out):
@@ -172,37 +169,6 @@ class SigmaDenoiser(nn.Module):
         view = (-1,) + (1,) * (x.dim() - 1)
         scale = (1 + sigma.square()).sqrt().to(x.dtype).reshape(view)
         return self.eps_at_sigma(x * scale, sigma, y)
-
-
-class FeatureExtractor(nn.Module):
-    """Wraps a classifier for contrastive guidance: images in **[-1, 1]** (the sampler's
-    space) -> the classifier's penultimate features.
-
-    ``forward(x)``: x (B, C, H, W) in [-1, 1] is mapped to [0, 1] by ``(x + 1) / 2`` and passed
-    to ``model.features`` (which applies the model's own mean/std normalisation), giving
-    (B, d). No clamping: during sampling x_t (or the x0-prediction) can leave [-1, 1] and a
-    clamp would zero the guidance gradient there. Differentiable w.r.t. x.
-
-    The authors' public code instead fed raw x_t in [-1, 1] to a model that normalises as if
-    its input were in [0, 1]; the adapter fixes that (DESIGN.md §3).
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        if not hasattr(model, "features") or not callable(model.features):
-            raise ValueError("model must have a callable .features(x) method "
-                             "(a cdp_fast.models classifier)")
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.features((x + 1.0) * 0.5)
-
-
-def as_feature_extractor(model: nn.Module) -> FeatureExtractor:
-    """Feature extractor for guidance: takes images in [-1, 1] (sampler space), converts them
-    to [0, 1] and returns ``model.features`` of them, shape (B, d). See :class:`FeatureExtractor`.
-    """
-    return FeatureExtractor(model)
 
 
 def load_diffusers_unet(path):

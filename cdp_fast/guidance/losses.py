@@ -2,8 +2,9 @@
 
 The public face: argument checks, then the streaming op :mod:`cdp_fast.ops.contrastive`
 (Triton kernels on GPU, the chunked PyTorch path on CPU; :func:`cdp_fast.ops.backend.choose`
-decides). ``*_ref`` are the dense references (:mod:`cdp_fast.ops.contrastive.reference`),
-plain upcast PyTorch that mirrors DESIGN.md §4 line by line.
+decides). The dense references (``hnm_loss_ref`` and the rest) live in
+:mod:`cdp_fast.ops.contrastive.reference`: plain upcast PyTorch that mirrors docs/design.md §4
+line by line.
 
 With L2-normalised embeddings, pos_i = exp(a_i·p_i/τ), neg_ij = exp(a_i·k_j/τ) over the valid
 negatives N(i) (candidates ≠ i; of another class when labels are given), N_i = |N(i)|:
@@ -25,13 +26,9 @@ from __future__ import annotations
 import torch
 
 from cdp_fast.ops import contrastive as _op
-from cdp_fast.ops.contrastive.reference import check_loss_args, hnm_loss_ref, hnm_rows_ref, hnm_symmetric_ref, infonce_keys_ref, infonce_loss_ref, infonce_rows_ref, negative_mask
+from cdp_fast.ops.contrastive.reference import check_loss_args
 
-__all__ = [
-    "hnm_loss", "infonce_loss", "hnm_loss_symmetric", "infonce_loss_keys", "hnm_loss_ref",
-    "infonce_loss_ref", "hnm_rows_ref", "infonce_rows_ref", "hnm_symmetric_ref", "infonce_keys_ref",
-    "check_loss_args", "negative_mask", "AUTHORS_FLOOR",
-]
+__all__ = ["hnm_loss", "infonce_loss", "hnm_loss_symmetric", "infonce_loss_keys", "AUTHORS_FLOOR"]
 
 #: The authors' two clamps of ``hard_negative_sample.py``: exp(s/τ) >= 1e-4 and
 #: pos/(pos + Ng) >= 1e-4. With unit vectors the first binds only for τ < 0.109 and the
@@ -59,8 +56,8 @@ def hnm_loss(anchor, positive, candidates=None, *, tau, tau_plus=0.1, beta=1.0,
         >>> hnm_loss(a, a.detach(), tau=0.5, tau_plus=0.1, beta=1.0).backward()
     """
     check_loss_args(anchor, positive, candidates, tau, tau_plus, beta, anchor_labels, candidate_labels)
-    return _op.hnm_loss(anchor, positive, candidates, tau=tau, tau_plus=tau_plus, beta=beta,
-                        anchor_labels=anchor_labels, candidate_labels=candidate_labels)
+    return _op.contrastive_loss(anchor, positive, candidates, tau=tau, tau_plus=tau_plus, beta=beta, clamp=True,
+                                anchor_labels=anchor_labels, candidate_labels=candidate_labels)
 
 
 def infonce_loss(anchor, positive, candidates=None, *, tau, anchor_labels=None,
@@ -71,8 +68,8 @@ def infonce_loss(anchor, positive, candidates=None, *, tau, anchor_labels=None,
     Args/returns as :func:`hnm_loss` (no τ⁺, β).
     """
     check_loss_args(anchor, positive, candidates, tau, 0.0, 0.0, anchor_labels, candidate_labels)
-    return _op.infonce_loss(anchor, positive, candidates, tau=tau, anchor_labels=anchor_labels,
-                            candidate_labels=candidate_labels)
+    return _op.contrastive_loss(anchor, positive, candidates, tau=tau, tau_plus=0.0, beta=0.0, clamp=False,
+                                anchor_labels=anchor_labels, candidate_labels=candidate_labels)
 
 
 def _pair_args(z, w, labels):
@@ -110,9 +107,9 @@ def hnm_loss_symmetric(z, w, *, tau, tau_plus=0.1, beta=1.0, labels=None):
     ids = _pair_args(z, w, labels)
     check_loss_args(z, w, None, tau, tau_plus, beta)
     rows = torch.cat([ids, ids])
-    return _op.hnm_loss(torch.cat([z, w]), torch.cat([w, z]), None, tau=tau, tau_plus=tau_plus, beta=beta,
-                        anchor_labels=rows, detach_positive=False, neg_floor=AUTHORS_FLOOR,
-                        ratio_floor=AUTHORS_FLOOR)
+    return _op.contrastive_loss(torch.cat([z, w]), torch.cat([w, z]), None, tau=tau, tau_plus=tau_plus, beta=beta,
+                                clamp=True, anchor_labels=rows, detach_positive=False, neg_floor=AUTHORS_FLOOR,
+                                ratio_floor=AUTHORS_FLOOR)
 
 
 def infonce_loss_keys(z, w, *, tau, labels=None):
@@ -127,4 +124,5 @@ def infonce_loss_keys(z, w, *, tau, labels=None):
     """
     ids = _pair_args(z, w, labels)
     check_loss_args(z, w, w, tau, 0.0, 0.0, ids, ids)
-    return _op.infonce_loss(z, w, w, tau=tau, anchor_labels=ids, candidate_labels=ids, detach_positive=False)
+    return _op.contrastive_loss(z, w, w, tau=tau, tau_plus=0.0, beta=0.0, clamp=False, anchor_labels=ids,
+                                candidate_labels=ids, detach_positive=False)

@@ -21,7 +21,7 @@ import re
 from torch import nn
 
 from cdp_fast.models._common import CIFAR10_MEAN, CIFAR10_STD, Normalize
-from cdp_fast.diffusion.adapters import FeatureExtractor, as_feature_extractor
+from cdp_fast.models.features import FeatureExtractor, as_feature_extractor
 from cdp_fast.models.preact import PreActResNet, preact_resnet18
 from cdp_fast.models.small_cnn import SmallCNN, small_cnn
 from cdp_fast.models.wrn import WideResNet, wrn_28_10

@@ -26,8 +26,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cdp_fast.guidance import losses
+
+from cdp_fast.ops.contrastive import reference
 from cdp_fast.ops import contrastive as op
 from cdp_fast.ops.contrastive import chunked
+
+
+def op_hnm_loss(anchor, positive, candidates=None, *, tau, tau_plus=0.1, beta=1.0, **kw):
+    """ℓ_HNM straight through the op (no argument checks), any ``impl``."""
+    return op.contrastive_loss(anchor, positive, candidates, tau=tau, tau_plus=tau_plus, beta=beta, clamp=True, **kw)
+
+
+def op_infonce_loss(anchor, positive, candidates=None, *, tau, **kw):
+    """InfoNCE straight through the op (no argument checks), any ``impl``."""
+    return op.contrastive_loss(anchor, positive, candidates, tau=tau, tau_plus=0.0, beta=0.0, clamp=False, **kw)
 
 pytest.importorskip("cdp_fast.kernels.contrastive")
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -82,7 +94,7 @@ def _run(fn_hnm, fn_inf, pr, dtype, **extra):
 
 
 def _ref(pr):
-    return _run(losses.hnm_loss_ref, losses.infonce_loss_ref, pr, torch.float64)
+    return _run(reference.hnm_loss_ref, reference.infonce_loss_ref, pr, torch.float64)
 
 
 def _logit_scale(pr):
@@ -94,7 +106,7 @@ def _logit_scale(pr):
 @given(pr=problems())
 def test_triton_interpreted_matches_reference(pr):
     ref, gref, ins = _ref(pr)
-    tri, gtri, _ = _run(op.hnm_loss, op.infonce_loss, pr, torch.float32, impl="interpret")
+    tri, gtri, _ = _run(op_hnm_loss, op_infonce_loss, pr, torch.float32, impl="interpret")
     c = _logit_scale(pr)
     assert abs(tri.item() - ref.item()) <= 2e-5 * c + 1e-6, (tri.item(), ref.item())
     for gt, gr, x in zip(gtri, gref, ins):
@@ -109,7 +121,7 @@ def test_chunked_matches_reference_fp64(pr, chunk):
     ref, gref, _ = _ref(pr)
     # the chunk size is the torch path's only knob: every size from 1 candidate per block up
     with mock.patch.object(chunked, "default_chunk", lambda m, n: chunk):
-        out, gout, _ = _run(op.hnm_loss, op.infonce_loss, pr, torch.float64, impl="torch")
+        out, gout, _ = _run(op_hnm_loss, op_infonce_loss, pr, torch.float64, impl="torch")
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
     for go, gr in zip(gout, gref):
         torch.testing.assert_close(go, gr, rtol=1e-9, atol=1e-12)
@@ -123,9 +135,9 @@ def test_rows_without_negatives_contribute_zero(impl):
     la = torch.tensor([0, 1, 1, 2, 0])
     lk = torch.zeros(9, dtype=torch.long)
     lk[4:] = 1
-    ref = losses.hnm_loss_ref(a, a.detach(), k, tau=0.3, anchor_labels=la, candidate_labels=lk)
+    ref = reference.hnm_loss_ref(a, a.detach(), k, tau=0.3, anchor_labels=la, candidate_labels=lk)
     with mock.patch.object(chunked, "default_chunk", lambda m, n: 4):
-        out = op.hnm_loss(a, a.detach(), k, tau=0.3, anchor_labels=la, candidate_labels=lk, impl=impl)
+        out = op_hnm_loss(a, a.detach(), k, tau=0.3, anchor_labels=la, candidate_labels=lk, impl=impl)
     ga = torch.autograd.grad(ref, (a, k))
     go = torch.autograd.grad(out, (a, k))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
@@ -205,7 +217,7 @@ def test_torch_compile_fullgraph(monkeypatch):
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     out = compiled(a, p, k)
-    ref = losses.hnm_loss_ref(a, p, k, tau=0.5, tau_plus=0.1, beta=1.0)
+    ref = reference.hnm_loss_ref(a, p, k, tau=0.5, tau_plus=0.1, beta=1.0)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     g1 = torch.autograd.grad(out, (a, k))
     g2 = torch.autograd.grad(ref, (a, k))
@@ -273,9 +285,9 @@ def test_triton_cuda_matches_reference(dtype, m, n, d, autotune, monkeypatch):
         ins = [a] + ([k] if k is not None else [])
         return [out.double()] + [g.double() for g in torch.autograd.grad(out, ins)]
 
-    ref = run(losses.hnm_loss_ref, torch.float64)
-    tri = run(lambda *a, **k: op.hnm_loss(*a, impl="triton", **k), dtype)
-    same = run(losses.hnm_loss_ref, dtype)
+    ref = run(reference.hnm_loss_ref, torch.float64)
+    tri = run(lambda *a, **k: op_hnm_loss(*a, impl="triton", **k), dtype)
+    same = run(reference.hnm_loss_ref, dtype)
     for t, r, s in zip(tri, ref, same):
         if dtype == torch.float32:
             assert float((t - r).abs().max()) <= 2e-5 * 10 * max(1.0, float(r.abs().max()))

@@ -26,16 +26,11 @@ import torch.nn.functional as F
 from torch.library import triton_op
 
 from cdp_fast.ops import backend
-
 from cdp_fast.ops.contrastive import chunked
 from cdp_fast.ops.contrastive.chunked import normalize_backward
-from cdp_fast.ops.contrastive.reference import NORM_EPS, check_loss_args, hnm_loss_ref, hnm_rows_ref, hnm_symmetric_ref, infonce_keys_ref, infonce_loss_ref, infonce_rows_ref, negative_mask
+from cdp_fast.ops.contrastive.reference import NORM_EPS
 
-__all__ = [
-    "contrastive_stats", "contrastive_stats_backward", "contrastive_loss", "rows_from_stats",
-    "hnm_loss", "infonce_loss", "hnm_loss_ref", "infonce_loss_ref", "hnm_rows_ref", "infonce_rows_ref",
-    "hnm_symmetric_ref", "infonce_keys_ref", "check_loss_args", "negative_mask", "NORM_EPS", "IMPLS",
-]
+__all__ = ["contrastive_stats", "contrastive_stats_backward", "contrastive_loss", "rows_from_stats", "IMPLS"]
 
 #: Values of the op's ``impl`` argument (what :func:`cdp_fast.ops.backend.choose` answers).
 IMPLS = ("triton", "interpret", "torch")
@@ -194,20 +189,3 @@ def contrastive_loss(anchor, positive, candidates=None, *, tau, tau_plus=0.0, be
     rows = rows_from_stats(L1.to(work), L0.to(work), cnt.to(work), log_pos, tau=tau,
                            tau_plus=tau_plus, clamp=clamp, ratio_floor=ratio_floor)
     return rows.mean().to(anchor.dtype)
-
-
-def hnm_loss(anchor, positive, candidates=None, *, tau, tau_plus=0.1, beta=1.0, anchor_labels=None,
-             candidate_labels=None, detach_positive=True, neg_floor=0.0, ratio_floor=0.0, impl=None):
-    """ℓ_HNM (same signature and value as :func:`.reference.hnm_loss_ref`), streamed."""
-    return contrastive_loss(anchor, positive, candidates, tau=tau, tau_plus=tau_plus, beta=beta,
-                            clamp=True, anchor_labels=anchor_labels, candidate_labels=candidate_labels,
-                            detach_positive=detach_positive, neg_floor=neg_floor, ratio_floor=ratio_floor,
-                            impl=impl)
-
-
-def infonce_loss(anchor, positive, candidates=None, *, tau, anchor_labels=None, candidate_labels=None,
-                 detach_positive=True, impl=None):
-    """InfoNCE (same signature and value as :func:`.reference.infonce_loss_ref`), streamed."""
-    return contrastive_loss(anchor, positive, candidates, tau=tau, tau_plus=0.0, beta=0.0, clamp=False,
-                            anchor_labels=anchor_labels, candidate_labels=candidate_labels,
-                            detach_positive=detach_positive, impl=impl)
