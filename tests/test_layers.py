@@ -152,3 +152,26 @@ def test_the_layer_test_sees_a_violation(tmp_path):
     assert ("cdp_fast.sampling.driver", "sample", 1) in found
     assert _layer(found[0][0]) not in ALLOWED["utils"]
     assert any(attr and attr.startswith("_") for _, attr, _ in found)
+
+
+#: functions that are (or implement) a registered torch.library op: their positional parameters
+#: are the op's schema, as aten's are (docs/design.md, "Layers")
+OP_SCHEMAS = {
+    "cdp_fast/ops/contrastive/__init__.py": {"_forward", "_backward", "contrastive_stats", "contrastive_stats_backward",
+                                             "_stats_fake", "_stats_bwd_fake"},
+    "cdp_fast/ops/contrastive/chunked.py": {"lse_stats_forward", "lse_stats_backward"},
+    "cdp_fast/ops/ddim/__init__.py": {"ddim_update_op", "_ddim_fake"},
+}
+
+
+def test_no_function_takes_more_than_eight_positional_parameters():
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args.posonlyargs + node.args.args
+                k = len(args) - (1 if args and args[0].arg in ("self", "cls") else 0)
+                if k > 8 and node.name not in OP_SCHEMAS.get(rel, ()):
+                    bad.append(f"{rel}:{node.lineno} {node.name}: {k} positional parameters")
+    assert not bad, "make the options keyword-only or pass an options object:\n" + "\n".join(bad)

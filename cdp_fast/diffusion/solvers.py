@@ -18,6 +18,7 @@ probability-flow ODE (dx_σ/dσ = ε̃ in σ-space), integrated by each solver.
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -27,7 +28,7 @@ from cdp_fast.diffusion.schedule import as_alphas_cumprod, sigma_to_t
 from cdp_fast.utils.seeding import counter_normal, per_sample_randn
 
 __all__ = ["guided_ddim", "guided_ddpm", "guided_dpmpp_2m", "guided_heun", "SOLVERS", "nfe_of", "evaluate_step",
-           "check_eps"]
+           "check_eps", "StepAt"]
 
 #: the solvers of :func:`cdp_fast.sample` (``solver=``)
 SOLVERS = ("ddim", "ddpm", "dpmpp_2m", "heun")
@@ -95,11 +96,24 @@ def evaluate_step(eps_model, guidance, x, t, step, y):
     return eps, g, lam
 
 
+class StepAt(NamedTuple):
+    """Where a solver's update is: timestep ``t`` to ``t_prev`` (−1: the end), their ᾱ
+    ``a_t`` and ``a_prev`` (1 after t = 0), the noise source ``draw()`` and whether the
+    caller wants x̂_0 (``want_x0``)."""
+
+    t: int
+    t_prev: int
+    a_t: float
+    a_prev: float
+    draw: Optional[Callable]
+    want_x0: bool
+
+
 def _guided_loop(model, x_T, abar, t_list, update, *, guidance, draw, callback, y, on_step=None,
                  step_graph=None):
     """The loop shared by the solvers: ε-model and guidance (:func:`evaluate_step`, or
     ``step_graph.evaluate``: the same work, captured in a CUDA graph where it can be), then
-    ``update(x, eps, g, lam, t, t_prev, a_t, a_prev, draw, want_x0) -> (x_prev, x0)``;
+    ``update(x, eps, g, lam, at) -> (x_prev, x0)`` with ``at`` a :class:`StepAt`;
     repeated timesteps are skipped; non-finite values are reported with their step after the
     loop (no host sync inside it)."""
     eps_model = as_eps_model(model)
@@ -118,7 +132,7 @@ def _guided_loop(model, x_T, abar, t_list, update, *, guidance, draw, callback, 
             finite = finite & torch.isfinite(g).all()
         bad = torch.where((bad == 0) & ~finite, torch.full_like(bad, step + 1), bad)
         with torch.no_grad():
-            x_new, x0 = update(x, eps, g, float(lam), t, t_prev, a_t, a_prev, draw, callback is not None)
+            x_new, x0 = update(x, eps, g, float(lam), StepAt(t, t_prev, a_t, a_prev, draw, callback is not None))
         if callback is not None:
             callback({"step": step, "t": t, "x": x_new, "x0": x0, "eps": eps})
         if on_step is not None:
@@ -164,7 +178,8 @@ def guided_ddim(model, x_T, *, alphas_cumprod, timesteps, guidance=None, eta=0.0
     if not (isinstance(eta, (int, float)) and eta >= 0):
         raise ValueError(f"eta must be >= 0, got {eta!r}")
 
-    def update(x, eps, g, lam, t, t_prev, a_t, a_prev, draw, want_x0):
+    def update(x, eps, g, lam, at: StepAt):
+        t, t_prev, a_t, a_prev, draw, want_x0 = at
         sigma, noise = 0.0, None
         if eta > 0 and t_prev >= 0:
             sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)
@@ -192,7 +207,8 @@ def guided_ddpm(model, x_T, *, alphas_cumprod, timesteps, guidance=None, clip_x0
     """
     abar, t_list = _check_timesteps(alphas_cumprod, timesteps)
 
-    def update(x, eps, g, lam, t, t_prev, a_t, a_prev, draw, want_x0):
+    def update(x, eps, g, lam, at: StepAt):
+        t, t_prev, a_t, a_prev, draw, want_x0 = at
         return ddpm_update(x, eps, g, lam=lam, abar_t=a_t, abar_prev=a_prev, noise=draw() if t > 0 else None,
                            clip_x0=clip_x0, return_x0=want_x0)
 
@@ -229,7 +245,8 @@ def guided_dpmpp_2m(model, x_T, *, alphas_cumprod, timesteps, guidance=None, cal
     abar, t_list = _check_timesteps(alphas_cumprod, timesteps)
     state = {"x0": None, "h": None, "guided": None}
 
-    def update(x, eps, g, lam, t, t_prev, a_t, a_prev, draw, want_x0):
+    def update(x, eps, g, lam, at: StepAt):
+        t, t_prev, a_t, a_prev, draw, want_x0 = at
         guided = g is not None and lam != 0
         d = eps if not guided else eps + lam * g
         alpha_t, sigma_t = math.sqrt(a_t), math.sqrt(1.0 - a_t)

@@ -236,7 +236,7 @@ def self_training(mu, mu_tilde, *, n, n_syn, sigma=1.0, trials=50, rng=None,
     return theta_inter, theta_final
 
 
-def simulate(d, mu_norm2, eps, n, n_syn, c=None, angle=0, trials=50, seed=0, *, sigma=1.0,
+def simulate(d, mu_norm2, eps, n, n_syn, c=None, *, angle=0, trials=50, seed=0, sigma=1.0,
              target="clean", include_real=False, labels="pseudo"):
     """One cell of Tables 1/7/8/9: mean and std over ``trials`` of clean and robust accuracy.
 
