@@ -1,4 +1,4 @@
-"""One benchmark harness for every cdp_fast micro-benchmark (STYLE.md: Liger-Kernel's habit).
+"""One benchmark harness for every cdp_fast micro-benchmark (docs/style.md: Liger-Kernel's habit).
 
 * time: ``triton.testing.do_bench`` on CUDA (quantiles 0.5/0.2/0.8, L2 flushed between runs),
   ``torch.utils.benchmark.Timer`` on CPU (median and 20/80 percentiles of its blocked runs);
@@ -190,8 +190,8 @@ def device_tag(device="cpu") -> str:
 
 
 def write_json(path, obj) -> None:
-    """Write ``obj`` as JSON atomically (cdp_fast.data.atomic_write_json)."""
-    from cdp_fast.data import atomic_write_json
+    """Write ``obj`` as JSON atomically (cdp_fast.utils.io.atomic_write_json)."""
+    from cdp_fast.utils.io import atomic_write_json
 
     atomic_write_json(path, obj)
 

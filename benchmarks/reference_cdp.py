@@ -16,9 +16,9 @@ clamp of Robinson et al.'s public code instead), a Python loop over timesteps, a
 graph through the feature extractor each step, and f(x_p) recomputed each step. The ε-model
 runs without a graph (ℓ depends on x_t only through f, so ∇_{x_t}ℓ never needs the UNet's
 backward — Algorithm 1 line 6 adds the two terms). It is our own code, written from the
-paper's formulas (§4.2) and DESIGN.md §4, not the authors'.
+paper's formulas (§4.2) and docs/design.md §4, not the authors'.
 
-Loss formulas (DESIGN.md §4; Robinson et al. 2021, eq. (3) and their public code):
+Loss formulas (docs/design.md §4; Robinson et al. 2021, eq. (3) and their public code):
     a_i = f(x_t^i)/‖·‖, p_i = f(x_p^i)/‖·‖, pos_i = exp(a_i·p_i/τ), neg_ij = exp(a_i·a_j/τ), j ≠ i
     InfoNCE: ℓ_i = −log(pos_i / (pos_i + Σ_j neg_ij))
     HNM:     imp_ij = neg_ij^β, reweight_i = Σ_j imp_ij neg_ij / mean_j imp_ij,

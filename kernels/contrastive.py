@@ -6,7 +6,7 @@ A leaf: imports torch and triton only. The op these kernels implement — its pl
 reference, the CPU path, the ``torch.library`` registration and the autograd glue — lives in
 :mod:`cdp_fast.ops.contrastive`; which implementation runs is decided in :mod:`cdp_fast.ops.backend`.
 
-Formula (DESIGN.md §4; derivation of the gradients: :mod:`cdp_fast.ops.contrastive.chunked`).
+Formula (docs/design.md §4; derivation of the gradients: :mod:`cdp_fast.ops.contrastive.chunked`).
 With â_i, k̂_j the L2-normalised anchor and candidate rows, s_ij = â_i·k̂_j and N(i) the valid
 negatives of anchor i (not itself when the candidates are the anchors; another class when
 labels are given), the losses depend on s only through

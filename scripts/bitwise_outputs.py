@@ -58,7 +58,7 @@ def _calls():
     }
 
 
-def _digest(s, out_dir):
+def digest(s, out_dir):
     h = hashlib.sha256()
     for a in (s.images, s.labels, s.confidence):
         if a is not None:
@@ -101,7 +101,7 @@ def run(names=None, n=48):
                 out = Path(tmp) / "gen"
                 kw["out"] = str(out)
             s = cdp_fast.sample(model, n, **kw)
-            hashes[name] = _digest(s, out)
+            hashes[name] = digest(s, out)
     return hashes
 
 

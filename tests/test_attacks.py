@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cdp_fast.ops import pgd_step as _ext
-from cdp_fast.robust.attacks import eval_mode, pgd_attack, trades_attack
+from cdp_fast.robust.attacks import pgd_attack, trades_attack
+from cdp_fast.utils.runtime import eval_mode
 
 EPS, ALPHA = 8 / 255, 2 / 255
 
@@ -24,7 +25,7 @@ EPS, ALPHA = 8 / 255, 2 / 255
 @pytest.fixture(scope="session")
 def ext():
     if not _ext.load_extension():
-        pytest.fail(f"cdp_fast::pgd_step extension unavailable: {_ext._state['error']}")
+        pytest.fail(f"cdp_fast::pgd_step extension unavailable: {_ext.extension_error()}")
 
 
 def tiny_cnn(seed=0):

@@ -8,6 +8,7 @@ import torch
 
 from cdp_fast.ops import backend
 from cdp_fast.guidance import losses
+from cdp_fast.ops.contrastive import reference
 from cdp_fast.ops.ddim import ddim_update, ddim_update_ref
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -101,7 +102,7 @@ def test_dispatch_reaches_the_right_implementation(monkeypatch, value):
     k = torch.randn(7, 5, requires_grad=True)
     out = losses.hnm_loss(a, a.detach() + 0.1, k, tau=0.5)
     out.backward()
-    ref = losses.hnm_loss_ref(a, a.detach() + 0.1, k, tau=0.5)
+    ref = reference.hnm_loss_ref(a, a.detach() + 0.1, k, tau=0.5)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     args, kw = _ddim_args()
     xp, x0 = ddim_update(*args, **kw)
@@ -175,7 +176,7 @@ def test_explicit_triton_without_triton_raises(monkeypatch):
     monkeypatch.setenv("CDP_FAST_BACKEND", "auto")
     a = torch.randn(5, 4, requires_grad=True)
     out = losses.hnm_loss(a, a.detach(), tau=0.5)
-    torch.testing.assert_close(out, losses.hnm_loss_ref(a, a.detach(), tau=0.5), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, reference.hnm_loss_ref(a, a.detach(), tau=0.5), rtol=1e-5, atol=1e-6)
 
 
 def test_kernels_load_from_an_uninstalled_checkout():

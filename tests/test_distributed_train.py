@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from cdp_fast.robust.train import MixedBatchSampler, epoch_indices
+from cdp_fast.robust.batches import MixedBatchSampler, epoch_indices
 
 REPO = Path(__file__).resolve().parents[1]
 

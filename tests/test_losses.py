@@ -1,4 +1,4 @@
-"""The reference losses against a loop-based, literal transcription of DESIGN.md §4
+"""The reference losses against a loop-based, literal transcription of docs/design.md §4
 (no log space, float64), values and gradients, masks included; and numerical safety."""
 import math
 

@@ -463,7 +463,7 @@ def test_cuda_graph_wrapper_logic_on_cpu():
 
 @pytest.mark.parametrize("loss", ["hnm", "infonce"])
 def test_public_guided_ddim_with_contrastive_guidance(loss):
-    """DESIGN.md's pairing, used as written: guided_ddim(..., guidance=ContrastiveGuidance(...))
+    """docs/design.md's pairing, used as written: guided_ddim(..., guidance=ContrastiveGuidance(...))
     with no hidden set-up call; it equals what sample() makes from the same x_T, and a
     reset() makes the same guidance object reusable for the next trajectory."""
     m = TinyEps()

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 import cdp_fast
 from cdp_fast.models import SmallCNN
-from cdp_fast.robust.train import augment_batch, augment_defaults, cosine_lr, ema_decay, epoch_indices, mix_counts, trades_loss
+from cdp_fast.robust.batches import augment_batch, augment_defaults, epoch_indices, mix_counts
+from cdp_fast.robust.recipes import cosine_lr, ema_decay, trades_loss
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -371,7 +372,8 @@ def test_resume_with_other_data_of_the_same_size_is_refused(tmp_path):
 
 def _out_dir(path, images, labels, shard=16):
     """A hand-made out directory of cdp_fast.sample: shards + manifest with their sha256."""
-    from cdp_fast.data import sha256_file, write_npz
+    from cdp_fast.data import write_npz
+    from cdp_fast.utils.io import sha256_file
 
     path.mkdir()
     shards = {}
@@ -388,8 +390,9 @@ def _out_dir(path, images, labels, shard=16):
 def test_out_directories_are_fingerprinted_by_their_manifest(tmp_path, monkeypatch):
     """An out directory (a million images) is fingerprinted by its manifest's shard hashes and
     its labels: no image is read. Another directory of the same size is refused by name."""
-    from cdp_fast.data import Samples, _LazyConcat
-    from cdp_fast.robust.loop import data_fingerprint
+    from cdp_fast.data import Samples
+    from cdp_fast.data.samples import LazyConcat
+    from cdp_fast.robust.checkpoint import data_fingerprint
 
     x, y = _tiny_data(40, 1)
     u8 = lambda t: (t * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()   # noqa: E731
@@ -403,7 +406,7 @@ def test_out_directories_are_fingerprinted_by_their_manifest(tmp_path, monkeypat
         raise AssertionError("an image was read")
 
     with monkeypatch.context() as m:
-        m.setattr(_LazyConcat, "__getitem__", no_reads)
+        m.setattr(LazyConcat, "__getitem__", no_reads)
         fa, fb = data_fingerprint(sa), data_fingerprint(sb)
     assert fa != fb and fa == data_fingerprint(Samples.load(a))
     # an in-memory subset carries the manifest along but not its images: hashed by bytes
@@ -703,7 +706,7 @@ def test_attacks_from_given_draws_equal_the_attacks_module_bitwise(b, steps, see
     u = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed))
     got = trades_from_draws(m, x, u, eps=0.1, step_size=0.03, steps=steps, mode="train")
     assert torch.equal(got, ref) and m.training
-    from cdp_fast.robust.attacks import eval_mode
+    from cdp_fast.utils.runtime import eval_mode
 
     with eval_mode(m):
         ref = pgd_attack(m, x, y, eps=0.1, step_size=0.03, steps=steps, random_start=True,
@@ -717,7 +720,8 @@ def test_modules_import_with_docstrings_stripped():
     """``python -OO`` drops docstrings (``__doc__`` is None): nothing may build on them at import
     time (train.py used to append its Args section with ``__doc__ +=``)."""
     mods = "cdp_fast, cdp_fast.robust.train, cdp_fast.robust.evaluation, cdp_fast.label, cdp_fast.data, " \
-           "cdp_fast.robust.attacks, cdp_fast.robust.batches, cdp_fast.robust.loop"
+           "cdp_fast.robust.attacks, cdp_fast.robust.batches, cdp_fast.robust.loop, cdp_fast.robust.recipes, " \
+           "cdp_fast.robust.checkpoint"
     r = subprocess.run([sys.executable, "-OO", "-c", f"import {mods}"], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]

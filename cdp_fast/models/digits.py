@@ -169,7 +169,7 @@ class DigitsFeatures(nn.Module):
 
     The conversion to the classifier's [0, 1] is ``(x + 1) / 2`` *without* clamping, so the
     gradient reaches noisy x_t whose values leave [-1, 1] (the authors' code feeds raw x_t to
-    its feature network too; DESIGN.md §3).
+    its feature network too; docs/design.md §3).
     """
 
     def __init__(self, classifier: DigitsClassifier):

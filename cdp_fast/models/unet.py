@@ -8,7 +8,7 @@ downsampling, nearest-neighbour upsampling + conv3×3, skip connections concaten
 up. No self-attention: at 8×8 / 4×4 / 2×2 resolution two 3×3 convolutions per block already
 see most of the image, and the model has to train on one CPU thread in minutes.
 
-Call convention (DESIGN.md §3): ``model(x, t) -> eps`` with x float (B, C, H, W) in the
+Call convention (docs/design.md §3): ``model(x, t) -> eps`` with x float (B, C, H, W) in the
 sampler's [-1, 1] space and t a LongTensor (B,) (or a scalar) of DDPM timesteps in [0, T).
 H and W must be divisible by 2 ** (len(ch_mult) - 1).
 """

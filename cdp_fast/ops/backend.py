@@ -1,4 +1,4 @@
-"""The one place that decides which implementation of an op runs (STYLE.md habit 4).
+"""The one place that decides which implementation of an op runs (docs/style.md habit 4).
 
 :func:`choose` ``(op, tensor) -> "triton" | "interpret" | "torch" | "ext" | "composite"``; the
 ops in :mod:`cdp_fast.ops` execute the answer and never branch on the device themselves.
@@ -9,15 +9,19 @@ or a user can switch it at run time):
 =========  ===============================  ==================================  ===================
 value      contrastive, ddim: CUDA tensors   contrastive, ddim: CPU tensors      pgd_step (any device)
 =========  ===============================  ==================================  ===================
-auto       "triton" (fp32/bf16/fp16); else   "torch" (chunked streaming losses,  "ext" (the C++/CUDA
-           "torch" (fp64, no Triton)         reference DDIM update)              extension); else one
-                                                                                  warning, "composite"
-triton     "triton"; RuntimeError if Triton  "interpret" with TRITON_INTERPRET=1 "ext", or
-           cannot be imported or the dtype   (fp32 only), else RuntimeError      RuntimeError naming
-           is not fp32/bf16/fp16             (nothing can run it)                why it is unavailable
+auto       "triton" (fp32/bf16/fp16); else   "torch" (chunked streaming losses,  "auto": the C++/CUDA
+           "torch" (fp64, no Triton)         reference DDIM update)              extension, else one
+                                                                                  warning, composite
+triton     "triton"; RuntimeError if Triton  "interpret" with TRITON_INTERPRET=1 "ext": the extension
+           cannot be imported or the dtype   (fp32 only), else RuntimeError      or RuntimeError
+           is not fp32/bf16/fp16             (nothing can run it)                naming why not
 torch      "torch"                           "torch"                             "composite" (warns
                                                                                   once: ~10x slower)
 =========  ===============================  ==================================  ===================
+
+For the PGD step this module gives the *request* only ("auto" | "ext" | "composite"); whether
+the extension can run, and the warnings of the last column, are decided by
+:mod:`cdp_fast.ops.pgd_step`, which loads the extension (this module imports no op).
 
 ``triton`` means "the fused kernels or an error": for the PGD step that is the compiled
 extension. ``CDP_FAST_PGD_IMPL`` = ``auto`` | ``ext`` | ``composite`` is kept as an alias that
@@ -40,7 +44,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -51,7 +54,6 @@ OPS = ("contrastive", "ddim", "pgd_step")
 _ENV = "CDP_FAST_BACKEND"
 _PGD_ENV = "CDP_FAST_PGD_IMPL"
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_warned = set()
 
 
 def requested_backend() -> str:
@@ -144,47 +146,20 @@ def _choose_triton_op(op: str, tensor: torch.Tensor) -> str:
 
 
 # ----------------------------------------------------------------------------- PGD step
-def _warn_once(key: str, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        # 6 frames up: _warn_once, _choose_pgd, choose, the op's chooser, pgd_step, its caller
-        warnings.warn(msg, RuntimeWarning, stacklevel=6)
-
-
-def _pgd_request(impl: str | None) -> tuple[str, bool]:
-    """(auto | ext | composite, whether the environment asked): the ``impl`` argument, else
-    CDP_FAST_PGD_IMPL, else CDP_FAST_BACKEND mapped (triton -> ext, torch -> composite)."""
+def _pgd_request(impl: str | None) -> str:
+    """auto | ext | composite: the ``impl`` argument, else CDP_FAST_PGD_IMPL, else
+    CDP_FAST_BACKEND mapped (triton -> ext, torch -> composite)."""
     if impl is not None:
         if impl not in ("auto", "ext", "composite"):
             raise ValueError(f"impl must be one of ('auto', 'ext', 'composite'), got {impl!r}")
-        return impl, False
+        return impl
     alias = os.environ.get(_PGD_ENV, "").strip().lower()
     if alias:
         if alias not in ("auto", "ext", "composite"):
             raise ValueError(f"{_PGD_ENV} must be auto, ext or composite, got {alias!r}")
         if alias != "auto":
-            return alias, True
-    return {"auto": "auto", "triton": "ext", "torch": "composite"}[requested_backend()], True
-
-
-def _choose_pgd(impl: str | None) -> str:
-    from cdp_fast.ops import pgd_step as op
-
-    request, from_env = _pgd_request(impl)
-    if request == "composite":
-        if from_env:
-            _warn_once("pgd-forced", "cdp_fast.pgd_step: the environment forces the PyTorch composite "
-                       f"({_PGD_ENV}=composite or {_ENV}=torch); the fused C++/CUDA step is ~10x faster "
-                       "on CPU")
-        return "composite"
-    if op.load_extension():
-        return "ext"
-    if request == "ext":
-        raise RuntimeError(f"cdp_fast.pgd_step: the extension was requested but is unavailable: "
-                           f"{op.extension_error()}")
-    _warn_once("pgd-missing", "cdp_fast.pgd_step: the C++/CUDA extension is unavailable "
-               f"({op.extension_error()}); using the PyTorch composite instead")
-    return "composite"
+            return alias
+    return {"auto": "auto", "triton": "ext", "torch": "composite"}[requested_backend()]
 
 
 # ----------------------------------------------------------------------------- the choice
@@ -198,14 +173,15 @@ def choose(op: str, tensor: torch.Tensor | None = None, *, impl: str | None = No
             the environment.
     Returns:
         "triton" (CUDA kernels), "interpret" (the kernels on CPU tensors in Triton's
-        interpreter), "torch" (the PyTorch path), "ext" (the compiled extension) or
-        "composite" (the PyTorch composite of the PGD step). See the module table.
+        interpreter) or "torch" (the PyTorch path); for "pgd_step" the request "auto", "ext"
+        (the compiled extension) or "composite" (the PyTorch composite), which
+        :func:`cdp_fast.ops.pgd_step.resolved_impl` turns into what runs. See the module table.
     Raises:
         ValueError for an unknown op or environment value; RuntimeError when an explicitly
-        requested implementation cannot run, naming why.
+        requested Triton implementation cannot run, naming why.
     """
     if op == "pgd_step":
-        return _choose_pgd(impl)
+        return _pgd_request(impl)
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     return _choose_triton_op(op, tensor)

@@ -1,8 +1,10 @@
 """Adversarial training and evaluation: PGD and the TRADES inner maximisation
-(:mod:`.attacks`), real/synthetic batches (:mod:`.batches`), the training loop
-(:mod:`.train`, :mod:`.loop`) and clean / PGD / AutoAttack evaluation (:mod:`.evaluation`)."""
+(:mod:`.attacks`), real/synthetic batches (:mod:`.batches`), the training recipes
+(:mod:`.recipes`), checkpoints (:mod:`.checkpoint`), the training loop (:mod:`.train`,
+:mod:`.loop`) and clean / PGD / AutoAttack evaluation (:mod:`.evaluation`)."""
 from cdp_fast.robust.attacks import pgd_attack, trades_attack
 from cdp_fast.robust.evaluation import evaluate
+from cdp_fast.robust.recipes import RECIPES
 from cdp_fast.robust.train import train_pgd_at, train_trades
 
-__all__ = ["train_trades", "train_pgd_at", "evaluate", "pgd_attack", "trades_attack"]
+__all__ = ["train_trades", "train_pgd_at", "evaluate", "pgd_attack", "trades_attack", "RECIPES"]

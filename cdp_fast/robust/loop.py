@@ -1,387 +1,45 @@
-"""The training loop's parts behind :func:`cdp_fast.train_trades` / :func:`cdp_fast.train_pgd_at`:
-the two recipes, objectives, schedules, the run's configuration, optimizer, checkpoint files,
-DDP wrapping and one epoch. :mod:`cdp_fast.robust.train` puts them together top-down and documents
-the recipes, the determinism and the distributed semantics they implement. (Over 400 lines:
-the pieces of one loop — recipes, checkpoint files with their hash and data fingerprints, DDP,
-one epoch — each small, kept beside each other.)
+"""The training loop's running parts behind :func:`cdp_fast.train_trades` /
+:func:`cdp_fast.train_pgd_at`: DDP wrapping (:func:`wrap_model`), one epoch (:func:`run_epoch`:
+batches, draws, attack, loss, SGD step, EMA) and its history entry (:func:`epoch_entry`).
+:mod:`cdp_fast.robust.train` sets a run up and puts the parts together.
+
+Distributed data parallel (``torchrun --nproc_per_node=N``, or any initialised default process
+group with world size N > 1; :func:`cdp_fast.utils.distributed.maybe_init` joins it, nccl on CUDA,
+gloo on CPU): the model is wrapped in ``torch.nn.parallel.DistributedDataParallel`` (gradients
+all-reduced and averaged by DDP's bucketed reducer during ``backward``).
+:class:`cdp_fast.robust.batches.MixedBatchSampler` gives every rank its disjoint share (rows
+``rank::N``) of the same global mixed real/synthetic batch order, a function of (seed, epoch)
+(``set_epoch`` as torch's ``DistributedSampler``); ``batch_size`` is the global batch and must
+be divisible by N, so the shares are equal and DDP's average is the gradient of the global
+batch-mean loss. The random draws of an update (crops, flips, attack starts) are made for the
+whole global batch from (seed, update) on every rank and each rank keeps its rows: image j of
+global batch k gets the same randomness whatever N, so a run can be resumed with any number of
+processes. The inner attacks run on the unwrapped module (``ddp.module``), so their input
+gradients never touch DDP's gradient hooks. BatchNorm: each rank normalises with its local
+batch statistics unless ``sync_bn=True`` (``torch.nn.SyncBatchNorm``, CUDA/nccl only in
+torch) — in the training forwards and, with recipe="gowal", in the TRADES attack too, so a
+BatchNorm model's attack (like its training forward) depends on how the global batch is split
+over the ranks; models without BatchNorm train the same whatever N. Rank 0's running
+statistics are broadcast after every update (DDP's ``broadcast_buffers``, moved after the
+step) and the EMA starts from rank 0's model, so parameters, buffers and hence the EMA are
+identical on every rank. Only rank 0 writes the checkpoint (its path must be visible to every
+rank to resume) and shows a progress bar. Per-rank training throughput is gathered into
+``model.throughput``.
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
-import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cdp_fast.robust.attacks import pgd_from_draws, trades_from_draws, trades_from_noise
 from cdp_fast.robust.batches import MixedBatchSampler, apply_augment, augment_draws, step_seed
-from cdp_fast.data import atomic_write
+from cdp_fast.robust.recipes import Recipe, RunConfig, cosine_lr, ema_decay, pgd_at_loss, trades_loss
 
-__all__ = ["Recipe", "RECIPES", "trades_loss", "pgd_at_loss", "ema_decay", "cosine_lr",
-           "RunConfig", "make_optimizer", "save_checkpoint", "load_checkpoint", "read_weights_only",
-           "state_digest", "data_fingerprint", "check_labels", "wrap_model",
-           "broadcast_state", "Loop", "run_epoch", "epoch_entry"]
-
-_CKPT_VERSION = 1
-
-
-# --------------------------------------------------------------------------- recipes
-@dataclass(frozen=True)
-class Recipe:
-    """What a ``recipe=`` name sets (:mod:`cdp_fast.robust.train` documents the sources).
-
-    trades_start: the TRADES attack's start, "uniform" (clip(x + U(−ε, ε), 0, 1)) or "normal"
-        (x + 0.001·N(0, I)); PGD-AT starts uniformly in both recipes.
-    trades_mode: the model's mode during the TRADES attack, "train" (batch statistics, running
-        statistics frozen) or "eval"; PGD-AT attacks in eval mode in both recipes.
-    label_smoothing: the default ``label_smoothing`` per objective ("trades": on the clean CE,
-        "pgd_at": on the adversarial CE) when the caller passes None.
-    ema_warmup: fraction of the run's updates during which the EMA is an exact copy of the
-        model; the decay ramp (1 + δ)/(10 + δ) starts after it (δ = updates − warm-up).
-    ema_buffers: "copy" (the model's buffers — BatchNorm statistics — copied into the EMA model
-        at the end of every epoch; only parameters are averaged) or "average" (buffers averaged
-        like the parameters, integer buffers copied after every update).
-    """
-    trades_start: str
-    trades_mode: str
-    label_smoothing: dict
-    ema_warmup: float
-    ema_buffers: str
-
-
-RECIPES = {
-    "gowal": Recipe(trades_start="uniform", trades_mode="train",
-                    label_smoothing={"trades": 0.1, "pgd_at": 0.0}, ema_warmup=0.025,
-                    ema_buffers="copy"),
-    "zhang": Recipe(trades_start="normal", trades_mode="eval",
-                    label_smoothing={"trades": 0.0, "pgd_at": 0.0}, ema_warmup=0.0,
-                    ema_buffers="average"),
-}
-# Checkpoints written before ``recipe`` existed were trained with today's "zhang" behaviour.
-_LEGACY_RECIPE = "zhang"
-
-
-# --------------------------------------------------------------------------- objectives
-def trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, *,
-                beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
-    """TRADES objective (Zhang et al. 2019, eq. (5); public ``trades.py``):
-    ``CE(f(x), y) + β · KL(p(x) ‖ p(x'))`` averaged over the batch (KL "batchmean").
-
-    Shapes: logits (B, K), y (B,) int64 -> scalar. Computed in fp32.
-    """
-    logits_nat = logits_nat.float()
-    logits_adv = logits_adv.float()
-    natural = F.cross_entropy(logits_nat, y, label_smoothing=label_smoothing)
-    robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1),
-                      reduction="batchmean")
-    return natural + beta * robust
-
-
-def pgd_at_loss(logits_adv: torch.Tensor, y: torch.Tensor, *,
-                label_smoothing: float = 0.0) -> torch.Tensor:
-    """Madry et al. (2018) adversarial training objective: CE(f(x'), y), batch mean."""
-    return F.cross_entropy(logits_adv.float(), y, label_smoothing=label_smoothing)
-
-
-# --------------------------------------------------------------------------- schedules
-def ema_decay(ema: float, k: int, warmup: float = 0.0) -> float:
-    """EMA decay after the k-th update (k >= 1): 0 (the EMA becomes a copy of the model) while
-    k < ``warmup``, then min(ema, (1 + δ) / (10 + δ)) with δ = k − warmup
-    (``gowal21uncovering/utils/watrain.py``: ``ema_update(..., warmup_steps,
-    dynamic_decay=True)``, warmup_steps = 0.025 · the run's updates). With warmup = 0 this is
-    min(ema, (1 + k) / (10 + k)) from the first update (the "zhang" recipe)."""
-    if k < warmup:
-        return 0.0
-    delta = k - warmup
-    return min(float(ema), (1.0 + delta) / (10.0 + delta))
-
-
-def cosine_lr(lr: float, step: int, total: int, warmup: int = 0) -> float:
-    """Learning rate of update ``step`` (0-based): linear warm-up over ``warmup`` updates, then
-    ``lr · ½(1 + cos(π · (step − warmup) / (total − warmup)))``."""
-    if warmup > 0 and step < warmup:
-        return lr * (step + 1) / warmup
-    span = max(1, total - warmup)
-    return lr * 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
-
-
-# --------------------------------------------------------------------------- setup
-@dataclass(frozen=True)
-class RunConfig:
-    """A run's arguments after validation (the integer ones as ints; :mod:`cdp_fast.robust.train`
-    validates them): its configuration, read by every part below."""
-    kind: str
-    real_fraction: float
-    epochs: int
-    eps: float
-    step_size: float
-    steps: int
-    beta: float
-    batch_size: int
-    ema: Optional[float]
-    progress: bool
-    lr: float
-    momentum: float
-    weight_decay: float
-    nesterov: bool
-    label_smoothing: float
-    augment: bool
-    pad: int
-    flip: bool
-    steps_per_epoch: Optional[int]
-    warmup_epochs: int
-    seed: int
-    amp: Any
-    compile: Any
-    sync_bn: bool
-    recipe: str = "gowal"
-
-
-def make_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.SGD:
-    """SGD, weight decay on every parameter except the normalisation layers' (DM-Improves-AT's
-    ``group_weight``)."""
-    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
-                  nn.modules.instancenorm._InstanceNorm)
-    no_decay = set()
-    for m in model.modules():
-        if isinstance(m, norm_types):
-            no_decay.update(id(p) for p in m.parameters(recurse=False))
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if id(p) not in no_decay], "weight_decay": run.weight_decay},
-        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.SGD(groups, lr=run.lr, momentum=run.momentum, nesterov=bool(run.nesterov))
-
-
-# --------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, *, config, epoch, step, model, opt, ema_model, history,
-                    data=None) -> None:
-    """Everything a resume needs, written atomically (temp + fsync + rename:
-    :func:`cdp_fast.data.atomic_write`), with ``data`` (the inputs' fingerprints,
-    :func:`data_fingerprint`) and ``sha256``: :func:`state_digest` of all the rest, which
-    :func:`load_checkpoint` recomputes (a flipped byte in a weight record loads without any
-    error from torch, and would silently resume from other weights)."""
-    state = {
-        "version": _CKPT_VERSION, "config": config, "epoch": epoch, "step": step,
-        "model": model.state_dict(), "optimizer": opt.state_dict(),
-        "ema": None if ema_model is None else ema_model.state_dict(),
-        "history": history, "rng": {"torch": torch.get_rng_state()},
-        "data": dict(data or {}),
-    }
-    state["sha256"] = state_digest(state)
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path: Path, dev, config, model, opt, ema_model,
-                    data=None) -> tuple[int, int, list]:
-    """Restore model, optimizer, EMA and RNG from ``path`` in place; (epoch, update, history).
-
-    ValueError naming ``path`` if it cannot be read (truncated, empty, not a torch file,
-    pickled objects), is not a training checkpoint, is corrupted (its stored sha256 differs
-    from its contents'), was written by another format version, with other arguments, for
-    other data (``data``: this call's fingerprints, compared with the stored ones per input,
-    the message naming ``train_data`` / ``synthetic``) or for another model. Every rank of a
-    distributed run calls this, so every rank verifies what it loads."""
-    state = read_weights_only(path, "checkpoint", "a training checkpoint written by "
-                              "cdp_fast.train_trades / train_pgd_at", map_location=dev)
-    if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a training "
-                         "checkpoint (a dict written by cdp_fast.train_trades / train_pgd_at); "
-                         "pass another checkpoint path or resume=False")
-    # Checkpoints written before the hash existed carry none: they load unchecked, as before.
-    stored = state.pop("sha256", None)
-    if stored is not None and stored != state_digest(state):
-        raise ValueError(f"checkpoint {path} is corrupted: the sha256 of its contents does not "
-                         "match the one stored in it (a damaged copy or disk); restore a good "
-                         "copy, or delete it to train from the start")
-    if state.get("version") != _CKPT_VERSION:
-        what = ("a model state_dict (the weights a finished run saves), not a training "
-                "checkpoint" if state and all(isinstance(v, torch.Tensor) for v in state.values())
-                else "an unknown format version")
-        raise ValueError(f"checkpoint {path} has {what}; pass another checkpoint path or "
-                         "resume=False")
-    old, new = _comparable(state["config"]), _comparable(config)
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if diff:
-        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
-        raise ValueError(f"checkpoint {path} was written with different arguments "
-                         f"({details}); pass a new checkpoint path or resume=False")
-    # A fingerprint missing on either side (checkpoints from before fingerprints, a Dataset
-    # input, which is not fingerprinted) is not checked; the counts in the config still are.
-    for name, fp in (data or {}).items():
-        was = state.get("data", {}).get(name)
-        if fp is not None and was is not None and fp != was:
-            raise ValueError(f"checkpoint {path} was written for other {name} data (sha256 "
-                             f"{was[:12]}... -> {fp[:12]}...; the same images in another form, "
-                             f"e.g. an npz instead of the out directory, count as other); pass "
-                             f"that {name}, a new checkpoint path or resume=False")
-    try:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if ema_model is not None:
-            ema_model.load_state_dict(state["ema"])
-    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
-        why = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        raise ValueError(f"checkpoint {path} does not fit this model ({why[:300]}); pass "
-                         "another checkpoint path or resume=False") from None
-    torch.set_rng_state(state["rng"]["torch"].cpu())
-    return int(state["epoch"]), int(state["step"]), list(state["history"])
-
-
-def read_weights_only(path, what: str, expected: str, map_location="cpu"):
-    """``torch.load(path, weights_only=True)`` with every failure as a one-line ValueError
-    naming ``what`` and ``path``: truncated, empty or non-torch files (torch raises
-    RuntimeError, EOFError, KeyError... depending on the damage) and files holding pickled
-    objects that the weights-only unpickler refuses. The latter's message is not repeated:
-    torch's advice to load with ``weights_only=False`` would run the file's code."""
-    import pickle
-    import re
-    import warnings
-
-    try:
-        with warnings.catch_warnings():
-            # (a plain pickle of another protocol: torch warns before refusing it)
-            warnings.filterwarnings("ignore", message="Detected pickle protocol",
-                                    category=UserWarning)
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        if found:   # only the object's name: torch's text goes on to advise allow-listing it
-            raise ValueError(f"{what} {path} is not {expected}: it holds pickled Python objects "
-                             f"({found.group(1)}) that a weights-only load refuses") from None
-        # text, garbage or a pickle of another protocol: torch reads the first bytes as opcodes
-        op = re.search(r"(Unsupported operand \d+|invalid load key[^.\n]*)", str(e))
-        raise ValueError(f"{what} {path} is not {expected}: {_UNREADABLE} "
-                         f"{op.group(1) if op else 'UnpicklingError'})") from None
-    except (FileNotFoundError, PermissionError, IsADirectoryError, MemoryError):
-        raise    # the path or the machine, not the file's bytes (a truncated zip is EINVAL: below)
-    except Exception as e:   # anything else torch.load raises means an unreadable file
-        raise ValueError(f"{what} {path} is not {expected}: {_UNREADABLE} "
-                         f"{type(e).__name__})") from None
-
-
-_UNREADABLE = "it cannot be read (empty, truncated, corrupted or not a torch file:"
-
-
-def state_digest(obj) -> str:
-    """sha256 of a checkpoint state: every tensor's dtype, shape and bytes and every other
-    value (dicts in their order, which torch.save / torch.load keep), each length-prefixed."""
-    h = hashlib.sha256()
-    _digest_into(h, obj)
-    return h.hexdigest()
-
-
-def _digest_into(h, obj) -> None:
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-    elif isinstance(obj, dict):
-        h.update(f"D{len(obj)};".encode())
-        for k, v in obj.items():
-            _digest_into(h, k)
-            _digest_into(h, v)
-    elif isinstance(obj, (list, tuple)):
-        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)};".encode())
-        for v in obj:
-            _digest_into(h, v)
-    elif isinstance(obj, float):
-        h.update(f"F{obj.hex()};".encode())
-    else:   # str, int, bool, None (what configs, histories and param groups hold)
-        text = f"{type(obj).__name__}:{obj!r}"
-        h.update(f"O{len(text)};{text}".encode())
-
-
-def data_fingerprint(data) -> Optional[str]:
-    """sha256 fingerprint of a training input (a form :func:`cdp_fast.data.as_source` takes;
-    paths already loaded as :class:`cdp_fast.Samples`), stored in the checkpoint so that a
-    resume with other data of the same size is refused; None for a generic Dataset (reading
-    every item could take as long as an epoch, and random transforms have no fixed content:
-    only its length is checked).
-
-    A Samples read lazily from an out directory of :func:`cdp_fast.sample` is fingerprinted
-    by its manifest's shard hashes (names, counts, sha256) and its labels, without reading an
-    image; in-memory tensors / arrays and npz files by their bytes (dtype, shape, data)."""
-    if data is None:
-        return None
-    h = hashlib.sha256()
-    if hasattr(data, "images") and hasattr(data, "labels"):   # cdp_fast.Samples
-        shards = _manifest_shards(data)
-        if shards is not None:
-            h.update(b"manifest;")
-            for name, info in shards:
-                text = f"{name}:{int(info['count'])}:{info['sha256']}"
-                h.update(f"{len(text)};{text}".encode())
-        else:
-            _hash_array(h, data.images)
-        _hash_array(h, data.labels)
-    elif isinstance(data, (tuple, list)) and len(data) == 2:
-        _hash_array(h, data[0])
-        _hash_array(h, data[1])
-    elif isinstance(data, torch.utils.data.TensorDataset):
-        for t in data.tensors:
-            _hash_array(h, t)
-    else:
-        return None
-    return h.hexdigest()
-
-
-def _manifest_shards(samples):
-    """[(name, info)] of the manifest a Samples was loaded with, when its images are still the
-    lazy view of exactly those shards (not an in-memory subset carrying the manifest along)."""
-    import numpy as np
-
-    shards = samples.meta.get("shards") if isinstance(samples.meta, dict) else None
-    if (not isinstance(shards, dict) or not shards
-            or isinstance(samples.images, (np.ndarray, torch.Tensor))
-            or any(not isinstance(i, dict) or not isinstance(i.get("sha256"), str)
-                   for i in shards.values())
-            or sum(int(i.get("count", -1)) for i in shards.values()) != len(samples)):
-        return None
-    return sorted(shards.items(), key=lambda kv: int(kv[1].get("start", 0)))
-
-
-def _hash_array(h, a, chunk: int = 4096) -> None:
-    """dtype, shape and bytes of a tensor, an array (a memory-mapped npz member is read
-    through its mapping, never copied whole) or a lazy array view (read ``chunk`` rows at a
-    time)."""
-    import numpy as np
-
-    if a is None:
-        h.update(b"N;")
-        return
-    if isinstance(a, torch.Tensor):
-        _digest_into(h, a)
-        return
-    if not isinstance(a, np.ndarray) and hasattr(a, "shape") and hasattr(a, "dtype"):
-        h.update(f"A{np.dtype(a.dtype).str}{tuple(a.shape)};".encode())
-        for s in range(0, len(a), chunk):
-            h.update(np.ascontiguousarray(a[s:s + chunk]).view(np.uint8))
-        return
-    a = np.ascontiguousarray(np.asarray(a))
-    h.update(f"A{a.dtype.str}{a.shape};".encode())
-    if a.size:
-        h.update(a.reshape(-1).view(np.uint8))
-
-
-def _comparable(config: dict) -> dict:
-    """The part of a checkpoint configuration a resume must match: a missing ``recipe`` is the
-    one every checkpoint before its introduction was trained with, and ``pad`` / ``flip`` do
-    not matter without augmentation (their defaults now depend on the image size)."""
-    config = dict(config)
-    config.setdefault("recipe", _LEGACY_RECIPE)
-    if not config.get("augment", True):
-        config.pop("pad", None)
-        config.pop("flip", None)
-    return config
+__all__ = ["check_labels", "wrap_model", "broadcast_state", "Loop", "run_epoch", "epoch_entry"]
 
 
 # --------------------------------------------------------------------------- DDP

@@ -1,124 +1,10 @@
-"""Adversarial training on real + generated data: TRADES (default) and Madry PGD-AT — the
-public entry points, their objectives and the training loop. Data order, mixing and
-augmentation: :mod:`cdp_fast.robust.batches`; input forms: :func:`cdp_fast.data.as_source`; the inner
-attacks: :mod:`cdp_fast.robust.attacks`. (Over 400 lines because both public functions write out
-their ~30 arguments and the recipes' sources are documented here, once.)
-
-The paper's setting (App. D, "Adversarial Training": "we follow the same setting as Gowal et
-al. (2021)"), with the facts of the public trainers cited by file (the Contrastive-DP authors'
-``adversarial_robustness_pytorch-main/`` is a fork of ``imrahulr/adversarial_robustness_pytorch``;
-its README trains with ``train-wa.py`` — missing from their snapshot, present upstream — whose
-``WATrainer`` is ``gowal21uncovering/utils/watrain.py``):
-
-- every batch mixes real and synthetic images at a fixed ratio: ``real_fraction`` = 0.3 of the
-  batch is real (``--unsup-fraction 0.7``, ``core/data/semisup.py``); an "epoch" is
-  ``ceil(len(real) / batch_size)`` updates whatever the synthetic set size (their epoch length
-  is derived from the real set size the same way);
-- TRADES (Zhang et al. 2019, eq. (5)), β = 6 by default:
-
-      L = CE(f(x), y) + β · (1/B) Σ_i KL(p(x_i) ‖ p(x'_i)),   p = softmax ∘ f,
-
-  where x' comes from :func:`cdp_fast.robust.attacks.trades_attack` (10 L∞ PGD steps on the same KL).
-  In code that is ``F.kl_div(log_softmax(f(x')), softmax(f(x)), reduction="batchmean")``: the
-  natural distribution is the *target* of ``kl_div``, so gradients flow through both f(x) and
-  f(x'); the clean forward and the adversarial forward both run in train mode, one after the
-  other, each updating the BatchNorm running statistics;
-- PGD-AT (Madry et al. 2018): L = CE(f(x'), y) with x' from
-  :func:`cdp_fast.robust.attacks.pgd_attack` (uniform random start, model in eval mode for the
-  attack, as ``core/utils/train.py``'s ``Trainer.adversarial_loss``);
-- SGD with Nesterov momentum 0.9, weight decay 5e-4 on every parameter except those of the
-  normalisation layers (``watrain.py``'s ``group_weight``), cosine learning-rate schedule per
-  update (optionally after a linear warm-up);
-- an EMA of the weights ("stochastic weight averaging with decay 0.995", App. D);
-- augmentation on tensors: random crop after zero padding and horizontal flips, by default
-  fitted to the input (:func:`cdp_fast.robust.batches.augment_defaults`: padding ``min(H, W)/8``
-  rounded, at least 1 — 4 at 32×32 as ``RandomCrop(32, padding=4)`` in
-  ``core/data/cifar10s.py``, 1 at 8×8 — and flips only for 3-channel images);
-- on CUDA: bf16 autocast and ``torch.compile`` (``amp="auto"``, ``compile="auto"``); on CPU
-  fp32 eager unless asked.
-
-Two recipes (``recipe=``) differ in five places; everything else above is common:
-
-=====================  ====================================  ==================================
-                       ``"gowal"`` (default, the paper's)    ``"zhang"`` (before recipes)
-=====================  ====================================  ==================================
-TRADES attack start    clip(x + U(−ε, ε), 0, 1)              x + 0.001·N(0, I)
-                       (``gowal21uncovering/utils/           (``yaodongyu/TRADES`` ``trades.py``;
-                       trades.py`` L33–34)                   the authors' ``core/utils/trades.py``
-                                                             L30)
-TRADES attack mode     train mode, BatchNorm on batch        eval mode (running statistics)
-                       statistics, running statistics        (``trades.py``; ``core/utils/
-                       frozen; p(x) in that mode too         trades.py`` L27)
-                       (``gowal21uncovering/utils/
-                       trades.py`` L29–35, ``track_bn_stats``
-                       in ``core/utils/utils.py``)
-label smoothing        0.1 on the clean CE of TRADES         0
-(``label_smoothing=    (``gowal21uncovering/utils/trades.py``
-None``)                L22, L27); 0 for PGD-AT (``core/
-                       utils/train.py``: plain
-                       ``nn.CrossEntropyLoss``)
-EMA decay after        0 (an exact copy) while k < 2.5 % of  min(ema, (1 + k)/(10 + k)) from
-update k               the run's updates, then min(ema,      the first update
-                       (1 + δ)/(10 + δ)), δ = k − warm-up
-                       (``watrain.py`` ``ema_update``,
-                       ``warmup_steps = 0.025 · epochs ·
-                       update_steps``)
-EMA's BatchNorm        the model's, copied at the end of     averaged like the weights
-statistics             every epoch; only parameters are      (integer buffers copied after
-                       averaged (``watrain.py``              every update)
-                       ``update_bn``, which aliases the
-                       buffers: equal at every epoch end)
-=====================  ====================================  ==================================
-
-``recipe`` sets these five; the only one an argument overrides is the label smoothing
-(``label_smoothing=None``: the recipe's; a number: that). PGD-AT's attack (uniform start, eval
-mode) is the same in both recipes, so for :func:`train_pgd_at` the recipes differ in the EMA
-only (and in the label smoothing when passed explicitly). Not reproduced by either recipe:
-``watrain.py``'s BatchNorm momentum 1.0 on the first update (then 0.01) and its one-cycle
-learning-rate schedule stepped per epoch (``core/utils/train.py``); the model's own BatchNorm
-momentum is used, and the cosine schedule above. ``"zhang"`` is this library's behaviour before
-``recipe`` existed, bit for bit (its default call then used pad 4 and flips; pass them to
-reproduce an old default run).
-
-Determinism and resume. Every random choice is a function of (``seed``, epoch) — the data
-order — or (``seed``, update index) — crops, flips, attack starts — through dedicated
-generators, never the global RNG. A ``checkpoint=`` path receives, after every epoch and
-atomically (temp + fsync + rename), the model, EMA, optimizer state, epoch, update count,
-history, RNG state and the run's configuration; calling again with the same arguments resumes
-from it (``torch.load(weights_only=True)``) and on CPU ends at bitwise the same weights as an
-uninterrupted run. A checkpoint written with different arguments is refused (ValueError).
-The file also holds the sha256 of its contents (every tensor's bytes, in a fixed order) and
-fingerprints of ``train_data`` and ``synthetic`` (an out directory: its manifest's shard
-hashes and the labels, no image read; arrays and npz files: their bytes; a generic Dataset:
-none): a corrupted checkpoint, or other data of the same size, is refused by name instead of
-resuming from other weights or on other data. Checkpoints of earlier versions carry neither and
-resume unchecked. Unreadable files (truncated, empty, not a torch file, pickled objects) and
-labels outside the model's K outputs are ValueErrors too.
-The learning rate is a pure function of the update index, so the "scheduler state" is that
-index.
-
-Distributed data parallel (``torchrun --nproc_per_node=N``, or any initialised default process
-group with world size N > 1; :func:`cdp_fast.utils.distributed.maybe_init` joins it, nccl on CUDA,
-gloo on CPU): the model is wrapped in ``torch.nn.parallel.DistributedDataParallel`` (gradients
-all-reduced and averaged by DDP's bucketed reducer during ``backward``).
-:class:`cdp_fast.robust.batches.MixedBatchSampler` gives every rank its disjoint share (rows
-``rank::N``) of the same global mixed real/synthetic batch order, a function of (seed, epoch)
-(``set_epoch`` as torch's ``DistributedSampler``); ``batch_size`` is the global batch and must
-be divisible by N, so the shares are equal and DDP's average is the gradient of the global
-batch-mean loss. The random draws of an update (crops, flips, attack starts) are made for the
-whole global batch from (seed, update) on every rank and each rank keeps its rows: image j of
-global batch k gets the same randomness whatever N, so a run can be resumed with any number of
-processes. The inner attacks run on the unwrapped module (``ddp.module``), so their input
-gradients never touch DDP's gradient hooks. BatchNorm: each rank normalises with its local
-batch statistics unless ``sync_bn=True`` (``torch.nn.SyncBatchNorm``, CUDA/nccl only in
-torch) — in the training forwards and, with recipe="gowal", in the TRADES attack too, so a
-BatchNorm model's attack (like its training forward) depends on how the global batch is split
-over the ranks; models without BatchNorm train the same whatever N. Rank 0's running
-statistics are broadcast after every update (DDP's ``broadcast_buffers``, moved after the
-step) and the EMA starts from rank 0's model, so parameters, buffers and hence the EMA are
-identical on every rank. Only rank 0 writes the checkpoint (its path must be visible to every
-rank to resume) and shows a progress bar. Per-rank training throughput is gathered into
-``model.throughput``.
+"""Adversarial training on real + generated data: the public entry points
+:func:`train_trades` (TRADES, the default) and :func:`train_pgd_at` (Madry PGD-AT), their
+argument checks and one run put together top-down (:func:`_fit`). The parts: the recipes,
+objectives and schedules, with their sources, :mod:`cdp_fast.robust.recipes`; checkpoints,
+determinism and resume, :mod:`cdp_fast.robust.checkpoint`; DDP and one epoch,
+:mod:`cdp_fast.robust.loop`; data order, mixing and augmentation,
+:mod:`cdp_fast.robust.batches`; the inner attacks, :mod:`cdp_fast.robust.attacks`.
 
 Inputs (``train_data`` and ``synthetic``, read through :func:`cdp_fast.data.as_source`): a
 tuple ``(x, y)`` of tensors / arrays (x float NCHW in [0, 1], or uint8 NHWC; y int64), a
@@ -140,16 +26,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from cdp_fast.utils import distributed as cdist
-from cdp_fast.robust.batches import MixedBatchSampler, augment_batch, augment_defaults, epoch_indices, mix_counts
-from cdp_fast.utils.checks import check_number
 from cdp_fast.data import Samples, as_source
+from cdp_fast.robust.batches import MixedBatchSampler, augment_defaults, mix_counts
+from cdp_fast.robust.checkpoint import checkpoint_config, data_fingerprint, load_checkpoint, save_checkpoint
+from cdp_fast.robust.loop import Loop, broadcast_state, check_labels, epoch_entry, run_epoch, wrap_model
+from cdp_fast.robust.recipes import RECIPES, RunConfig, make_optimizer
+from cdp_fast.utils import distributed as cdist
+from cdp_fast.utils.checks import check_number
 from cdp_fast.utils.runtime import eval_mode, rank_device
-from cdp_fast.robust.loop import RECIPES, Loop, RunConfig, broadcast_state, check_labels, cosine_lr, data_fingerprint, ema_decay, epoch_entry, load_checkpoint, make_optimizer, pgd_at_loss, run_epoch, save_checkpoint, trades_loss, wrap_model
 
-__all__ = ["train_trades", "train_pgd_at", "trades_loss", "pgd_at_loss", "as_source",
-           "augment_batch", "augment_defaults", "ema_decay", "cosine_lr", "mix_counts",
-           "epoch_indices", "MixedBatchSampler", "RECIPES"]
+__all__ = ["train_trades", "train_pgd_at"]
 
 
 # --------------------------------------------------------------------------- public API
@@ -167,7 +53,8 @@ def train_trades(model: nn.Module, train_data, *, synthetic=None, real_fraction:
                  sync_bn: bool = False, recipe: str = "gowal") -> nn.Module:
     """TRADES adversarial training (Zhang et al. 2019) on real + synthetic data, the paper's
     recipe by default (App. D: Gowal et al. 2021's setting, β = 6, 10-step PGD, EMA 0.995;
-    ``recipe="gowal"``, see the module docstring for both recipes and their sources).
+    ``recipe="gowal"``; :mod:`cdp_fast.robust.recipes` documents both recipes and their
+    sources).
 
     Example:
         >>> model = cdp_fast.models.get_model("wrn-28-10-swish")
@@ -278,7 +165,8 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, checkpoint, resu
          callback, **options) -> nn.Module:
     """One run: validation, data, device and process group, optimizer and EMA, resume, DDP
     wrapping; then the epochs, each followed by its checkpoint and the callback; then the EMA
-    weights into ``model``. The parts live in :mod:`cdp_fast.robust.loop`."""
+    weights into ``model``. The parts live in :mod:`cdp_fast.robust.recipes`,
+    :mod:`cdp_fast.robust.checkpoint` and :mod:`cdp_fast.robust.loop`."""
     run = _validate(kind, model, callback=callback, **options)
     # Paths are opened once here, so the data trained on is the data fingerprinted.
     train_data, synthetic = _open_path(train_data), _open_path(synthetic)
@@ -311,7 +199,7 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, checkpoint, resu
         for p in ema_model.parameters():
             p.requires_grad_(False)
 
-    config = _checkpoint_config(run, spe, real, syn)
+    config = checkpoint_config(run, spe, real, syn)
     start_epoch, step, history = 0, 0, []
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     fingerprints = None
@@ -471,23 +359,3 @@ def _check_labels(data, name: str, num_classes: Optional[int]) -> None:
     if labels is not None and len(labels):
         check_labels(torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor)
                                      else labels), name, num_classes)
-
-
-def _checkpoint_config(run: RunConfig, spe: int, real, syn) -> dict:
-    """What a checkpoint must match to be resumed (a resume with other values is refused)."""
-    config = {
-        "kind": run.kind, "real_fraction": float(run.real_fraction), "epochs": run.epochs,
-        "eps": float(run.eps), "step_size": float(run.step_size), "steps": run.steps,
-        "beta": float(run.beta), "batch_size": run.batch_size,
-        "ema": None if run.ema is None else float(run.ema), "lr": float(run.lr),
-        "momentum": float(run.momentum), "weight_decay": float(run.weight_decay),
-        "nesterov": bool(run.nesterov), "label_smoothing": float(run.label_smoothing),
-        "augment": bool(run.augment), "pad": run.pad, "flip": bool(run.flip),
-        "steps_per_epoch": spe, "warmup_epochs": run.warmup_epochs, "seed": run.seed,
-        "n_real": len(real), "n_synthetic": 0 if syn is None else len(syn),
-    }
-    if run.sync_bn:   # (key absent otherwise: checkpoints of earlier versions still resume)
-        config["sync_bn"] = True
-    # (checkpoints of earlier versions have no "recipe": load_checkpoint reads them as "zhang")
-    config["recipe"] = run.recipe
-    return config

@@ -3,7 +3,7 @@ manifest, resume, the split of shards over torchrun ranks, and the fingerprints 
 resumed run whether its arguments changed. Knows nothing of sampling: it calls
 ``generate(start, count, advance)`` for the rows of each missing shard.
 
-Layout of ``out/`` (DESIGN.md §6): ``shard-000123.npz`` (see :mod:`cdp_fast.data`),
+Layout of ``out/`` (docs/design.md §6): ``shard-000123.npz`` (see :mod:`cdp_fast.data`),
 ``manifest.json`` (arguments, counts, seeding, each finished shard's size and sha256,
 ``complete``), ``.lock`` (the run's lock and its holder, :class:`DirLock`) and, during a
 multi-process run, one ``shard-000123.json`` record per shard written by its rank (folded into
@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from cdp_fast.utils import distributed
-from cdp_fast.data import atomic_write_bytes, atomic_write_json, npz_bytes, shard_intact
+from cdp_fast.data import npz_bytes, shard_intact
+from cdp_fast.utils.io import atomic_write_bytes, atomic_write_json
 
 __all__ = ["ShardPlan", "DirLock", "write_shards", "fingerprint", "shard_name", "SEEDING"]
 

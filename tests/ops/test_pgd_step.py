@@ -1,4 +1,4 @@
-"""cdp_fast::pgd_step (csrc/) against its reference ``pgd_step_ref`` (cdp_fast/ops/pgd_step.py), and the
+"""cdp_fast::pgd_step (csrc/) against its reference ``pgd_step_ref`` (cdp_fast/ops/pgd_step/), and the
 reference against a literal NumPy transcription of the formula
 
     y = clamp(min(max(x_adv + α·sign(g), x − ε), x + ε), 0, 1),   sign(0) = 0.
@@ -22,6 +22,7 @@ import torch
 
 from cdp_fast.ops import backend
 from cdp_fast.ops import pgd_step as _ext
+from cdp_fast.ops.pgd_step import build
 from cdp_fast.ops.pgd_step import pgd_step, pgd_step_ref
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -36,7 +37,7 @@ def ext():
     """Build/load the extension once; fail loudly (not skip) when it cannot be built, so a
     broken build cannot hide behind the composite fallback."""
     if not _ext.load_extension():
-        pytest.fail(f"cdp_fast::pgd_step extension unavailable: {_ext._state['error']}")
+        pytest.fail(f"cdp_fast::pgd_step extension unavailable: {_ext.extension_error()}")
     return torch.ops.cdp_fast.pgd_step.default
 
 
@@ -244,13 +245,13 @@ def test_forced_composite_warns_once_and_matches(ext, monkeypatch):
     xa, g, x = make_inputs((3, 3, 5, 5), torch.float32, seed=2)
     fused = pgd_step(xa, g, x, step_size=0.02, eps=0.05, impl="ext")
     monkeypatch.setenv("CDP_FAST_PGD_IMPL", "composite")
-    monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setattr(_ext, "_warned", set())
     outs, warns = _count_warnings(lambda: pgd_step(xa, g, x, step_size=0.02, eps=0.05), 3)
     assert len(warns) == 1 and "CDP_FAST_PGD_IMPL=composite" in str(warns[0].message)
     for o in outs:
         assert_bitwise(o, fused)
     # An explicit per-call choice does not warn.
-    monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setattr(_ext, "_warned", set())
     _, warns = _count_warnings(lambda: pgd_step(xa, g, x, step_size=0.02, eps=0.05, impl="composite"), 2)
     assert warns == []
 
@@ -270,7 +271,8 @@ def test_one_backend_rule_with_the_pgd_alias(ext, monkeypatch, env, expected):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert _ext.resolved_impl() == expected
-        assert backend.choose("pgd_step") == expected
+        # backend.choose gives the request; the op resolves "auto" (the extension loads here)
+        assert backend.choose("pgd_step") == ("auto" if env == {"CDP_FAST_BACKEND": "auto"} else expected)
     monkeypatch.setenv("CDP_FAST_PGD_IMPL", "fast")
     with pytest.raises(ValueError, match="CDP_FAST_PGD_IMPL"):
         backend.choose("pgd_step")
@@ -282,9 +284,9 @@ def test_unavailable_extension_falls_back_with_one_warning(ext, monkeypatch):
     fused = pgd_step(xa, g, x, step_size=0.02, eps=0.05, impl="ext")
     monkeypatch.delenv("CDP_FAST_PGD_IMPL", raising=False)
     monkeypatch.delenv("CDP_FAST_BACKEND", raising=False)
-    monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setattr(_ext, "_warned", set())
     for k, v in (("tried", True), ("op", None), ("error", "simulated: no compiler")):
-        monkeypatch.setitem(_ext._state, k, v)
+        monkeypatch.setitem(build._state, k, v)
     outs, warns = _count_warnings(lambda: pgd_step(xa, g, x, step_size=0.02, eps=0.05), 3)
     assert len(warns) == 1 and "simulated: no compiler" in str(warns[0].message)
     for o in outs:
@@ -307,21 +309,21 @@ def test_stale_prebuilt_is_skipped(tmp_path, monkeypatch):
     (csrc / "pgd_step.cpp").write_text("// new")
     os.utime(so, (1_000_000, 1_000_000))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: types.SimpleNamespace(origin=str(so)))
-    monkeypatch.setattr(_ext, "_csrc_dir", lambda: csrc)
-    assert "pgd_step.cpp" in _ext._prebuilt_stale()
+    monkeypatch.setattr(build, "_csrc_dir", lambda: csrc)
+    assert "pgd_step.cpp" in build._prebuilt_stale()
     os.utime(so, None)
     os.utime(csrc / "pgd_step.cpp", (1_000_000, 1_000_000))
-    assert _ext._prebuilt_stale() is None
+    assert build._prebuilt_stale() is None
 
 
 def test_jit_cache_location_and_key(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    assert _ext._build_dir("abc") == tmp_path / "cdp_fast" / "abc"
+    assert build._build_dir("abc") == tmp_path / "cdp_fast" / "abc"
     src = tmp_path / "a.cpp"
     src.write_text("int a;")
-    k1 = _ext._cache_key([str(src)])
+    k1 = build._cache_key([str(src)])
     src.write_text("int b;")
-    assert _ext._cache_key([str(src)]) != k1  # an edited source is a new build
+    assert build._cache_key([str(src)]) != k1  # an edited source is a new build
 
 
 @pytest.mark.gpu

@@ -2,7 +2,7 @@
 
 The dense reference (:mod:`.reference`) materialises the m×N similarity matrix; this module
 computes the same statistics by streaming the candidates in chunks, exactly the algorithm of
-the Triton kernels in :mod:`cdp_fast.kernels.contrastive` (DESIGN.md §5), so it is both the
+the Triton kernels in :mod:`cdp_fast.kernels.contrastive` (docs/design.md §5), so it is both the
 CPU implementation (``impl="torch"``) and a readable statement of what the kernels do.
 
 Decomposition (shared with the kernels)

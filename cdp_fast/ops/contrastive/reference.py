@@ -1,11 +1,11 @@
 """The dense reference of the contrastive losses (§4.2 of the paper): InfoNCE and HNM.
 
-Plain, upcast PyTorch that mirrors DESIGN.md §4 line by line, computed in log space
+Plain, upcast PyTorch that mirrors docs/design.md §4 line by line, computed in log space
 (log-sum-exp) so that τ = 0.05 with d = 2048 neither overflows nor underflows. It materialises
 the m×N similarity matrix: it is what the streaming paths (:mod:`.chunked`, the Triton kernels)
 are tested against, not what runs.
 
-Notation (DESIGN.md §4; Robinson et al. 2021 "Contrastive learning with hard negative
+Notation (docs/design.md §4; Robinson et al. 2021 "Contrastive learning with hard negative
 samples", eq. (3) and their public code; the paper's ℓ_HNM):
     a_i, p_i, k_j   L2-normalised anchor, positive, candidate embeddings
     s_ij = a_i·k_j

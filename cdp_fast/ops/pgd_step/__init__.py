@@ -1,10 +1,17 @@
-"""The fused L∞ PGD step op: its reference, building/loading the C++/CUDA extension
-``cdp_fast::pgd_step`` (csrc/), and the public :func:`pgd_step`.
+"""The fused L∞ PGD step op: the public :func:`pgd_step`, its reference :func:`pgd_step_ref`,
+its argument checks, which implementation runs (:func:`resolved_impl`) and the extension's
+entry point (:func:`load_extension`, with the op's ``register_fake``).
 
 Homes: kernels ``csrc/pgd_step*.{h,cpp,cu}`` (``TORCH_LIBRARY`` schema, CPU and CUDA impls);
-here the reference, the loader and ``register_fake``; tests ``tests/ops/test_pgd_step.py``;
-benchmark ``benchmarks/ops/pgd_step.py``. :func:`cdp_fast.ops.backend.choose` picks "ext" or
-"composite" (``CDP_FAST_BACKEND``, with ``CDP_FAST_PGD_IMPL`` as an alias for this op).
+here the reference, the choice and ``register_fake`` (torch requires it in the module that
+csrc/ names in ``m.set_python_module``); building / loading the extension
+:mod:`cdp_fast.ops.pgd_step.build`; tests ``tests/ops/test_pgd_step.py``; benchmark
+``benchmarks/ops/pgd_step.py``. :func:`cdp_fast.ops.backend.choose` gives the request ("auto",
+"ext" or "composite": the ``impl=`` argument, else ``CDP_FAST_PGD_IMPL``, else
+``CDP_FAST_BACKEND``); this module resolves it: "ext" runs the extension or raises naming why
+it is unavailable, "composite" runs :func:`pgd_step_ref` (with one warning when the
+environment forced it: ~10x slower), "auto" runs the extension when it loads, else warns once
+and runs the composite.
 
 One PGD step (Madry et al. 2018, eq. (2); the update of the TRADES public code,
 ``yaodongyu/TRADES/trades.py``), per element, with α = ``step_size`` and ε = ``eps``:
@@ -15,39 +22,25 @@ The eager PyTorch composite of this line makes ~8 passes over memory (sign, mul,
 add, max, min, clamp, each allocating a full-size temporary); the extension reads x_adv, g,
 x once and writes y once.
 
-Where the extension comes from (first that works, tried once per process):
-  1. ``cdp_fast._C``: built ahead of time by ``setup.py`` (``pip install --no-build-isolation``),
-     skipped when a source in csrc/ is newer than it (an editable install edited since);
-  2. a JIT build of ``csrc/`` with ninja (``torch.utils.cpp_extension.load``), cached in
-     ``$TORCH_EXTENSIONS_DIR/cdp_fast/<key>`` or ``~/.cache/cdp_fast/ext/<key>``, where the key
-     hashes the sources, the torch/CUDA/Python versions and the machine architecture (first
-     use ~30-45 s on 2 cores, then a library load; concurrent processes wait on torch's lock
-     file in that directory instead of building twice);
-  3. otherwise :mod:`cdp_fast.ops.backend` warns once and :func:`pgd_step_ref` (the composite) runs.
-
 Autograd: the op has none. Attack steps run under ``torch.no_grad()`` (the gradient ``g`` is
 an input); :func:`pgd_step` raises if asked to differentiate through it.
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
-import sys
 import threading
-from pathlib import Path
+import warnings
 
 import torch
 
 from cdp_fast.ops import backend
+from cdp_fast.ops.pgd_step import build
 
 __all__ = ["pgd_step", "pgd_step_ref", "load_extension", "extension_available", "extension_error",
            "resolved_impl", "check_scalar_or_per_sample"]
 
-_OP_NAME = "cdp_fast::pgd_step"
-
-_lock = threading.Lock()
-_state = {"op": None, "error": None, "tried": False, "fake": False}
+_warned = set()   # the fallback warnings already given (keys "pgd-forced", "pgd-missing")
+_fake_lock = threading.Lock()
+_fake = {"registered": False}
 
 
 # --------------------------------------------------------------------------- reference
@@ -132,132 +125,31 @@ def _validate(x_adv, grad, x_nat, step_size, eps) -> None:
     check_scalar_or_per_sample(eps, "eps", x_adv)
 
 
-# --------------------------------------------------------------------------- loading
-def _csrc_dir() -> Path | None:
-    pkg = Path(__file__).resolve().parents[2]   # cdp_fast/
-    for cand in (pkg / "csrc", pkg.parent / "csrc"):  # installed package data / repo checkout
-        if (cand / "pgd_step.cpp").is_file():
-            return cand
-    return None
-
-
-def _with_cuda() -> bool:
-    if not getattr(torch.version, "cuda", None):
-        return False
-    from torch.utils import cpp_extension as ce
-    return ce.CUDA_HOME is not None
-
-
-def _jit_sources(csrc: Path) -> list[str]:
-    srcs = sorted(str(p) for p in csrc.glob("*.cpp"))
-    if _with_cuda():
-        srcs += sorted(str(p) for p in csrc.glob("*.cu"))
-    return srcs
-
-
-def _cache_key(sources: list[str]) -> str:
-    h = hashlib.sha256()
-    for s in sources + sorted(str(p) for p in Path(sources[0]).parent.glob("*.h")):
-        h.update(Path(s).name.encode())
-        h.update(Path(s).read_bytes())
-    # Anything that makes a built library unusable elsewhere: torch ABI, CUDA, Python, arch.
-    for part in (torch.__version__, str(torch.version.cuda), sys.version, platform.machine()):
-        h.update(part.encode())
-    return h.hexdigest()[:16]
-
-
-def _build_dir(key: str) -> Path:
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    base = Path(root) / "cdp_fast" if root else Path.home() / ".cache" / "cdp_fast" / "ext"
-    d = base / key
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def _prebuilt_stale() -> str | None:
-    """In an editable install the prebuilt ``cdp_fast/_C*.so`` sits next to the sources it was
-    built from; once a source is newer (edited after ``pip install -e``), loading it would run
-    old code, and loading both it and a JIT build would register the op twice. Returns the
-    reason to skip it, else None."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("cdp_fast._C")
-    if spec is None or not spec.origin:
-        return None
-    csrc = _csrc_dir()
-    if csrc is None:
-        return None
-    so_mtime = Path(spec.origin).stat().st_mtime
-    newer = [p.name for p in sorted(csrc.iterdir())
-             if p.suffix in (".h", ".cpp", ".cu") and p.stat().st_mtime > so_mtime]
-    return f"older than {', '.join(newer)} (rebuild with pip install -e .)" if newer else None
-
-
-def _op_registered() -> bool:
-    try:
-        torch.ops.cdp_fast.pgd_step.default  # noqa: B018
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _jit_build() -> None:
-    csrc = _csrc_dir()
-    if csrc is None:
-        raise RuntimeError("the csrc/ sources are not shipped with this installation")
-    from torch.utils import cpp_extension as ce
-
-    sources = _jit_sources(csrc)
-    key = _cache_key(sources)
-    flags = ["-O3"]  # torch's own -std (C++17 or C++20 by version) is kept
-    cuda = any(s.endswith(".cu") for s in sources)
-    if cuda:
-        flags.append("-DCDP_FAST_WITH_CUDA")
-    ce.load(name=f"cdp_fast_C_{key}", sources=sources, build_directory=str(_build_dir(key)),
-            extra_cflags=flags, extra_cuda_cflags=["-O3"] if cuda else None,
-            is_python_module=False, verbose=False)
-
-
+# --------------------------------------------------------------------------- the extension
 def _register_fake() -> None:
-    if _state["fake"]:
+    """The op's FakeTensor implementation (torch.compile traces the op through it); once."""
+    if _fake["registered"]:
         return
+    with _fake_lock:
+        if _fake["registered"]:
+            return
 
-    @torch.library.register_fake(_OP_NAME)
-    def _(x_adv, grad, x_nat, step_size, eps):
-        # Mirrors the kernels: the output is a new contiguous tensor like x_adv.
-        return torch.empty_like(x_adv, memory_format=torch.contiguous_format)
+        @torch.library.register_fake(build.OP_NAME)
+        def _(x_adv, grad, x_nat, step_size, eps):
+            # Mirrors the kernels: the output is a new contiguous tensor like x_adv.
+            return torch.empty_like(x_adv, memory_format=torch.contiguous_format)
 
-    _state["fake"] = True
+        _fake["registered"] = True
 
 
 def load_extension() -> bool:
-    """Make ``torch.ops.cdp_fast.pgd_step`` available (prebuilt, else JIT). Returns success;
-    the failure reason is kept for the warning. Thread-safe; tried once per process."""
-    with _lock:
-        if _state["tried"]:
-            return _state["op"] is not None
-        _state["tried"] = True
-        errors = []
-        if not _op_registered():
-            stale = _prebuilt_stale()
-            if stale:
-                errors.append(f"prebuilt cdp_fast._C skipped: {stale}")
-            else:
-                try:
-                    import cdp_fast._C  # noqa: F401  (registers the op at load)
-                except ImportError as exc:
-                    errors.append(f"prebuilt cdp_fast._C: {exc}")
-        if not _op_registered():
-            try:
-                _jit_build()
-            except Exception as exc:  # no compiler, no ninja, no headers, read-only cache...
-                errors.append(f"JIT build: {type(exc).__name__}: {exc}")
-        if _op_registered():
-            _register_fake()
-            _state["op"] = torch.ops.cdp_fast.pgd_step.default
-        else:
-            _state["error"] = "; ".join(errors) or "unknown reason"
-        return _state["op"] is not None
+    """Make ``torch.ops.cdp_fast.pgd_step`` available (prebuilt, else JIT:
+    :func:`cdp_fast.ops.pgd_step.build.load`) with its fake. Returns success; the failure
+    reason is kept for the warning. Thread-safe; tried once per process."""
+    if not build.load():
+        return False
+    _register_fake()
+    return True
 
 
 def extension_available() -> bool:
@@ -267,20 +159,51 @@ def extension_available() -> bool:
 
 def extension_error() -> str | None:
     """Why the extension could not be loaded (None if it loaded or was not tried yet)."""
-    return _state["error"]
+    return build.load_error()
+
+
+# --------------------------------------------------------------------------- the choice
+def _warn_once(key: str, msg: str, stacklevel: int) -> None:
+    """``msg`` as a RuntimeWarning the first time ``key`` comes, attributed ``stacklevel``
+    frames above the caller of this function (1: the caller's line)."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel + 1)
+
+
+def _resolve(impl: str | None, stacklevel: int) -> str:
+    """The implementation that runs, "ext" or "composite", for the request of ``impl`` (None:
+    the environment's), loading the extension when the request allows it; the one-time warnings are attributed ``stacklevel``
+    frames above the caller (1: the caller's line)."""
+    request = backend.choose("pgd_step", impl=impl)
+    if request == "composite":
+        if impl is None:   # forced by the environment (an explicit impl= does not warn)
+            _warn_once("pgd-forced", "cdp_fast.pgd_step: the environment forces the PyTorch composite "
+                       "(CDP_FAST_PGD_IMPL=composite or CDP_FAST_BACKEND=torch); the fused C++/CUDA step "
+                       "is ~10x faster on CPU", stacklevel + 1)
+        return "composite"
+    if load_extension():
+        return "ext"
+    if request == "ext":
+        raise RuntimeError(f"cdp_fast.pgd_step: the extension was requested but is unavailable: "
+                           f"{extension_error()}")
+    _warn_once("pgd-missing", "cdp_fast.pgd_step: the C++/CUDA extension is unavailable "
+               f"({extension_error()}); using the PyTorch composite instead", stacklevel + 1)
+    return "composite"
 
 
 @torch.compiler.assume_constant_result
 def _env_choice() -> str:
     """The environment's choice ("ext" | "composite"); evaluated once at trace time under
-    torch.compile (building the extension is not traceable)."""
-    return backend.choose("pgd_step")
+    torch.compile (building the extension is not traceable). Warnings name pgd_step's caller."""
+    return _resolve(None, stacklevel=3)
 
 
 def resolved_impl(impl: str | None = None) -> str:
-    """Which implementation :func:`pgd_step` runs: ``"ext"`` or ``"composite"``
-    (:func:`cdp_fast.ops.backend.choose`)."""
-    return backend.choose("pgd_step", impl=impl)
+    """Which implementation :func:`pgd_step` runs for ``impl`` (None: the environment's, see
+    :func:`cdp_fast.ops.backend.choose`): ``"ext"`` or ``"composite"``. Loads the extension
+    when the request allows it; RuntimeError when "ext" is requested and unavailable."""
+    return _resolve(impl, stacklevel=2)
 
 
 def _as_op_arg(v, x: torch.Tensor) -> torch.Tensor:
@@ -321,7 +244,7 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, *,
             for t in (x_adv, grad, x_nat, step_size, eps)):
         raise RuntimeError("cdp_fast.pgd_step has no autograd formula; call it under "
                            "torch.no_grad() (PGD steps take the gradient as an input)")
-    which = _env_choice() if impl is None else resolved_impl(impl)
+    which = _env_choice() if impl is None else _resolve(impl, stacklevel=2)
     if which == "composite":
         return pgd_step_ref(x_adv, grad, x_nat, step_size=step_size, eps=eps)
     return torch.ops.cdp_fast.pgd_step.default(
@@ -330,5 +253,5 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, *,
 
 # torch imports this module (TORCH_LIBRARY's set_python_module) when it needs the fake
 # implementation of an op that was loaded some other way (e.g. `import cdp_fast._C`).
-if _op_registered():
+if build.op_registered():
     _register_fake()
