@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-__all__ = ["ddim_update"]
+__all__ = ["launch_ddim_update"]
 
 _BLOCK = 1024
 
@@ -48,7 +48,7 @@ def _ddim_kernel(X, E, G, Z, XP, X0, n, lam, b, sa, sp, dirc, sigma,
         tl.store(X0 + offs, x0.to(X0.dtype.element_ty), mask=ok)
 
 
-def ddim_update(x_t, eps, g, noise, lam: float, coef: tuple, return_x0: bool):
+def launch_ddim_update(x_t, eps, g, noise, lam: float, coef: tuple, return_x0: bool):
     """Launch the fused update.
 
     Args:

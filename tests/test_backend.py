@@ -97,7 +97,7 @@ def test_dispatch_reaches_the_right_implementation(monkeypatch, value):
     monkeypatch.setenv("CDP_FAST_BACKEND", value)
     fwd = _spy(monkeypatch, kc, "stats_forward")
     bwd = _spy(monkeypatch, kc, "stats_backward")
-    upd = _spy(monkeypatch, kd, "ddim_update")
+    upd = _spy(monkeypatch, kd, "launch_ddim_update")
     a = torch.randn(6, 5, requires_grad=True)
     k = torch.randn(7, 5, requires_grad=True)
     out = losses.hnm_loss(a, a.detach() + 0.1, k, tau=0.5)
@@ -111,7 +111,7 @@ def test_dispatch_reaches_the_right_implementation(monkeypatch, value):
     torch.testing.assert_close(x0, rx0)
     used = value == "triton"
     assert (fwd == ["stats_forward"]) == used and (bwd == ["stats_backward"]) == used
-    assert (upd == ["ddim_update"]) == used
+    assert (upd == ["launch_ddim_update"]) == used
 
 
 def test_ddim_update_contract(monkeypatch):
@@ -153,7 +153,7 @@ def test_sampler_same_samples_on_triton_and_torch(monkeypatch, loss):
     for value in ("torch", "triton"):
         monkeypatch.setenv("CDP_FAST_BACKEND", value)
         fwd = _spy(monkeypatch, kc, "stats_forward")
-        upd = _spy(monkeypatch, kd, "ddim_update")
+        upd = _spy(monkeypatch, kd, "launch_ddim_update")
         outs[value] = torch.as_tensor(cdp_fast.sample(model, 6, **kw).images)
         monkeypatch.undo()  # drop the spies (and the env) before the next backend
         assert bool(fwd) == bool(upd) == (value == "triton"), (value, len(fwd), len(upd))

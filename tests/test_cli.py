@@ -252,7 +252,9 @@ def test_model_spec_loads_a_local_diffusers_folder(tmp_path, pipeline):
 
 
 def test_bench_outside_a_checkout_says_so(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "cdp_fast" / "cli.py"))
+    from cdp_fast.cli import demo as cli_demo  # cmd_bench's module: it finds the checkout from its own path
+
+    monkeypatch.setattr(cli_demo, "__file__", str(tmp_path / "site-packages" / "cdp_fast" / "cli" / "demo.py"))
     assert cli.main(["bench", "--methods", "ddim"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "source checkout" in err and "throughput.py" in err

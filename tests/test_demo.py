@@ -17,6 +17,7 @@ from cdp_fast import demo, theory
 from cdp_fast.demo import digits as demo_data
 from cdp_fast.demo import gaussian as demo_gaussian
 from cdp_fast.demo import stats as demo_stats  # noqa: E402
+from cdp_fast.utils import png  # noqa: E402
 
 TINY = dict(k_per_class=2, n_synthetic=32, epochs=2, updates_per_epoch=2, sampling_steps=4, sweep_n=16, test_n=40,
             labeler_steps=5, guide_updates=2, gaussian_seeds=2, lams=(5e3, 4e4), attacks=("clean", "pgd"),
@@ -297,13 +298,13 @@ def _read_png(path):
 @pytest.mark.parametrize("shape", [(5, 7), (3, 4, 3), (6, 2, 1)])
 def test_png_round_trip(tmp_path, shape):
     img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    demo.write_png(tmp_path / "x.png", img)
+    png.write_png(tmp_path / "x.png", img)
     back = _read_png(tmp_path / "x.png")
     assert back.dtype == np.uint8
     np.testing.assert_array_equal(back.reshape(img.shape), img)
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]  # no temp file left behind
     with pytest.raises(ValueError, match="uint8"):
-        demo.write_png(tmp_path / "y.png", img.astype(np.float32))
+        png.write_png(tmp_path / "y.png", img.astype(np.float32))
 
 
 def test_save_grid_png_pixels_round_trip(tmp_path):
@@ -311,15 +312,15 @@ def test_save_grid_png_pixels_round_trip(tmp_path):
     rng = np.random.default_rng(1)
     for c in (1, 3):
         imgs = rng.integers(0, 256, (5, 3, 4, c), dtype=np.uint8)
-        demo.save_grid_png(tmp_path / f"g{c}.png", imgs, nrow=2, scale=3)
+        png.save_grid_png(tmp_path / f"g{c}.png", imgs, nrow=2, scale=3)
         back = _read_png(tmp_path / f"g{c}.png")
-        np.testing.assert_array_equal(back, demo.image_grid(imgs, nrow=2, scale=3))
+        np.testing.assert_array_equal(back, png.image_grid(imgs, nrow=2, scale=3))
 
 
 def test_png_without_pillow_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "PIL", None)
     with pytest.raises(ImportError, match=r"cdp_fast\[demo\]"):
-        demo.write_png(tmp_path / "x.png", np.zeros((2, 2), np.uint8))
+        png.write_png(tmp_path / "x.png", np.zeros((2, 2), np.uint8))
     assert not (tmp_path / "x.png").exists()
 
 
@@ -334,7 +335,7 @@ def test_digits_presets_live_with_the_digits_models():
 
 def test_image_grid_layout():
     imgs = np.arange(3 * 2 * 2, dtype=np.uint8).reshape(3, 2, 2, 1)
-    g = demo.image_grid(imgs, nrow=2, scale=2, pad=1)
+    g = png.image_grid(imgs, nrow=2, scale=2, pad=1)
     assert g.shape == (2 * (4 + 1) + 1, 2 * (4 + 1) + 1)
     assert (g[1:5, 1:5] == np.kron(imgs[0, :, :, 0], np.ones((2, 2), np.uint8))).all()
     assert (g[6:10, 1:5] == np.kron(imgs[2, :, :, 0], np.ones((2, 2), np.uint8))).all()

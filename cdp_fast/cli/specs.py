@@ -288,16 +288,14 @@ def load_inspect_features(spec, device=None):
 
 def load_independent_classifier(spec, real_train, device=None):
     """inspect --classifier: ``auto`` = a multinomial logistic regression on the pixels fitted on
-    the real training split (:func:`cdp_fast.metrics.fit_logistic_regression`: independent of
-    the guidance's classifier and features), ``none``, ``digits`` (the bundled classifier, which
-    labels the bundled model's samples: not independent) or ``module:factory`` (on [0, 1]
-    images). Returns (classifier or None, description)."""
+    the real training split (:func:`cdp_fast.demo.digits.fit_independent_classifier`, the demo's
+    judge: independent of the guidance's classifier and features), ``none``, ``digits`` (the
+    bundled classifier, which labels the bundled model's samples: not independent) or
+    ``module:factory`` (on [0, 1] images). Returns (classifier or None, description)."""
     if spec in (None, "auto"):
-        from cdp_fast import metrics
+        from cdp_fast.demo.digits import fit_independent_classifier
 
-        x, y = real_train
-        return (metrics.fit_logistic_regression(x, y),
-                "independent: pixel logistic regression fitted on the real training split")
+        return fit_independent_classifier(real_train)
     if spec == "none":
         return None, None
     if spec == "digits":

@@ -24,8 +24,8 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["choose_real", "train_labeler", "train_guidance_net", "generate_set", "Instruments",
-           "quick_metrics", "select_lambda", "set_report", "SET_KINDS"]
+__all__ = ["choose_real", "train_labeler", "train_guidance_net", "generate_set", "fit_independent_classifier",
+           "Instruments", "quick_metrics", "select_lambda", "set_report", "SET_KINDS"]
 
 SET_KINDS = ("ddim", "cdp", "cdp-class")
 
@@ -120,6 +120,18 @@ def generate_set(kind: str, n: int, *, seed: int, eps_model, labeler, features=N
     return cdp_fast.sample(eps_model, n, labeler=labeler, image_shape=digits.IMAGE_SHAPE, seed=seed, steps=steps,
                            skip="uniform", eta=0.0, batch_size=min(batch_size, n), device=device, compile=False,
                            progress=progress, **kw)
+
+
+def fit_independent_classifier(real_train):
+    """The judge of label agreement: a multinomial logistic regression on the pixels fitted on
+    ``real_train`` = (x, y) (:func:`cdp_fast.metrics.fit_logistic_regression`), independent of
+    the guidance's classifier and features; also what `cdp-fast inspect --classifier auto` fits.
+    Returns (classifier, description)."""
+    from cdp_fast import metrics
+
+    x, y = real_train
+    return (metrics.fit_logistic_regression(x, y),
+            "independent: pixel logistic regression fitted on the real training split")
 
 
 class Instruments:

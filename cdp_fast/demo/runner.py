@@ -1,26 +1,27 @@
 """The pipeline of `cdp-fast demo` (:func:`cdp_fast.demo.run_demo`), stage by stage: set-up
 (the k real digits, the labeller, the guidance network, the independent instruments), the λ
 rule on the sweep seed, the synthetic sets and their §1 metrics per seed, the arms' training
-per seed, the Gaussian chain, and the results dict; then the output files (results.json, the
-plot, the sample grids) and the machine record. The docstring of :mod:`cdp_fast.demo` says what
-is measured and why; :mod:`cdp_fast.demo.digits` holds the pieces.
+per seed, the Gaussian chain, and the results dict (:class:`Run`). The docstring of
+:mod:`cdp_fast.demo` says what is measured and why; :mod:`cdp_fast.demo.digits` holds the
+pieces, :mod:`cdp_fast.demo.outputs` writes the files (results.json, the plot, the sample grids).
 """
 from __future__ import annotations
 
-import io
-import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cdp_fast import demo
-from cdp_fast.utils.checks import check_number
-from cdp_fast.demo import digits as dd
+import cdp_fast.demo.digits as dd
+from cdp_fast.demo.config import ARMS, ATTACKS, BUDGET_NOTE, DEFAULTS, FULL, LAMS, LEAKAGE, QUICK_AA
+from cdp_fast.demo.outputs import machine_info, write_json, write_outputs
 from cdp_fast.demo.stats import paired_ci, summarise
+from cdp_fast.demo.tables import (format_gaussian_table, format_metrics_table, format_sweep_table, format_table,
+                                  metrics_summary)
+from cdp_fast.utils.checks import check_number
+
+__all__ = ["Run"]
 
 
 def _int(name, v, lo):
@@ -33,7 +34,7 @@ class Run:
 
     def __init__(self, opts: dict):
         full = bool(opts["full"])
-        d = dict(demo.DEFAULTS, **(demo.FULL if full else {}))
+        d = dict(DEFAULTS, **(FULL if full else {}))
         o = {k: (d[k] if opts.get(k) is None and k in d else opts.get(k)) for k in set(d) | set(opts)}
         seeds = list(range(d["seeds"])) if opts["seeds"] is None else list(opts["seeds"])
         if not seeds or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in seeds):
@@ -52,13 +53,13 @@ class Run:
         if not (isinstance(o["real_fraction"], (int, float)) and 0 < o["real_fraction"] < 1):
             raise ValueError(f"real_fraction must lie in (0, 1), got {o['real_fraction']!r}")
         o["attacks"] = tuple(o["attacks"])
-        if not o["attacks"] or any(a not in demo.ATTACKS for a in o["attacks"]):
-            raise ValueError(f"attacks must be a non-empty subset of {demo.ATTACKS}, got {o['attacks']!r}")
-        arms = tuple(demo.ARMS if o["arms"] is None else o["arms"])
-        if not arms or any(a not in demo.ARMS for a in arms):
-            raise ValueError(f"arms must be a non-empty subset of {demo.ARMS}, got {arms!r}")
-        o["arms"] = tuple(a for a in demo.ARMS if a in arms or a == "real+ddim")   # the reference always runs
-        o["lams"] = tuple(float(v) for v in (demo.LAMS if o["lams"] is None else o["lams"]))
+        if not o["attacks"] or any(a not in ATTACKS for a in o["attacks"]):
+            raise ValueError(f"attacks must be a non-empty subset of {ATTACKS}, got {o['attacks']!r}")
+        arms = tuple(ARMS if o["arms"] is None else o["arms"])
+        if not arms or any(a not in ARMS for a in arms):
+            raise ValueError(f"arms must be a non-empty subset of {ARMS}, got {arms!r}")
+        o["arms"] = tuple(a for a in ARMS if a in arms or a == "real+ddim")   # the reference always runs
+        o["lams"] = tuple(float(v) for v in (LAMS if o["lams"] is None else o["lams"]))
         if not o["lams"] or any(not np.isfinite(v) or v <= 0 for v in o["lams"]):
             raise ValueError(f"lams must be positive numbers, got {opts['lams']!r}")
         o["sweep_n"] = min(o["sweep_n"], o["n_synthetic"])
@@ -87,17 +88,16 @@ class Run:
         self.timing["gaussian"] = self.timing["total"] = time.time() - t0
         res = {"config": {"parts": ["gaussian"], "gaussian_seeds": self.o["gaussian_seeds"], "full": self.o["full"]},
                "gaussian": self.gauss, "timing_s": self.timing, "machine": machine_info(),
-               "gaussian_table": "\n\n".join(demo.format_gaussian_table(g) for g in self.gauss.values()),
+               "gaussian_table": "\n\n".join(format_gaussian_table(g) for g in self.gauss.values()),
                "files": {}}
         if self.out is not None:
             res["files"]["json"] = str(self.out / "results.json")
-            demo.atomic_write_bytes(self.out / "results.json", (json.dumps(res, indent=2) + "\n").encode())
+            write_json(res, self.out / "results.json")
         return res
 
     def setup(self):
         import cdp_fast
         from cdp_fast.models import as_feature_extractor, digits
-        from cdp_fast.cli.specs import load_independent_classifier
 
         o = self.o
         self.xk, self.yk, self.idx = dd.choose_real(o["k_per_class"], seed=0)
@@ -113,7 +113,7 @@ class Run:
                                      device=self.dev)
         self.features = as_feature_extractor(gnet).eval()
         x_tr, y_tr = digits.load_digits_data("train")
-        judge, judge_desc = load_independent_classifier("auto", (x_tr, y_tr))
+        judge, judge_desc = dd.fit_independent_classifier((x_tr, y_tr))
         self.inst = dd.Instruments(self.xk, self.yk, judge=judge)
         if len({id(clf), id(gnet), id(judge)}) != 3:   # never one network in two roles
             raise RuntimeError("the labeler, the guidance network and the judge must be distinct objects")
@@ -205,7 +205,7 @@ class Run:
         from cdp_fast.models import small_cnn
 
         o = self.o
-        aa = {} if o["full"] else {"version": "custom", "aa_attacks": demo.QUICK_AA}
+        aa = {} if o["full"] else {"version": "custom", "aa_attacks": QUICK_AA}
         self.acc = {a: {k: [] for k in o["attacks"]} for a in o["arms"]}
         self.curves = {a: [] for a in o["arms"]}
         xc, yc = self.x_te[:self.curve_n], self.y_te[:self.curve_n]
@@ -262,11 +262,11 @@ class Run:
         cfg = {k: v for k, v in o.items() if k not in ("callback", "out", "device", "progress")}
         cfg.update(parts=["digits"] + (["gaussian"] if o["gaussian"] else []),
                    updates=o["epochs"] * o["updates_per_epoch"], real_n=len(self.xk), test_n=len(self.x_te),
-                   real_indices=self.idx.tolist(), real_subset_seed=0, leakage=demo.LEAKAGE,
-                   budget_note=demo.BUDGET_NOTE,
+                   real_indices=self.idx.tolist(), real_subset_seed=0, leakage=LEAKAGE,
+                   budget_note=BUDGET_NOTE,
                    lam=self.lam, class_lambda="its own, by the same rule on the same sweep seed",
                    syn_only="the cdp set (unconditional HNM, the authors' method) alone, no real images",
-                   autoattack="+".join(demo.QUICK_AA) if not o["full"] else "standard", aa_test_n=self.aa_n,
+                   autoattack="+".join(QUICK_AA) if not o["full"] else "standard", aa_test_n=self.aa_n,
                    eval_pgd="PGD-20, step eps/4, random start (cdp_fast.evaluate)",
                    curve=f"clean and PGD-20 of the EMA model on the first {self.curve_n} test digits at every epoch "
                          "end",
@@ -282,120 +282,15 @@ class Run:
                "paired_vs_ddim": paired, "curves": self.curves, "mean_curves": mean_curves,
                "gaussian": self.gauss, "timing_s": self.timing, "machine": machine_info()}
         if o["metrics"]:
-            msum = demo.metrics_summary(self.reports)
+            msum = metrics_summary(self.reports)
             res["metrics"] = {"summary": msum, "per_seed": self.reports}
-            res["metrics_table"] = demo.format_metrics_table(msum)
-        res["table"] = demo.format_table(res)
-        res["sweep_table"] = demo.format_sweep_table(self.sweep_result)
+            res["metrics_table"] = format_metrics_table(msum)
+        res["table"] = format_table(res)
+        res["sweep_table"] = format_sweep_table(self.sweep_result)
         if self.gauss is not None:
-            res["gaussian_table"] = "\n\n".join(demo.format_gaussian_table(g) for g in self.gauss.values())
+            res["gaussian_table"] = "\n\n".join(format_gaussian_table(g) for g in self.gauss.values())
         if self.out is not None:
             write_outputs(res, self.out, {k: self.sets[(k, o["seeds"][0])] for k in self.kinds})
         else:
             res["files"] = {}
         return res
-
-
-# --------------------------------------------------------------------- output
-def machine_info() -> dict:
-    """Where the numbers were measured: platform, CPU, threads, versions, load, git commit."""
-    import subprocess
-
-    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
-    try:
-        info["load_average"] = list(os.getloadavg())
-    except OSError:
-        pass
-    try:
-        root = Path(__file__).resolve().parents[2]
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                                        text=True, timeout=10).stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        info["working_tree_modified"] = bool(dirty)
-    except (OSError, subprocess.SubprocessError):
-        info["commit"] = None
-    return info
-
-
-def write_outputs(results: dict, out: Path, sets0: dict) -> dict:
-    """results.json, results.png (matplotlib, if installed), the sample grids and npz of seed 0."""
-    files = {}
-    k = min(64, min(len(s) for s in sets0.values()))
-    imgs = {kind: np.asarray(s.images[:k]) for kind, s in sets0.items()}
-    for kind, a in imgs.items():
-        demo.save_grid_png(out / f"grid_{kind.replace('-', '_')}.png", a)
-        files[f"grid_{kind}"] = str(out / f"grid_{kind.replace('-', '_')}.png")
-        sets0[kind].save_npz(out / f"synthetic_{kind.replace('-', '_')}.npz")
-    order = [kd for kd in ("ddim", "cdp", "cdp-class") if kd in imgs]
-    sep = np.full((1,) + imgs[order[0]].shape[1:], 255, np.uint8)
-    rows = []
-    for i in range(0, k, 8):
-        parts = []
-        for kd in order:
-            parts += [imgs[kd][i:i + 8], sep]
-        rows.append(np.concatenate(parts[:-1]))
-    demo.save_grid_png(out / "grid_pair.png", np.concatenate(rows), nrow=9 * len(order) - 1)
-    files["grid_pair"] = str(out / "grid_pair.png")
-    if plot_results(results, out / "results.png"):
-        files["plot"] = str(out / "results.png")
-    files["json"] = str(out / "results.json")
-    results["files"] = files
-    demo.atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
-    return files
-
-
-def plot_results(results: dict, path: Path) -> bool:
-    """results.png: (a) accuracy per arm (mean ± std), (b) paired Δ vs real+ddim with 95% CIs,
-    (c) the mean test curve (PGD-20) of every arm. False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    attacks = results["config"]["attacks"]
-    arms = list(results["arms"])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    w = 0.8 / len(arms)
-    for i, arm in enumerate(arms):
-        m = [100 * results["arms"][arm][a]["mean"] for a in attacks]
-        s = [100 * (results["arms"][arm][a]["std"] or 0.0) for a in attacks]
-        axes[0].bar(np.arange(len(attacks)) + (i - (len(arms) - 1) / 2) * w, m, w, yerr=s, capsize=3, label=arm)
-    axes[0].set_xticks(range(len(attacks)))
-    axes[0].set_xticklabels(attacks)
-    axes[0].set_ylabel("test accuracy (%)")
-    axes[0].set_ylim(0, 100)
-    axes[0].legend(fontsize=7)
-    axes[0].set_title(f"k = {results['config']['k_per_class']}/class, {len(results['config']['seeds'])} seeds")
-    others = list(results["paired_vs_ddim"])
-    w = 0.8 / max(1, len(others))
-    for i, arm in enumerate(others):
-        for j, a in enumerate(attacks):
-            p = results["paired_vs_ddim"][arm][a]
-            x = j + (i - (len(others) - 1) / 2) * w
-            err = None if p["lo"] is None else [[100 * (p["mean"] - p["lo"])], [100 * (p["hi"] - p["mean"])]]
-            axes[1].errorbar([x], [100 * p["mean"]], yerr=err, fmt="o", color=f"C{arms.index(arm)}", capsize=3,
-                             label=arm if j == 0 else None)
-    axes[1].axhline(0, color="k", lw=0.8)
-    axes[1].set_xticks(range(len(attacks)))
-    axes[1].set_xticklabels(attacks)
-    axes[1].set_ylabel("paired difference to real+ddim (points)")
-    axes[1].set_title("mean and 95% CI (Student t)")
-    axes[1].legend(fontsize=7)
-    for arm, pts in results.get("mean_curves", {}).items():
-        axes[2].plot([p["updates"] for p in pts], [100 * p["pgd"] for p in pts], marker=".",
-                     color=f"C{arms.index(arm)}", label=arm)
-    axes[2].set_xlabel("updates")
-    axes[2].set_ylabel("PGD-20 accuracy (%), curve subset")
-    axes[2].set_title("test curve (mean over seeds)")
-    axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    demo.atomic_write_bytes(Path(path), buf.getvalue())
-    return True

@@ -14,7 +14,8 @@ with σ_t = η √((1−ᾱ_{t-1})/(1−ᾱ_t)) √(1−ᾱ_t/ᾱ_{t-1}) (Song e
 mean of the InfoNCE or HNM loss over the batch's anchors.
 
 A call, top-down: :func:`sample` builds and checks its options (:mod:`.options`), resolves the
-paper's defaults and builds a frozen :class:`cdp_fast.sampling.run.Run` (the ε-model adapter, possibly compiled — :mod:`cdp_fast.utils.runtime`;
+paper's defaults and builds a frozen :class:`cdp_fast.sampling.run.RunPlan` (the ε-model adapter,
+possibly compiled — :mod:`cdp_fast.utils.runtime`;
 the schedule; a :class:`cdp_fast.guidance.ContrastiveGuidance`); :func:`cdp_fast.sampling.run.batches` yields the
 run's rows batch by batch (per-sample seeding — :mod:`cdp_fast.utils.seeding`), either collected in
 memory or streamed to shards by :func:`cdp_fast.sampling.stream.write_shards` (resume, ranks). Each
@@ -51,7 +52,7 @@ from cdp_fast.sampling import graphs
 from cdp_fast.sampling.options import (GuidanceOptions, RunOptions, SolverOptions, authors_window, checked,
                                        denoiser_settings, manifest_args, steps_for)
 from cdp_fast.sampling.prepare import compiled, cpu_auto_compiles, prepare_features, prepare_model, probe
-from cdp_fast.sampling.run import Run, Strength, batches
+from cdp_fast.sampling.run import RunPlan, Strength, batches
 from cdp_fast.sampling.stream import ShardPlan, write_shards
 from cdp_fast.utils import distributed, runtime
 
@@ -230,9 +231,9 @@ def _guidance(g: GuidanceOptions, plan: dict, r: RunOptions):
         seed=r.seed, form=g.form)
 
 
-def _make_run(model, g, s, r, plan, guidance, shard_size, dev) -> Run:
+def _make_run(model, g, s, r, plan, guidance, shard_size, dev) -> RunPlan:
     """The networks prepared (probed, copied, compiled as ``compile`` says) and the frozen
-    :class:`Run`; ``guidance`` is None unless the run is guided (λ ≠ 0)."""
+    :class:`RunPlan`; ``guidance`` is None unless the run is guided (λ ≠ 0)."""
     # the ε-model forwards of this process (an upper bound on a resumed run): compile="auto"
     # on CPU weighs them against the compile's cost
     world = distributed.world_info()[1] if r.out is not None else 1
@@ -249,7 +250,7 @@ def _make_run(model, g, s, r, plan, guidance, shard_size, dev) -> Run:
     if r.compile == "auto" and dev.type == "cpu" and cpu_auto_compiles(eps_model.model, r.image_shape, work, dev,
                                                                          r.num_classes):
         eps_model = compiled(eps_model, dev, step_graph=use_step_graph)
-    return Run(eps_model=eps_model, guidance=guidance, solver=s.solver, sigmas=plan["sigmas"],
+    return RunPlan(eps_model=eps_model, guidance=guidance, solver=s.solver, sigmas=plan["sigmas"],
                clip_x0=(s.solver == "ddpm") if s.clip_x0 is None else bool(s.clip_x0), head_scope=shard_size,
                alphas_cumprod=plan["abar"], timesteps=plan["timesteps"], eta=float(s.eta), batch_size=r.batch_size,
                seed=r.seed, image_shape=tuple(r.image_shape), init_std=float(s.init_std), device=dev,
@@ -258,7 +259,7 @@ def _make_run(model, g, s, r, plan, guidance, shard_size, dev) -> Run:
                step_graph=graphs.StepGraph() if use_step_graph else None, behaviour=behaviour)
 
 
-def _in_memory(run: Run, r: RunOptions, nfe: int) -> Samples:
+def _in_memory(run: RunPlan, r: RunOptions, nfe: int) -> Samples:
     """All rows of the run in memory, as one :class:`Samples`."""
     from tqdm.auto import tqdm
 
@@ -274,7 +275,7 @@ def _in_memory(run: Run, r: RunOptions, nfe: int) -> Samples:
     return Samples(cat["image"], cat.get("label"), cat.get("confidence"), meta=meta)
 
 
-def _streamed(run: Run, g, s, r, plan, guidance, shard_size, dev) -> Samples:
+def _streamed(run: RunPlan, g, s, r, plan, guidance, shard_size, dev) -> Samples:
     """The run streamed to ``r.out``'s shards (resumed when the manifest's arguments match)."""
     lam, tau = g.lam, g.tau
     if guidance is not None:

@@ -1,4 +1,4 @@
-"""One :func:`cdp_fast.sample` run, batch by batch: :class:`Run` (everything a batch needs,
+"""One :func:`cdp_fast.sample` run, batch by batch: :class:`RunPlan` (everything a batch needs,
 fixed for the run), :func:`generate_group` (one batch: x_T from (seed, i), the guidance reset,
 one trajectory of the chosen solver, labels) and :func:`batches` (the rows of a range, as
 numpy arrays for memory or shards), with the per-timestep guidance-strength summary
@@ -19,7 +19,7 @@ from cdp_fast.sampling import graphs
 from cdp_fast.sampling.prepare import check_logits
 from cdp_fast.utils.seeding import generators, per_sample_randn, sample_seeds
 
-__all__ = ["Run", "Strength", "generate_group", "batches", "labels_from"]
+__all__ = ["RunPlan", "Strength", "generate_group", "batches", "labels_from"]
 
 
 class Strength:
@@ -53,7 +53,7 @@ class Strength:
 
 
 @dataclass(frozen=True)
-class Run:
+class RunPlan:
     """Everything a batch of a :func:`sample` run needs, fixed for the run."""
 
     eps_model: EpsModel
@@ -90,7 +90,7 @@ def labels_from(labeler, x):
     return lab.to(torch.int64), conf
 
 
-def generate_group(run: Run, start: int, count: int, advance=None):
+def generate_group(run: RunPlan, start: int, count: int, advance=None):
     """Samples [start, start + count): (images (count, ...) on CPU, labels or None, confidence
     or None). ``count`` may be < the batch size only for the last group; guided groups are
     always computed at full batch size and cut. ``advance(k)``: progress, ``count`` rows in
@@ -159,7 +159,7 @@ def generate_group(run: Run, start: int, count: int, advance=None):
     return img, labels, conf
 
 
-def batches(run: Run, start: int, count: int, advance=None):
+def batches(run: RunPlan, start: int, count: int, advance=None):
     """Rows [start, start + count) of the run, one dict of numpy arrays (``image``, and
     ``label`` / ``confidence`` when there are labels) per batch of ``run.batch_size``;
     ``advance(k)`` moves a progress bar by k rows, step by step."""

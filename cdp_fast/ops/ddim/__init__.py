@@ -80,7 +80,7 @@ def ddim_update_op(x_t: torch.Tensor, eps: torch.Tensor, g: Optional[torch.Tenso
         return xp.contiguous(memory_format=fmt), (x0.contiguous(memory_format=fmt) if return_x0
                                                   else x_t.new_empty(0))
     kernels = backend.kernels_module("ddim")
-    return kernels.ddim_update(x_t, eps, g, noise, float(lam), coefficients(abar_t, abar_prev, sigma),
+    return kernels.launch_ddim_update(x_t, eps, g, noise, float(lam), coefficients(abar_t, abar_prev, sigma),
                                bool(return_x0))
 
 

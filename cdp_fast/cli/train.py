@@ -1,0 +1,167 @@
+"""`cdp-fast train` (TRADES on real + synthetic data) and `cdp-fast eval` (clean / PGD /
+AutoAttack accuracy), each with its flags and the state_dict file between them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cdp_fast.cli.specs as specs
+
+__all__ = ["add_train", "cmd_train", "add_eval", "cmd_eval"]
+
+
+def add_train(sub):
+    """`cdp-fast train` and its flags."""
+    tr = sub.add_parser("train", help="TRADES adversarial training on real + synthetic data",
+                        description="TRADES adversarial training (cdp_fast.train_trades).")
+    tr.add_argument("--arch", default="small-cnn",
+                    help="classifier: a cdp_fast.models name (small-cnn, preact-resnet18, wrn-28-10-swish), "
+                         "digits (the bundled classifier's architecture) or module:factory (default: small-cnn)")
+    tr.add_argument("--num-classes", type=int, default=10, help="number of classes (default: 10)")
+    tr.add_argument("--data", default="digits",
+                    help="real training data: 'digits' (bundled train split), 'cifar10:FOLDER' (local CIFAR-10 "
+                         "batches) or an npz (default: digits)")
+    tr.add_argument("--synthetic", default=None, help="synthetic data: npz or out folder (default: none)")
+    tr.add_argument("--real-fraction", type=float, default=0.3,
+                    help="share of real images per batch when --synthetic is given (default: 0.3)")
+    tr.add_argument("--epochs", type=int, default=10, help="epochs (default: 10)")
+    tr.add_argument("--eps", type=float, default=0.1, help="L-inf radius on [0, 1] pixels (default: 0.1)")
+    tr.add_argument("--step-size", type=float, default=None, help="PGD step size (default: 2.5 eps / steps)")
+    tr.add_argument("--steps", type=int, default=10, help="PGD steps (default: 10)")
+    tr.add_argument("--beta", type=float, default=6.0, help="TRADES beta (default: 6)")
+    tr.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
+    tr.add_argument("--ema", type=float, default=0.995, help="EMA decay, 0 = off (default: 0.995)")
+    tr.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
+    tr.add_argument("--warmup-epochs", type=int, default=1,
+                    help="linear learning-rate warm-up in epochs (default: 1)")
+    tr.add_argument("--recipe", choices=("gowal", "zhang"), default="gowal",
+                    help="'gowal': the paper's trainer (Gowal et al. 2021, gowal21uncovering/utils/trades.py + "
+                         "watrain.py: uniform attack start, train-mode BatchNorm with frozen statistics in the attack, "
+                         "label smoothing 0.1, EMA copied for the first 2.5%% of updates, EMA BatchNorm statistics "
+                         "copied from the model each epoch); 'zhang': Zhang et al.'s trades.py attack (x + 0.001 "
+                         "N(0, I) start, eval mode), no label smoothing, EMA ramp from the first update with "
+                         "averaged BatchNorm statistics (this tool's behaviour before --recipe) (default: gowal)")
+    tr.add_argument("--label-smoothing", type=float, default=None,
+                    help="label smoothing on the clean cross-entropy (default: the recipe's, 0.1 gowal / 0 zhang)")
+    tr.add_argument("--pad", type=int, default=None,
+                    help="random-crop padding (default: min(H, W)/8 rounded, at least 1: 1 at 8x8, 4 at 32x32)")
+    tr.add_argument("--sync-bn", action="store_true",
+                    help="SyncBatchNorm across torchrun processes (CUDA/nccl only)")
+    flips = tr.add_mutually_exclusive_group()
+    flips.add_argument("--flip", dest="flip", action="store_const", const=True, default=None,
+                       help="horizontal flips (default: only for 3-channel images, never for 1-channel digits)")
+    flips.add_argument("--no-flip", dest="flip", action="store_const", const=False,
+                       help="no horizontal flips (use for 3-channel signs or text)")
+    tr.add_argument("--checkpoint", default=None, help="resumable checkpoint path (default: none)")
+    tr.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    tr.add_argument("--device", default=None, help="torch device (default: cpu)")
+    tr.add_argument("--out", required=True, help="where to write the trained state_dict (.pt)")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_train)
+
+
+def _save_state(model, path):
+    import torch
+
+    from cdp_fast.utils.io import atomic_write
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_write(Path(path), lambda f: torch.save(state, f))
+
+
+def cmd_train(a):
+    import cdp_fast
+
+    model = specs.build_classifier(a.arch, a.num_classes)
+    data = specs.load_train_data(a.data, "train")
+    # pad / flip / label smoothing left as None: the library fits them to the images and the recipe
+    trained = cdp_fast.train_trades(
+        model, data, synthetic=a.synthetic, real_fraction=a.real_fraction, epochs=a.epochs, eps=a.eps,
+        step_size=a.step_size if a.step_size is not None else 2.5 * a.eps / max(1, a.steps),
+        steps=a.steps, beta=a.beta, batch_size=a.batch_size, ema=None if a.ema == 0 else a.ema,
+        lr=a.lr, warmup_epochs=a.warmup_epochs, pad=a.pad, flip=a.flip,
+        label_smoothing=a.label_smoothing, recipe=a.recipe, seed=a.seed, device=a.device,
+        checkpoint=a.checkpoint, progress=not a.no_progress, sync_bn=a.sync_bn)
+    from cdp_fast.utils import distributed as cdist
+
+    if cdist.is_main():  # under torchrun every rank holds the same weights; rank 0 writes
+        _save_state(trained, a.out)
+        print(f"trained {a.arch} ({a.epochs} epochs, TRADES eps={a.eps:g}) -> {a.out}")
+        tp = getattr(trained, "throughput", None)
+        if tp:
+            print(f"throughput: {sum(t['images_per_s'] for t in tp):.1f} images/s total over {len(tp)} "
+                  "process(es); per rank: " + ", ".join(f"{t['rank']}: {t['images_per_s']:.1f}" for t in tp))
+    return 0
+
+
+def add_eval(sub):
+    """`cdp-fast eval` and its flags."""
+    ev = sub.add_parser("eval", help="clean / PGD / AutoAttack accuracy",
+                        description="Evaluate a classifier (cdp_fast.evaluate); inputs in [0, 1].")
+    ev.add_argument("--arch", default="small-cnn",
+                    help="classifier architecture (as for train) or module:factory; 'digits' without "
+                         "--weights evaluates the bundled digits classifier (default: small-cnn)")
+    ev.add_argument("--num-classes", type=int, default=10, help="number of classes (default: 10)")
+    ev.add_argument("--weights", default=None, help="state_dict saved by `cdp-fast train`")
+    ev.add_argument("--data", default="digits",
+                    help="test data: 'digits' (bundled test split), 'cifar10:FOLDER' (its test batch) or a "
+                         "labelled npz (default: digits)")
+    ev.add_argument("--n", type=int, default=None, help="evaluate on the first N test images (default: all)")
+    ev.add_argument("--eps", type=float, default=0.1, help="L-inf radius (default: 0.1)")
+    ev.add_argument("--attacks", default="clean,pgd,autoattack",
+                    help="comma list of clean, pgd, autoattack (default: all three)")
+    ev.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ev.add_argument("--device", default=None, help="torch device (default: cpu)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_eval)
+
+
+def _load_weights(model, path, arch):
+    """--weights: a state_dict saved by `cdp-fast train` into ``model``; ValueError naming the
+    file when it cannot be read, holds pickled objects (never loaded: see
+    :func:`cdp_fast.robust.loop.read_weights_only`), is not a state_dict or does not fit ``arch``."""
+    from cdp_fast.robust.checkpoint import read_weights_only
+
+    if not Path(path).is_file():
+        raise ValueError(f"weights: {path} does not exist")
+    expected = "a state_dict saved by `cdp-fast train` (weights only)"
+    state = read_weights_only(path, "weights:", expected)
+    if not isinstance(state, dict):
+        raise ValueError(f"weights: {path} is not {expected}: it holds a {type(state).__name__}")
+    if "version" in state and "model" in state and "optimizer" in state:
+        raise ValueError(f"weights: {path} is a training checkpoint (--checkpoint), not {expected} "
+                         "(--out of `cdp-fast train`)")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        why = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ValueError(f"weights: {path} does not fit --arch {arch} ({why[:300]})") from None
+
+
+def cmd_eval(a):
+    import cdp_fast
+
+    model = specs.build_classifier(a.arch, a.num_classes, trained_digits=not a.weights)
+    if a.weights:
+        _load_weights(model, a.weights, a.arch)
+    elif a.arch != "digits":
+        raise ValueError("weights: required (a state_dict saved by `cdp-fast train`)")
+    x, y = specs.load_train_data(a.data, "test")
+    if a.n is not None:
+        x, y = x[:a.n], y[:a.n]
+    attacks = tuple(v.strip() for v in a.attacks.split(",") if v.strip())
+    model = model.to(a.device or "cpu").eval()
+    res = cdp_fast.evaluate(model, x.to(a.device or "cpu"), y.to(a.device or "cpu"), eps=a.eps, attacks=attacks,
+                            progress=not a.no_progress)
+    from cdp_fast.utils import distributed as cdist
+
+    if not cdist.is_main():
+        return 0
+    for k, v in res.items():
+        if isinstance(v, float):
+            print(f"{k:<12} {100 * v:6.2f}%")
+    if a.json:
+        from cdp_fast.utils.io import atomic_write_bytes
+
+        atomic_write_bytes(Path(a.json), (json.dumps(res, indent=2, default=float) + "\n").encode())
+    return 0
