@@ -268,8 +268,10 @@ def test_cli_demo_gaussian_only_and_bad_arguments(tmp_path, capsys):
 def test_same_start_noise_for_ddim_and_cdp():
     """The previous demo's preset generator (kept for DIGITS_GUIDANCE's record): with λ = 0 the
     "cdp" set equals the "ddim" set exactly (same x_T)."""
-    a = demo.generate("ddim", 8, steps=3)
-    b = demo.generate("cdp", 8, steps=3, guidance={"lam": 0.0})
+    from cdp_fast.demo import preset
+
+    a = preset.generate("ddim", 8, steps=3)
+    b = preset.generate("cdp", 8, steps=3, guidance={"lam": 0.0})
     np.testing.assert_array_equal(np.asarray(a.images), np.asarray(b.images))
 
 
@@ -327,8 +329,6 @@ def test_png_without_pillow_names_the_extra(tmp_path, monkeypatch):
 def test_digits_presets_live_with_the_digits_models():
     from cdp_fast.models import digits
 
-    assert demo.DIGITS_GUIDANCE is digits.DIGITS_GUIDANCE
-    assert demo.DIGITS_SAMPLING is digits.DIGITS_SAMPLING
     assert digits.DIGITS_GUIDANCE["hnm"] == {"lam": 10_000.0, "tau": 10.0, "tau_plus": 0.1, "beta": 1.0,
                                              "form": "anchors", "guide_window": None, "embedding": None}
 

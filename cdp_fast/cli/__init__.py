@@ -45,11 +45,9 @@ from cdp_fast.cli.common import PROG, UsageError
 from cdp_fast.cli.data import add_inspect, add_label, add_select
 from cdp_fast.cli.demo import add_bench, add_demo, cmd_bench
 from cdp_fast.cli.sample import add_sample
-# re-exported: the spec loaders were public names of this module before cdp_fast.cli.specs existed
-from cdp_fast.cli.specs import load_callable_spec, load_model_spec
 from cdp_fast.cli.train import add_eval, add_train
 
-__all__ = ["main", "build_parser", "load_model_spec", "load_callable_spec"]
+__all__ = ["main", "build_parser"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -7,7 +7,7 @@ The CLI (:mod:`cdp_fast.cli`) parses flags; this module resolves their values an
   diffusers folder (:func:`cdp_fast.diffusion.adapters.load_diffusers_unet`), or
   ``module:factory`` (:func:`load_callable_spec`; ``module:attr`` may name a ready nn.Module);
 - networks (``--features``, ``--labeler``, ``--classifier``, ``--arch``): :func:`load_network`,
-  :func:`load_features`, :func:`load_labeler`, :func:`load_classifier`, :func:`build_classifier`;
+  :func:`load_features`, :func:`load_labeler`, :func:`load_classifier`, :func:`classifier_for_arch`;
 - data (``--data``, ``--real``, ``--class-labels``, samples, ``--image-shape``):
   :func:`load_train_data`, :func:`load_real_images`, :func:`load_class_labels`,
   :func:`load_samples`, :func:`parse_shape`;
@@ -25,7 +25,7 @@ from pathlib import Path
 
 __all__ = [
     "import_attr", "load_callable_spec", "load_model_spec", "load_network", "load_features", "load_labeler",
-    "load_classifier", "build_classifier", "load_samples", "load_train_data", "load_real_images",
+    "load_classifier", "classifier_for_arch", "load_samples", "load_train_data", "load_real_images",
     "load_class_labels", "parse_shape", "load_real_splits", "load_inspect_features",
     "load_independent_classifier", "check_device",
 ]
@@ -152,7 +152,7 @@ def load_classifier(spec, device):
     raise ValueError(f"classifier: {spec!r} is not digits or module:factory")
 
 
-def build_classifier(arch, num_classes, trained_digits=False):
+def classifier_for_arch(arch, num_classes, trained_digits=False):
     """--arch: a cdp_fast.models name, ``digits`` (the bundled architecture; its shipped
     weights when ``trained_digits``) or module:factory."""
     if arch == "digits":

@@ -72,7 +72,7 @@ def _save_state(model, path):
 def cmd_train(a):
     import cdp_fast
 
-    model = specs.build_classifier(a.arch, a.num_classes)
+    model = specs.classifier_for_arch(a.arch, a.num_classes)
     data = specs.load_train_data(a.data, "train")
     # pad / flip / label smoothing left as None: the library fits them to the images and the recipe
     trained = cdp_fast.train_trades(
@@ -141,7 +141,7 @@ def _load_weights(model, path, arch):
 def cmd_eval(a):
     import cdp_fast
 
-    model = specs.build_classifier(a.arch, a.num_classes, trained_digits=not a.weights)
+    model = specs.classifier_for_arch(a.arch, a.num_classes, trained_digits=not a.weights)
     if a.weights:
         _load_weights(model, a.weights, a.arch)
     elif a.arch != "digits":

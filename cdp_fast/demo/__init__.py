@@ -34,15 +34,12 @@ intervals), :mod:`~cdp_fast.demo.tables` (the printed tables), :mod:`~cdp_fast.d
 """
 from __future__ import annotations
 
-from cdp_fast.demo.config import ARMS, ATTACKS, BUDGET_NOTE, DEFAULTS, FULL, LAMS, LEAKAGE
-from cdp_fast.demo.preset import generate, guidance_sweep, synthetic_stats  # noqa: F401  (the previous demo's)
+from cdp_fast.demo.config import ARMS, BUDGET_NOTE, DEFAULTS, FULL, LAMS, LEAKAGE
 from cdp_fast.demo.runner import Run
 from cdp_fast.demo.tables import format_metrics_table, format_sweep_table, format_table
-# the presets live with the models they were tuned for; re-exported for cdp_fast.demo.DIGITS_*
-from cdp_fast.models.digits import DIGITS_GUIDANCE, DIGITS_SAMPLING
 
-__all__ = ["run_demo", "format_table", "format_metrics_table", "DIGITS_GUIDANCE", "DIGITS_SAMPLING",
-           "format_sweep_table", "ARMS", "ATTACKS", "LAMS", "LEAKAGE", "DEFAULTS", "FULL", "BUDGET_NOTE"]
+__all__ = ["run_demo", "format_table", "format_metrics_table", "format_sweep_table", "ARMS", "LAMS", "LEAKAGE",
+           "DEFAULTS", "FULL", "BUDGET_NOTE"]
 
 
 # ----------------------------------------------------------------------------- driver
@@ -67,7 +64,7 @@ def run_demo(*, out="cdp_demo", full: bool = False, seeds=None, k_per_class: int
         eps: L∞ radius on [0, 1] pixels. real_fraction: real share of a mixed batch.
         batch_size: TRADES batch. width: the arms' small CNN width. pgd_steps: TRADES inner
             steps (step 2.5·eps/steps).
-        attacks: subset of :data:`ATTACKS`. test_n: first N test digits (default all 450).
+        attacks: subset of :data:`cdp_fast.robust.evaluation.ATTACKS`. test_n: first N test digits (default all 450).
         aa_n: AutoAttack on the first ``aa_n`` of them only (default 150: APGD-CE + APGD-T on all
             450 costs ~9 s a model on 2 cores, 25 models do not fit 10 minutes; 0 = all; ``full``: all,
             standard AutoAttack).

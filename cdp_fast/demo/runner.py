@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 import cdp_fast.demo.digits as dd
-from cdp_fast.demo.config import ARMS, ATTACKS, BUDGET_NOTE, DEFAULTS, FULL, LAMS, LEAKAGE, QUICK_AA
+from cdp_fast.robust.evaluation import ATTACKS
+from cdp_fast.demo.config import ARMS, BUDGET_NOTE, DEFAULTS, FULL, LAMS, LEAKAGE, QUICK_AA
 from cdp_fast.demo.outputs import machine_info, write_json, write_outputs
 from cdp_fast.demo.stats import paired_ci, summarise
 from cdp_fast.demo.tables import (format_gaussian_table, format_metrics_table, format_sweep_table, format_table,

@@ -61,7 +61,7 @@ SPLIT_SEED = 0
 #: The paper's values (HNM τ=10, λ=1e5; InfoNCE τ=0.1, λ=2e4; App. D) are for 640-d
 #: WRN-28-10 features on CIFAR-10 with m = 512.
 #:
-#: HNM was chosen once by :func:`cdp_fast.demo.guidance_sweep` (256 samples, seed 1000, τ⁺=0.1,
+#: HNM was chosen once by :func:`cdp_fast.demo.preset.guidance_sweep` (256 samples, seed 1000, τ⁺=0.1,
 #: β=1; measured 2026-11-23 on the 2-core dev CPU). Criterion, fixed before looking: the lowest
 #: mean cosine between *other-class* features (classes more separated, the paper's aim)
 #: among settings whose share of samples the classifier labels with > 80% confidence stays
