@@ -226,7 +226,7 @@ ASSUMPTIONS = [
 
 
 def _atomic_write(path, text):
-    from cdp_fast.data import atomic_write_bytes
+    from cdp_fast.utils.io import atomic_write_bytes
 
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -127,7 +127,7 @@ def class_stats(x, mu=MU, labels=None):
 
 
 def _atomic_write_bytes(path, data):
-    from cdp_fast.data import atomic_write_bytes
+    from cdp_fast.utils.io import atomic_write_bytes
 
     atomic_write_bytes(path, data)
 

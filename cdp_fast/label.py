@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdp_fast.data import images_to_float01
+from cdp_fast.data.sources import open_images
 from cdp_fast.utils.runtime import model_device
 
 __all__ = ["pseudo_label", "select", "scores", "per_sample_grad_norm", "attack_generator",
@@ -58,51 +58,7 @@ _KEEP_LARGEST = {"entropy": False, "confidence": True, "grad_norm": True,
                  "robust_grad_norm": True, "separability": False}
 
 
-# --------------------------------------------------------------------------- inputs
-class _Images:
-    """Batched float NCHW [0, 1] view of any accepted image container."""
-
-    def __init__(self, images, name: str = "images"):
-        self.samples, self.name = None, name
-        if hasattr(images, "images") and hasattr(images, "labels"):  # cdp_fast.Samples
-            self.samples = images
-            images = images.images
-        self.raw = images
-        if isinstance(images, torch.Tensor):
-            if images.dtype == torch.uint8:
-                self.kind = "uint8"
-            elif images.is_floating_point() and images.dim() == 4:
-                self.kind = "float01"
-            else:
-                raise ValueError(f"{name} must be float NCHW in [0, 1] or uint8 NHWC, got "
-                                 f"{images.dtype} {tuple(images.shape)}")
-        else:
-            dtype = np.dtype(getattr(images, "dtype", None) or np.asarray(images).dtype)
-            if dtype == np.uint8:
-                self.kind = "uint8"
-            elif np.issubdtype(dtype, np.floating):
-                # float arrays from a Samples are model space [-1, 1] (DESIGN.md §3); other
-                # float arrays are NCHW in [0, 1] like tensors.
-                self.kind = "float_pm1" if self.samples is not None else "float01"
-            else:
-                raise ValueError(f"{name} must be uint8 NHWC or float NCHW, got dtype {dtype}")
-        self.n = len(images)
-        if self.n == 0:
-            raise ValueError(f"{name} is empty")
-
-    def __len__(self):
-        return self.n
-
-    def batch(self, start: int, stop: int) -> torch.Tensor:
-        """Images [start, stop) as float32 (B, C, H, W) in [0, 1]."""
-        return images_to_float01(self.raw[start:stop], self.name,
-                                 model_space=self.kind == "float_pm1").float()
-
-    def batches(self, batch_size: int):
-        for i in range(0, self.n, batch_size):
-            yield i, self.batch(i, min(self.n, i + batch_size))
-
-
+# --------------------------------------------------------------------------- arguments
 def _check_bs(batch_size, name="batch_size"):
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"{name} must be an int >= 1, got {batch_size!r}")
@@ -115,8 +71,9 @@ def pseudo_label(classifier: nn.Module, images, *, batch_size: int = 512, device
 
     Args:
         classifier: (B, C, H, W) in [0, 1] -> logits (B, K).
-        images: float NCHW tensor in [0, 1], uint8 NHWC array/tensor, or a
-            :class:`cdp_fast.Samples` (uint8 images, or float images in [-1, 1]).
+        images: float NCHW tensor in [0, 1], uint8 NHWC array/tensor, a
+            :class:`cdp_fast.Samples` (uint8 images, or float images in [-1, 1]) or a path
+            (read by :func:`cdp_fast.data.open_images`).
         batch_size: images per forward pass.
         device: where the classifier runs (default: its own device).
         progress: tqdm bar over the images (shown by rank 0 only under torchrun).
@@ -127,7 +84,7 @@ def pseudo_label(classifier: nn.Module, images, *, batch_size: int = 512, device
     if not isinstance(classifier, nn.Module):
         raise ValueError(f"classifier must be a torch.nn.Module, got {type(classifier).__name__}")
     _check_bs(batch_size)
-    imgs = _Images(images)
+    imgs = open_images(images)
     dev = model_device(classifier, device)
     from cdp_fast.utils.runtime import eval_mode
 
@@ -217,11 +174,11 @@ def scores(samples, criterion: str, *, classifier: Optional[nn.Module] = None,
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     _check_bs(batch_size)
-    imgs = _Images(samples, "samples")
+    imgs = open_images(samples, "samples")
     if classifier is not None and not isinstance(classifier, nn.Module):
         raise ValueError(f"classifier must be a torch.nn.Module, got {type(classifier).__name__}")
-    if labels is None and imgs.samples is not None and imgs.samples.labels is not None:
-        labels = imgs.samples.labels
+    if labels is None and imgs.labels is not None:   # a Samples' labels
+        labels = imgs.labels
     needs_clf = criterion != "separability" or features is None or labels is None
     if needs_clf and classifier is None:
         raise ValueError(f"criterion {criterion!r} needs classifier= (a trained classifier)")

@@ -304,6 +304,3 @@ def test_images_to_float01_is_the_one_conversion(tmp_path):
     assert torch.equal(Samples(u8).to_tensor(), ref)
     src = as_source((u8, np.arange(5)))
     assert src.image_shape == (2, 4, 3) and torch.equal(src.get(np.array([4, 1]))[0], ref[[4, 1]])
-    from cdp_fast.robust.train import as_source as reexported
-
-    assert reexported is as_source

@@ -224,7 +224,7 @@ def test_sample_cli_checks_outputs_first(argv, needle, capsys, tmp_path, monkeyp
 
     monkeypatch.chdir(tmp_path)
     calls = []
-    monkeypatch.setattr(cdp_fast.sampling.driver, "_batches", lambda *a, **k: calls.append(1) or iter(()))
+    monkeypatch.setattr(cdp_fast.sampling.driver, "batches", lambda *a, **k: calls.append(1) or iter(()))
     assert cli.main(["sample", "-n", "2", "--steps", "2", "--no-progress"] + argv) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err

@@ -56,7 +56,7 @@ def measure(stmt_fn, threads: int, min_run_time: float) -> dict:
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    from cdp_fast.data import atomic_write_json as _write
+    from cdp_fast.utils.io import atomic_write_json as _write
 
     _write(path, obj)
 

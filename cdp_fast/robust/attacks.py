@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from cdp_fast.ops.pgd_step import check_scalar_or_per_sample, pgd_step
-from cdp_fast.utils.runtime import eval_mode  # re-exported: cdp_fast.robust.attacks.eval_mode is public
+from cdp_fast.utils.runtime import eval_mode
 
-__all__ = ["pgd_attack", "trades_attack", "eval_mode", "batch_stats_mode", "frozen_params", "pgd_from_start",
+__all__ = ["pgd_attack", "trades_attack", "batch_stats_mode", "frozen_params", "pgd_from_start",
            "pgd_from_draws", "trades_from_noise", "trades_from_draws", "trades_from_start"]
 
 _LOSSES = ("ce",)

@@ -8,12 +8,11 @@
 - :func:`augment_batch` (= :func:`augment_draws` + :func:`apply_augment`): random crop after
   zero padding and horizontal flips on tensors, the draws separable from their application so
   they can be made for the whole global batch and sliced per rank; :func:`augment_defaults`:
-  the padding and flips that fit an image size when the caller leaves them to the library;
-- :func:`check_number` (from :mod:`cdp_fast.utils.checks`, re-exported): the argument check.
+  the padding and flips that fit an image size when the caller leaves them to the library.
 
 Every random choice goes through a dedicated generator seeded from (seed, epoch) or (seed,
 update), never the global RNG, so a run resumes bitwise and does not depend on the number of
-processes (see :mod:`cdp_fast.robust.train`).
+processes (see :mod:`cdp_fast.robust.checkpoint` and :mod:`cdp_fast.robust.loop`).
 """
 from __future__ import annotations
 
@@ -24,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cdp_fast.utils.checks import check_number  # re-exported: batches.check_number is public
+from cdp_fast.utils.checks import check_number
 
 __all__ = ["mix_counts", "epoch_indices", "step_seed", "MixedBatchSampler", "augment_batch",
-           "augment_draws", "apply_augment", "augment_defaults", "check_number"]
+           "augment_draws", "apply_augment", "augment_defaults"]
 
 
 # --------------------------------------------------------------------------- data order

@@ -42,25 +42,13 @@ import torch
 from torch import nn
 
 from cdp_fast.robust.attacks import pgd_from_draws
-from cdp_fast.data import images_to_float01
+from cdp_fast.data.sources import check_unit_range, open_images
 from cdp_fast.utils.runtime import eval_mode, model_device, rank_device
 
 __all__ = ["evaluate", "autoattack_accuracy", "pgd_starts", "ATTACKS"]
 
 ATTACKS = ("clean", "pgd", "autoattack")
 _AA_NAMES = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
-
-
-def _as_images(x) -> torch.Tensor:
-    """float NCHW in [0, 1] (tensor or array) or uint8 NHWC -> float NCHW tensor."""
-    if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(np.asarray(x))
-    if x.dtype == torch.uint8 and x.dim() != 4:
-        raise ValueError(f"x as uint8 must be NHWC (N, H, W, C), got shape {tuple(x.shape)}")
-    if x.dtype != torch.uint8 and (not x.is_floating_point() or x.dim() != 4):
-        raise ValueError(f"x must be float NCHW in [0, 1] or uint8 NHWC, got {x.dtype} "
-                         f"{tuple(x.shape)}")
-    return images_to_float01(x, "x")
 
 
 def autoattack_accuracy(model, x: torch.Tensor, y: torch.Tensor, *, eps: float,
@@ -133,7 +121,8 @@ def evaluate(model: nn.Module, x, y, *, eps: float = 8 / 255,
     Args:
         model: classifier, (B, C, H, W) in [0, 1] -> logits (B, K). Evaluated in eval mode;
             its previous train/eval modes are restored.
-        x: (N, C, H, W) float in [0, 1] (tensor or array), or uint8 NHWC.
+        x: (N, C, H, W) float in [0, 1] (tensor or array), or uint8 NHWC (any form
+            :func:`cdp_fast.data.open_images` reads).
         y: (N,) integer labels.
         eps: L∞ radius (8/255 for CIFAR-10).
         attacks: any of "clean", "pgd", "autoattack".
@@ -180,17 +169,13 @@ def evaluate(model: nn.Module, x, y, *, eps: float = 8 / 255,
         raise ValueError(f"n_ex must be an int >= 1 or None, got {n_ex!r}")
     if not isinstance(distributed, bool):
         raise ValueError(f"distributed must be True or False, got {distributed!r}")
-    x = _as_images(x)
+    x = open_images(x, "x").all()
     y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
     if y.dtype.is_floating_point or y.dim() != 1 or len(y) != len(x):
         raise ValueError(f"y must be integer labels of shape ({len(x)},), got {y.dtype} "
                          f"{tuple(y.shape)}")
     y = y.long()
-    if len(x) == 0:
-        raise ValueError("x is empty")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < 0 or hi > 1:
-        raise ValueError(f"x must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+    check_unit_range(x, "x")
     if n_ex is not None:
         x, y = x[:n_ex], y[:n_ex]
     from cdp_fast.utils import distributed as cdist
