@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["bench", "peak_rss_growth", "measure_ceilings", "machine_info", "write_json", "device_tag", "git_commit"]
+__all__ = ["bench", "peak_rss_growth", "measure_ceilings", "machine_info", "write_json", "device_tag", "git_commit",
+           "cpu_model"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -148,7 +149,8 @@ def git_commit() -> str | None:
         return None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else platform.processor()."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -162,7 +164,7 @@ def _cpu_model() -> str:
 def machine_info(device="cpu") -> dict:
     info = {
         "device": str(device), "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+        "torch": torch.__version__, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "commit": git_commit(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

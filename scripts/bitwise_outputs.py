@@ -25,6 +25,9 @@ import torch
 import cdp_fast
 from cdp_fast.models import digits
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from harness import cpu_model  # noqa: E402  (the benchmarks' provenance helper)
+
 COMMON = dict(image_shape=(1, 8, 8), steps=8, skip="uniform", batch_size=16, progress=False,
               compile=False, seed=3)
 GUIDED = dict(loss="hnm", lam=2e4, tau=10.0)
@@ -74,17 +77,7 @@ def digest(s, out_dir):
 
 def environment():
     return {"torch": torch.__version__, "machine": platform.machine(),
-            "processor": _cpu_model(), "threads": torch.get_num_threads()}
-
-
-def _cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+            "processor": cpu_model(), "threads": torch.get_num_threads()}
 
 
 def run(names=None, n=48):

@@ -31,19 +31,7 @@ sys.path.insert(0, str(ROOT))
 from cdp_fast.ops import pgd_step as op  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from harness import git_commit  # noqa: E402  (provenance, shared with the other benchmarks)
-
-
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from harness import cpu_model, git_commit  # noqa: E402  (provenance, shared with the other benchmarks)
 
 
 def measure(stmt_fn, threads: int, min_run_time: float) -> dict:
