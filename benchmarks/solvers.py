@@ -43,6 +43,7 @@ CONDITIONS = [("ddim", 200, "uniform"), ("ddim", 50, "uniform"), ("ddim", 20, "u
               ("ddim", 20, "quadratic"), ("ddim", 10, "quadratic"),
               ("dpmpp_2m", 10, "uniform"), ("dpmpp_2m", 20, "uniform"), ("dpmpp_2m", 40, "uniform"),
               ("dpmpp_2m", 10, "quadratic"), ("dpmpp_2m", 20, "quadratic"), ("dpmpp_2m", 40, "quadratic"),
+              ("dpmpp_2m", 10, "logsnr"), ("dpmpp_2m", 20, "logsnr"), ("dpmpp_2m", 40, "logsnr"),
               ("heun", 9, "karras"), ("heun", 19, "karras"), ("heun", 39, "karras")]
 METRICS = ("fisher_ratio", "precision", "recall", "balance", "agreement")
 #: two-sided 97.5% Student-t quantiles by degrees of freedom
@@ -229,6 +230,9 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "solvers-cpu.json"))
     ap.add_argument("--resummarise", action="store_true",
                     help="recompute the summary, table and plot from the rows already in --out (no sampling)")
+    ap.add_argument("--conditions", default=None,
+                    help="run only these, comma-separated solver:nfe:spacing (e.g. dpmpp_2m:10:logsnr), and "
+                         "merge their rows into --out in place of earlier rows of the same conditions")
     args = ap.parse_args(argv)
     if args.resummarise:
         import harness
@@ -244,8 +248,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     import harness
 
-    res = run(args.n, list(range(args.seed, args.seed + args.seeds)))
     out = Path(args.out)
+    if args.conditions:
+        return _merge_run(args, out, harness)
+    res = run(args.n, list(range(args.seed, args.seed + args.seeds)))
     res = {"machine": harness.machine_info("cpu"), "n": args.n, "seeds": args.seeds, **res,
            "setup": {"guidance": "hnm, cdp_fast.models.digits.DIGITS_GUIDANCE",
                      "spacing": "per condition; the bar is guided DDIM-200 with uniform (leading) spacing",
@@ -257,6 +263,30 @@ def main(argv=None):
           "| no worse on precision and recall:", res["summary"]["no_worse_than_ddim200"])
     plot(res["summary"], out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def _merge_run(args, out, harness):
+    """--conditions: run those conditions with --out's n and seeds and put their rows in place of
+    the earlier rows of the same conditions (the others were not re-run: each merge is recorded
+    with its machine, time and commit)."""
+    conds = []
+    for c in args.conditions.split(","):
+        solver, nfe, spacing = c.strip().split(":")
+        conds.append((solver, int(nfe), spacing))
+    rec = json.loads(out.read_text())
+    if (rec["n"], rec["seeds"]) != (args.n, args.seeds):
+        raise SystemExit(f"--out was run with n={rec['n']}, seeds={rec['seeds']}: pass the same --n and --seeds")
+    seeds = sorted({r["seed"] for r in rec["rows"]})
+    new = run(args.n, seeds, conditions=conds)["rows"]
+    names = {(s, n, sp) for s, n, sp in conds}
+    rec["rows"] = [r for r in rec["rows"] if (r["solver"], r["nfe"], r["spacing"]) not in names] + new
+    rec.setdefault("merges", []).append({"conditions": args.conditions, "machine": harness.machine_info("cpu")})
+    rec["summary"] = summarise(rec["rows"])
+    harness.write_json(out, rec)
+    print(table(rec["summary"]))
+    print("quality-matched:", rec["summary"]["quality_matched"],
+          "| no worse on precision and recall:", rec["summary"]["no_worse_than_ddim200"])
+    plot(rec["summary"], out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ no bit of what users get.
 The calls cover every solver (DDIM, DDIM η = 1, DDPM, DPM-Solver++(2M), Heun), unguided and guided (HNM / InfoNCE, the authors' and the anchor form, with and
 without the online head, class negatives), in memory (float and uint8) and streamed to shards.
 Each call runs on the bundled 8×8 digits models at a small size (~1 min in all on 2 cores).
-A hash covers the images, labels, confidences and the shard files' bytes. Floating-point
+A hash covers the images, labels, confidences and the shard files' bytes, and, for the
+streamed calls, a second one the manifest's arguments (what a resume compares). Entries
+re-recorded after an intended change name it in the JSON's "notes". Floating-point
 results are only comparable on the same CPU, torch and thread count: the JSON records them and
 ``--check`` says so when they differ (tests/test_bitwise.py then skips).
 """
@@ -95,6 +97,9 @@ def run(names=None, n=48):
                 kw["out"] = str(out)
             s = cdp_fast.sample(model, n, **kw)
             hashes[name] = digest(s, out)
+            if out is not None:     # what a resume compares: the manifest's arguments
+                args = json.loads((out / "manifest.json").read_text())["args"]
+                hashes[name + ":manifest"] = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()
     return hashes
 
 
@@ -118,7 +123,7 @@ def main(argv=None):
               "float results may differ for that reason alone")
     bad = [k for k in ref["hashes"] if hashes.get(k) != ref["hashes"][k]]
     for k in ref["hashes"]:
-        print(f"{k:28s} {'same' if k not in bad else 'DIFFERENT'}")
+        print(f"{k:38s} {'same' if k not in bad else 'DIFFERENT'}  {ref.get('notes', {}).get(k, '')}")
     return 1 if bad else 0
 
 

@@ -3,7 +3,7 @@ paper's Contrastive-DP, exactly"): the symmetric 2B-row HNM and the keys InfoNCE
 gradients w.r.t. x_t through a feature network, the online head trained through both rows and
 carried through a shard, the first step of a trajectory unguided, and the authors' window.
 
-References: ``cdp_fast.guidance.reference.hnm_symmetric_ref`` / ``infonce_keys_ref`` transcribe
+References: ``cdp_fast.ops.contrastive.reference.hnm_symmetric_ref`` / ``infonce_keys_ref`` transcribe
 ``adv_training/hard_negative_sample.py`` / ``adv_training/infonce.py`` of
 YiDongOuYang/Contrastive-Guided-Diffusion-Process with plain exp (fp64 here). Tolerances: the
 guidance runs in fp32 (features are cast to float) while the references run in fp64, so

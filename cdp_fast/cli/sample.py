@@ -63,8 +63,8 @@ def _add_guidance_flags(s):
 def _add_ddim_flags(s):
     """sample: the DDIM sampler and the noise schedule."""
     s.add_argument("--steps", type=int, default=None, help="DDIM steps (default: per model; library 200)")
-    s.add_argument("--skip", choices=("uniform", "quadratic"), default=None,
-                   help="timestep sub-sequence (default: per model; library quadratic)")
+    s.add_argument("--skip", choices=("uniform", "quadratic", "logsnr"), default=None,
+                   help="timestep sub-sequence (default: per model; library: logsnr for dpmpp_2m, else quadratic)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 = deterministic (default: 0)")
     s.add_argument("--solver", choices=("ddim", "ddpm", "dpmpp_2m", "heun"), default="ddim",
                    help="ddim (the paper's), ddpm (ancestral, the revised paper's DDPM rows), dpmpp_2m "
@@ -170,7 +170,7 @@ def cmd_sample(a):
         num_classes=a.num_classes if a.num_classes is not None else info.get("num_classes"),
         class_labels=specs.load_class_labels(a.class_labels),
         steps=a.steps if a.steps is not None else samp.get("steps", 200), nfe=a.nfe,
-        skip=a.skip if a.skip is not None else samp.get("skip", "quadratic"),
+        skip=a.skip if a.skip is not None else samp.get("skip"),
         eta=a.eta, image_shape=image_shape,
         batch_size=a.batch_size if a.batch_size is not None else samp.get("batch_size", 512),
         output=a.output, seed=a.seed, device=a.device, dtype=_dtype(a.dtype),

@@ -119,7 +119,7 @@ def add_eval(sub):
 def _load_weights(model, path, arch):
     """--weights: a state_dict saved by `cdp-fast train` into ``model``; ValueError naming the
     file when it cannot be read, holds pickled objects (never loaded: see
-    :func:`cdp_fast.robust.loop.read_weights_only`), is not a state_dict or does not fit ``arch``."""
+    :func:`cdp_fast.robust.checkpoint.read_weights_only`), is not a state_dict or does not fit ``arch``."""
     from cdp_fast.robust.checkpoint import read_weights_only
 
     if not Path(path).is_file():

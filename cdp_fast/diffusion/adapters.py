@@ -53,6 +53,11 @@ class EpsModel:
         """x (B, *shape), t (B,) long, y (B,) long or None -> ε (B, *shape)."""
         return call_model(self.model, x, t, y)
 
+    @property
+    def runner(self):
+        """The callable that computes ε: :meth:`forward` itself, or what :meth:`with_runner` gave."""
+        return self._run
+
     def with_runner(self, run) -> "EpsModel":
         """This adapter, with ``run(x, t, y)`` (e.g. ``torch.compile(self.forward)``) called."""
         return EpsModel(self.model, run)

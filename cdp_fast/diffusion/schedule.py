@@ -14,6 +14,9 @@ import math
 
 import torch
 
+#: the timestep spacings of :func:`timesteps`
+SKIPS = ("uniform", "quadratic", "logsnr")
+
 
 def make_betas(kind: str | torch.Tensor = "linear", T: int = 1000) -> torch.Tensor:
     """β_1..β_T as float64, shape (T,).
@@ -65,7 +68,7 @@ def as_alphas_cumprod(alphas_cumprod) -> torch.Tensor:
     return a
 
 
-def timesteps(T: int, steps: int, skip: str = "uniform") -> torch.Tensor:
+def timesteps(T: int, steps: int, skip: str = "uniform", alphas_cumprod=None) -> torch.Tensor:
     """The DDIM sub-sequence τ, descending, as a LongTensor of shape (steps,).
 
     - ``"uniform"``: ``range(0, T, T // steps)`` (official DDIM code; equal to diffusers'
@@ -73,6 +76,12 @@ def timesteps(T: int, steps: int, skip: str = "uniform") -> torch.Tensor:
       entries.
     - ``"quadratic"``: ``(linspace(0, sqrt(0.8 T), steps) ** 2)`` cast to int (official DDIM
       code, used by the paper for CIFAR-10 with 200 steps).
+    - ``"logsnr"``: uniform in log-SNR, the spacing DPM-Solver's authors recommend (Lu et al.
+      2022, ``skip_type="logSNR"``): ``steps`` points of λ_t = ½·log(ᾱ_t/(1 − ᾱ_t)) evenly from
+      λ_{T−1} to λ_0, each at the table timestep nearest in λ (distinct: where two would round
+      to one timestep, one moves to the next free one). Needs ``alphas_cumprod`` (T entries);
+      entries with ᾱ = 1 (σ = 0) are not used. Equal to diffusers' ``use_lu_lambdas=True``
+      grid where that one has no repeats.
 
     The quadratic sequence repeats small timesteps when steps is large (200 steps of T = 1000,
     the paper's CIFAR-10 setting, start 0, 0, 0, 0, 0, 0, 0, 1, 1, ...); the official code keeps
@@ -89,9 +98,39 @@ def timesteps(T: int, steps: int, skip: str = "uniform") -> torch.Tensor:
         seq = list(range(0, T, T // steps))[:steps]
     elif skip == "quadratic":
         seq = [int(s) for s in (torch.linspace(0, math.sqrt(T * 0.8), steps, dtype=torch.float64) ** 2)]
+    elif skip == "logsnr":
+        seq = _logsnr_steps(T, steps, alphas_cumprod)
     else:
-        raise ValueError(f"skip must be 'uniform' or 'quadratic', got {skip!r}")
+        raise ValueError(f"skip must be one of {SKIPS}, got {skip!r}")
     return torch.tensor(seq[::-1], dtype=torch.long)
+
+
+def _logsnr_steps(T: int, steps: int, alphas_cumprod) -> list:
+    """Ascending timesteps evenly spaced in λ = log(α/σ) (see :func:`timesteps`)."""
+    if alphas_cumprod is None:
+        raise ValueError("skip='logsnr' needs alphas_cumprod (the λ of each timestep comes from the ᾱ table)")
+    abar = as_alphas_cumprod(alphas_cumprod).double()
+    if abar.numel() != T:
+        raise ValueError(f"alphas_cumprod has {abar.numel()} entries, T is {T}")
+    first = int((abar >= 1).sum())                  # entries with σ = 0 have λ = ∞: not a grid point
+    if T - first < steps:
+        raise ValueError(f"skip='logsnr': only {T - first} timesteps have σ > 0, fewer than steps={steps}")
+    lam = 0.5 * (abar[first:].log() - torch.log1p(-abar[first:]))   # decreasing in t
+    targets = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=torch.float64)
+    # nearest table entry in λ: λ is decreasing, so search the increasing −λ
+    neg = -lam
+    hi = torch.searchsorted(neg, -targets).clamp(1, neg.numel() - 1)
+    lo = hi - 1
+    pick = torch.where((neg[hi] - (-targets)).abs() < ((-targets) - neg[lo]).abs(), hi, lo)
+    seq = sorted(int(i) + first for i in pick)
+    # distinct: where two points round to one entry, move the later one up, then (where that ran
+    # past the table's end, as on a cosine table's flat top) the earlier ones down
+    for i in range(1, len(seq)):
+        seq[i] = max(seq[i], seq[i - 1] + 1)
+    seq[-1] = min(seq[-1], T - 1)
+    for i in range(len(seq) - 2, -1, -1):
+        seq[i] = min(seq[i], seq[i + 1] - 1)
+    return seq
 
 
 # ----------------------------------------------------------------------------- σ-space (EDM)

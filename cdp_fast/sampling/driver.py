@@ -45,7 +45,7 @@ from cdp_fast.data import Samples
 from cdp_fast.diffusion.adapters import SigmaDenoiser
 from cdp_fast.diffusion.schedule import as_alphas_cumprod, karras_sigmas, make_alphas_cumprod, sigmas_of
 from cdp_fast.diffusion.schedule import timesteps as make_timesteps
-from cdp_fast.diffusion.solvers import nfe_of
+from cdp_fast.diffusion.solvers import MIN_STEP_RATIO, nfe_of
 from cdp_fast.guidance.contrastive import ContrastiveGuidance
 from cdp_fast.guidance.options import PAPER_DEFAULTS
 from cdp_fast.sampling import graphs
@@ -61,7 +61,7 @@ __all__ = ["sample"]
 
 def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_window="auto", lam=None,
            tau=None, tau_plus=0.1, beta=1.0, positive="previous", negatives="batch", real=None,
-           num_classes=None, class_labels=None, labeler=None, steps=200, skip="quadratic", eta=0.0,
+           num_classes=None, class_labels=None, labeler=None, steps=200, skip=None, eta=0.0,
            T=1000, betas="linear", alphas_cumprod=None, image_shape=(3, 32, 32), batch_size=512,
            out=None, shard_size=None, output="uint8", seed=0, device=None, dtype=None,
            compile="auto", progress=True, init_std=1.0, form=None, solver="ddim", clip_x0=None, nfe=None):
@@ -105,7 +105,9 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
         labeler: classifier x [(B, *image_shape) in [-1, 1]] -> logits (B, K); gives
             ``labels`` (argmax) and ``confidence`` (max softmax), and the classes of
             negatives="class" when no class_labels are given.
-        steps, skip, eta, T, betas: sub-sequence (cdp_fast.timesteps), η (DDIM), schedule.
+        steps, skip, eta, T, betas: sub-sequence (:func:`cdp_fast.timesteps`: ``skip`` "uniform",
+            "quadratic" or "logsnr"; None = the solver's default, "logsnr" for "dpmpp_2m" and
+            "quadratic" for the others), η (DDIM), schedule.
         solver: "ddim" (default, the paper's), "ddpm" (ancestral; the revised paper's DDPM
             rows and the authors' MNIST/GTSRB sampler: :func:`guided_ddpm`), "dpmpp_2m"
             (DPM-Solver++(2M) on the same timesteps: :func:`guided_dpmpp_2m`) or "heun" (EDM's
@@ -197,8 +199,8 @@ def _schedule(model, s: SolverOptions) -> dict:
         T = abar.numel()
     else:
         abar = make_alphas_cumprod(s.betas, T)
-    steps = steps_for(s.solver, s.nfe, s.steps, T, s.skip)
-    ts = make_timesteps(T, steps, s.skip)
+    steps = steps_for(s.solver, s.nfe, s.steps, T, s.skip, alphas_cumprod=abar)
+    ts = make_timesteps(T, steps, s.skip, alphas_cumprod=abar)
     sigmas = None
     if s.solver == "heun":
         den = model if isinstance(model, SigmaDenoiser) else None
@@ -289,10 +291,12 @@ def _streamed(run: RunPlan, g, s, r, plan, guidance, shard_size, dev) -> Samples
               skip=None if s.solver == "heun" else s.skip, eta=s.eta, T=plan["T"], betas=s.betas,
               alphas_cumprod=s.alphas_cumprod, sigma_range=plan["denoiser"],
               image_shape=r.image_shape, batch_size=r.batch_size, shard_size=shard_size, output=r.output,
-              seed=r.seed, dtype=str(r.dtype), init_std=float(s.init_std))
-    # runs written before form/solver/clip_x0 existed used the anchor form and plain DDIM
+              seed=r.seed, dtype=str(r.dtype), init_std=float(s.init_std),
+              dpmpp_min_step_ratio=MIN_STEP_RATIO if s.solver == "dpmpp_2m" else None)
+    # runs written before form/solver/clip_x0 existed used the anchor form and plain DDIM; DPM++
+    # runs before 0.2.0 took every step second order (no step-ratio rule): they do not resume
     legacy = {"form": "anchors" if g.loss is not None else None, "solver": "ddim", "clip_x0": False,
-              "sigma_range": None}
+              "sigma_range": None, "dpmpp_min_step_ratio": None}
     shard_plan = ShardPlan(Path(r.out), r.n, shard_size, manifest_args(plan["model"], r.n, kw, run.behaviour),
                            legacy=legacy)
 

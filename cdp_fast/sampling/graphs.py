@@ -187,7 +187,7 @@ def _same_model(a, b) -> bool:
     """Two :class:`EpsModel` adapters running the same network the same way (the solvers wrap a
     bare model in a new adapter per call)."""
     def runner(e):
-        return getattr(e._run, "__func__", e._run)
+        return getattr(e.runner, "__func__", e.runner)
     return a is b or (a.model is b.model and runner(a) is runner(b))
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cdp_fast.diffusion.adapters import SigmaDenoiser
+from cdp_fast.diffusion.schedule import SKIPS
 from cdp_fast.diffusion.schedule import timesteps as make_timesteps
 from cdp_fast.diffusion.solvers import SOLVERS, nfe_of
 from cdp_fast.guidance.options import LOSSES, check_options
@@ -26,7 +27,7 @@ from cdp_fast.sampling.stream import fingerprint
 from cdp_fast.utils import runtime
 from cdp_fast.utils.checks import check_number, is_int
 
-__all__ = ["GuidanceOptions", "SolverOptions", "RunOptions", "checked", "authors_window", "steps_for",
+__all__ = ["GuidanceOptions", "SolverOptions", "RunOptions", "checked", "default_skip", "authors_window", "steps_for",
            "denoiser_settings", "manifest_args"]
 
 
@@ -56,7 +57,7 @@ class SolverOptions:
 
     solver: str = "ddim"
     steps: int = 200
-    skip: str = "quadratic"
+    skip: Optional[str] = None
     eta: float = 0.0
     T: int = 1000
     betas: Any = "linear"
@@ -104,6 +105,8 @@ def _check(g: GuidanceOptions, s: SolverOptions, r: RunOptions) -> None:
                   guide_window=None if g.guide_window == "auto" else g.guide_window, form=g.form)
     if s.solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {s.solver!r}")
+    if s.skip not in SKIPS:
+        raise ValueError(f"skip must be one of {SKIPS} (or None: the solver's default), got {s.skip!r}")
     if s.clip_x0 not in (None, True, False):
         raise ValueError(f"clip_x0 must be None, True or False, got {s.clip_x0!r}")
     if s.solver != "ddpm" and s.clip_x0:
@@ -153,11 +156,22 @@ def _plain(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
+def default_skip(solver) -> str:
+    """The spacing a solver gets when the caller names none: log-SNR for DPM-Solver++ (its
+    authors' recommendation, and the most accurate of the three on an exact-score Gaussian:
+    std error 3.6 / 1.8 / 0.6% at 10 / 20 / 50 NFE, against 9–18% / 2–4% / 0.6% for quadratic /
+    uniform — README "Fast solvers"), quadratic for DDIM and DDPM (the paper's)."""
+    return "logsnr" if solver == "dpmpp_2m" else "quadratic"
+
+
 def checked(g: GuidanceOptions, s: SolverOptions, r: RunOptions):
     """(g, s, r) checked (ValueError naming the first bad argument) and normalised: loss "none"
-    is None, numpy scalars are Python numbers, ``image_shape`` is a tuple."""
+    is None, ``skip`` None is the solver's default (:func:`default_skip`), numpy scalars are
+    Python numbers, ``image_shape`` is a tuple."""
     if g.loss == "none":
         g = dataclasses.replace(g, loss=None)
+    if s.skip is None:
+        s = dataclasses.replace(s, skip=default_skip(s.solver))
     _check(g, s, r)
     if r.out is not None and not str(r.out).strip():
         raise ValueError("out: an empty path; give a directory (or out=None to keep the samples in memory)")
@@ -180,9 +194,10 @@ def denoiser_settings(model, solver):
     return st if solver == "heun" else {"one_hot_classes": st["one_hot_classes"]}
 
 
-def steps_for(solver, nfe, steps, T, skip) -> int:
+def steps_for(solver, nfe, steps, T, skip, alphas_cumprod=None) -> int:
     """``steps`` for a requested NFE: Heun (nfe + 1)/2 levels; the timestep solvers the fewest
-    steps whose distinct timesteps number ``nfe`` (a quadratic sequence repeats small t)."""
+    steps whose distinct timesteps number ``nfe`` (a quadratic sequence repeats small t).
+    ``alphas_cumprod``: the run's ᾱ table (``skip="logsnr"`` needs it)."""
     if nfe is None:
         return steps
     if not is_int(nfe) or nfe < 1:
@@ -192,7 +207,7 @@ def steps_for(solver, nfe, steps, T, skip) -> int:
             raise ValueError(f"nfe: solver='heun' makes 2·steps − 1 evaluations; give an odd nfe, got {nfe}")
         return (nfe + 1) // 2
     for k in range(nfe, T + 1):
-        got = nfe_of(solver, make_timesteps(T, k, skip))
+        got = nfe_of(solver, make_timesteps(T, k, skip, alphas_cumprod=alphas_cumprod))
         if got == nfe:
             return k
         if got > nfe:

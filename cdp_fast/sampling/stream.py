@@ -65,7 +65,7 @@ class ShardPlan:
 # ----------------------------------------------------------------------------- manifest
 def _same(key, old, new, out) -> bool:
     """Whether a recorded argument matches: exactly, except behaviour fingerprints (dicts with
-    "behaviour": projections of a callable's probe output, :func:`cdp_fast.sampling.driver._probe`),
+    "behaviour": projections of a callable's probe output, :func:`cdp_fast.sampling.prepare.probe`),
     which match within rtol 1e-3 — float noise across devices, thread counts or versions must
     not refuse a resume; a different network differs by far more. A name recorded before
     behaviour fingerprints existed cannot be checked: accepted with a warning."""
