@@ -11,9 +11,10 @@ Selection (paper App. D.3, Table 6), top-K per class, classes given by the (pseu
 criterion            score                                                   keep
 ==================== ======================================================= =========
 "entropy"            H(p(x)) of the classifier (the paper: "LaNet")           smallest
-"confidence"         max_k p_k(x) (DM-Improves-AT's filtering of generated    largest
-                     data by classifier confidence)
+"confidence"         p_ỹ(x) = max_k p_k(x) for pseudo-labels (DM-Improves-AT's  largest
+                     filtering of generated data by classifier confidence)
 "grad_norm"          ‖∇_θ CE(f_θ(x), ỹ)‖₂ over all trainable parameters       largest
+                     (all parameters of a fully frozen classifier)
 "robust_grad_norm"   ‖∇_θ [CE(f_θ(x), ỹ) + β·KL(p_θ(x) ‖ p_θ(x'))]‖₂, x' the   largest
                      TRADES attack point (held fixed), i.e. the per-sample
                      TRADES loss of :mod:`cdp_fast.robust.train`
@@ -35,6 +36,12 @@ Choices where App. D.3 is not explicit (documented here, tested against loop ref
   candidate samples of that class; the features are ``classifier.features`` (images in
   [0, 1]) unless ``features=`` is given. Two passes over the images (centroids, then
   distances) keep memory independent of the number of samples;
+- stored or given labels (a class-conditional set's labels are its conditioning classes):
+  "confidence" is p_ỹ(x), the classifier's probability of the sample's *own* label ỹ (the
+  max softmax when ỹ is the classifier's argmax, so pseudo-labelled sets score as before);
+  "entropy" is H(p(x)) for samples whose argmax is ỹ, and H(p(x)) + log K + 1 for samples the
+  classifier puts in another class, so those rank after every sample it agrees with (K: the
+  classifier's outputs). Without labels both use the classifier's own argmax;
 - ties are broken by the lower index; a class with fewer than K samples keeps all of them.
 """
 from __future__ import annotations
@@ -48,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdp_fast.data.sources import open_images
+from cdp_fast.utils.checks import looks_like_probabilities
 from cdp_fast.utils.runtime import model_device
 
 __all__ = ["pseudo_label", "select", "scores", "per_sample_grad_norm", "attack_generator",
@@ -80,14 +88,16 @@ def pseudo_label(classifier: nn.Module, images, *, batch_size: int = 512, device
     Returns:
         {"label": int64 (N,), "confidence": float32 (N,) = max softmax,
          "entropy": float32 (N,) = −Σ p log p in nats}, numpy arrays.
+
+    A classifier that returns probabilities instead of logits (every row of a batch >= 0 and
+    summing to 1 within 1e-4) is detected: its outputs are used as the probabilities (not
+    softmaxed again), with one UserWarning.
     """
     if not isinstance(classifier, nn.Module):
         raise ValueError(f"classifier must be a torch.nn.Module, got {type(classifier).__name__}")
     _check_bs(batch_size)
     imgs = open_images(images)
     dev = model_device(classifier, device)
-    from cdp_fast.utils.runtime import eval_mode
-
     from cdp_fast.utils import distributed as cdist
 
     try:
@@ -96,24 +106,60 @@ def pseudo_label(classifier: nn.Module, images, *, batch_size: int = 512, device
         tqdm = None
     bar = (tqdm(total=len(imgs), desc="pseudo-label", unit="img", leave=False,
                 disable=not progress or not cdist.is_main()) if tqdm is not None else None)
-    labels, conf, ent = [], [], []
     try:
-        with torch.no_grad(), eval_mode(classifier):
-            for _, xb in imgs.batches(batch_size):
-                logp = F.log_softmax(classifier(xb.to(dev)).float(), dim=1)
-                p = logp.exp()
-                c, lab = p.max(dim=1)
-                labels.append(lab.cpu())
-                conf.append(c.cpu())
-                ent.append((-(p * logp).sum(dim=1)).cpu())
-                if bar is not None:
-                    bar.update(len(xb))
+        out = _classify(classifier, imgs, batch_size, dev, bar=bar)
     finally:
         if bar is not None:
             bar.close()
-    return {"label": torch.cat(labels).numpy().astype(np.int64),
-            "confidence": torch.cat(conf).numpy().astype(np.float32),
-            "entropy": torch.cat(ent).numpy().astype(np.float32)}
+    return {k: out[k] for k in ("label", "confidence", "entropy")}
+
+
+def _classify(classifier, imgs, batch_size, dev, *, labels=None, bar=None) -> dict:
+    """One pass of ``classifier`` over ``imgs`` (an ImageSource): label, confidence (max p),
+    entropy, num_classes (K) and, with ``labels`` (int64 (N,)), p_label = p of the given label
+    (numpy arrays).
+
+    A classifier that returns probabilities (every row of a batch >= 0 and summing to 1) is
+    read as such, not softmaxed a second time (which would squash the confidences towards
+    1/K), with one UserWarning."""
+    from cdp_fast.utils.runtime import eval_mode
+
+    labs, conf, ent, plab = [], [], [], []
+    warned = False
+    with torch.no_grad(), eval_mode(classifier):
+        for i, xb in imgs.batches(batch_size):
+            out = torch.as_tensor(classifier(xb.to(dev))).float()
+            if looks_like_probabilities(out):
+                if not warned:
+                    import warnings
+
+                    warnings.warn("the classifier returns probabilities (rows >= 0 summing to 1), "
+                                  "not logits: they are used as probabilities as they are",
+                                  UserWarning, stacklevel=3)
+                    warned = True
+                logp = out.clamp_min(1e-45).log()
+                p = out
+            else:
+                logp = F.log_softmax(out, dim=1)
+                p = logp.exp()
+            c, lab = p.max(dim=1)
+            labs.append(lab.cpu())
+            conf.append(c.cpu())
+            ent.append((-(p * logp).sum(dim=1)).cpu())
+            if labels is not None:
+                yb = torch.from_numpy(labels[i:i + len(xb)]).to(p.device)
+                if len(yb) and int(yb.max()) >= p.shape[1]:
+                    raise ValueError(f"labels go up to {int(yb.max())} but the classifier has "
+                                     f"{p.shape[1]} outputs")
+                plab.append(p.gather(1, yb[:, None])[:, 0].cpu())
+            if bar is not None:
+                bar.update(len(xb))
+    out = {"label": torch.cat(labs).numpy().astype(np.int64),
+           "confidence": torch.cat(conf).numpy().astype(np.float32),
+           "entropy": torch.cat(ent).numpy().astype(np.float32), "num_classes": int(out.shape[1])}
+    if labels is not None:
+        out["p_label"] = torch.cat(plab).numpy().astype(np.float32)
+    return out
 
 
 # --------------------------------------------------------------------------- gradient norms
@@ -125,12 +171,19 @@ def per_sample_grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     ℓ_i = CE(f_θ(x_i), y_i), or with ``x_adv`` the per-sample TRADES loss
     CE(f_θ(x_i), y_i) + β·KL(p_θ(x_i) ‖ p_θ(x_adv_i)) (x_adv held fixed). The model is
     called with its current mode (use eval mode so BatchNorm uses running statistics).
+    The gradient is over the parameters with ``requires_grad``; a model with none (a frozen
+    classifier, e.g. the bundled digits one) is taken over all its parameters.
     Shapes: x (B, C, H, W), y (B,), x_adv like x -> (B,) float32.
     """
     from torch.func import functional_call, grad, vmap
 
-    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
-    frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
+    named = dict(model.named_parameters())
+    if not named:
+        raise ValueError("per_sample_grad_norm: the model has no parameters")
+    trainable = {k for k, v in named.items() if v.requires_grad}
+    wrt = trainable or set(named)        # a frozen classifier: all its parameters
+    params = {k: v.detach() for k, v in named.items() if k in wrt}
+    frozen = {k: v.detach() for k, v in named.items() if k not in wrt}
     buffers = {k: v for k, v in model.named_buffers()}
 
     def logits_of(p, xi):
@@ -182,20 +235,27 @@ def scores(samples, criterion: str, *, classifier: Optional[nn.Module] = None,
     needs_clf = criterion != "separability" or features is None or labels is None
     if needs_clf and classifier is None:
         raise ValueError(f"criterion {criterion!r} needs classifier= (a trained classifier)")
-    pl = None
-    if criterion in ("entropy", "confidence") or labels is None:
-        pl = pseudo_label(classifier, samples, batch_size=batch_size, device=device)
-    if labels is None:
-        labels = pl["label"]
-    labels = np.asarray(labels)
-    if labels.shape != (len(imgs),) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be integer, shape ({len(imgs)},), got {labels.dtype} "
-                         f"{labels.shape}")
-    labels = labels.astype(np.int64)
-    if criterion == "entropy":
-        return pl["entropy"].astype(np.float64), labels
-    if criterion == "confidence":
-        return pl["confidence"].astype(np.float64), labels
+    given = labels is not None
+    if given:
+        labels = np.asarray(labels)
+        if labels.shape != (len(imgs),) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be integer, shape ({len(imgs)},), got {labels.dtype} "
+                             f"{labels.shape}")
+        labels = labels.astype(np.int64)
+        if len(labels) and labels.min() < 0:
+            raise ValueError(f"labels must be >= 0, got {int(labels.min())}")
+    if criterion in ("entropy", "confidence") or not given:
+        pl = _classify(classifier, imgs, batch_size, model_device(classifier, device),
+                       labels=labels if given else None)
+        if not given:
+            labels = pl["label"]
+        if criterion == "confidence":   # p of the sample's label (= max p for pseudo-labels)
+            return (pl["p_label"] if given else pl["confidence"]).astype(np.float64), labels
+        if criterion == "entropy":      # samples the classifier puts in another class rank last
+            h = pl["entropy"].astype(np.float64)
+            if given:
+                h = h + (pl["label"] != labels) * (np.log(pl["num_classes"]) + 1.0)   # H <= log K
+            return h, labels
 
     from cdp_fast.robust.attacks import trades_attack
     from cdp_fast.utils.runtime import eval_mode

@@ -83,10 +83,15 @@ def test_scores_against_direct_computations():
     with torch.no_grad():
         p = m(x).softmax(1)
         feats = m.features(x).double()
+    # given labels (SEL1/SEL2): entropy, + log K + 1 where the argmax disagrees; p of the label
+    disagree = (p.argmax(1).numpy() != labels)
     s, lab = scores(x, "entropy", classifier=m, labels=labels)
-    np.testing.assert_allclose(s, (-(p * p.log()).sum(1)).numpy(), rtol=1e-4)
+    np.testing.assert_allclose(s, (-(p * p.log()).sum(1)).numpy() + disagree * (np.log(p.shape[1]) + 1),
+                               rtol=1e-4)
     np.testing.assert_array_equal(lab, labels)
     s, _ = scores(x, "confidence", classifier=m, labels=labels)
+    np.testing.assert_allclose(s, p[torch.arange(30), torch.from_numpy(labels)].numpy(), rtol=1e-5)
+    s, _ = scores(x, "confidence", classifier=m)          # pseudo-labels: the max softmax
     np.testing.assert_allclose(s, p.max(1).values.numpy(), rtol=1e-5)
     s, _ = scores(x, "grad_norm", classifier=m, labels=labels, batch_size=8)
     np.testing.assert_allclose(s, _loop_grad_norm(m, x, torch.from_numpy(labels)).numpy(),

@@ -32,13 +32,15 @@ installed from (``pip install -e .``); the benchmarks are not part of the instal
 so elsewhere it exits with status 2 and says so.
 
 Errors in arguments print one line on stderr and exit with status 2 (argparse's own errors
-included); a missing optional dependency exits with status 1 and names the extra to install.
+included); output options (``--out``, ``--json``, ``--npz``, ...) are checked before any work
+(:func:`cdp_fast.cli.common.check_output`: not a directory, in an existing writable folder); a missing optional dependency exits with status 1 and names the extra to install.
 Only this package prints; the library reports through ``progress=`` / ``callback=``.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from cdp_fast.cli import specs
 from cdp_fast.cli.common import PROG, UsageError
@@ -74,10 +76,24 @@ def build_parser():
     return p
 
 
+def _format_warning(message, category, filename, lineno, line=None):
+    """A warning as one line (not Python's two: the message and its source line)."""
+    text = str(message).splitlines()[0] if str(message) else category.__name__
+    return f"{PROG}: warning: {text}\n"
+
+
 def main(argv=None) -> int:
     """Entry point of `cdp-fast`; returns the exit status: 0 ok, 1 a missing optional package,
     2 a bad argument or a failure the user must act on (ValueError, a missing file, an OSError
-    such as a full disk), each as one line on stderr."""
+    such as a full disk), each as one line on stderr; a warning is one line too."""
+    saved, warnings.formatwarning = warnings.formatwarning, _format_warning
+    try:
+        return _main(argv)
+    finally:   # the caller's warning format back (in-process calls)
+        warnings.formatwarning = saved
+
+
+def _main(argv):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else [str(v) for v in argv]
     try:

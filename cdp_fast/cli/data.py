@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import cdp_fast.cli.specs as specs
+from cdp_fast.cli.common import check_output
 
 __all__ = ["add_label", "cmd_label", "add_select", "cmd_select", "add_inspect", "cmd_inspect"]
 
@@ -16,7 +17,8 @@ def add_label(sub):
     lab.add_argument("samples", help="an out folder of `cdp-fast sample` or an npz")
     lab.add_argument("--classifier", default="digits",
                      help="classifier on [0, 1] images: 'digits' (bundled) or module:factory (default: digits)")
-    lab.add_argument("--out", required=True, help="output npz (image, label, confidence)")
+    lab.add_argument("--out", required=True, help="output npz (image, label, confidence), in an existing folder "
+                          "(checked before any work)")
     lab.add_argument("--device", default=None, help="torch device (default: cpu)")
     lab.add_argument("--no-progress", action="store_true", help="no progress bar")
     lab.set_defaults(func=cmd_label)
@@ -28,6 +30,7 @@ def cmd_label(a):
     from cdp_fast import label
     from cdp_fast.data import Samples
 
+    check_output("out", a.out)      # before any work: a bad output option must not cost the run
     s = specs.load_samples(a.samples)
     clf = specs.load_classifier(a.classifier, a.device)
     res = label.pseudo_label(clf, s, device=a.device, progress=not a.no_progress)
@@ -52,7 +55,7 @@ def add_select(sub):
     sel.add_argument("--classifier", default="digits",
                      help="classifier on [0, 1] images scoring the samples: digits, module:factory, or none "
                           "(separability with stored labels only) (default: digits)")
-    sel.add_argument("--out", required=True, help="output npz")
+    sel.add_argument("--out", required=True, help="output npz, in an existing folder (checked before any work)")
     sel.add_argument("--device", default=None, help="torch device (default: cpu)")
     sel.set_defaults(func=cmd_select)
 
@@ -62,6 +65,7 @@ def cmd_select(a):
 
     from cdp_fast import label
 
+    check_output("out", a.out)
     s = specs.load_samples(a.samples)
     clf = specs.load_classifier(a.classifier, a.device) if a.classifier != "none" else None
     out = label.select(s, a.criterion, a.k_per_class, classifier=clf, device=a.device)
@@ -98,9 +102,11 @@ def add_inspect(sub):
     ins.add_argument("--probe-eps", type=float, default=8 / 255,
                      help="L-inf PGD radius against the linear probe, [0, 1] pixels (default: 8/255)")
     ins.add_argument("--n", type=int, default=None, help="first N samples of each set only (default: all)")
-    ins.add_argument("--json", default=None, help="write the full report to this JSON file")
+    ins.add_argument("--json", default=None, help="write the full report to this JSON file (in an existing folder; "
+                          "checked before any work)")
     ins.add_argument("--figure", default=None,
-                     help="write a PNG: class histograms, 2-D projection, guidance strength (needs matplotlib)")
+                     help="write a PNG: class histograms, 2-D projection, guidance strength (needs matplotlib; "
+                          "in an existing folder)")
     ins.add_argument("--device", default=None, help="torch device for networks (default: cpu)")
     ins.set_defaults(func=cmd_inspect)
 
@@ -120,6 +126,8 @@ def cmd_inspect(a):
 
     if a.k < 1 or a.probe_eps < 0 or (a.n is not None and a.n < 1):
         raise ValueError("inspect: --k and --n must be >= 1 and --probe-eps >= 0")
+    check_output("json", a.json)
+    check_output("figure", a.figure)
     s = specs.load_samples(a.samples)
     other = specs.load_samples(a.against) if a.against else None
     train, test = specs.load_real_splits(a.real)

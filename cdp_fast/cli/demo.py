@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cdp_fast.cli.common import PROG, UsageError
+from cdp_fast.cli.common import PROG, UsageError, check_output
 
 __all__ = ["add_demo", "cmd_demo", "add_bench", "cmd_bench"]
 
@@ -51,7 +51,7 @@ def add_demo(sub):
     de.add_argument("--no-metrics", action="store_true", help="skip the section-1 metrics of the synthetic sets")
     de.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's; 1 is faster on a CPU other jobs share)")
-    de.add_argument("--out", default="cdp_demo", help="output folder (default: cdp_demo)")
+    de.add_argument("--out", default="cdp_demo", help="output folder, made in an existing folder (default: cdp_demo)")
     de.add_argument("--device", default=None, help="torch device (default: cpu)")
     de.add_argument("--no-progress", action="store_true", help="no progress bars")
     de.set_defaults(func=cmd_demo)
@@ -60,6 +60,7 @@ def add_demo(sub):
 def cmd_demo(a):
     from cdp_fast.demo import run_demo
 
+    check_output("out", a.out, folder=True)      # before any work: not after the experiment
     def csv(text):
         return None if text is None else tuple(v.strip() for v in text.split(",") if v.strip())
 

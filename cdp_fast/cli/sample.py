@@ -2,9 +2,8 @@
 and :func:`cmd_sample`, which calls :func:`cdp_fast.sample` and writes the npz and PNG grid."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import cdp_fast.cli.specs as specs
+from cdp_fast.cli.common import check_output
 
 __all__ = ["add_sample", "cmd_sample"]
 
@@ -86,11 +85,14 @@ def _add_ddim_flags(s):
 
 def _add_sample_output_flags(s):
     """sample: where the samples go, seed, device and precision."""
-    s.add_argument("--out", default=None, help="directory for shards + manifest (resumable); default: in memory")
-    s.add_argument("--npz", default=None, help="also write all samples to this npz (image uint8 NHWC, label)")
+    s.add_argument("--out", default=None, help="directory for shards + manifest (resumable), made in an existing "
+                                                    "folder; default: in memory")
+    s.add_argument("--npz", default=None,
+                   help="also write all samples to this npz: image (uint8 NHWC with --output uint8; float32 NCHW "
+                        "model-space values, about [-1, 1], with --output float), label; in an existing folder")
     s.add_argument("--grid", default=None,
                    help="write a PNG grid of the first 64 samples; when guided, beside the unguided DDIM "
-                        "samples from the same starting noise")
+                        "samples from the same starting noise; in an existing folder")
     s.add_argument("--output", choices=("uint8", "float"), default="uint8",
                    help="uint8 NHWC images or float model-space arrays (default: uint8)")
     s.add_argument("--seed", type=int, default=0, help="run seed; sample i depends on (seed, i) (default: 0)")
@@ -113,20 +115,17 @@ def _compile_flag(v):
     return {"auto": "auto", "true": True, "false": False}[v]
 
 
-def _check_outputs(a, image_shape):
-    """sample's output options, checked before any work: --out not empty, --grid only for
-    uint8 (C, H, W) images, --npz / --grid into an existing writable folder."""
-    import os
-
+def _check_outputs(a):
+    """sample's output options, checked before any work (before the model is even loaded):
+    --out a folder (or a new one) in an existing writable folder, --npz / --grid files in an
+    existing writable folder (:func:`cdp_fast.cli.common.check_output`)."""
     if a.out is not None and not a.out.strip():
         raise ValueError("out: an empty path; give a directory or leave --out out (samples in memory)")
-    if a.grid and (a.output != "uint8" or len(image_shape) != 3):
+    check_output("out", a.out, folder=True)
+    check_output("npz", a.npz)
+    check_output("grid", a.grid)
+    if a.grid and a.output != "uint8":
         raise ValueError("grid: needs --output uint8 and 3-D images (C, H, W)")
-    for flag, value in (("npz", a.npz), ("grid", a.grid)):
-        if value:
-            folder = Path(value).resolve().parent
-            if not folder.is_dir() or not os.access(folder, os.W_OK):
-                raise ValueError(f"{flag}: cannot write {value}: {folder} is not a writable folder")
 
 
 def _guide_window(values, preset):
@@ -149,11 +148,13 @@ def cmd_sample(a):
     import cdp_fast
     from cdp_fast.utils.png import save_grid_png
 
+    _check_outputs(a)      # before any work: a bad output option must not cost the run
     model, info = specs.load_model_spec(a.model, a.device)
     image_shape = specs.parse_shape(a.image_shape) if a.image_shape else info.get("image_shape")
     if image_shape is None:
         raise ValueError("image-shape: required for a module:factory model (e.g. --image-shape 3,32,32)")
-    _check_outputs(a, image_shape)      # before sampling: a bad output option must not cost the run
+    if a.grid and len(image_shape) != 3:
+        raise ValueError("grid: needs --output uint8 and 3-D images (C, H, W)")
     loss = None if a.loss == "none" else a.loss
     samp = dict(info.get("sampling") or {})
     g = dict((info.get("guidance") or {}).get(loss, {})) if loss else {}
@@ -161,14 +162,14 @@ def cmd_sample(a):
     # setting it was tuned in), else the library's defaults (the authors' choices)
     embedding = {"none": None, "mlp": "mlp"}.get(a.embedding, g.get("embedding", "auto"))
     form = a.form if a.form != "auto" else g.get("form")
+    num_classes = a.num_classes if a.num_classes is not None else info.get("num_classes")
     kw = dict(
         loss=loss, embedding=embedding, form=form, guide_window=_guide_window(a.guide_window, g),
         solver=a.solver, clip_x0={"auto": None, "true": True, "false": False}[a.clip_x0],
         lam=a.lam if a.lam is not None else g.get("lam"),
         tau=a.tau if a.tau is not None else g.get("tau"),
         tau_plus=a.tau_plus, beta=a.beta, positive=a.positive, negatives=a.negatives,
-        num_classes=a.num_classes if a.num_classes is not None else info.get("num_classes"),
-        class_labels=specs.load_class_labels(a.class_labels),
+        num_classes=num_classes, class_labels=specs.load_class_labels(a.class_labels, num_classes),
         steps=a.steps if a.steps is not None else samp.get("steps", 200), nfe=a.nfe,
         skip=a.skip if a.skip is not None else samp.get("skip"),
         eta=a.eta, image_shape=image_shape,
@@ -182,6 +183,8 @@ def cmd_sample(a):
         kw.update(T=a.T, betas=a.betas or "linear")
     if loss is not None:
         kw["features"] = specs.load_features(a.features, info, a.device)
+        if kw["features"] is not None and ":" in a.features:
+            specs.check_features(kw["features"], image_shape, a.features)
         kw["real"] = specs.load_real_images(a.real, image_shape)
     labeler = specs.load_labeler(a.labeler, info, a.device)
     s = cdp_fast.sample(model, a.n, labeler=labeler, out=a.out, **kw)
@@ -207,6 +210,8 @@ def cmd_sample(a):
             base = {k2: v for k2, v in kw.items() if k2 not in ("features", "real", "loss", "embedding", "form",
                                                                   "guide_window", "lam", "tau")}
             base.update(loss=None, progress=False)
+            if base.get("class_labels") is not None:    # the grid's k samples: their k labels
+                base["class_labels"] = base["class_labels"][:k]
             u = np.asarray(cdp_fast.sample(model, k, **base).images[:k])
             sep = np.full((1,) + imgs.shape[1:], 255, np.uint8)
             imgs = np.concatenate([np.concatenate([u[i:i + 8], sep, imgs[i:i + 8]]) for i in range(0, k, 8)])

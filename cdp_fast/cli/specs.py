@@ -8,6 +8,7 @@ The CLI (:mod:`cdp_fast.cli`) parses flags; this module resolves their values an
   ``module:factory`` (:func:`load_callable_spec`; ``module:attr`` may name a ready nn.Module);
 - networks (``--features``, ``--labeler``, ``--classifier``, ``--arch``): :func:`load_network`,
   :func:`load_features`, :func:`load_labeler`, :func:`load_classifier`, :func:`classifier_for_arch`;
+  :func:`check_features` (a module:factory feature map must depend on x, finitely);
 - data (``--data``, ``--real``, ``--class-labels``, samples, ``--image-shape``):
   :func:`load_train_data`, :func:`load_real_images`, :func:`load_class_labels`,
   :func:`load_samples`, :func:`parse_shape`;
@@ -26,7 +27,7 @@ from pathlib import Path
 __all__ = [
     "import_attr", "load_callable_spec", "load_model_spec", "load_network", "load_features", "load_labeler",
     "load_classifier", "classifier_for_arch", "load_samples", "load_train_data", "load_real_images",
-    "load_class_labels", "parse_shape", "load_real_splits", "load_inspect_features",
+    "load_class_labels", "check_features", "parse_shape", "load_real_splits", "load_inspect_features",
     "load_independent_classifier", "check_device",
 ]
 
@@ -171,10 +172,19 @@ def load_samples(path):
     """An out folder of `cdp-fast sample` or an npz, as :class:`cdp_fast.data.Samples`."""
     from cdp_fast.data import Samples
 
+    import warnings
+
     p = Path(path)
     if not p.exists():
         raise ValueError(f"samples: {path} does not exist")
-    return Samples.load(p)
+    # a warning (an incomplete run: the finished shards are loaded) is shown only when the load
+    # succeeds: a failed load is the error's one line, not a warning + its source line + the error
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = Samples.load(p)
+    for w in caught:
+        warnings.warn(w.message, w.category, stacklevel=2)
+    return s
 
 
 def load_train_data(spec, split):
@@ -217,8 +227,12 @@ def load_real_images(spec, image_shape):
     return Samples.load(spec).to_tensor() * 2 - 1
 
 
-def load_class_labels(spec):
-    """--class-labels: a .npy / labelled .npz file or a comma list of ints -> int64 array (or None)."""
+def load_class_labels(spec, num_classes=None):
+    """--class-labels: a .npy / labelled .npz file or a comma list of ints -> int64 array (or None).
+
+    Refused (ValueError naming the file or list): labels that are not integers (float labels
+    such as 0.9 are never truncated), negative labels, and labels >= ``num_classes`` when the
+    model's number of classes is known (before sampling, not an IndexError mid-run)."""
     if spec is None:
         return None
     import numpy as np
@@ -226,17 +240,72 @@ def load_class_labels(spec):
     p = Path(spec)
     if p.is_file():
         if p.suffix == ".npy":
-            return np.load(p, allow_pickle=False).astype(np.int64)
-        from cdp_fast.data import Samples
+            labels = _integral_labels(np.load(p, allow_pickle=False), spec)
+        else:
+            from cdp_fast.data import Samples
+            from cdp_fast.data.npz import npz_keys, read_member
 
-        s = Samples.load(p)
-        if s.labels is None:
-            raise ValueError(f"class-labels: {spec} holds no labels")
-        return np.asarray(s.labels, dtype=np.int64)
+            key = "label" if "label" in npz_keys(p) else "arr_1"
+            if key in npz_keys(p):
+                _integral_labels(read_member(p, key), spec)     # before Samples.load casts to int64
+            s = Samples.load(p)
+            if s.labels is None:
+                raise ValueError(f"class-labels: {spec} holds no labels")
+            labels = np.asarray(s.labels, dtype=np.int64)
+    else:
+        try:
+            labels = np.asarray([int(v) for v in spec.split(",")], dtype=np.int64)
+        except ValueError:
+            raise ValueError(f"class-labels: {spec!r} is neither a file (.npy / .npz) nor a comma list of "
+                             "ints") from None
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"class-labels: {spec} holds a negative label ({labels.min()}); class labels are >= 0")
+    if labels.size and num_classes is not None and labels.max() >= num_classes:
+        raise ValueError(f"class-labels: {spec} holds label {labels.max()}, out of range for {num_classes} classes "
+                         f"(--num-classes / the model's): labels lie in [0, {num_classes})")
+    return labels
+
+
+def _integral_labels(arr, spec):
+    """``arr`` as int64 when its values are integers (an integer dtype, or floats with integral
+    values); a ValueError naming ``spec`` otherwise."""
+    import numpy as np
+
+    arr = np.asarray(arr)
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64)
+    if arr.dtype.kind != "f":
+        raise ValueError(f"class-labels: {spec} holds {arr.dtype} values, not integer class labels")
+    bad = ~np.isfinite(arr) | (arr != np.round(arr))
+    if bad.any():
+        raise ValueError(f"class-labels: {spec} holds non-integer labels (e.g. {arr[bad].flat[0]!r}); class "
+                         "labels must be integers (they are not rounded or truncated)")
+    return arr.astype(np.int64)
+
+
+def check_features(features, image_shape, spec):
+    """--features module:factory: one probe forward on 2 random images that require grad (in eval
+    mode, no BatchNorm statistic moves); a ValueError naming ``spec`` when the output does not
+    depend on the images (the guidance differentiates it with respect to x) or is not finite.
+    A probe that raises is left to the library's own probe, which names the cause."""
+    import torch
+
+    from cdp_fast.utils.runtime import eval_mode, model_device
+
+    x = torch.randn((2,) + tuple(image_shape), generator=torch.Generator().manual_seed(0))
+    x = x.to(model_device(features)).requires_grad_(True)
     try:
-        return np.asarray([int(v) for v in spec.split(",")], dtype=np.int64)
-    except ValueError:
-        raise ValueError(f"class-labels: {spec!r} is neither a file (.npy / .npz) nor a comma list of ints") from None
+        with torch.enable_grad(), eval_mode(features):
+            z = features(x)
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        return
+    if not isinstance(z, torch.Tensor):
+        return
+    if not z.requires_grad:
+        raise ValueError(f"features: {spec} returns values that do not depend on the images x (no gradient "
+                         "to guide with)")
+    if not bool(torch.isfinite(z.detach()).all()):
+        raise ValueError(f"features: {spec} returns non-finite values (NaN or inf) on a probe batch")
 
 
 def parse_shape(text):

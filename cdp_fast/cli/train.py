@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import cdp_fast.cli.specs as specs
+from cdp_fast.cli.common import check_output
 
 __all__ = ["add_train", "cmd_train", "add_eval", "cmd_eval"]
 
@@ -52,10 +53,12 @@ def add_train(sub):
                        help="horizontal flips (default: only for 3-channel images, never for 1-channel digits)")
     flips.add_argument("--no-flip", dest="flip", action="store_const", const=False,
                        help="no horizontal flips (use for 3-channel signs or text)")
-    tr.add_argument("--checkpoint", default=None, help="resumable checkpoint path (default: none)")
+    tr.add_argument("--checkpoint", default=None,
+                    help="resumable checkpoint path, in an existing folder (default: none)")
     tr.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     tr.add_argument("--device", default=None, help="torch device (default: cpu)")
-    tr.add_argument("--out", required=True, help="where to write the trained state_dict (.pt)")
+    tr.add_argument("--out", required=True, help="where to write the trained state_dict (.pt), in an existing folder "
+                                                        "(checked before training)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_train)
 
@@ -70,18 +73,17 @@ def _save_state(model, path):
 
 
 def cmd_train(a):
-    import cdp_fast
-
+    # before any work: a bad output option must not cost the training run
+    check_output("out", a.out)
+    check_output("checkpoint", a.checkpoint)
     model = specs.classifier_for_arch(a.arch, a.num_classes)
     data = specs.load_train_data(a.data, "train")
     # pad / flip / label smoothing left as None: the library fits them to the images and the recipe
-    trained = cdp_fast.train_trades(
-        model, data, synthetic=a.synthetic, real_fraction=a.real_fraction, epochs=a.epochs, eps=a.eps,
-        step_size=a.step_size if a.step_size is not None else 2.5 * a.eps / max(1, a.steps),
-        steps=a.steps, beta=a.beta, batch_size=a.batch_size, ema=None if a.ema == 0 else a.ema,
-        lr=a.lr, warmup_epochs=a.warmup_epochs, pad=a.pad, flip=a.flip,
-        label_smoothing=a.label_smoothing, recipe=a.recipe, seed=a.seed, device=a.device,
-        checkpoint=a.checkpoint, progress=not a.no_progress, sync_bn=a.sync_bn)
+    try:
+        trained = _train(a, model, data)
+    except FloatingPointError as e:   # the library's divergence check: a setting to change, not a bug
+        raise ValueError(f"train: {e}: the training diverged (a smaller --lr than {a.lr:g}, a longer "
+                         "--warmup-epochs? a NaN in the data?)") from None
     from cdp_fast.utils import distributed as cdist
 
     if cdist.is_main():  # under torchrun every rank holds the same weights; rank 0 writes
@@ -92,6 +94,19 @@ def cmd_train(a):
             print(f"throughput: {sum(t['images_per_s'] for t in tp):.1f} images/s total over {len(tp)} "
                   "process(es); per rank: " + ", ".join(f"{t['rank']}: {t['images_per_s']:.1f}" for t in tp))
     return 0
+
+
+def _train(a, model, data):
+    """cdp_fast.train_trades with the flags of ``a``."""
+    import cdp_fast
+
+    return cdp_fast.train_trades(
+        model, data, synthetic=a.synthetic, real_fraction=a.real_fraction, epochs=a.epochs, eps=a.eps,
+        step_size=a.step_size if a.step_size is not None else 2.5 * a.eps / max(1, a.steps),
+        steps=a.steps, beta=a.beta, batch_size=a.batch_size, ema=None if a.ema == 0 else a.ema,
+        lr=a.lr, warmup_epochs=a.warmup_epochs, pad=a.pad, flip=a.flip,
+        label_smoothing=a.label_smoothing, recipe=a.recipe, seed=a.seed, device=a.device,
+        checkpoint=a.checkpoint, progress=not a.no_progress, sync_bn=a.sync_bn)
 
 
 def add_eval(sub):
@@ -110,7 +125,8 @@ def add_eval(sub):
     ev.add_argument("--eps", type=float, default=0.1, help="L-inf radius (default: 0.1)")
     ev.add_argument("--attacks", default="clean,pgd,autoattack",
                     help="comma list of clean, pgd, autoattack (default: all three)")
-    ev.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ev.add_argument("--json", default=None, help="also write the results to this JSON file (in an existing folder; "
+                                                    "checked before the attacks)")
     ev.add_argument("--device", default=None, help="torch device (default: cpu)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
@@ -122,6 +138,8 @@ def _load_weights(model, path, arch):
     :func:`cdp_fast.robust.checkpoint.read_weights_only`), is not a state_dict or does not fit ``arch``."""
     from cdp_fast.robust.checkpoint import read_weights_only
 
+    if Path(path).is_dir():
+        raise ValueError(f"weights: {path} is a directory, not a state_dict file")
     if not Path(path).is_file():
         raise ValueError(f"weights: {path} does not exist")
     expected = "a state_dict saved by `cdp-fast train` (weights only)"
@@ -141,6 +159,9 @@ def _load_weights(model, path, arch):
 def cmd_eval(a):
     import cdp_fast
 
+    check_output("json", a.json)      # before any work: not after the attacks have run
+    if a.n is not None and a.n < 1:   # a slice x[:-5] would drop items silently (probe.md EV1)
+        raise ValueError(f"n: must be >= 1 (the first n test points), got {a.n}")
     model = specs.classifier_for_arch(a.arch, a.num_classes, trained_digits=not a.weights)
     if a.weights:
         _load_weights(model, a.weights, a.arch)

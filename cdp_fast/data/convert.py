@@ -8,7 +8,41 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["images_to_float01", "to_uint8_nhwc"]
+__all__ = ["images_to_float01", "to_uint8_nhwc", "check_image_values", "MODEL_SPACE_LIMIT"]
+
+#: float images of a Samples / npz are model space [-1, 1]; the sampler does not clip, so a
+#: little overshoot is normal (and clamped when read); |value| > 2 is not model space.
+MODEL_SPACE_LIMIT = 2.0
+
+
+def check_image_values(images, what: str, lo: float, hi: float, *, hint: str = "",
+                       chunk: int = 4096) -> tuple:
+    """(min, max) of the float ``images`` (a tensor, an array, a memory map or a lazy shard
+    view, read ``chunk`` images at a time), after checking them.
+
+    Raises ValueError naming ``what``: a NaN or inf value (with the index of the first image
+    holding one), or a value outside [lo, hi] (with the range found, then ``hint``)."""
+    import torch
+
+    if isinstance(images, torch.Tensor):
+        blocks = [(0, images.detach())]
+    else:
+        blocks = ((s, np.asarray(images[s:s + chunk])) for s in range(0, len(images), chunk))
+    vmin, vmax = float("inf"), float("-inf")
+    for start, t in blocks:
+        if t.size == 0 if isinstance(t, np.ndarray) else t.numel() == 0:
+            continue
+        flat = t.reshape(len(t), -1)
+        ok = torch.isfinite(flat).all(1) if isinstance(t, torch.Tensor) else np.isfinite(flat).all(1)
+        if not bool(ok.all()):
+            first = start + int((~ok).nonzero()[0].reshape(-1)[0])
+            raise ValueError(f"{what} holds NaN or inf values (the first in image {first}); "
+                             "images must be finite")
+        vmin, vmax = min(vmin, float(t.min())), max(vmax, float(t.max()))
+    if vmin < lo or vmax > hi:
+        raise ValueError(f"{what} must be in [{lo:g}, {hi:g}], got values in [{vmin:.3g}, {vmax:.3g}]"
+                         + (f"; {hint}" if hint else ""))
+    return vmin, vmax
 
 
 def images_to_float01(arr, name: str = "images", *, model_space: bool = False):

@@ -89,8 +89,12 @@ def read_member(path, key, mmap: bool = True):
                 offset = f.tell()
             if int(np.prod(shape)) == 0:
                 return np.empty(shape, dtype=dtype)
-            return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
-                             order="F" if fortran else "C")
+            try:
+                return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
+                                 order="F" if fortran else "C")
+            except (ValueError, OSError) as e:   # numpy: "mmap length is greater than file size"
+                raise ValueError(f"{path}: member {key} claims shape {tuple(shape)} {dtype}, more "
+                                 f"than the file holds ({e}); the file is truncated or corrupted") from None
     with np.load(path, allow_pickle=False) as z:
         return z[key]
 

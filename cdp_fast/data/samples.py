@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cdp_fast.data.convert import images_to_float01
+from cdp_fast.data.convert import MODEL_SPACE_LIMIT, check_image_values, images_to_float01
 from cdp_fast.data.npz import npz_keys, read_member, shard_intact, write_npz
 from cdp_fast.utils.checks import is_int
 
-__all__ = ["Samples", "LazyConcat"]
+__all__ = ["Samples", "LazyConcat", "integer_labels"]
 
 _SHARD_NAME = re.compile(r"shard-\d{6}\.npz")
 
@@ -119,6 +119,25 @@ class LazyConcat:
         return arr.astype(dtype) if dtype is not None else arr
 
 
+def integer_labels(labels, what: str = "labels") -> np.ndarray:
+    """``labels`` as int64 (N,): integer dtypes as they are; float labels only when every value
+    is a whole number (3.0 -> 3; 8.7 is never truncated to 8). ValueError naming ``what`` for
+    fractional, NaN / inf, non-numeric or not 1-D labels (one-hot (N, K) included)."""
+    y = np.asarray(labels)
+    if y.ndim != 1:
+        raise ValueError(f"{what} must be class indices of shape (N,), got shape {y.shape} "
+                         "(one-hot labels: store labels.argmax(1))")
+    if y.dtype == np.bool_ or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise ValueError(f"{what} must be integers, got dtype {y.dtype}")
+    if np.issubdtype(y.dtype, np.floating):
+        whole = np.isfinite(y) & (y == np.round(y))
+        if not whole.all():
+            i = int(np.flatnonzero(~whole)[0])
+            raise ValueError(f"{what} must be whole numbers, got {y[i]!r} at index {i} "
+                             f"(dtype {y.dtype}); refusing to truncate")
+    return y.astype(np.int64)
+
+
 # ----------------------------------------------------------------------------- Samples
 class Samples:
     """Generated samples: ``images``, ``labels`` (int64 or None), ``confidence`` (or None).
@@ -201,11 +220,13 @@ class Samples:
             if "image" in keys:
                 ik, lk = "image", "label"
             elif "arr_0" in keys:
-                ik, lk = "arr_0", "arr_1"
+                if "label" in keys and "arr_1" in keys:
+                    raise ValueError(f"path {path}: npz has both 'label' and 'arr_1'; which are the labels?")
+                ik, lk = "arr_0", "label" if "label" in keys else "arr_1"
             else:
                 raise ValueError(f"path {path}: npz has neither 'image' nor 'arr_0' (keys: {keys})")
             images = read_member(path, ik)
-            labels = np.asarray(read_member(path, lk)).astype(np.int64) if lk in keys else None
+            labels = integer_labels(read_member(path, lk), f"{path}: {lk}") if lk in keys else None
             conf = np.asarray(read_member(path, "confidence")) if "confidence" in keys else None
             return cls(images, labels, conf, meta={"path": str(path)})
         raise ValueError(f"path {path} does not exist")
@@ -236,6 +257,12 @@ class Samples:
         arr = self.images[:] if indices is None else self.images[np.asarray(indices)]
         arr = np.asarray(arr)
         if arr.dtype != np.uint8:
+            if not np.issubdtype(arr.dtype, np.floating):   # int64, bool, ...: never model space
+                raise ValueError(f"Samples images must be uint8 (NHWC, 0..255) or float (model space "
+                                 f"[-1, 1]), got dtype {arr.dtype}; convert 0..255 integers with "
+                                 ".astype(np.uint8)")
+            check_image_values(arr, "Samples images (float: model space [-1, 1])",
+                               -MODEL_SPACE_LIMIT, MODEL_SPACE_LIMIT)
             return images_to_float01(arr.astype(np.float32, copy=False), model_space=True)
         if arr.ndim != 4:
             # Not a batch of NHWC images (one image, or grey (N, H, W)): this method has always

@@ -2,21 +2,28 @@
 :func:`as_source`, :mod:`cdp_fast.metrics`, :mod:`cdp_fast.label`, :func:`cdp_fast.evaluate`)
 opens it with :func:`open_images` and reads it through the :class:`ImageSource` it returns.
 
-The rule (docs/design.md §3, the image conventions):
+The rule (docs/design.md §3, the image conventions), checked here, when the input is opened,
+before any work, so label, select, train, inspect and eval refuse the same inputs alike:
 
 - accepted: a torch tensor or anything ``np.asarray`` takes (lists; memory-mapped or lazy
   shard views are read piece by piece, never whole); a :class:`~cdp_fast.data.samples.Samples`
   (anything with ``images`` and ``labels``; its labels, confidences and manifest travel along);
   a path (an npz or an out directory of :func:`cdp_fast.sample`, via ``Samples.load``); and,
   with ``pairs=True``, an ``(x, y)`` tuple or list;
-- uint8 images are NHWC (or grey NHW) and read as value / 255; float images of a Samples
-  (not a tensor) are model space [-1, 1] (``output="float"``, any item shape) and read as
-  ``((x + 1) / 2).clamp(0, 1)``; every other float input is NCHW in [0, 1] and passes through
-  as it is (dtype, device); anything else is a ValueError naming the input;
+- dtype: uint8 images are NHWC (or grey NHW) and read as value / 255; float images of a
+  Samples / npz / out directory (not a tensor) are model space [-1, 1] (``output="float"``,
+  any item shape) and read as ``((x + 1) / 2).clamp(0, 1)``; every other float input is NCHW
+  in [0, 1] and passes through as it is (dtype, device); any other dtype (int64, bool, ...)
+  is a ValueError naming the input and the dtype;
+- values (float images, scanned once at open, :func:`check_image_values`): NaN or inf is a
+  ValueError naming the input and the first bad image; [0, 1] inputs must lie in [0, 1];
+  model-space images must lie in [-2, 2] (the sampler does not clip, so a little overshoot
+  beyond [-1, 1] is normal and is clamped, as in the uint8 files; 0..255 values are refused,
+  naming the range found); model-space images that all lie in [0, 1] are read as model
+  space, with one UserWarning that they look like [0, 1] images;
 - every read goes through :func:`~cdp_fast.data.convert.images_to_float01`.
 
-Range checks (:func:`check_unit_range`) and label checks are the callers' policy: training and
-the metrics refuse float images outside [0, 1], the labeller does not look.
+Label checks stay the callers' (training: integers in [0, K); the metrics: integers >= 0).
 """
 from __future__ import annotations
 
@@ -25,8 +32,8 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from cdp_fast.data.convert import images_to_float01
-from cdp_fast.data.samples import Samples
+from cdp_fast.data.convert import MODEL_SPACE_LIMIT, check_image_values, images_to_float01
+from cdp_fast.data.samples import Samples, integer_labels
 
 if TYPE_CHECKING:   # torch is imported where it is used
     import torch
@@ -41,12 +48,29 @@ def is_samples(obj) -> bool:
 
 def check_unit_range(x, what: str) -> None:
     """ValueError ``"{what} must be in [0, 1], got values in [lo, hi]"`` unless every value of
-    ``x`` (a tensor, an array or a lazy view, read whole) lies in [0, 1]."""
-    if not hasattr(x, "min"):
+    ``x`` (a tensor, an array or a lazy view, read in chunks) lies in [0, 1]; NaN or inf is a
+    ValueError naming ``what`` too."""
+    if not hasattr(x, "shape"):
         x = np.asarray(x)
-    lo, hi = float(x.min()), float(x.max())
-    if lo < 0.0 or hi > 1.0:
-        raise ValueError(f"{what} must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+    check_image_values(x, what, 0.0, 1.0)
+
+
+def _check_values(images, kind: str, what: str) -> None:
+    """The value half of the rule (module docstring): finite, and in range for the kind."""
+    if kind == "unit":
+        check_image_values(images, what, 0.0, 1.0)
+    elif kind == "model":
+        lo, _ = check_image_values(
+            images, f"{what} (float images of a Samples / npz are model space [-1, 1])",
+            -MODEL_SPACE_LIMIT, MODEL_SPACE_LIMIT,
+            hint="store 0..255 images as uint8 NHWC, or float images as model space 2·x − 1")
+        if lo >= 0.0:
+            import warnings
+
+            warnings.warn(f"{what}: float images of a Samples / npz are read as model space "
+                          f"[-1, 1], but every value is >= 0, as in [0, 1] images; if they are "
+                          "[0, 1] images, store them as 2·x − 1 (or uint8 NHWC)", UserWarning,
+                          stacklevel=3)
 
 
 class ImageSource:
@@ -132,7 +156,7 @@ def open_images(data, name: str = "images", *, pairs: bool = False) -> ImageSour
     Raises:
         ValueError naming ``name``: a missing path, a pair of the wrong length, an unsupported
         dtype, float [0, 1] images that are not NCHW, uint8 images that are not NHWC / NHW,
-        no images.
+        no images, NaN / inf values, values out of range (the module docstring's rule).
     """
     import torch
 
@@ -142,6 +166,7 @@ def open_images(data, name: str = "images", *, pairs: bool = False) -> ImageSour
         data = Samples.load(data)
     labels = confidence = None
     meta = {}
+    what = name                           # names the images in value errors
     from_samples = is_samples(data)
     if from_samples:
         images, labels = data.images, data.labels
@@ -151,6 +176,7 @@ def open_images(data, name: str = "images", *, pairs: bool = False) -> ImageSour
         if len(data) != 2:
             raise ValueError(f"{name} must be an (x, y) pair, got {len(data)} items")
         images, labels = data
+        what = f"{name} x"
     else:
         images = data
     if not isinstance(images, torch.Tensor) and not hasattr(images, "dtype"):
@@ -170,7 +196,10 @@ def open_images(data, name: str = "images", *, pairs: bool = False) -> ImageSour
         dtype = np.dtype(images.dtype)
         kind = ("uint8" if dtype == np.uint8 else None if not np.issubdtype(dtype, np.floating)
                 else "model" if from_samples else "unit")
-    if kind is None or not shape or (kind == "unit" and len(shape) != 4):
+    if kind is None:
+        raise ValueError(f"{name} images must be uint8 (NHWC, 0..255) or float, got dtype {dtype} "
+                         f"{shape}; convert 0..255 integers with .astype(np.uint8)")
+    if not shape or (kind == "unit" and len(shape) != 4):
         raise ValueError(f"{name} must be float NCHW in [0, 1] or uint8 NHWC, got {dtype} {shape}")
     if kind == "uint8":   # rank and layout errors (NHWC or grey NHW), on the first image
         image_shape = tuple(images_to_float01(images[:1], name).shape[1:])
@@ -178,6 +207,7 @@ def open_images(data, name: str = "images", *, pairs: bool = False) -> ImageSour
         image_shape = shape[1:]
     if shape[0] == 0:
         raise ValueError(f"{name} is empty")
+    _check_values(images, kind, what)
     return ImageSource(images, kind, name, image_shape, labels=labels, confidence=confidence,
                        meta=meta, from_samples=from_samples)
 
@@ -221,7 +251,7 @@ def as_source(data, name: str = "train_data") -> BatchSource:
         if src.labels is None:
             raise ValueError(f"{name} has no labels: pseudo-label it first "
                              "(cdp_fast.label.pseudo_label)")
-        labels = np.asarray(src.labels).astype(np.int64)
+        labels = integer_labels(src.labels, f"{name} labels")
         if len(labels) != len(src):
             raise ValueError(f"{name}: {len(labels)} labels for {len(src)} images")
 
@@ -232,6 +262,9 @@ def as_source(data, name: str = "train_data") -> BatchSource:
         y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
         if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"{name} labels must be integers, got {y.dtype}")
+        if y.dim() != 1:
+            raise ValueError(f"{name} labels must be class indices of shape (N,), got shape "
+                             f"{tuple(y.shape)} (one-hot labels: pass y.argmax(1))")
         y = y.long().cpu()
         if len(src) != len(y):
             raise ValueError(f"{name}: x {tuple(src.images.shape)} and y {tuple(y.shape)} must be a "
@@ -239,8 +272,6 @@ def as_source(data, name: str = "train_data") -> BatchSource:
 
         def get_labels(idx):
             return y[torch.from_numpy(idx)]
-    if src.kind == "unit":
-        check_unit_range(src.images, f"{name} x")
     return BatchSource(lambda idx: (src.gather(idx), get_labels(idx)), len(src), src.image_shape, name)
 
 

@@ -10,6 +10,7 @@ them (as k-diffusion's ``external.py``):
 """
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 
 import torch
@@ -100,6 +101,9 @@ class SigmaDenoiser(nn.Module):
         super().__init__()
         if not callable(net):
             raise TypeError(f"net must be callable, got {type(net).__name__}")
+        for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
+            if isinstance(v, (bool, str, bytes)) or not isinstance(v, (numbers.Real, torch.Tensor)):
+                raise ValueError(f"SigmaDenoiser: {name} must be a number, got {v!r}")
         if not (0 < sigma_min < sigma_max < float("inf")):
             raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got {sigma_min!r}, {sigma_max!r}")
         if rho <= 0:
@@ -155,7 +159,13 @@ class SigmaDenoiser(nn.Module):
         """x̂_0 = D(x_σ, σ): x (B, *shape), σ a float or (B,) -> (B, *shape)."""
         s = self._sigmas(x, sigma).to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous()
         y = self._labels(y)
-        return unwrap_output(self.net(x, s) if y is None else self.net(x, s, y))
+        d = unwrap_output(self.net(x, s) if y is None else self.net(x, s, y))
+        # D of another shape would broadcast through ε = (x − D)/σ (a shape check: no host sync)
+        if not isinstance(d, torch.Tensor) or d.shape != x.shape:
+            raise ValueError(f"SigmaDenoiser: the network {type(self.net).__name__} returned "
+                             f"{tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__} for x of "
+                             f"shape {tuple(x.shape)}; a denoiser must return x̂_0 of x's shape")
+        return d
 
     def eps_at_sigma(self, x, sigma, y=None):
         """ε = (x_σ − D(x_σ, σ))/σ, for σ > 0: x (B, *shape), σ a float or (B,) -> (B, *shape)."""

@@ -172,7 +172,10 @@ def sigma_to_t(sigma, alphas_cumprod) -> torch.Tensor:
         return torch.zeros_like(s)
     hi = torch.searchsorted(log_table, s).clamp(1, T - 1)
     lo = hi - 1
-    w = ((s - log_table[lo]) / (log_table[hi] - log_table[lo])).clamp(0, 1)
+    gap = log_table[hi] - log_table[lo]
+    # equal neighbours (a flat stretch of the table, e.g. ᾱ_0 = ᾱ_1): any t between them, take lo
+    w = torch.where(gap > 0, (s - log_table[lo]) / gap.where(gap > 0, torch.ones_like(gap)),
+                    torch.zeros_like(s)).clamp(0, 1)
     return lo.double() + w
 
 

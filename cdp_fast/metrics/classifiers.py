@@ -26,6 +26,8 @@ def class_balance(y, num_classes: Optional[int] = None) -> dict:
     "entropy_normalised": H / log K (1 = perfectly balanced; None for K = 1), "max_count",
     "min_count" (over all K classes, so an empty class gives 0), "num_classes": K}."""
     y = as_labels(y, len(y) if hasattr(y, "__len__") else 0)
+    if len(y) and int(y.min()) < 0:
+        raise ValueError(f"labels must be >= 0, got {int(y.min())}")
     k = int(num_classes) if num_classes is not None else (int(y.max()) + 1 if len(y) else 0)
     if len(y) and int(y.max()) >= k:
         raise ValueError(f"labels go up to {int(y.max())} but num_classes = {k}")
@@ -73,8 +75,13 @@ def label_agreement(classifier: Callable, x, y, *, batch_size: int = 1024, devic
 
 def confidence_summary(conf) -> dict:
     """Summary of stored pseudo-label confidences (max softmax), (N,):
-    {"mean", "q05", "q25", "q50", "q75", "q95", "fraction_above_0.8"}."""
-    c = torch.as_tensor(np.asarray(conf, dtype=np.float64))
+    {"mean", "q05", "q25", "q50", "q75", "q95", "fraction_above_0.8"}. ValueError if ``conf`` is
+    empty or holds NaN / inf."""
+    c = torch.as_tensor(np.asarray(conf, dtype=np.float64)).reshape(-1)
+    if len(c) == 0:
+        raise ValueError("confidence is empty: no confidences to summarise")
+    if not bool(torch.isfinite(c).all()):
+        raise ValueError("confidence holds NaN or inf values")
     out = {"mean": float(c.mean())}
     for q in (0.05, 0.25, 0.5, 0.75, 0.95):
         out[f"q{int(round(q * 100)):02d}"] = float(torch.quantile(c, q))

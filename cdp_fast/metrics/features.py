@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from cdp_fast.metrics.inputs import as_x01
+from cdp_fast.metrics.inputs import as_features, as_x01, check_positive_int
 
 __all__ = ["PCAFeatures", "fit_pca", "extract_features"]
 
@@ -41,11 +41,13 @@ def fit_pca(x, n_components: int = 20) -> PCAFeatures:
     Args:
         x: (N, C, H, W) images in [0, 1] (anything :func:`as_image_set` takes as images), or
             any float (N, ...) tensor (e.g. features, to project them to 2-D).
-        n_components: k; capped at min(D, N − 1).
+        n_components: k >= 1 (ValueError naming n_components otherwise); capped at
+            min(D, N − 1).
     Returns:
         :class:`PCAFeatures`. Computed in float64 from the D × D covariance (eigh), so the cost
         is O(N D² + D³) and N may be large; for D ≫ 10⁴ pass your own extractor.
     """
+    check_positive_int(n_components, "n_components")
     xf = x if isinstance(x, torch.Tensor) and x.is_floating_point() else as_x01(x, "pca data")
     xf = xf.reshape(len(xf), -1).to(torch.float64)
     n, d = xf.shape
@@ -73,7 +75,7 @@ def extract_features(features: Callable, x, *, batch_size: int = 1024, device=No
         features: callable (B, C, H, W) in [0, 1] -> (B, d) (or (B, ...), flattened).
         x: images (anything :func:`as_image_set` takes as images).
     Returns:
-        float64 (N, d) CPU tensor.
+        float64 (N, d) CPU tensor. ValueError naming ``features`` if it returns NaN or inf.
     """
     from cdp_fast.utils.runtime import eval_mode, model_device
 
@@ -85,4 +87,6 @@ def extract_features(features: Callable, x, *, batch_size: int = 1024, device=No
         for s in range(0, len(x), batch_size):
             f = features(x[s:s + batch_size].to(dev))
             out.append(torch.as_tensor(f).reshape(min(batch_size, len(x) - s), -1).to("cpu", torch.float64))
-    return torch.cat(out)
+    name = getattr(features, "description", None) or getattr(features, "__name__", None) \
+        or type(features).__name__
+    return as_features(torch.cat(out), f"features ({name}) of the images")

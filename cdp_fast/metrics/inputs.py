@@ -12,9 +12,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from cdp_fast.data.sources import check_unit_range, open_images
+from cdp_fast.data.samples import integer_labels
+from cdp_fast.data.sources import open_images
 
-__all__ = ["ImageSet", "as_image_set", "as_x01", "as_labels"]
+__all__ = ["ImageSet", "as_image_set", "as_x01", "as_labels", "as_features", "check_positive_int"]
 
 
 @dataclass
@@ -44,14 +45,17 @@ def as_image_set(data, name: str = "samples", *, max_samples: Optional[int] = No
             y integers or None); an image batch alone; or an :class:`ImageSet` (returned as is,
             cut to ``max_samples``). Read by :func:`cdp_fast.data.open_images`.
         name: used in error messages.
-        max_samples: keep the first N images only (None: all).
+        max_samples: keep the first N >= 1 images only (None: all).
     Returns:
         ImageSet with x float32 (N, C, H, W) in [0, 1]. Float images of a ``Samples`` are model
         space [-1, 1] (``output="float"``) and are mapped by ``images_to_float01(model_space=True)``.
     Raises:
-        ValueError naming ``name`` for anything else, labels of the wrong length, or float
-        images outside [0, 1].
+        ValueError naming ``name`` for anything else, labels of the wrong length, or images
+        the adapter refuses (NaN / inf, out of range: :mod:`cdp_fast.data.sources`); naming
+        ``max_samples`` unless it is None or an int >= 1.
     """
+    if max_samples is not None:
+        check_positive_int(max_samples, "max_samples")
     if isinstance(data, ImageSet):
         s = data
     else:
@@ -60,8 +64,6 @@ def as_image_set(data, name: str = "samples", *, max_samples: Optional[int] = No
         x = src.to_tensor(n)
         if x.dim() != 4:
             raise ValueError(f"{name} must be a batch of images (N, C, H, W), got shape {tuple(x[:1].shape)}")
-        if src.kind != "model":
-            check_unit_range(x, f"{name} images")
         y = None
         labels = src.labels
         if labels is not None:
@@ -93,8 +95,29 @@ def as_x01(x, name="x") -> torch.Tensor:
 
 
 def as_labels(y, n, name="y") -> torch.Tensor:
-    """y as an int64 CPU tensor (N,); ValueError naming ``name`` unless it has ``n`` entries."""
-    y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).long().cpu().flatten()
+    """y as an int64 CPU tensor (N,); ValueError naming ``name`` unless it has ``n`` entries of
+    whole numbers (float labels like 3.0 are taken, 8.7 is refused, never truncated)."""
+    y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    y = torch.from_numpy(integer_labels(y.reshape(-1), f"{name} labels"))
     if len(y) != n:
         raise ValueError(f"{name} has {len(y)} labels for {n} items")
     return y
+
+
+def as_features(f, name: str = "features") -> torch.Tensor:
+    """Features (N, ...) as float64 (N, d) on the CPU; ValueError naming ``name`` if any value
+    is NaN or inf (a distance or a class mean from them would be silently wrong)."""
+    f = torch.as_tensor(f)
+    f = f.reshape(len(f), -1).to("cpu", torch.float64)
+    ok = torch.isfinite(f).all(1)
+    if not bool(ok.all()):
+        raise ValueError(f"{name} hold NaN or inf values ({int((~ok).sum())} of {len(f)} rows, the "
+                         f"first at row {int((~ok).nonzero()[0, 0])}); features must be finite")
+    return f
+
+
+def check_positive_int(v, name: str) -> int:
+    """``v`` as an int; ValueError naming ``name`` unless it is an int >= 1 (bools refused)."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    return int(v)

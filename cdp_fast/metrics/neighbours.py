@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from cdp_fast.metrics.inputs import as_x01
+from cdp_fast.metrics.inputs import as_features, as_x01, check_positive_int
 
 __all__ = ["knn_radii", "prdc", "nn_distances", "memorisation"]
 
@@ -22,14 +22,16 @@ def _cdist(a, b):
     return torch.cdist(a, b, compute_mode=mode)
 
 
-def _flat64(f):
-    f = torch.as_tensor(f)
-    return f.reshape(len(f), -1).to(torch.float64)
+def _flat64(f, name="features"):
+    """(N, d) float64; NaN / inf refused naming ``name`` (:func:`as_features`)."""
+    return as_features(f, name)
 
 
 def knn_radii(f, k: int = 5, *, chunk: int = 1024) -> torch.Tensor:
     """Distance from each row of f (N, d) to its k-th nearest *other* row (self excluded by
-    index), chunked (chunk × N distances at a time). float64 (N,). Needs N > k."""
+    index), chunked (chunk × N distances at a time). float64 (N,). Needs N > k >= 1
+    (ValueError naming k) and finite features."""
+    k = check_positive_int(k, "k")
     f = _flat64(f)
     n = len(f)
     if n <= k:
@@ -61,8 +63,11 @@ def prdc(real_f, fake_f, *, k: int = 5, chunk: int = 1024) -> dict:
         k: neighbours of the radii (5 as in [N20]).
         chunk: rows per distance block (memory chunk × max(N, M) float64).
     Returns: {"precision", "recall", "density", "coverage", "k"}.
+    Raises ValueError naming k (k < 1) or the features holding NaN / inf (a NaN distance
+    would silently count as "outside every ball").
     """
-    xr, xf = _flat64(real_f), _flat64(fake_f)
+    k = check_positive_int(k, "k")
+    xr, xf = _flat64(real_f, "real features"), _flat64(fake_f, "fake features")
     if xr.shape[1] != xf.shape[1]:
         raise ValueError(f"feature dims differ: real {xr.shape[1]}, fake {xf.shape[1]}")
     r = knn_radii(xr, k, chunk=chunk)
@@ -156,5 +161,5 @@ def memorisation(x_syn, x_train, *, f_syn=None, f_train=None, quantile: float = 
 
     res = {"quantile": quantile, "pixel": one(xs, xt)}
     if f_syn is not None and f_train is not None:
-        res["features"] = one(_flat64(f_syn), _flat64(f_train))
+        res["features"] = one(_flat64(f_syn, "f_syn"), _flat64(f_train, "f_train"))
     return res

@@ -14,7 +14,7 @@ from cdp_fast.metrics.classifiers import (class_balance, confidence_summary, lab
                                           predict_labels)
 from cdp_fast.metrics.defaults import METRIC_DEFAULTS
 from cdp_fast.metrics.features import PCAFeatures, extract_features, fit_pca
-from cdp_fast.metrics.inputs import ImageSet, as_image_set
+from cdp_fast.metrics.inputs import ImageSet, as_image_set, check_positive_int
 from cdp_fast.metrics.neighbours import memorisation, prdc
 from cdp_fast.metrics.separation import class_separation, effective_c
 
@@ -87,9 +87,13 @@ def report(samples, *, real, test=None, against=None, features=None, classifier=
         classifier: callable (B, C, H, W) in [0, 1] -> logits, independent of the labeller and
             the guidance; None = no agreement metric (and unlabelled samples stay unlabelled).
             Unlabelled samples are labelled by it (``labels_from = "classifier"``).
-        num_classes: K (default: max label + 1 over the labelled sets).
+        num_classes: K (default: max label + 1 over the labelled sets; one UserWarning when a
+            generated set holds classes the real set lacks, e.g. labels 10..19 against 0..9).
         k, probe_eps, seed, chunk: see :data:`METRIC_DEFAULTS`.
-        max_samples: first N of each generated set only.
+        max_samples: first N >= 1 of each generated set only.
+    Raises ValueError, before any work, naming k, pca_components or max_samples unless each
+    is an int >= 1, and naming any input the image adapter refuses (NaN / inf images, values
+    out of range) or features that come out NaN / inf.
     Returns:
         {"setup": {...}, "real": reference values on the real set, "samples": per-set metrics,
          "against": per-set metrics (with ``against``), "paired": :func:`paired` (with
@@ -97,6 +101,10 @@ def report(samples, *, real, test=None, against=None, features=None, classifier=
          separation mean/min, effective_c), fidelity (precision, recall, density, coverage),
          agreement, confidence, probe, memorisation, guidance_strength (the manifest's, if any).
     """
+    check_positive_int(k, "k")
+    check_positive_int(pca_components, "pca_components")
+    if max_samples is not None:
+        check_positive_int(max_samples, "max_samples")
     r = as_image_set(real, "real")
     if r.y is None:
         raise ValueError("real: labels are required")
@@ -128,6 +136,8 @@ def report(samples, *, real, test=None, against=None, features=None, classifier=
     ys = [r.y] + [s.y for s in sets.values() if s.y is not None] + ([t.y] if t is not None and t.y is not None
                                                                      else [])
     K = int(num_classes) if num_classes is not None else max(int(y.max()) for y in ys) + 1
+    if num_classes is None:
+        _warn_unknown_classes(r.y, {key: s.y for key, s in sets.items() if s.y is not None}, K)
 
     setup = {"features": feat_desc, "feature_dim": int(f_real.shape[1]), "k": int(k), "num_classes": K,
              "real_train_n": len(r), "real_test_n": None if t is None else len(t),
@@ -166,6 +176,20 @@ def report(samples, *, real, test=None, against=None, features=None, classifier=
     if against is not None:
         out["paired"] = paired(sets["samples"], sets["against"])
     return _jsonable(out)
+
+
+def _warn_unknown_classes(y_real, labelled: dict, k: int) -> None:
+    """One UserWarning when a generated set's labels hold classes the real set lacks (K is then
+    set by the generated labels alone; pass num_classes= to say which K is meant)."""
+    real = set(torch.unique(y_real).tolist())
+    extra = {key: sorted(set(torch.unique(y).tolist()) - real) for key, y in labelled.items()}
+    extra = {key: v for key, v in extra.items() if v}
+    if extra:
+        import warnings
+
+        what = "; ".join(f"{key}: {v[:8]}{' ...' if len(v) > 8 else ''}" for key, v in extra.items())
+        warnings.warn(f"labels of classes the real set lacks ({what}); K = {k} from the labels, "
+                      "pass num_classes= if that is not meant", UserWarning, stacklevel=3)
 
 
 def _jsonable(obj):

@@ -9,9 +9,19 @@ import math
 import numpy as np
 import torch
 
-from cdp_fast.metrics.inputs import as_labels
+from cdp_fast.metrics.inputs import as_features, as_labels
 
 __all__ = ["class_separation", "effective_c"]
+
+#: Scatter is "zero" (so a ratio of two scatters is 0/0, reported as None) when the RMS
+#: distance it measures is below ZERO_SPREAD · max(1, RMS norm of the features): float64
+#: rounding noise, e.g. on constant images, is ~1e-16 of the features' scale.
+ZERO_SPREAD = 1e-10
+
+
+def _zero_tol(f: torch.Tensor) -> float:
+    """The squared-distance threshold of :data:`ZERO_SPREAD` for features f (N, d)."""
+    return ZERO_SPREAD ** 2 * max(1.0, float((f ** 2).sum(1).mean()))
 
 
 def _class_stats(f: torch.Tensor, y: torch.Tensor):
@@ -40,13 +50,18 @@ def class_separation(f, y) -> dict:
         within-class std". In the paper's model (§3.1: x | y ~ N(yμ, σ² I)) it is 2‖μ‖/σ.
         For K > 2 classes: ``separation_mean`` = the mean over the K(K−1)/2 pairs,
         ``separation_min`` = the closest pair. Classes with fewer than 2 members are left out.
+      - 0/0 is None, not a number: when the within- and the between-class scatter are both
+        zero (RMS spread below :data:`ZERO_SPREAD` · max(1, RMS feature norm), e.g. constant
+        images, whose float rounding noise would otherwise give any ratio) every value is None;
+        a pair whose mean distance and pooled std are both zero is left out of the pairs.
+        Within-class scatter zero with the means apart is a true ∞ (JSON: None).
     Returns:
         {"fisher_ratio", "separation_mean", "separation_min", "closest_pair": [a, b],
-         "num_classes_used"} (floats; None where fewer than 2 classes qualify).
+         "num_classes_used"} (floats; None where fewer than 2 classes qualify or 0/0).
+    Raises ValueError if f holds NaN or inf.
     """
-    f = torch.as_tensor(f).to(torch.float64)
+    f = as_features(f, "features")
     y = as_labels(y, len(f))
-    f = f.reshape(len(f), -1)
     stats = {c: s for c, s in _class_stats(f, y).items() if s[0] >= 2}
     out = {"fisher_ratio": None, "separation_mean": None, "separation_min": None, "closest_pair": None,
            "num_classes_used": len(stats)}
@@ -57,8 +72,13 @@ def class_separation(f, y) -> dict:
     m = sum(s[0] * s[1] for s in stats.values()) / n
     tr_w = sum(s[2] for s in stats.values()) / n
     tr_b = float(sum(s[0] * ((s[1] - m) ** 2).sum() for s in stats.values())) / n
-    out["fisher_ratio"] = tr_b / tr_w if tr_w > 0 else math.inf
-    pairs = _pair_separations(stats, d)
+    tol = _zero_tol(f)
+    if tr_w <= tol and tr_b <= tol:       # 0/0: no separation to measure
+        return out
+    out["fisher_ratio"] = tr_b / tr_w if tr_w > tol else math.inf
+    pairs = _pair_separations(stats, d, tol)
+    if not pairs:
+        return out
     vals = list(pairs.values())
     out["separation_mean"] = float(np.mean(vals))
     closest = min(pairs, key=pairs.get)
@@ -67,7 +87,9 @@ def class_separation(f, y) -> dict:
     return out
 
 
-def _pair_separations(stats, d):
+def _pair_separations(stats, d, tol):
+    """{(a, b): separation}; a pair whose squared mean distance and pooled variance (· d) are
+    both <= tol (0/0) is left out."""
     cs = sorted(stats)
     out = {}
     for i, a in enumerate(cs):
@@ -76,7 +98,9 @@ def _pair_separations(stats, d):
             nb, mb, sb = stats[b]
             var = (sa + sb) / ((na + nb) * d)
             dist = float(torch.linalg.vector_norm(ma - mb))
-            out[(a, b)] = dist / math.sqrt(var) if var > 0 else math.inf
+            if var * d <= tol and dist ** 2 <= tol:
+                continue
+            out[(a, b)] = dist / math.sqrt(var) if var * d > tol else math.inf
     return out
 
 
@@ -94,16 +118,15 @@ def effective_c(f_syn, y_syn, f_real, y_real) -> dict:
     Args: features (N, d) and labels (N,) of the synthetic and of the real set, in one space.
     Returns: {"effective_c", "effective_c_min", "pairs": number of pairs used} (None if none).
     """
-    fs, fr = torch.as_tensor(f_syn).to(torch.float64), torch.as_tensor(f_real).to(torch.float64)
-    fs, fr = fs.reshape(len(fs), -1), fr.reshape(len(fr), -1)
+    fs, fr = as_features(f_syn, "synthetic features"), as_features(f_real, "real features")
     if fs.shape[1] != fr.shape[1]:
         raise ValueError(f"feature dims differ: synthetic {fs.shape[1]}, real {fr.shape[1]}")
     ss = {c: s for c, s in _class_stats(fs, as_labels(y_syn, len(fs))).items() if s[0] >= 2}
     sr = {c: s for c, s in _class_stats(fr, as_labels(y_real, len(fr))).items() if s[0] >= 2}
     common = {c for c in ss if c in sr}
-    ps = _pair_separations({c: ss[c] for c in common}, fs.shape[1])
-    pr = _pair_separations({c: sr[c] for c in common}, fr.shape[1])
-    ratios = [ps[p] / pr[p] for p in ps if pr[p] > 0 and math.isfinite(pr[p])]
+    ps = _pair_separations({c: ss[c] for c in common}, fs.shape[1], _zero_tol(fs))
+    pr = _pair_separations({c: sr[c] for c in common}, fr.shape[1], _zero_tol(fr))
+    ratios = [ps[p] / pr[p] for p in ps if p in pr and pr[p] > 0 and math.isfinite(pr[p])]
     if not ratios:
         return {"effective_c": None, "effective_c_min": None, "pairs": 0}
     return {"effective_c": float(np.mean(ratios)), "effective_c_min": float(np.min(ratios)),

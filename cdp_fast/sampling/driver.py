@@ -43,14 +43,15 @@ import numpy as np
 
 from cdp_fast.data import Samples
 from cdp_fast.diffusion.adapters import SigmaDenoiser
-from cdp_fast.diffusion.schedule import as_alphas_cumprod, karras_sigmas, make_alphas_cumprod, sigmas_of
+from cdp_fast.diffusion.schedule import as_alphas_cumprod, make_alphas_cumprod
 from cdp_fast.diffusion.schedule import timesteps as make_timesteps
 from cdp_fast.diffusion.solvers import MIN_STEP_RATIO, nfe_of
 from cdp_fast.guidance.contrastive import ContrastiveGuidance
 from cdp_fast.guidance.options import PAPER_DEFAULTS
 from cdp_fast.sampling import graphs
-from cdp_fast.sampling.options import (GuidanceOptions, RunOptions, SolverOptions, authors_window, checked,
-                                       denoiser_settings, manifest_args, steps_for)
+from cdp_fast.sampling.options import (GuidanceOptions, RunOptions, SolverOptions, authors_window, check_model,
+                                       check_schedule, check_window, checked, denoiser_settings, heun_sigmas,
+                                       manifest_args, steps_for)
 from cdp_fast.sampling.prepare import compiled, cpu_auto_compiles, prepare_features, prepare_model, probe
 from cdp_fast.sampling.run import RunPlan, Strength, batches
 from cdp_fast.sampling.stream import ShardPlan, write_shards
@@ -87,7 +88,8 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
             independent of the process count).
         guide_window: "auto" (default: the authors' CIFAR-10 window t >= 0.4·T,
             :func:`authors_window`; their MNIST/GTSRB code used (51, 149)), None (every step,
-            as the paper's Algorithm 1), or (t_lo, t_hi): guide only when t_lo <= t <= t_hi.
+            as the paper's Algorithm 1), or (t_lo, t_hi): guide only when t_lo <= t <= t_hi (a
+            window that holds none of the run's timesteps is warned about: the run is unguided).
             The first step of a trajectory is never guided in the authors' form (no x_{t+1}).
         form: None (the authors' loss form; the anchor form with negatives="real"),
             "authors" or "anchors": see :mod:`cdp_fast.guidance` (the paper's λ values mean
@@ -101,10 +103,14 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
         real: (N, *image_shape) real images in [-1, 1] for the "real" modes.
         num_classes: class-conditional model: y_i ~ U{0..K-1} from (seed, i) unless
             ``class_labels`` gives them; the outputs are labelled y_i (unless ``labeler``).
-        class_labels: (n,) per-sample classes (conditioning and/or "class" negatives).
-        labeler: classifier x [(B, *image_shape) in [-1, 1]] -> logits (B, K); gives
+        class_labels: (n,) per-sample int classes (conditioning and/or "class" negatives), in
+            [0, num_classes) when ``num_classes`` is set.
+        labeler: classifier x [(B, *image_shape) in [-1, 1]] -> logits (B, K), K >= 2 (K =
+            ``num_classes`` for a class-conditional model: checked on the probe batch); gives
             ``labels`` (argmax) and ``confidence`` (max softmax), and the classes of
-            negatives="class" when no class_labels are given.
+            negatives="class" when no class_labels are given. A labeler that returns
+            probabilities (rows >= 0 summing to 1 within 1e-2) is warned about once and its rows
+            are used as the probabilities (not softmaxed a second time).
         steps, skip, eta, T, betas: sub-sequence (:func:`cdp_fast.timesteps`: ``skip`` "uniform",
             "quadratic" or "logsnr"; None = the solver's default, "logsnr" for "dpmpp_2m" and
             "quadratic" for the others), η (DDIM), schedule.
@@ -116,6 +122,9 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
             keeps its meaning (README "Fast solvers").
         nfe: network evaluations per sample; sets ``steps`` (and takes precedence): DDIM, DDPM,
             DPM-Solver++ evaluate once per distinct timestep, Heun 2·steps − 1 (odd nfe only).
+            A timestep run that would start at t = 0 alone (nfe=1 with "uniform" or "quadratic")
+            is refused; one whose first timestep keeps √ᾱ > 0.2 of the image (nfe=2 "uniform":
+            t = T/2) is warned about (:func:`cdp_fast.sampling.options.check_schedule`).
             The run's NFE is recorded (``Samples.meta["nfe"]``, the manifest).
         clip_x0: clip x̂_0 to [-1, 1] in the DDPM step (None: True for "ddpm"; "ddim" does not
             clip, as the official DDIM code).
@@ -170,10 +179,13 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
         RunOptions(n=n, num_classes=num_classes, class_labels=class_labels, labeler=labeler,
                    image_shape=image_shape, batch_size=batch_size, out=out, shard_size=shard_size, output=output,
                    seed=seed, device=device, dtype=dtype, compile=compile, progress=progress))
+    check_model(model, r.num_classes)
     plan = _schedule(model, s)
     model = plan["model"]
     guidance = _guidance(g, plan, r)
     guided = guidance is not None and guidance.lam != 0
+    if guided:
+        check_window(guidance.guide_window, s.solver, plan["abar"], plan["timesteps"], plan["sigmas"])
     shard_size = r.shard_size
     if shard_size is None:
         shard_size = r.batch_size * max(1, 10_000 // r.batch_size)
@@ -200,16 +212,12 @@ def _schedule(model, s: SolverOptions) -> dict:
     else:
         abar = make_alphas_cumprod(s.betas, T)
     steps = steps_for(s.solver, s.nfe, s.steps, T, s.skip, alphas_cumprod=abar)
-    ts = make_timesteps(T, steps, s.skip, alphas_cumprod=abar)
+    # Heun walks its own noise levels (any number of them); its table timesteps are unused
+    ts = make_timesteps(T, min(steps, T) if s.solver == "heun" else steps, s.skip, alphas_cumprod=abar)
+    check_schedule(s.solver, abar, ts, s.nfe, s.skip)
     sigmas = None
     if s.solver == "heun":
-        den = model if isinstance(model, SigmaDenoiser) else None
-        table = sigmas_of(abar)
-        noisy = table[table > 0]                    # a table may start at ᾱ = 1 (σ = 0)
-        if den is None and noisy.numel() == 0:
-            raise ValueError("solver='heun': the ᾱ table has no entry below 1 (no noise level to start from)")
-        sigmas = (karras_sigmas(steps, den.sigma_min, den.sigma_max, den.rho) if den is not None
-                  else karras_sigmas(steps, float(noisy[0]), float(table[-1])))
+        sigmas = heun_sigmas(steps, abar, model if isinstance(model, SigmaDenoiser) else None)
     plan = {"abar": abar, "T": T, "steps": steps, "timesteps": ts, "sigmas": sigmas,
             "nfe": nfe_of(s.solver, ts, sigmas), "model": model}
     if isinstance(model, SigmaDenoiser):

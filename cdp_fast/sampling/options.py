@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -19,16 +20,17 @@ import numpy as np
 import torch
 
 from cdp_fast.diffusion.adapters import SigmaDenoiser
-from cdp_fast.diffusion.schedule import SKIPS
+from cdp_fast.diffusion.schedule import SKIPS, karras_sigmas, sigma_to_t, sigmas_of
 from cdp_fast.diffusion.schedule import timesteps as make_timesteps
 from cdp_fast.diffusion.solvers import SOLVERS, nfe_of
 from cdp_fast.guidance.options import LOSSES, check_options
-from cdp_fast.sampling.stream import fingerprint
+from cdp_fast.sampling.fingerprints import fingerprint
 from cdp_fast.utils import runtime
 from cdp_fast.utils.checks import check_number, is_int
 
 __all__ = ["GuidanceOptions", "SolverOptions", "RunOptions", "checked", "default_skip", "authors_window", "steps_for",
-           "denoiser_settings", "manifest_args"]
+           "denoiser_settings", "manifest_args", "check_model", "check_schedule", "heun_sigmas", "check_window",
+           "START_SIGNAL_WARN"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,8 +134,8 @@ def _check(g: GuidanceOptions, s: SolverOptions, r: RunOptions) -> None:
         raise ValueError(f"shard_size must be an int >= 1, got {r.shard_size!r}")
     if r.num_classes is not None and (not is_int(r.num_classes) or r.num_classes < 1):
         raise ValueError(f"num_classes must be an int >= 1, got {r.num_classes!r}")
-    if r.class_labels is not None and len(r.class_labels) != n:
-        raise ValueError(f"class_labels must hold n={n} labels, got {len(r.class_labels)}")
+    if r.class_labels is not None:
+        _check_class_labels(r.class_labels, n, r.num_classes)
     if loss is None:
         return
     if batch_size < 2 and g.negatives in ("batch", "class"):
@@ -149,6 +151,24 @@ def _check(g: GuidanceOptions, s: SolverOptions, r: RunOptions) -> None:
     if g.negatives == "class" and r.class_labels is None and r.labeler is None and r.num_classes is None:
         raise ValueError("negatives='class' needs class_labels, num_classes (a class-conditional "
                          "model) or a labeler to classify the current x0-prediction")
+
+
+def _check_class_labels(class_labels, n, num_classes) -> None:
+    """n integer classes, in [0, num_classes) when the model is class-conditional (D19: a label
+    out of range would be fed to the model and written as the sample's label, or fail mid-run)."""
+    cl = class_labels
+    a = cl.detach().cpu().numpy() if isinstance(cl, torch.Tensor) else np.asarray(cl)
+    if a.ndim != 1:
+        raise ValueError(f"class_labels must be a 1-D sequence of n={n} int classes, got shape {a.shape}")
+    if len(a) != n:
+        raise ValueError(f"class_labels must hold n={n} labels, got {len(a)}")
+    bad = a[~np.isfinite(a) | (a != np.round(a))] if a.dtype.kind == "f" else a[:0]
+    if not (a.dtype.kind in "iu" or (a.dtype.kind == "f" and bad.size == 0)):
+        raise ValueError(f"class_labels must be int classes, got dtype {a.dtype}"
+                         + (f" holding {bad[0]!r}" if bad.size else ""))
+    if num_classes is not None and (a.min() < 0 or a.max() >= num_classes):
+        raise ValueError(f"class_labels must lie in [0, num_classes) = [0, {num_classes}) for a class-conditional "
+                         f"model; got values in [{a.min():g}, {a.max():g}]")
 
 
 def _plain(v):
@@ -213,6 +233,90 @@ def steps_for(solver, nfe, steps, T, skip, alphas_cumprod=None) -> int:
         if got > nfe:
             break
     raise ValueError(f"nfe: no number of {skip!r} steps of T={T} gives exactly {nfe} distinct timesteps")
+
+
+def check_model(model, num_classes) -> None:
+    """A one-hot :class:`SigmaDenoiser` needs num_classes, and a slot for each class (D16, D17,
+    D20): without num_classes it would never get a label (a silently unconditional run)."""
+    k = model.one_hot_classes if isinstance(model, SigmaDenoiser) else None
+    if k is None:
+        return
+    if num_classes is None:
+        raise ValueError(f"SigmaDenoiser(one_hot_classes={k}) is a class-conditional network, but num_classes is "
+                         "None: it would never receive class labels; pass num_classes (and class_labels to "
+                         "choose the classes)")
+    if k < num_classes:
+        raise ValueError(f"SigmaDenoiser(one_hot_classes={k}) has fewer one-hot slots than num_classes="
+                         f"{num_classes}; set one_hot_classes >= num_classes")
+
+
+#: a run whose first timestep keeps more than this much of the image (√ᾱ) is warned about
+START_SIGNAL_WARN = 0.2
+
+
+def check_schedule(solver, abar, ts, nfe, skip) -> None:
+    """The timesteps a DDIM/DDPM/DPM-Solver++ run walks, before any work: ValueError when the
+    run would start with no noise (ᾱ = 1: A7), from t = 0 alone (x_T returned as it is: S4), or
+    step DDPM through ᾱ = 1 (its variance divides by 1 − ᾱ_t: A6); a warning when the first
+    timestep keeps more than :data:`START_SIGNAL_WARN` of the image (x_T ~ N(0, I) is then not
+    what the model expects there: e.g. nfe=2 with skip="uniform" starts at t = T/2)."""
+    if solver == "heun":
+        return
+    first, a0 = int(ts[0]), float(abar[int(ts[0])])
+    if a0 >= 1:
+        every = " (every entry is 1)" if bool((abar >= 1).all()) else ""
+        raise ValueError(f"alphas_cumprod: ᾱ = 1 at t={first}, the run's first timestep{every}: σ = 0, no noise "
+                         "level to start from; give a table with ᾱ < 1")
+    if first == 0 and abar.numel() > 1:
+        what = f"nfe={nfe}" if nfe is not None else f"steps={len(ts)}"
+        raise ValueError(f"{what} with solver={solver!r}, skip={skip!r} gives the single timestep t=0: the noise "
+                         f"x_T would be taken as an almost clean image (ᾱ_0 = {a0:.4g}) and returned as it is; "
+                         "use nfe (or steps) >= 2, or skip='logsnr'")
+    if solver == "ddpm":
+        ones = [int(t) for t in ts if float(abar[int(t)]) >= 1]
+        if ones:
+            raise ValueError(f"alphas_cumprod: ᾱ = 1 at t={ones[0]}, a timestep solver='ddpm' samples: the DDPM "
+                             "posterior divides by 1 − ᾱ_t; give a table with ᾱ < 1 there, or use solver='ddim'")
+    if a0 ** 0.5 > START_SIGNAL_WARN:
+        warnings.warn(f"the run starts at t={first} (ᾱ = {a0:.3g}): x_T ~ N(0, I) is taken as x_t there although "
+                      f"{a0 ** 0.5:.2f} of x_t should still be the image; use more steps, or skip='quadratic' or "
+                      "'logsnr' (which start nearer t = T − 1)", stacklevel=4)   # sample()'s caller
+
+
+def heun_sigmas(steps, abar, den=None) -> torch.Tensor:
+    """Heun's ``steps`` Karras noise levels: the denoiser's σ range, or the ᾱ table's noisy part
+    (a table may start at ᾱ = 1, σ = 0); ValueError naming the source when they do not descend
+    (A16: a range too wide for float64 collapses the small levels to 0)."""
+    if den is not None:
+        sigmas, src = karras_sigmas(steps, den.sigma_min, den.sigma_max, den.rho), "SigmaDenoiser's sigma_min/max"
+    else:
+        table = sigmas_of(abar)
+        noisy = table[table > 0]
+        if noisy.numel() == 0:
+            raise ValueError("solver='heun': the ᾱ table has no entry below 1 (no noise level to start from)")
+        sigmas, src = karras_sigmas(steps, float(noisy[0]), float(table[-1])), "alphas_cumprod"
+    body = sigmas[:-1]
+    if not (bool(torch.isfinite(body).all()) and bool((body > 0).all()) and bool((body[1:] < body[:-1]).all())):
+        raise ValueError(f"{src}: solver='heun' cannot place {steps} distinct Karras noise levels in σ ∈ "
+                         f"[{float(body.min()):.3g}, {float(body.max()):.3g}] in float64 (they collapse or repeat); "
+                         "narrow the σ range (e.g. clip the table's smallest ᾱ at 1e-8) or use fewer steps")
+    return sigmas
+
+
+def check_window(window, solver, abar, ts, sigmas) -> None:
+    """Warn (once per call) when ``window`` holds none of the timesteps the run evaluates: the
+    run would be unguided under a guided manifest (W1–W3; legitimate in a sweep, so not refused)."""
+    if window is None:
+        return
+    if solver == "heun":
+        t_values = sorted({int(round(t)) for t in sigma_to_t(sigmas[:-1], abar).tolist()})
+    else:
+        t_values = sorted({int(t) for t in ts})
+    lo, hi = window
+    if not any(lo <= t <= hi for t in t_values):
+        span = f"t in [{t_values[0]}, {t_values[-1]}]"
+        warnings.warn(f"guide_window={tuple(window)} holds none of the run's {len(t_values)} timesteps ({span}): "
+                      "no step is guided, the samples are unguided", stacklevel=3)
 
 
 def _jsonable(v):

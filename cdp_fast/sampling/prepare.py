@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 import weakref
 
 import torch
 
 from cdp_fast.diffusion.adapters import EpsModel, SigmaDenoiser, as_eps_model
 from cdp_fast.utils import runtime
+from cdp_fast.utils.checks import looks_like_probabilities
 
 __all__ = ["CPU_AUTO_COMPILE_S", "eager_seconds", "cpu_auto_compiles", "model_plan", "prepare_model", "compiled",
-           "Features", "prepare_features", "check_logits", "probe", "PROBE_SEED"]
+           "Features", "prepare_features", "check_logits", "check_labeler", "probe", "PROBE_SEED"]
 
 
 #: compile="auto" on CPU compiles the ε-model when the call's estimated eager ε-model time is at
@@ -187,6 +189,23 @@ def check_logits(logits, batch, what):
         raise ValueError(f"{what} returned non-finite logits")
 
 
+def check_labeler(logits, num_classes) -> None:
+    """The labeler's classes on the probe batch: K ≥ 2, K = ``num_classes`` for a
+    class-conditional run (P3, P4: its labels replace the conditioning classes); a warning for
+    probabilities instead of logits (P1)."""
+    k = logits.shape[1]
+    if k < 2:
+        raise ValueError(f"labeler returns logits of shape (B, {k}): with one class its argmax is always 0 and its "
+                         "confidence always 1; it must return (B, K) logits over K >= 2 classes")
+    if num_classes is not None and k != num_classes:
+        raise ValueError(f"labeler returns logits over {k} classes but num_classes={num_classes}: its labels would "
+                         f"replace the {num_classes}-class conditioning of the samples; use a labeler over the "
+                         "model's classes, or labeler=None (each sample is labelled by its conditioning class)")
+    if looks_like_probabilities(logits):
+        warnings.warn("labeler returns probabilities (rows >= 0 summing to 1), not logits: its rows are used as the "
+                      "probabilities (confidence = the row's max), not softmaxed again", stacklevel=5)
+
+
 PROBE_SEED = 0x5EED
 
 
@@ -236,6 +255,7 @@ def probe(eps_model: EpsModel, features, labeler, image_shape, T, num_classes, d
     if labeler is not None:
         logits = run("labeler", labeler, x.clamp(-1, 1) if x.dim() == 4 else x)
         check_logits(logits, 2, "labeler")
+        check_labeler(logits, num_classes)
         outs["labeler"] = logits
     prints = {}
     for name, fn in (("model", eps_model.model), ("features", features), ("labeler", labeler)):

@@ -17,6 +17,7 @@ from cdp_fast.diffusion.solvers import guided_ddim, guided_ddpm, guided_dpmpp_2m
 from cdp_fast.guidance.contrastive import ContrastiveGuidance
 from cdp_fast.sampling import graphs
 from cdp_fast.sampling.prepare import check_logits
+from cdp_fast.utils.checks import looks_like_probabilities
 from cdp_fast.utils.seeding import generators, per_sample_randn, sample_seeds
 
 __all__ = ["RunPlan", "Strength", "generate_group", "batches", "labels_from"]
@@ -85,7 +86,8 @@ def labels_from(labeler, x):
     with torch.no_grad():
         logits = labeler(x.clamp(-1, 1) if x.dim() == 4 else x)
     check_logits(logits, len(x), "labeler")
-    prob = torch.softmax(logits.float(), dim=1)
+    # rows that are already probabilities (a labeler ending in softmax) are not softmaxed again
+    prob = logits.float() if looks_like_probabilities(logits) else torch.softmax(logits.float(), dim=1)
     conf, lab = prob.max(dim=1)
     return lab.to(torch.int64), conf
 

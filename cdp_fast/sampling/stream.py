@@ -1,6 +1,6 @@
 """Resumable streaming of a long generation run into an out directory: fixed-size shards, the
-manifest, resume, the split of shards over torchrun ranks, and the fingerprints that tell a
-resumed run whether its arguments changed. Knows nothing of sampling: it calls
+manifest, resume (comparing the arguments' fingerprints, :mod:`.fingerprints`) and the split
+of shards over torchrun ranks. Knows nothing of sampling: it calls
 ``generate(start, count, advance)`` for the rows of each missing shard.
 
 Layout of ``out/`` (docs/design.md §6): ``shard-000123.npz`` (see :mod:`cdp_fast.data`),
@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-import torch
 
 from cdp_fast.utils import distributed
 from cdp_fast.data import npz_bytes, shard_intact
 from cdp_fast.utils.io import atomic_write_bytes, atomic_write_json
 
-__all__ = ["ShardPlan", "DirLock", "write_shards", "fingerprint", "shard_name", "SEEDING"]
+__all__ = ["ShardPlan", "DirLock", "write_shards", "shard_name", "SEEDING"]
 
 #: What the manifest says about randomness (checked by nobody; read by people).
 SEEDING = ("sample i draws x_T and its real positive from torch.Generator seeded with "
@@ -358,30 +357,3 @@ def _write(plan, generate, rank, world, progress, desc, extras, merge):
         _finish_manifest(plan, manifest)
     distributed.barrier()
     return [st for st, _ in gathered]
-
-
-# ----------------------------------------------------------------------------- fingerprints
-def fingerprint(obj) -> str | None:
-    """A content hash of a model/callable/tensor/array, so a resumed run can tell it changed
-    (modules: class name and state_dict; other callables: their qualified name)."""
-    if obj is None:
-        return None
-    h = hashlib.sha256()
-    if isinstance(obj, torch.Tensor):
-        h.update(str((tuple(obj.shape), str(obj.dtype))).encode())
-        h.update(obj.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-                 if obj.dtype != torch.bool else obj.cpu().numpy().tobytes())
-        return h.hexdigest()[:16]
-    if isinstance(obj, np.ndarray):
-        h.update(np.ascontiguousarray(obj).tobytes())
-        return h.hexdigest()[:16]
-    if isinstance(obj, torch.nn.Module):
-        h.update(type(obj).__qualname__.encode())
-        for k, v in obj.state_dict().items():
-            h.update(k.encode())
-            if isinstance(v, torch.Tensor):
-                h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
-    name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
-    mod = getattr(obj, "__module__", "")
-    return f"{mod}.{name}"
