@@ -297,3 +297,13 @@ def test_D6_sigma_denoiser_string_settings_name_the_argument(name):
     with pytest.raises(ValueError, match=name):
         SigmaDenoiser(Net(), **{name: "0.1"})
     SigmaDenoiser(Net(), sigma_min=np.float64(0.01), sigma_max=80, rho=7)
+
+
+def test_P8_numpy_labeler_is_named_as_numpy():
+    """A labeler returning a numpy array of the right shape was told "shape (2, K) … got (2, 10)"."""
+    from cdp_fast.models import digits
+
+    lab = digits.digits_labeler()
+    with pytest.raises(ValueError, match="torch.Tensor of logits.*ndarray"):
+        cdp_fast.sample(digits.load_digits_eps_model(), 4, loss=None, steps=3, image_shape=(1, 8, 8), batch_size=4,
+                        progress=False, labeler=lambda x: lab(x).detach().numpy())

@@ -182,7 +182,9 @@ def prepare_features(features, dev: torch.device, compile: bool):
 
 def check_logits(logits, batch, what):
     """(B, K) finite logits, or a ValueError naming ``what`` — before anything is written."""
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != batch:
+    if not isinstance(logits, torch.Tensor):          # a numpy array of the right shape (probe.md P8)
+        raise ValueError(f"{what} must return a torch.Tensor of logits (B, K), got {type(logits).__name__}")
+    if logits.dim() != 2 or logits.shape[0] != batch:
         raise ValueError(f"{what} must return logits of shape ({batch}, K) for {batch} images, got "
                          f"{tuple(getattr(logits, 'shape', ())) or type(logits).__name__}")
     if not bool(torch.isfinite(logits).all()):
