@@ -90,7 +90,8 @@ def pseudo_label(classifier: nn.Module, images, *, batch_size: int = 512, device
          "entropy": float32 (N,) = −Σ p log p in nats}, numpy arrays.
 
     A classifier that returns probabilities instead of logits (every row of a batch >= 0 and
-    summing to 1 within 1e-4) is detected: its outputs are used as the probabilities (not
+    summing to 1 within 1e-2, :func:`cdp_fast.utils.checks.looks_like_probabilities`) is
+    detected: its outputs are used as the probabilities (not
     softmaxed again), with one UserWarning.
     """
     if not isinstance(classifier, nn.Module):

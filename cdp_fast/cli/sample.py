@@ -171,7 +171,8 @@ def cmd_sample(a):
         tau_plus=a.tau_plus, beta=a.beta, positive=a.positive, negatives=a.negatives,
         num_classes=num_classes, class_labels=specs.load_class_labels(a.class_labels, num_classes),
         steps=a.steps if a.steps is not None else samp.get("steps", 200), nfe=a.nfe,
-        skip=a.skip if a.skip is not None else samp.get("skip"),
+        # the model's preset spacing is a DDIM setting; the other solvers get their own default
+        skip=a.skip if a.skip is not None else (samp.get("skip") if a.solver in ("ddim", "ddpm") else None),
         eta=a.eta, image_shape=image_shape,
         batch_size=a.batch_size if a.batch_size is not None else samp.get("batch_size", 512),
         output=a.output, seed=a.seed, device=a.device, dtype=_dtype(a.dtype),

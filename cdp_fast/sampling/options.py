@@ -277,10 +277,12 @@ def check_schedule(solver, abar, ts, nfe, skip) -> None:
         if ones:
             raise ValueError(f"alphas_cumprod: ᾱ = 1 at t={ones[0]}, a timestep solver='ddpm' samples: the DDPM "
                              "posterior divides by 1 − ᾱ_t; give a table with ᾱ < 1 there, or use solver='ddim'")
-    if a0 ** 0.5 > START_SIGNAL_WARN:
-        warnings.warn(f"the run starts at t={first} (ᾱ = {a0:.3g}): x_T ~ N(0, I) is taken as x_t there although "
-                      f"{a0 ** 0.5:.2f} of x_t should still be the image; use more steps, or skip='quadratic' or "
-                      "'logsnr' (which start nearer t = T − 1)", stacklevel=4)   # sample()'s caller
+    # only where the spacing is the cause: quadratic starts at 0.8 T and log-SNR at T − 1 whatever
+    # the table (a cosine table keeps √ᾱ = 0.31 at 0.8 T: its own choice, not worth a warning)
+    if a0 ** 0.5 > START_SIGNAL_WARN and first < 0.8 * (abar.numel() - 1):
+        warnings.warn(f"the run starts at t={first} (ᾱ = {a0:.3g}, skip={skip!r}): x_T ~ N(0, I) is taken as x_t "
+                      f"there although {a0 ** 0.5:.2f} of x_t should still be the image; use more steps, or "
+                      "skip='logsnr' (which starts at t = T − 1)", stacklevel=4)   # sample()'s caller
 
 
 def heun_sigmas(steps, abar, den=None) -> torch.Tensor:

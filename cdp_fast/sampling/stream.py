@@ -102,6 +102,11 @@ def _load_or_start_manifest(plan: ShardPlan, *, may_restart: bool = False):
             changed = None
         elif changed:
             detail = ", ".join(f"{k}: {old.get(k)!r} -> {args.get(k)!r}" for k in changed)
+            unchecked = [k for k in changed if isinstance(old.get(k), str) and old[k].endswith((".list", ".tuple"))]
+            if unchecked:     # cdp_fast < 0.2 recorded a list or tuple by its type name alone
+                raise ValueError(f"out: {plan.out} recorded {', '.join(unchecked)} as a bare type name (cdp_fast "
+                                 "< 0.2 did not fingerprint the values of lists): whether they match cannot be "
+                                 "checked, so this run cannot be resumed safely; start a new directory")
             raise ValueError(f"out: {plan.out} holds a run with different arguments ({detail}); "
                              "use another directory or the original arguments to resume")
         if changed is not None:
