@@ -168,11 +168,11 @@ def test_C42_float_class_labels_refused_not_truncated(tmp_path, capsys, no_work)
     """C42: `--class-labels f.npy` with [0.9, 1.9, ...] was truncated to [0, 1, ...]."""
     p = tmp_path / "cl_float.npy"
     np.save(p, np.arange(4) + 0.9)
-    _refused(SAMPLE + ["--loss", "none", "--class-labels", p], f"class-labels: {p} holds non-integer labels",
+    _refused(SAMPLE + ["--loss", "none", "--class-labels", p], f"class-labels: {p} must be whole numbers",
              capsys)
     q = tmp_path / "cl_float.npz"
     cdp_fast.data.write_npz(q, {"image": np.zeros((4, 8, 8, 1), np.uint8), "label": np.arange(4) + 0.5})
-    _refused(SAMPLE + ["--loss", "none", "--class-labels", q], f"class-labels: {q} holds non-integer labels",
+    _refused(SAMPLE + ["--loss", "none", "--class-labels", q], f"class-labels: {q} must be whole numbers",
              capsys)
     from cdp_fast.cli import specs
 

@@ -222,8 +222,8 @@ def test_D16_one_hot_classes_below_num_classes_is_refused(tmp_path):
 @pytest.mark.parametrize("labels,match", [
     ([12] * 4, r"class_labels must lie in \[0, num_classes\) = \[0, 10\)"),       # D19, H4, C34, D20
     ([-1] * 4, r"class_labels must lie in \[0, num_classes\)"),                    # H5, C35
-    ([0.9, 1.9, 2.0, 3.0], "class_labels must be int classes"),
-    ([[0], [1], [2], [3]], "class_labels must be a 1-D"),
+    ([0.9, 1.9, 2.0, 3.0], "class_labels must be whole numbers"),
+    ([[0], [1], [2], [3]], "class_labels must be class indices of shape"),
 ])
 def test_D19_H4_H5_D20_class_labels_checked_against_num_classes(labels, match, tmp_path):
     """D19: labels ≥ num_classes were used and written; H4/H5/D20: negative or too large

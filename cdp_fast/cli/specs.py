@@ -247,7 +247,7 @@ def load_class_labels(spec, num_classes=None):
 
             key = "label" if "label" in npz_keys(p) else "arr_1"
             if key in npz_keys(p):
-                _integral_labels(read_member(p, key), spec)     # before Samples.load casts to int64
+                _integral_labels(read_member(p, key), spec)     # named by the file, not the member
             s = Samples.load(p)
             if s.labels is None:
                 raise ValueError(f"class-labels: {spec} holds no labels")
@@ -267,20 +267,11 @@ def load_class_labels(spec, num_classes=None):
 
 
 def _integral_labels(arr, spec):
-    """``arr`` as int64 when its values are integers (an integer dtype, or floats with integral
-    values); a ValueError naming ``spec`` otherwise."""
-    import numpy as np
+    """``arr`` as int64 class labels (the one rule: :func:`cdp_fast.data.samples.integer_labels`),
+    a ValueError naming ``spec`` otherwise."""
+    from cdp_fast.data.samples import integer_labels
 
-    arr = np.asarray(arr)
-    if arr.dtype.kind in "iu":
-        return arr.astype(np.int64)
-    if arr.dtype.kind != "f":
-        raise ValueError(f"class-labels: {spec} holds {arr.dtype} values, not integer class labels")
-    bad = ~np.isfinite(arr) | (arr != np.round(arr))
-    if bad.any():
-        raise ValueError(f"class-labels: {spec} holds non-integer labels (e.g. {arr[bad].flat[0]!r}); class "
-                         "labels must be integers (they are not rounded or truncated)")
-    return arr.astype(np.int64)
+    return integer_labels(arr, f"class-labels: {spec}")
 
 
 def check_features(features, image_shape, spec):

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from cdp_fast.data.samples import integer_labels
 from cdp_fast.diffusion.adapters import SigmaDenoiser
 from cdp_fast.diffusion.schedule import SKIPS, karras_sigmas, sigma_to_t, sigmas_of
 from cdp_fast.diffusion.schedule import timesteps as make_timesteps
@@ -157,15 +158,9 @@ def _check_class_labels(class_labels, n, num_classes) -> None:
     """n integer classes, in [0, num_classes) when the model is class-conditional (D19: a label
     out of range would be fed to the model and written as the sample's label, or fail mid-run)."""
     cl = class_labels
-    a = cl.detach().cpu().numpy() if isinstance(cl, torch.Tensor) else np.asarray(cl)
-    if a.ndim != 1:
-        raise ValueError(f"class_labels must be a 1-D sequence of n={n} int classes, got shape {a.shape}")
+    a = integer_labels(cl.detach().cpu().numpy() if isinstance(cl, torch.Tensor) else cl, "class_labels")
     if len(a) != n:
         raise ValueError(f"class_labels must hold n={n} labels, got {len(a)}")
-    bad = a[~np.isfinite(a) | (a != np.round(a))] if a.dtype.kind == "f" else a[:0]
-    if not (a.dtype.kind in "iu" or (a.dtype.kind == "f" and bad.size == 0)):
-        raise ValueError(f"class_labels must be int classes, got dtype {a.dtype}"
-                         + (f" holding {bad[0]!r}" if bad.size else ""))
     if num_classes is not None and (a.min() < 0 or a.max() >= num_classes):
         raise ValueError(f"class_labels must lie in [0, num_classes) = [0, {num_classes}) for a class-conditional "
                          f"model; got values in [{a.min():g}, {a.max():g}]")
