@@ -239,15 +239,17 @@ def load_class_labels(spec, num_classes=None):
 
     p = Path(spec)
     if p.is_file():
+        from cdp_fast.data.samples import integer_labels
+
         if p.suffix == ".npy":
-            labels = _integral_labels(np.load(p, allow_pickle=False), spec)
+            labels = integer_labels(np.load(p, allow_pickle=False), f"class-labels: {spec}")
         else:
             from cdp_fast.data import Samples
             from cdp_fast.data.npz import npz_keys, read_member
 
             key = "label" if "label" in npz_keys(p) else "arr_1"
             if key in npz_keys(p):
-                _integral_labels(read_member(p, key), spec)     # named by the file, not the member
+                integer_labels(read_member(p, key), f"class-labels: {spec}")   # named by the file, not the member
             s = Samples.load(p)
             if s.labels is None:
                 raise ValueError(f"class-labels: {spec} holds no labels")
@@ -266,12 +268,6 @@ def load_class_labels(spec, num_classes=None):
     return labels
 
 
-def _integral_labels(arr, spec):
-    """``arr`` as int64 class labels (the one rule: :func:`cdp_fast.data.samples.integer_labels`),
-    a ValueError naming ``spec`` otherwise."""
-    from cdp_fast.data.samples import integer_labels
-
-    return integer_labels(arr, f"class-labels: {spec}")
 
 
 def check_features(features, image_shape, spec):
