@@ -39,6 +39,7 @@ _LAZY = {
     "select": ("cdp_fast.label", "select"),
     "train_trades": ("cdp_fast.robust.train", "train_trades"),
     "train_pgd_at": ("cdp_fast.robust.train", "train_pgd_at"),
+    "train_diffusion": ("cdp_fast.diffusion.train", "train_diffusion"),
     "evaluate": ("cdp_fast.robust.evaluation", "evaluate"),
     "pgd_step": ("cdp_fast.ops.pgd_step", "pgd_step"),
     # namespaces

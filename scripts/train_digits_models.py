@@ -16,6 +16,12 @@
 
 Weights are stored as fp16 state_dicts (written atomically: temp file, fsync, rename).
 Results are bit-reproducible for a given torch build and thread count (we pin 1 thread).
+
+To train an ε-model of your own, use :func:`cdp_fast.train_diffusion` (README, "Train your
+own ε-model"). This script keeps its own loop on purpose: it must reproduce the shipped
+weights, which came from it — updates drawn from one generator stream rather than per-epoch
+permutations with per-sample keyed draws, a cosine learning-rate decay, no augmentation —
+and ``train_diffusion`` would train (equally well, but) other weights.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ FRONT_DOOR = [
     "ContrastiveGuidance", "Samples", "SigmaDenoiser", "data", "diffusion", "evaluate", "guidance",
     "guided_ddim", "guided_ddpm", "guided_dpmpp_2m", "guided_heun", "karras_sigmas", "label", "losses",
     "make_alphas_cumprod", "metrics", "models", "ops", "pgd_step", "pseudo_label", "robust", "sample",
-    "sampling", "select", "theory", "timesteps", "train_pgd_at", "train_trades", "__version__",
+    "sampling", "select", "theory", "timesteps", "train_diffusion", "train_pgd_at", "train_trades", "__version__",
 ]
 
 SUBPACKAGES = {
@@ -31,13 +31,14 @@ SUBPACKAGES = {
     "cdp_fast.ops.pgd_step": ["pgd_step", "pgd_step_ref", "load_extension", "extension_available",
                               "extension_error", "resolved_impl", "check_scalar_or_per_sample"],
     "cdp_fast.models": ["WideResNet", "wrn_28_10", "PreActResNet", "preact_resnet18", "SmallCNN", "small_cnn",
-                        "Normalize", "CIFAR10_MEAN", "CIFAR10_STD", "get_model", "as_feature_extractor",
+                        "MnistNet", "mnist_net", "Normalize", "CIFAR10_MEAN", "CIFAR10_STD", "get_model", "as_feature_extractor",
                         "FeatureExtractor", "MODEL_NAMES"],
     "cdp_fast.data": ["Samples", "as_source", "BatchSource", "open_images", "ImageSource", "check_unit_range",
-                      "images_to_float01", "to_uint8_nhwc", "load_cifar10", "write_npz", "npz_bytes",
-                      "shard_intact"],
+                      "images_to_float01", "to_uint8_nhwc", "load_cifar10", "load_mnist_5k", "mnist_split",
+                      "MnistSplit", "write_npz", "npz_bytes", "shard_intact"],
     "cdp_fast.diffusion": ["EpsModel", "SigmaDenoiser", "timesteps", "make_alphas_cumprod", "karras_sigmas",
-                           "SOLVERS", "guided_ddim", "guided_ddpm", "guided_dpmpp_2m", "guided_heun"],
+                           "SOLVERS", "guided_ddim", "guided_ddpm", "guided_dpmpp_2m", "guided_heun",
+                           "train_diffusion"],
     "cdp_fast.guidance": ["ContrastiveGuidance", "MLPHead", "PAPER_DEFAULTS", "hnm_loss", "infonce_loss"],
     "cdp_fast.sampling": ["sample"],
     "cdp_fast.robust": ["train_trades", "train_pgd_at", "evaluate", "pgd_attack", "trades_attack", "RECIPES"],
@@ -48,7 +49,7 @@ SUBPACKAGES = {
                          "memorisation", "paired", "report", "table_rows", "figure", "METRIC_DEFAULTS"],
     "cdp_fast.theory": ["Q", "err_standard", "err_robust", "hard_threshold", "robust_optimal_theta", "make_mu",
                         "synthetic_mean", "self_training", "simulate", "draw_holdout", "holdout_accuracy",
-                        "holdout_sd"],
+                        "holdout_sd", "PCAMixtureEps", "fit_pca_mixture"],
     "cdp_fast.cli": ["main", "build_parser"],
     "cdp_fast.demo": ["run_demo", "format_table", "format_metrics_table", "format_sweep_table", "ARMS", "LAMS",
                       "LEAKAGE", "DEFAULTS", "FULL", "BUDGET_NOTE"],
@@ -115,7 +116,8 @@ def test_the_design_contract_resolves_where_the_design_says():
 
     for name in ("sample", "Samples", "guided_ddim", "guided_ddpm", "guided_dpmpp_2m", "guided_heun",
                  "ContrastiveGuidance", "SigmaDenoiser", "timesteps", "make_alphas_cumprod", "karras_sigmas",
-                 "pgd_step", "train_trades", "train_pgd_at", "evaluate", "pseudo_label", "select"):
+                 "pgd_step", "train_trades", "train_pgd_at", "train_diffusion", "evaluate", "pseudo_label",
+                 "select"):
         assert callable(getattr(cdp_fast, name)), name
     assert callable(cdp_fast.Samples.load)
     assert cdp_fast.losses.hnm_loss is cdp_fast.guidance.hnm_loss

@@ -63,7 +63,7 @@ def test_logsnr_needs_a_table_and_refuses_bad_ones():
     assert int(ts[-1]) == 3                                               # σ = 0 entries are no grid point
     with pytest.raises(ValueError, match="σ > 0"):
         timesteps(10, 8, "logsnr", alphas_cumprod=one)
-    assert SKIPS == ("uniform", "quadratic", "logsnr")
+    assert SKIPS == ("uniform", "quadratic", "logsnr", "linspace")
 
 
 def _eps():
@@ -85,7 +85,7 @@ def test_each_solver_gets_its_default_spacing_and_every_spacing_changes_the_samp
     np.testing.assert_array_equal(dpm.images, cdp_fast.sample(eps, 4, solver="dpmpp_2m", skip="logsnr", **kw).images)
     for solver in ("ddim", "ddpm", "dpmpp_2m"):
         outs = [cdp_fast.sample(eps, 4, solver=solver, skip=skip, **kw).images for skip in SKIPS]
-        for i in range(3):
+        for i in range(len(SKIPS)):
             for j in range(i):
                 assert not np.array_equal(outs[i], outs[j]), (solver, SKIPS[i], SKIPS[j])
     cdp_fast.sample(eps, 4, solver="dpmpp_2m", out=str(tmp_path / "g"), **kw)

@@ -392,7 +392,7 @@ def test_out_directories_are_fingerprinted_by_their_manifest(tmp_path, monkeypat
     its labels: no image is read. Another directory of the same size is refused by name."""
     from cdp_fast.data import Samples
     from cdp_fast.data.samples import LazyConcat
-    from cdp_fast.robust.checkpoint import data_fingerprint
+    from cdp_fast.utils.checkpoint import data_fingerprint
 
     x, y = _tiny_data(40, 1)
     u8 = lambda t: (t * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()   # noqa: E731

@@ -30,9 +30,15 @@ def _add_guidance_flags(s):
     s.add_argument("--features", default="auto",
                    help="feature extractor f for the loss: auto (the bundled model's, else pixels), pixels, "
                         "digits, or module:factory; f takes x in [-1, 1] (default: auto)")
-    s.add_argument("--embedding", choices=("auto", "none", "mlp"), default="auto",
-                   help="'mlp': online 2-layer head on f trained by the loss; auto = the model preset's, "
-                        "else the head for hnm and none for infonce (the authors') (default: auto)")
+    s.add_argument("--embedding", default="auto", metavar="{auto,none,mlp,H}",
+                   help="'mlp': online 2-layer head on f trained by the loss, d->128->128; an int H: the same "
+                        "head d->H->H (the authors' MNIST head: 64); auto = the model preset's, else the head "
+                        "for hnm and none for infonce (the authors') (default: auto)")
+    s.add_argument("--feature-input", choices=("unit", "raw"), default="unit",
+                   help="what the classifier behind --features gets: unit = x in [-1, 1] mapped to [0, 1] (its "
+                        "input range); raw = x_t as it is (the authors' setting, outside the classifier's range; "
+                        "for --features digits, or a module:factory returning "
+                        "cdp_fast.models.as_feature_extractor(...)) (default: unit)")
     s.add_argument("--form", choices=("auto", "authors", "anchors"), default="auto",
                    help="loss form: the authors' (symmetric 2B-row HNM / keys InfoNCE, what the paper's "
                         "lambda means) or this package's earlier anchor form (~2x the gradient); auto = "
@@ -62,8 +68,9 @@ def _add_guidance_flags(s):
 def _add_ddim_flags(s):
     """sample: the DDIM sampler and the noise schedule."""
     s.add_argument("--steps", type=int, default=None, help="DDIM steps (default: per model; library 200)")
-    s.add_argument("--skip", choices=("uniform", "quadratic", "logsnr"), default=None,
-                   help="timestep sub-sequence (default: per model; library: logsnr for dpmpp_2m, else quadratic)")
+    s.add_argument("--skip", choices=("uniform", "quadratic", "logsnr", "linspace"), default=None,
+                   help="timestep sub-sequence; linspace = the authors' MNIST grid linspace(0, T-1, steps) "
+                        "floored (default: per model; library: logsnr for dpmpp_2m, else quadratic)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 = deterministic (default: 0)")
     s.add_argument("--solver", choices=("ddim", "ddpm", "dpmpp_2m", "heun"), default="ddim",
                    help="ddim (the paper's), ddpm (ancestral, the revised paper's DDPM rows), dpmpp_2m "
@@ -128,6 +135,22 @@ def _check_outputs(a):
         raise ValueError("grid: needs --output uint8 and 3-D images (C, H, W)")
 
 
+def _embedding(value):
+    """--embedding: "auto", None ("none"), "mlp" or a positive int H; "auto" is resolved against
+    the model preset later."""
+    if value in ("auto", "mlp"):
+        return value
+    if value == "none":
+        return None
+    try:
+        h = int(value)
+    except ValueError:
+        h = 0
+    if h < 1:
+        raise ValueError(f"embedding: {value!r} is not auto, none, mlp or a positive int H (the head d->H->H)")
+    return h
+
+
 def _guide_window(values, preset):
     """--guide-window: auto (the preset's, else the library's "auto"), all (None), or T_LO T_HI."""
     if values == ["auto"]:
@@ -149,6 +172,7 @@ def cmd_sample(a):
     from cdp_fast.utils.png import save_grid_png
 
     _check_outputs(a)      # before any work: a bad output option must not cost the run
+    embedding = _embedding(a.embedding)
     model, info = specs.load_model_spec(a.model, a.device)
     image_shape = specs.parse_shape(a.image_shape) if a.image_shape else info.get("image_shape")
     if image_shape is None:
@@ -160,7 +184,8 @@ def cmd_sample(a):
     g = dict((info.get("guidance") or {}).get(loss, {})) if loss else {}
     # "auto" flags take the bundled model's preset where it has one (the digits preset pins the
     # setting it was tuned in), else the library's defaults (the authors' choices)
-    embedding = {"none": None, "mlp": "mlp"}.get(a.embedding, g.get("embedding", "auto"))
+    if embedding == "auto":
+        embedding = g.get("embedding", "auto")
     form = a.form if a.form != "auto" else g.get("form")
     num_classes = a.num_classes if a.num_classes is not None else info.get("num_classes")
     kw = dict(
@@ -183,7 +208,7 @@ def cmd_sample(a):
     else:
         kw.update(T=a.T, betas=a.betas or "linear")
     if loss is not None:
-        kw["features"] = specs.load_features(a.features, info, a.device)
+        kw["features"] = specs.load_features(a.features, info, a.device, feature_input=a.feature_input)
         if kw["features"] is not None and ":" in a.features:
             specs.check_features(kw["features"], image_shape, a.features)
         kw["real"] = specs.load_real_images(a.real, image_shape)

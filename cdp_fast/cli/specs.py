@@ -132,9 +132,28 @@ def load_network(spec, model_info, device, what, off):
     raise ValueError(f"{what}: {spec!r} is not auto, {off}, digits or module:factory")
 
 
-def load_features(spec, model_info, device):
-    """--features: the guidance's feature map on [-1, 1] images, or None for pixels."""
-    return load_network(spec, model_info, device, "features", "pixels")
+def load_features(spec, model_info, device, feature_input="unit"):
+    """--features: the guidance's feature map on [-1, 1] images, or None for pixels.
+    --feature-input "raw" rebuilds it with :func:`cdp_fast.models.as_feature_extractor`
+    (x_t given to the classifier as it is, the authors' setting): the bundled digits
+    classifier, or the classifier inside a module:factory's ``as_feature_extractor(...)``; any
+    other feature map is refused (the CLI cannot see what it does with x)."""
+    f = load_network(spec, model_info, device, "features", "pixels")
+    if feature_input == "unit":
+        return f
+    from cdp_fast.models import FeatureExtractor, as_feature_extractor
+
+    name = spec if spec not in (None, "auto") else (model_info.get("bundled") or "pixels")
+    if f is None:
+        raise ValueError(f"feature-input: {feature_input!r} needs a classifier's features; --features {name} "
+                         "guides on the pixels")
+    if name == "digits":      # digits_features: the bundled classifier behind (x + 1)/2
+        return as_feature_extractor(f.classifier, feature_input=feature_input)
+    if isinstance(f, FeatureExtractor):
+        return as_feature_extractor(f.model, feature_input=feature_input)
+    raise ValueError(f"feature-input: {feature_input!r} needs a classifier wrapped by cdp_fast.models."
+                     f"as_feature_extractor; {name} returned {type(f).__name__}, a feature map whose input the CLI "
+                     f"cannot change (return as_feature_extractor(clf, feature_input={feature_input!r}) from it)")
 
 
 def load_labeler(spec, model_info, device):

@@ -135,8 +135,8 @@ def add_eval(sub):
 def _load_weights(model, path, arch):
     """--weights: a state_dict saved by `cdp-fast train` into ``model``; ValueError naming the
     file when it cannot be read, holds pickled objects (never loaded: see
-    :func:`cdp_fast.robust.checkpoint.read_weights_only`), is not a state_dict or does not fit ``arch``."""
-    from cdp_fast.robust.checkpoint import read_weights_only
+    :func:`cdp_fast.utils.checkpoint.read_weights_only`), is not a state_dict or does not fit ``arch``."""
+    from cdp_fast.utils.checkpoint import read_weights_only
 
     if Path(path).is_dir():
         raise ValueError(f"weights: {path} is a directory, not a state_dict file")

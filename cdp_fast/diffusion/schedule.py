@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 #: the timestep spacings of :func:`timesteps`
-SKIPS = ("uniform", "quadratic", "logsnr")
+SKIPS = ("uniform", "quadratic", "logsnr", "linspace")
 
 
 def make_betas(kind: str | torch.Tensor = "linear", T: int = 1000) -> torch.Tensor:
@@ -82,6 +83,17 @@ def timesteps(T: int, steps: int, skip: str = "uniform", alphas_cumprod=None) ->
       to one timestep, one moves to the next free one). Needs ``alphas_cumprod`` (T entries);
       entries with ᾱ = 1 (σ = 0) are not used. Equal to diffusers' ``use_lu_lambdas=True``
       grid where that one has no repeats.
+    - ``"linspace"``: the authors' MNIST / GTSRB sampler grid, ``np.linspace(0, T - 1, num=steps,
+      endpoint=True, dtype=int)`` (``minimal-diffusion-main/main_nonddp.py:130-132`` of
+      YiDongOuYang/Contrastive-Guided-Diffusion-Process, ``GuassianDiffusion.
+      sample_from_reverse_process``; 250 steps of T = 1000 there), walked in reverse (``:143``).
+      numpy's integer ``linspace`` floors the float64 points i·((T − 1)/(steps − 1)) (truncation:
+      they are >= 0) and sets the last to T − 1; computed here by that same call, so it is their
+      grid bit for bit — also where float rounding puts a point just below an integer (T = 31,
+      steps = 23: i = 11 gives 14, not 11·30/22 = 15). Starts at T − 1, ends at 0, no repeats
+      (consecutive points are >= 1 apart for steps <= T). Their DDPM step uses the sub-sampled
+      chain (β'_i = 1 − ᾱ_{t_i}/ᾱ_{t_{i−1}}, ᾱ = 1 before t_0), as every solver here does on any
+      grid.
 
     The quadratic sequence repeats small timesteps when steps is large (200 steps of T = 1000,
     the paper's CIFAR-10 setting, start 0, 0, 0, 0, 0, 0, 0, 1, 1, ...); the official code keeps
@@ -100,6 +112,8 @@ def timesteps(T: int, steps: int, skip: str = "uniform", alphas_cumprod=None) ->
         seq = [int(s) for s in (torch.linspace(0, math.sqrt(T * 0.8), steps, dtype=torch.float64) ** 2)]
     elif skip == "logsnr":
         seq = _logsnr_steps(T, steps, alphas_cumprod)
+    elif skip == "linspace":
+        seq = np.linspace(0, T - 1, num=steps, endpoint=True, dtype=int).tolist()
     else:
         raise ValueError(f"skip must be one of {SKIPS}, got {skip!r}")
     return torch.tensor(seq[::-1], dtype=torch.long)

@@ -32,7 +32,9 @@ file names below are in that repository):
   the authors' form. The authors create it once and keep it for the whole run; here it is
   created at the start of every *shard* of a :func:`cdp_fast.sample` run and carried through
   that shard's batches (``reset(keep_head=True)``), which keeps resume exact and the output
-  independent of the number of processes.
+  independent of the number of processes. ``embedding=h`` (an int) is the same head d -> h -> h:
+  their MNIST / GTSRB code uses ``EmbeddingModel(input_size=100, output_size=64)``
+  (``minimal-diffusion-main/contrastive/contrastive_loss_mnist.py:34``), i.e. ``embedding=64``.
 - The authors skip the first step of a trajectory (no x_{t+1} yet: ``len(xs) >= 2``) and, on
   CIFAR-10, guide only t >= 400 (``i >= 400``; their MNIST / GTSRB code guides 50 < t < 150);
   the paper's Algorithm 1 guides every step. The window is chosen by :func:`cdp_fast.sample`
@@ -46,7 +48,8 @@ import os
 import torch
 
 from cdp_fast.guidance import losses
-from cdp_fast.guidance.options import LOSSES, MLPHead, check_options, resolve_embedding, resolve_form
+from cdp_fast.guidance.options import (LOSSES, MLPHead, check_options, head_width, resolve_embedding,
+                                       resolve_form)
 from cdp_fast.utils.checks import check_number
 from cdp_fast.diffusion.schedule import as_alphas_cumprod
 from cdp_fast.utils.seeding import sample_seed
@@ -72,9 +75,9 @@ class ContrastiveGuidance:
     Returns (∇_{x_t}ℓ, λ), or None outside ``guide_window`` (t_lo <= t <= t_hi), at an
     unguided first step, or when λ = 0.
 
-    ``embedding="mlp"``: the head is initialised from ``seed`` at the first guided step after
-    a :meth:`reset` that does not keep it, and trained by one Adam step (lr 1e-2) on the same
-    loss per guided step.
+    ``embedding="mlp"`` (or an int width): the head is initialised from ``seed`` at the first
+    guided step after a :meth:`reset` that does not keep it, and trained by one Adam step
+    (lr 1e-2) on the same loss per guided step.
 
     ``strength``: per guided step of the current trajectory, (t, mean, max) over the batch of
     λ‖∇ℓ_i‖/‖ε_i‖ (0-dim tensors), so a user sees whether λ is in a sane range; cleared by
@@ -85,7 +88,9 @@ class ContrastiveGuidance:
             β >= 0 (HNM only).
         features: f: (B, *shape) in [-1, 1] -> (B, d), differentiable; None = pixels.
         embedding: "auto" (the head for HNM, none for InfoNCE: :func:`resolve_embedding`),
-            None or "mlp". positive: "previous" | "real". negatives: "batch" | "real" | "class".
+            None, "mlp" (d -> 128 -> 128) or a positive int h (d -> h -> h; 128 is "mlp" and is
+            kept as "mlp" in ``self.embedding``). positive: "previous" | "real". negatives:
+            "batch" | "real" | "class".
         form: None (the authors', or "anchors" with a real bank: :func:`resolve_form`),
             "authors" or "anchors".
         real: (N, *shape) real images in [-1, 1] for the "real" modes.
@@ -174,10 +179,11 @@ class ContrastiveGuidance:
         return self._real_raw
 
     def _ensure_head(self, d, device):
-        if self.embedding == "mlp" and self._head is None:
+        width = head_width(self.embedding)
+        if width is not None and self._head is None:
             # head init: a function of the seed only, from a generator of its own
             gen = torch.Generator().manual_seed(sample_seed(self.seed, -1))
-            self._head = MLPHead(d, generator=gen).to(device)
+            self._head = MLPHead(d, hidden=width, out=width, generator=gen).to(device)
             # capturable (set by cdp_fast.sampling.graphs.StepGraph, CUDA only): the step count lives on
             # the device, so a captured guided step replays the Adam update with the right bias
             # correction; otherwise the plain Adam (its bias correction on the host, in fp64)

@@ -8,8 +8,10 @@ import math
 
 import torch
 
+from cdp_fast.utils.checks import is_int
+
 __all__ = ["PAPER_DEFAULTS", "LOSSES", "POSITIVES", "NEGATIVES", "FORMS", "EMBEDDINGS", "MLPHead",
-           "check_options", "resolve_form", "resolve_embedding"]
+           "MLP_WIDTH", "check_options", "resolve_form", "resolve_embedding", "head_width"]
 
 #: Paper defaults (App. D.1: CIFAR-10, WRN-28-10 features, 200 quadratic steps, batch 512;
 #: the authors' code: hard_negative_sample.py ``temperature = 10``, ``criterion(..., 0.1, 512,
@@ -31,7 +33,10 @@ LOSSES = ("infonce", "hnm")
 POSITIVES = ("previous", "real")
 NEGATIVES = ("batch", "real", "class")
 FORMS = ("authors", "anchors")
+#: the named ``embedding`` values; a positive int h is also one (the head d -> h -> h)
 EMBEDDINGS = ("auto", None, "mlp")
+#: the width of ``embedding="mlp"``: the authors' CIFAR-10 head, ``EmbeddingModel(640 -> 128 -> 128)``
+MLP_WIDTH = 128
 
 
 def resolve_form(form, negatives):
@@ -53,12 +58,26 @@ def resolve_embedding(embedding, loss):
     authors' InfoNCE code uses the raw features; the paper reports no InfoNCE head)."""
     if embedding == "auto":
         return "mlp" if loss == "hnm" else None
+    if is_int(embedding):
+        # 128 is the "mlp" head itself: recorded as "mlp", so either spelling resumes the other
+        return "mlp" if int(embedding) == MLP_WIDTH else int(embedding)
     return embedding
+
+
+def head_width(embedding):
+    """The online head's width h (d -> h -> h) for a checked ``embedding``: None for no head,
+    :data:`MLP_WIDTH` for "mlp", h for an int (the authors' MNIST head: 64,
+    ``minimal-diffusion-main/contrastive/contrastive_loss_mnist.py:34``,
+    ``EmbeddingModel(input_size=100, output_size=64)``). "auto" must be resolved first."""
+    if embedding is None:
+        return None
+    return MLP_WIDTH if embedding == "mlp" else int(embedding)
 
 
 class MLPHead(torch.nn.Module):
     """The paper's "with embedding" head (App. D.1; the authors' ``EmbeddingModel``): 2 layers,
-    d -> 128 -> 128 (the loss L2-normalises the output, as their head's last line does).
+    d -> hidden -> out, 128 -> 128 by default (their CIFAR-10 head; their MNIST head is
+    64 -> 64); the loss L2-normalises the output, as their head's last line does.
 
     ``generator``: initialise from it with PyTorch's default Linear rule (weights
     kaiming_uniform(a = √5), i.e. U(±1/√fan_in), biases U(±1/√fan_in)) instead of the global
@@ -89,8 +108,9 @@ def check_options(*, positive="previous", negatives="batch", embedding=None, gui
         raise ValueError(f"positive must be one of {POSITIVES}, got {positive!r}")
     if negatives not in NEGATIVES:
         raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
-    if embedding not in EMBEDDINGS:
-        raise ValueError(f"embedding must be 'auto', None or 'mlp', got {embedding!r}")
+    if not ((is_int(embedding) and embedding >= 1) or (not is_int(embedding) and embedding in EMBEDDINGS)):
+        raise ValueError("embedding must be 'auto', None, 'mlp' (the 128-wide head) or a positive int h (the "
+                         f"head d -> h -> h), got {embedding!r}")
     resolve_form(form, negatives)
     if guide_window is not None and not (
             isinstance(guide_window, (tuple, list)) and len(guide_window) == 2

@@ -4,6 +4,7 @@
   the paper's classifier and contrastive feature extractor, App. D); ``features`` is 640-d.
 - :class:`PreActResNet` / :func:`preact_resnet18`: PreAct-ResNet-18; ``features`` is 512-d.
 - :class:`SmallCNN` / :func:`small_cnn`: a small CNN for 8x8 / 28x28 digits.
+- :class:`MnistNet` / :func:`mnist_net`: the authors' four-layer MNIST CNN (28x28; ``features`` is 100-d).
 
 All take images in [0, 1] (NCHW) and normalise inside. :func:`as_feature_extractor` adapts a
 classifier to the sampler's guidance, whose images are in [-1, 1].
@@ -22,18 +23,19 @@ from torch import nn
 
 from cdp_fast.models._common import CIFAR10_MEAN, CIFAR10_STD, Normalize
 from cdp_fast.models.features import FeatureExtractor, as_feature_extractor
+from cdp_fast.models.mnist_net import MnistNet, mnist_net
 from cdp_fast.models.preact import PreActResNet, preact_resnet18
 from cdp_fast.models.small_cnn import SmallCNN, small_cnn
 from cdp_fast.models.wrn import WideResNet, wrn_28_10
 
 __all__ = [
-    "WideResNet", "wrn_28_10", "PreActResNet", "preact_resnet18", "SmallCNN", "small_cnn",
+    "WideResNet", "wrn_28_10", "PreActResNet", "preact_resnet18", "SmallCNN", "small_cnn", "MnistNet", "mnist_net",
     "Normalize", "CIFAR10_MEAN", "CIFAR10_STD", "get_model", "as_feature_extractor",
     "FeatureExtractor", "MODEL_NAMES",
 ]
 
 MODEL_NAMES = ("wrn-28-10-swish", "wrn-<depth>-<width>[-swish|-relu]", "preact-resnet18",
-               "small-cnn")
+               "small-cnn", "mnist-net")
 
 
 def get_model(name: str, num_classes: int = 10, **kw) -> nn.Module:
@@ -43,7 +45,8 @@ def get_model(name: str, num_classes: int = 10, **kw) -> nn.Module:
       ``wrn-28-10-swish`` (also ``wrn-28-10``, ``wrn``): WRN-28-10, Swish;
       ``wrn-<depth>-<width>[-swish|-relu]``: any WideResNet (Swish when not given);
       ``preact-resnet18`` (also ``preact-resnet-18``, ``preact18``);
-      ``small-cnn`` (also ``smallcnn``, ``cnn``).
+      ``small-cnn`` (also ``smallcnn``, ``cnn``);
+      ``mnist-net`` (also ``mnistnet``): the authors' four-layer MNIST CNN (28x28 only).
     Extra keyword arguments go to the constructor (``mean``, ``std``, ``in_channels`` ...).
     """
     if not isinstance(name, str):
@@ -59,4 +62,6 @@ def get_model(name: str, num_classes: int = 10, **kw) -> nn.Module:
         return preact_resnet18(num_classes=num_classes, **kw)
     if key in ("small-cnn", "smallcnn", "cnn"):
         return small_cnn(num_classes=num_classes, **kw)
+    if key in ("mnist-net", "mnistnet"):
+        return mnist_net(num_classes=num_classes, **kw)
     raise ValueError(f"name must be one of {MODEL_NAMES}, got {name!r}")

@@ -8,8 +8,16 @@ downsampling, nearest-neighbour upsampling + conv3×3, skip connections concaten
 up. No self-attention: at 8×8 / 4×4 / 2×2 resolution two 3×3 convolutions per block already
 see most of the image, and the model has to train on one CPU thread in minutes.
 
-Call convention (docs/design.md §3): ``model(x, t) -> eps`` with x float (B, C, H, W) in the
-sampler's [-1, 1] space and t a LongTensor (B,) (or a scalar) of DDPM timesteps in [0, T).
+Class-conditional option (``num_classes=K``): a learned label embedding
+``nn.Embedding(K, 4·ch)`` added to the time embedding, ``emb = temb_mlp(t) + label_emb(y)``, as
+guided-diffusion's ``UNetModel`` (``emb = emb + self.label_emb(y)``) and Sehwag et al.'s
+minimal-diffusion do. With ``num_classes=None`` (the default) the module is exactly the
+unconditional one: same parameters, same state_dict keys, same outputs (the bundled digits
+checkpoint loads unchanged).
+
+Call convention (docs/design.md §3): ``model(x, t) -> eps`` (``model(x, t, y)`` when
+class-conditional) with x float (B, C, H, W) in the sampler's [-1, 1] space, t a LongTensor
+(B,) (or a scalar) of DDPM timesteps in [0, T) and y a LongTensor (B,) of labels in [0, K).
 H and W must be divisible by 2 ** (len(ch_mult) - 1).
 """
 from __future__ import annotations
@@ -74,22 +82,33 @@ class UNet(nn.Module):
         ch_mult: width multipliers, one per resolution level (each level after the first
             halves H and W).
         num_res_blocks: residual blocks per level on the way down (one more on the way up).
-        dropout: dropout inside residual blocks (training only).
+        dropout: dropout inside residual blocks (training only), in [0, 1).
+        num_classes: None (unconditional, the default) or K >= 1: class-conditional, a learned
+            ``label_emb = nn.Embedding(K, 4·ch)`` added to the time embedding; ``forward``
+            then needs y.
 
-    Shapes: x (B, C, H, W), t (B,) long -> (B, C, H, W).
+    Shapes: x (B, C, H, W), t (B,) long, y (B,) long in [0, K) or None -> (B, C, H, W).
     """
 
     def __init__(self, in_channels: int = 1, ch: int = 32, ch_mult=(1, 2, 2), num_res_blocks: int = 1,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, num_classes: int | None = None):
         super().__init__()
         if in_channels < 1 or ch < 1 or num_res_blocks < 1 or len(ch_mult) < 1:
             raise ValueError("in_channels, ch, num_res_blocks must be >= 1 and ch_mult non-empty")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
+            raise ValueError(f"num_classes must be None or an int >= 1, got {num_classes!r}")
         self.in_channels = in_channels
         self.ch = ch
         self.ch_mult = tuple(ch_mult)
         self.num_res_blocks = num_res_blocks
+        self.num_classes = num_classes
         temb = ch * 4
         self.temb_mlp = nn.Sequential(nn.Linear(ch, temb), nn.SiLU(), nn.Linear(temb, temb))
+        if num_classes is not None:   # (no attribute otherwise: the unconditional state_dict is unchanged)
+            self.label_emb = nn.Embedding(num_classes, temb)
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -120,7 +139,11 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """ε-prediction (B, C, H, W) of x (B, C, H, W) in [-1, 1] at timesteps t (B,) or a
+        scalar, given labels y (B,) long in [0, K) when the model is class-conditional
+        (ValueError naming y if it is missing, given to an unconditional model, not integer,
+        of another length or out of range)."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must be (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         div = 2 ** (len(self.ch_mult) - 1)
@@ -130,6 +153,11 @@ class UNet(nn.Module):
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         emb = self.temb_mlp(timestep_embedding(t, self.ch).to(x.dtype))
+        if self.num_classes is not None:
+            emb = emb + self.label_emb(self._labels(y, x.shape[0], x.device)).to(emb.dtype)
+        elif y is not None:
+            raise ValueError("y was given but this UNet is unconditional (num_classes=None); "
+                             "build it with num_classes=K to condition on labels")
         h = self.conv_in(x)
         hs = [h]
         for m in self.down:
@@ -142,3 +170,25 @@ class UNet(nn.Module):
             else:
                 h = m(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _labels(self, y, batch: int, device) -> torch.Tensor:
+        """y as a long (B,) tensor on ``device``, checked (the range check reads y's values: it is
+        skipped while torch.compile traces or a CUDA graph is captured, where it cannot run)."""
+        k = self.num_classes
+        if y is None:
+            raise ValueError(f"y is required: this UNet is class-conditional (num_classes={k}); "
+                             "pass labels (B,) long in [0, num_classes)")
+        y = torch.as_tensor(y, device=device)
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+        if y.dim() == 0:
+            y = y.expand(batch)
+        if y.shape != (batch,):
+            raise ValueError(f"y must have shape ({batch},) like x's batch, got {tuple(y.shape)}")
+        capturing = y.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not torch.compiler.is_compiling() and not capturing and batch:
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= k:
+                raise ValueError(f"y: labels must lie in [0, {k}) (num_classes={k}), found labels "
+                                 f"in [{lo}, {hi}]")
+        return y.long()

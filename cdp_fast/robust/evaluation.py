@@ -59,8 +59,8 @@ def autoattack_accuracy(model, x: torch.Tensor, y: torch.Tensor, *, eps: float,
     The model must be in eval mode (``evaluate`` does that). Raises ImportError naming the
     package when ``pyautoattack`` is missing.
     """
-    return _autoattack_correct(model, x, y, eps=eps, version=version, attacks=attacks,
-                               batch_size=batch_size, seed=seed, device=device) / len(x)
+    return int(_autoattack_hits(model, x, y, eps=eps, version=version, attacks=attacks,
+                                batch_size=batch_size, seed=seed, device=device).sum()) / len(x)
 
 
 def _check_aa(version, attacks):
@@ -78,8 +78,9 @@ def _check_aa(version, attacks):
     return attacks
 
 
-def _autoattack_correct(model, x, y, *, eps, version, attacks, batch_size, seed, device) -> int:
-    """Number of points of (x, y) that AutoAttack does not break (see autoattack_accuracy)."""
+def _autoattack_hits(model, x, y, *, eps, version, attacks, batch_size, seed, device) -> torch.Tensor:
+    """(N,) bool on the CPU: True where AutoAttack does not break point i of (x, y) (see
+    autoattack_accuracy)."""
     try:
         from pyautoattack import AutoAttack
     except ImportError as e:  # pragma: no cover - a declared runtime dependency
@@ -95,7 +96,7 @@ def _autoattack_correct(model, x, y, *, eps, version, attacks, batch_size, seed,
     if float(delta) > eps + 1e-5 or float(x_adv.min()) < -1e-6 or float(x_adv.max()) > 1 + 1e-6:
         raise RuntimeError(f"AutoAttack returned points outside the ε-ball ({float(delta):.3g} "
                            f"> {eps}) or outside [0, 1]")
-    return int((y_adv.cpu() == y.cpu()).sum())
+    return y_adv.cpu() == y.cpu()
 
 
 def pgd_starts(x: torch.Tensor, first: int, seed: int) -> torch.Tensor:
@@ -115,7 +116,7 @@ def evaluate(model: nn.Module, x, y, *, eps: float = 8 / 255,
              pgd_step_size: Optional[float] = None, batch_size: int = 256, seed: int = 0,
              progress: bool = False, version: str = "standard",
              aa_attacks: Optional[Sequence[str]] = None, n_ex: Optional[int] = None,
-             device=None, distributed: bool = True) -> dict:
+             device=None, distributed: bool = True, per_example: bool = False) -> dict:
     """Accuracy of ``model`` under the requested attacks (L∞, radius ``eps``).
 
     Args:
@@ -139,9 +140,12 @@ def evaluate(model: nn.Module, x, y, *, eps: float = 8 / 255,
         distributed: under torch.distributed (world size > 1) split the blocks of points
             over the ranks and all-reduce the counts (every rank must call); False
             evaluates every point in this process.
+        per_example: also return ``"per_example"``: {attack: (N,) bool numpy array, True where
+            point i is classified correctly under that attack} (for paired per-point
+            comparisons of two classifiers; gathered over the ranks).
     Returns:
         {"clean": acc, "pgd": acc, "autoattack": acc} (only the requested keys), floats in
-        [0, 1].
+        [0, 1]; plus "per_example" when asked.
 
     Example:
         >>> cdp_fast.evaluate(model, x_test, y_test, eps=8/255, n_ex=1000)
@@ -169,6 +173,8 @@ def evaluate(model: nn.Module, x, y, *, eps: float = 8 / 255,
         raise ValueError(f"n_ex must be an int >= 1 or None, got {n_ex!r}")
     if not isinstance(distributed, bool):
         raise ValueError(f"distributed must be True or False, got {distributed!r}")
+    if not isinstance(per_example, bool):
+        raise ValueError(f"per_example must be True or False, got {per_example!r}")
     x = open_images(x, "x").all()
     y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
     if y.dtype.is_floating_point or y.dim() != 1 or len(y) != len(x):
@@ -208,7 +214,7 @@ def evaluate(model: nn.Module, x, y, *, eps: float = 8 / 255,
         if bar is not None:
             bar.update(1)
 
-    correct = dict.fromkeys(names, 0)
+    hits = {a: torch.zeros(len(x), dtype=torch.int64) for a in names}   # 1 where point i survives
     try:
         with eval_mode(model):
             for b, i in enumerate(blocks):
@@ -216,7 +222,7 @@ def evaluate(model: nn.Module, x, y, *, eps: float = 8 / 255,
                 if "clean" in names:
                     step("clean", b)
                     with torch.no_grad():
-                        correct["clean"] += int((model(xb).argmax(1) == yb).sum())
+                        hits["clean"][i:i + len(xb)] = (model(xb).argmax(1) == yb).long().cpu()
                     done()
                 if "pgd" in names:
                     step("pgd", b)
@@ -224,21 +230,25 @@ def evaluate(model: nn.Module, x, y, *, eps: float = 8 / 255,
                     xa = pgd_from_draws(model, xb, yb, u, eps=eps, step_size=pgd_step_size,
                                         steps=pgd_steps)
                     with torch.no_grad():
-                        correct["pgd"] += int((model(xa).argmax(1) == yb).sum())
+                        hits["pgd"][i:i + len(xb)] = (model(xa).argmax(1) == yb).long().cpu()
                     done()
                 if "autoattack" in names:
                     step("autoattack", b)
-                    correct["autoattack"] += _autoattack_correct(
+                    hits["autoattack"][i:i + len(xb)] = _autoattack_hits(
                         model, xb, yb, eps=eps, version=version, attacks=aa_attacks,
-                        batch_size=batch_size, seed=seed, device=dev)
+                        batch_size=batch_size, seed=seed, device=dev).long()
                     done()
     finally:
         if bar is not None:
             bar.close()
-    counts = torch.tensor([correct[a] for a in names], dtype=torch.int64, device=dev)
+    table = torch.stack([hits[a] for a in names]).to(dev)        # (attacks, N); zero off this rank
     if world > 1:
         import torch.distributed as dist
 
-        dist.all_reduce(counts)
-    return {a: int(c) / len(x) for a, c in zip(names, counts.tolist())}
+        dist.all_reduce(table)
+    table = table.cpu()
+    out = {a: int(table[j].sum()) / len(x) for j, a in enumerate(names)}
+    if per_example:
+        out["per_example"] = {a: table[j].numpy().astype(bool) for j, a in enumerate(names)}
+    return out
 

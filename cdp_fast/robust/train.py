@@ -28,10 +28,11 @@ from torch import nn
 
 from cdp_fast.data import Samples, as_source
 from cdp_fast.robust.batches import MixedBatchSampler, augment_defaults, mix_counts
-from cdp_fast.robust.checkpoint import checkpoint_config, data_fingerprint, load_checkpoint, save_checkpoint
+from cdp_fast.robust.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
 from cdp_fast.robust.loop import Loop, broadcast_state, check_labels, epoch_entry, run_epoch, wrap_model
 from cdp_fast.robust.recipes import RECIPES, RunConfig, make_optimizer
 from cdp_fast.utils import distributed as cdist
+from cdp_fast.utils.checkpoint import data_fingerprint
 from cdp_fast.utils.checks import check_number
 from cdp_fast.utils.runtime import eval_mode, rank_device
 

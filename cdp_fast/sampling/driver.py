@@ -77,12 +77,16 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
         n: number of samples (>= 1).
         loss: None/"none" (plain DDIM), "infonce" or "hnm".
         features: f: x_t [(B, *image_shape) in [-1, 1]] -> (B, d); None = flattened pixels.
+            For a classifier use :func:`cdp_fast.models.as_feature_extractor` (x mapped to
+            its [0, 1]; ``feature_input="raw"``: x_t as it is, the authors' setting).
             An nn.Module runs as a copy on the sampling device in eval mode with its weights
             frozen (no weight gradients), compiled in channels_last on CUDA (never on CPU,
             where it measured slower); the caller's module is left as it was.
         embedding: "auto" (default: the online 2-layer head for HNM — the authors' code and the
-            paper's better variant, Table 5 "with embedding" — and none for InfoNCE), None or
-            "mlp". The head lives for one shard (``shard_size`` rows, also without ``out``):
+            paper's better variant, Table 5 "with embedding" — and none for InfoNCE), None,
+            "mlp" (d -> 128 -> 128, their CIFAR-10 head) or a positive int h (d -> h -> h; their
+            MNIST head is 64; 128 is "mlp" and is recorded so). The head lives for one shard
+            (``shard_size`` rows, also without ``out``):
             with it, sample i also depends on the earlier batches of its shard (the authors
             keep one head for a whole run; a shard keeps resume exact and the output
             independent of the process count).
@@ -112,8 +116,9 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
             probabilities (rows >= 0 summing to 1 within 1e-2) is warned about once and its rows
             are used as the probabilities (not softmaxed a second time).
         steps, skip, eta, T, betas: sub-sequence (:func:`cdp_fast.timesteps`: ``skip`` "uniform",
-            "quadratic" or "logsnr"; None = the solver's default, "logsnr" for "dpmpp_2m" and
-            "quadratic" for the others), η (DDIM), schedule.
+            "quadratic", "logsnr" or "linspace" — the authors' MNIST grid, linspace(0, T − 1,
+            steps) floored, 250 steps there, for every timestep solver; None = the solver's
+            default, "logsnr" for "dpmpp_2m" and "quadratic" for the others), η (DDIM), schedule.
         solver: "ddim" (default, the paper's), "ddpm" (ancestral; the revised paper's DDPM
             rows and the authors' MNIST/GTSRB sampler: :func:`guided_ddpm`), "dpmpp_2m"
             (DPM-Solver++(2M) on the same timesteps: :func:`guided_dpmpp_2m`) or "heun" (EDM's

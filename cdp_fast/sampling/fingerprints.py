@@ -6,8 +6,10 @@ ndarrays by their bytes (the hashes recorded since 0.1, unchanged, so old out di
 resume), lists, tuples, ranges, dicts, sets, Python and numpy scalars — and any nesting of them
 and of tensors/ndarrays — by what they hold (a list and a tuple of equal values, or an
 ``np.int64(3)`` and a ``3``, give the same fingerprint); other array-likes through
-``np.asarray``; modules by class and state dict; other callables by qualified name (their
-behaviour is recorded by :func:`cdp_fast.sampling.prepare.probe`)."""
+``np.asarray``; modules by class and state dict (and the ``fingerprint_settings()`` of any
+submodule that has one and returns non-None, e.g. a ``FeatureExtractor(feature_input="raw")``:
+settings that change what a module computes without being weights); other callables by
+qualified name (their behaviour is recorded by :func:`cdp_fast.sampling.prepare.probe`)."""
 from __future__ import annotations
 
 import hashlib
@@ -99,6 +101,13 @@ def fingerprint(obj) -> str | None:
             h.update(k.encode())
             if isinstance(v, torch.Tensor):
                 h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        for name, m in obj.named_modules():
+            # None (a default) feeds nothing: fingerprints recorded before a setting existed hold
+            settings = getattr(m, "fingerprint_settings", None)
+            settings = settings() if callable(settings) else None
+            if settings is not None:
+                h.update(f"settings:{name}:".encode())
+                _feed(h, settings)
         return h.hexdigest()[:16]
     if isinstance(obj, _SCALARS + _CONTAINERS + (np.ndarray,)) or not callable(obj):
         h.update(b"value:")

@@ -242,7 +242,7 @@ class StepGraph:
             return "plain"
         prev = guidance.prev_features
         if (guidance.graphable and step > 0 and prev is not None and prev.shape[0] == x.shape[0]
-                and (guidance.embedding != "mlp" or guidance.head is not None)):
+                and (guidance.embedding is None or guidance.head is not None)):
             return "guided"
         return None
 

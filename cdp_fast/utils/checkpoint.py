@@ -1,0 +1,210 @@
+"""Training-checkpoint integrity, shared by the trainers (:func:`cdp_fast.train_trades` /
+:func:`cdp_fast.train_pgd_at` in :mod:`cdp_fast.robust.checkpoint`, :func:`cdp_fast.train_diffusion`
+in :mod:`cdp_fast.diffusion.train`):
+
+- :func:`write_state`: a checkpoint dict written atomically (temp + fsync + rename,
+  :func:`cdp_fast.utils.io.atomic_write`) with ``sha256`` = :func:`state_digest` of the rest;
+- :func:`read_weights_only`: ``torch.load(weights_only=True)`` with every failure (truncated,
+  empty, not a torch file, pickled objects) as a one-line ValueError;
+- :func:`check_digest`, :func:`check_config`, :func:`check_data`: the refusals of a resume — a
+  corrupted file (its stored sha256 differs from its contents'), other arguments (the
+  configuration dicts differ, each difference named), other data (:func:`data_fingerprint`s
+  differ, the input named);
+- :func:`data_fingerprint`: the sha256 fingerprint of a training input.
+
+Nothing here knows a trainer: the configuration dicts, the inputs' names and the format
+versions are the callers'.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from cdp_fast.utils.io import atomic_write
+
+__all__ = ["write_state", "read_weights_only", "check_digest", "check_config", "check_data",
+           "state_digest", "data_fingerprint"]
+
+
+def write_state(path: Path, state: dict) -> None:
+    """``state`` plus ``"sha256"`` (:func:`state_digest` of everything else), written
+    atomically: a crash leaves the old checkpoint or none, and a flipped byte in a weight
+    record (which loads without any error from torch) is caught by :func:`check_digest`."""
+    state = dict(state)
+    state.pop("sha256", None)
+    state["sha256"] = state_digest(state)
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def check_digest(path, state: dict) -> None:
+    """Pop ``state["sha256"]`` and ValueError naming ``path`` unless it is the digest of the
+    rest. Checkpoints written before the hash existed carry none: they pass unchecked."""
+    stored = state.pop("sha256", None)
+    if stored is not None and stored != state_digest(state):
+        raise ValueError(f"checkpoint {path} is corrupted: the sha256 of its contents does not "
+                         "match the one stored in it (a damaged copy or disk); restore a good "
+                         "copy, or delete it to train from the start")
+
+
+def check_config(path, old: dict, new: dict) -> None:
+    """ValueError naming ``path`` and every key whose value differs between the stored
+    configuration ``old`` and this call's ``new`` (``key: old -> new``)."""
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+        raise ValueError(f"checkpoint {path} was written with different arguments "
+                         f"({details}); pass a new checkpoint path or resume=False")
+
+
+def check_data(path, stored: Optional[dict], data: Optional[dict]) -> None:
+    """ValueError naming ``path`` and the input when a fingerprint of this call (``data``:
+    input name -> :func:`data_fingerprint`) differs from the stored one. A fingerprint missing
+    on either side (checkpoints from before fingerprints, an input that is not fingerprinted,
+    such as a generic Dataset) is not checked."""
+    for name, fp in (data or {}).items():
+        was = (stored or {}).get(name)
+        if fp is not None and was is not None and fp != was:
+            raise ValueError(f"checkpoint {path} was written for other {name} data (sha256 "
+                             f"{was[:12]}... -> {fp[:12]}...; the same images in another form, "
+                             f"e.g. an npz instead of the out directory, count as other); pass "
+                             f"that {name}, a new checkpoint path or resume=False")
+
+
+def read_weights_only(path, what: str, expected: str, map_location="cpu"):
+    """``torch.load(path, weights_only=True)`` with every failure as a one-line ValueError
+    naming ``what`` and ``path``: truncated, empty or non-torch files (torch raises
+    RuntimeError, EOFError, KeyError... depending on the damage) and files holding pickled
+    objects that the weights-only unpickler refuses. The latter's message is not repeated:
+    torch's advice to load with ``weights_only=False`` would run the file's code."""
+    import pickle
+    import re
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            # (a plain pickle of another protocol: torch warns before refusing it)
+            warnings.filterwarnings("ignore", message="Detected pickle protocol",
+                                    category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found:   # only the object's name: torch's text goes on to advise allow-listing it
+            raise ValueError(f"{what} {path} is not {expected}: it holds pickled Python objects "
+                             f"({found.group(1)}) that a weights-only load refuses") from None
+        # text, garbage or a pickle of another protocol: torch reads the first bytes as opcodes
+        op = re.search(r"(Unsupported operand \d+|invalid load key[^.\n]*)", str(e))
+        raise ValueError(f"{what} {path} is not {expected}: {_UNREADABLE} "
+                         f"{op.group(1) if op else 'UnpicklingError'})") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError, MemoryError):
+        raise    # the path or the machine, not the file's bytes (a truncated zip is EINVAL: below)
+    except Exception as e:   # anything else torch.load raises means an unreadable file
+        raise ValueError(f"{what} {path} is not {expected}: {_UNREADABLE} "
+                         f"{type(e).__name__})") from None
+
+
+_UNREADABLE = "it cannot be read (empty, truncated, corrupted or not a torch file:"
+
+
+def state_digest(obj) -> str:
+    """sha256 of a checkpoint state: every tensor's dtype, shape and bytes and every other
+    value (dicts in their order, which torch.save / torch.load keep), each length-prefixed."""
+    h = hashlib.sha256()
+    _digest_into(h, obj)
+    return h.hexdigest()
+
+
+def _digest_into(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)};".encode())
+        for k, v in obj.items():
+            _digest_into(h, k)
+            _digest_into(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)};".encode())
+        for v in obj:
+            _digest_into(h, v)
+    elif isinstance(obj, float):
+        h.update(f"F{obj.hex()};".encode())
+    else:   # str, int, bool, None (what configs, histories and param groups hold)
+        text = f"{type(obj).__name__}:{obj!r}"
+        h.update(f"O{len(text)};{text}".encode())
+
+
+def data_fingerprint(data) -> Optional[str]:
+    """sha256 fingerprint of a training input (a form :func:`cdp_fast.data.as_source` takes;
+    paths already loaded as :class:`cdp_fast.Samples`), stored in the checkpoint so that a
+    resume with other data of the same size is refused; None for a generic Dataset (reading
+    every item could take as long as an epoch, and random transforms have no fixed content:
+    only its length is checked).
+
+    A Samples read lazily from an out directory of :func:`cdp_fast.sample` is fingerprinted
+    by its manifest's shard hashes (names, counts, sha256) and its labels, without reading an
+    image; in-memory tensors / arrays and npz files by their bytes (dtype, shape, data)."""
+    if data is None:
+        return None
+    h = hashlib.sha256()
+    if hasattr(data, "images") and hasattr(data, "labels"):   # cdp_fast.Samples
+        shards = _manifest_shards(data)
+        if shards is not None:
+            h.update(b"manifest;")
+            for name, info in shards:
+                text = f"{name}:{int(info['count'])}:{info['sha256']}"
+                h.update(f"{len(text)};{text}".encode())
+        else:
+            _hash_array(h, data.images)
+        _hash_array(h, data.labels)
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        _hash_array(h, data[0])
+        _hash_array(h, data[1])
+    elif isinstance(data, torch.utils.data.TensorDataset):
+        for t in data.tensors:
+            _hash_array(h, t)
+    else:
+        return None
+    return h.hexdigest()
+
+
+def _manifest_shards(samples):
+    """[(name, info)] of the manifest a Samples was loaded with, when its images are still the
+    lazy view of exactly those shards (not an in-memory subset carrying the manifest along)."""
+    import numpy as np
+
+    shards = samples.meta.get("shards") if isinstance(samples.meta, dict) else None
+    if (not isinstance(shards, dict) or not shards
+            or isinstance(samples.images, (np.ndarray, torch.Tensor))
+            or any(not isinstance(i, dict) or not isinstance(i.get("sha256"), str)
+                   for i in shards.values())
+            or sum(int(i.get("count", -1)) for i in shards.values()) != len(samples)):
+        return None
+    return sorted(shards.items(), key=lambda kv: int(kv[1].get("start", 0)))
+
+
+def _hash_array(h, a, chunk: int = 4096) -> None:
+    """dtype, shape and bytes of a tensor, an array (a memory-mapped npz member is read
+    through its mapping, never copied whole) or a lazy array view (read ``chunk`` rows at a
+    time)."""
+    import numpy as np
+
+    if a is None:
+        h.update(b"N;")
+        return
+    if isinstance(a, torch.Tensor):
+        _digest_into(h, a)
+        return
+    if not isinstance(a, np.ndarray) and hasattr(a, "shape") and hasattr(a, "dtype"):
+        h.update(f"A{np.dtype(a.dtype).str}{tuple(a.shape)};".encode())
+        for s in range(0, len(a), chunk):
+            h.update(np.ascontiguousarray(a[s:s + chunk]).view(np.uint8))
+        return
+    a = np.ascontiguousarray(np.asarray(a))
+    h.update(f"A{a.dtype.str}{a.shape};".encode())
+    if a.size:
+        h.update(a.reshape(-1).view(np.uint8))
