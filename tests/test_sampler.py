@@ -670,3 +670,39 @@ def test_cuda_guided_compile_with_conv_features_in_channels_last_matches_eager()
     for _ in range(2):
         compiled = cdp_fast.sample(TinyEps(3).cuda(), 8, compile="auto", **kw)
         np.testing.assert_allclose(compiled.images, eager.images, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("solver,skip,steps", [("ddim", "quadratic", 300), ("ddpm", "quadratic", 300),
+                                               ("dpmpp_2m", None, 7), ("heun", None, 7), ("ddim", "uniform", 7)])
+def test_progress_bar_ends_exactly_at_n_and_never_overshoots(monkeypatch, solver, skip, steps):
+    """The bar moves count/steps rows per step (a float) and is clamped to the group's rows; the
+    per-group top-up makes each group add exactly its rows, so n ends at the total and never
+    passes it. Quadratic spacing at 300 of 1000 steps repeats timesteps (272 distinct), whose
+    steps are skipped: the bar used to stop at 272/300 of the run."""
+    import tqdm.auto
+
+    seen = []
+
+    class Bar:
+        def __init__(self, total=None, initial=0, **kw):
+            self.total, self.n = total, initial
+
+        def update(self, k):
+            self.n += k
+            seen.append((self.n, self.total))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    eps = lambda x, t: 0.1 * x  # noqa: E731
+    cdp_fast.sample(eps, 13, loss=None, steps=steps, skip=skip, image_shape=(1, 3, 3), batch_size=5,
+                    solver=solver, output="float", progress=True, compile=False)
+    assert seen and all(n <= total + 1e-9 for n, total in seen)
+    assert seen[-1][0] == pytest.approx(13, abs=1e-9)

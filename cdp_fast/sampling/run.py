@@ -123,10 +123,17 @@ def generate_group(run: RunPlan, start: int, count: int, advance=None):
         # the head lives for a shard (the authors': a run), so resume stays exact
         guidance.reset(class_labels=cls if guidance.negatives == "class" else None,
                        real_positive_index=real_pos, keep_head=start % run.head_scope != 0)
-    on_step = None
+    on_step, moved = None, [0.0]
     if advance is not None:
         per_step = count / (len(run.sigmas) - 1 if run.solver == "heun" else len(run.timesteps))
-        on_step = lambda step: advance(per_step)  # noqa: E731  (skipped repeats: a bar just short of a step)
+
+        def on_step(step):
+            # never past this group's rows; what is left (the steps a repeated timestep skips:
+            # the bar used to stop short) is added when the group is done
+            d = min(per_step, count - moved[0])
+            if d > 0:
+                moved[0] += d
+                advance(d)
     with run.autocast():
         # per-step noise keyed by (seed, i) and drawn on the device: no host round trip per step
         keys = sample_seeds(run.seed, idx, run.device) if (run.solver == "ddpm" or run.eta > 0) else None
@@ -147,6 +154,8 @@ def generate_group(run: RunPlan, start: int, count: int, advance=None):
                              step_graph=run.step_graph)
     if guidance is not None:
         run.strength.add(guidance.strength)
+    if advance is not None and count - moved[0] > 0:
+        advance(count - moved[0])
     x0 = x0[:count].float()
     labels = conf = None
     if run.labeler is not None:
