@@ -99,7 +99,7 @@ class Config:
 #: a 1,400 pool; the small CNN (8x8 inputs) as classifier and guide; a smaller UNet.
 DIGITS = dict(data="digits", classifier="small-cnn", total=1400, ref_real=1400, splits=(350, 700), n_test=340,
               pad=1, unet=(("ch", 32), ("ch_mult", (1, 2, 2)), ("num_res_blocks", 1), ("dropout", 0.1)))
-QUICK = dict(splits=(500, 1500), total=2000, ref_real=2000, seeds=(0, 1, 2), epochs=2, pilot_epochs=2,
+QUICK = dict(splits=(250, 750), total=1000, ref_real=1000, seeds=(0, 1, 2), epochs=2, pilot_epochs=2,
              train_pgd_steps=5, eval_pgd_steps=10, aa_attacks=("apgd-ce",), n_test=300, unet_epochs=2)
 
 
@@ -335,7 +335,9 @@ def _classifier_run(cfg, real, synthetic, eps, seed, test, n_total=None):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small settings (2 splits, 2 epochs, 300 test points)")
+    ap.add_argument("--quick", action="store_true",
+                    help="the pipeline at small size: 1K classifier images (250 / 750 real), 2 epochs, 5-step "
+                         "TRADES, APGD-CE only, 300 test points, 3 seeds")
     ap.add_argument("--generator", choices=("mixture", "unet"), default="mixture",
                     help="mixture: the exact-score PCA Gaussian mixture (CPU, seconds); unet: a class-conditional "
                          "UNet trained per split with cdp_fast.train_diffusion (a GPU job on MNIST)")
@@ -356,7 +358,7 @@ def main(argv=None):
     if a.quick:
         kw.update(QUICK)
         if a.data == "digits":
-            kw.update(splits=(350, 700), total=1400, ref_real=1400, n_test=340)
+            kw.update(splits=(350, 700), total=1400, ref_real=1400, n_test=340, pad=1)
     kw["generator"] = a.generator
     if a.unet_epochs is not None:
         kw["unet_epochs"] = a.unet_epochs

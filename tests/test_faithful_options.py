@@ -28,22 +28,9 @@ from cdp_fast.diffusion.schedule import SKIPS, make_alphas_cumprod, timesteps
 from cdp_fast.guidance.options import MLPHead
 from cdp_fast.models import FeatureExtractor, as_feature_extractor
 from cdp_fast.sampling.fingerprints import fingerprint
+from tiny_models import TinyEps
 
 
-class TinyEps(torch.nn.Module):
-    """A small deterministic ε-model with a time dependence, (B, 1, 5, 5) -> same shape."""
-
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(1)
-        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.2)
-            self.conv.bias.zero_()
-        self.temb = torch.nn.Parameter(torch.randn(1000, generator=g) * 0.1)
-
-    def forward(self, x, t):
-        return torch.tanh(self.conv(x)) + self.temb[t].view(-1, *([1] * (x.dim() - 1))) + 0.2 * x
 
 
 class TinyClassifier(torch.nn.Module):

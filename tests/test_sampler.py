@@ -8,22 +8,9 @@ import torch
 
 import cdp_fast
 from cdp_fast.utils.seeding import sample_seed
+from tiny_models import TinyEps
 
 
-class TinyEps(torch.nn.Module):
-    """A small deterministic ε-model with a time dependence, (B, C, H, W) -> same shape."""
-
-    def __init__(self, c=1):
-        super().__init__()
-        g = torch.Generator().manual_seed(1)
-        self.conv = torch.nn.Conv2d(c, c, 3, padding=1)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.2)
-            self.conv.bias.zero_()
-        self.temb = torch.nn.Parameter(torch.randn(1000, generator=g) * 0.1)
-
-    def forward(self, x, t):
-        return torch.tanh(self.conv(x)) + self.temb[t].view(-1, *([1] * (x.dim() - 1))) + 0.2 * x
 
 
 def _kw(**over):

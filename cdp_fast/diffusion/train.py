@@ -45,7 +45,7 @@ from cdp_fast.diffusion.augment import crop_boxes, epoch_seed, random_resized_cr
 from cdp_fast.diffusion.inputs import open_training_data
 from cdp_fast.diffusion.schedule import make_alphas_cumprod
 from cdp_fast.utils import distributed as cdist
-from cdp_fast.utils.checkpoint import (check_config, check_digest, data_fingerprint, read_weights_only,
+from cdp_fast.utils.checkpoint import (check_config, check_digest, data_fingerprint, load_states, read_weights_only,
                                        state_digest, write_state)
 from cdp_fast.utils.checks import check_number
 from cdp_fast.utils.runtime import eval_mode, rank_device
@@ -329,15 +329,7 @@ def _load(path, dev, config, fingerprint, model, opt, ema_model):
         raise ValueError(f"checkpoint {path} was written for other data (sha256 {was[:12]}... -> "
                          f"{now[:12]}...; the same images in another form count as other); pass "
                          "the data it was trained on, a new checkpoint path or resume=False")
-    try:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if ema_model is not None:
-            ema_model.load_state_dict(state["ema"])
-    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
-        why = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        raise ValueError(f"checkpoint {path} does not fit this model ({why[:300]}); pass "
-                         "another checkpoint path or resume=False") from None
+    load_states(path, state, model, opt, ema_model)
     return int(state["epoch"]), int(state["step"]), list(state["history"])
 
 

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from cdp_fast.robust.recipes import LEGACY_RECIPE, RunConfig
-from cdp_fast.utils.checkpoint import check_config, check_data, check_digest, read_weights_only, write_state
+from cdp_fast.utils.checkpoint import (check_config, check_data, check_digest, load_states, read_weights_only,
+                                      write_state)
 
 __all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_config"]
 
@@ -82,15 +83,7 @@ def load_checkpoint(path: Path, dev, config, model, opt, ema_model,
     # A fingerprint missing on either side (checkpoints from before fingerprints, a Dataset
     # input, which is not fingerprinted) is not checked; the counts in the config still are.
     check_data(path, state.get("data"), data)
-    try:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if ema_model is not None:
-            ema_model.load_state_dict(state["ema"])
-    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
-        why = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        raise ValueError(f"checkpoint {path} does not fit this model ({why[:300]}); pass "
-                         "another checkpoint path or resume=False") from None
+    load_states(path, state, model, opt, ema_model)
     torch.set_rng_state(state["rng"]["torch"].cpu())
     return int(state["epoch"]), int(state["step"]), list(state["history"])
 

@@ -25,7 +25,7 @@ import torch
 
 from cdp_fast.utils.io import atomic_write
 
-__all__ = ["write_state", "read_weights_only", "check_digest", "check_config", "check_data",
+__all__ = ["write_state", "read_weights_only", "check_digest", "check_config", "check_data", "load_states",
            "state_digest", "data_fingerprint"]
 
 
@@ -71,6 +71,20 @@ def check_data(path, stored: Optional[dict], data: Optional[dict]) -> None:
                              f"{was[:12]}... -> {fp[:12]}...; the same images in another form, "
                              f"e.g. an npz instead of the out directory, count as other); pass "
                              f"that {name}, a new checkpoint path or resume=False")
+
+
+def load_states(path, state: dict, model, opt, ema_model) -> None:
+    """Load a checkpoint's ``model`` / ``optimizer`` / ``ema`` states into their objects
+    (``ema_model`` may be None); a state that does not fit is a ValueError naming the path."""
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if ema_model is not None:
+            ema_model.load_state_dict(state["ema"])
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+        why = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ValueError(f"checkpoint {path} does not fit this model ({why[:300]}); pass "
+                         "another checkpoint path or resume=False") from None
 
 
 def read_weights_only(path, what: str, expected: str, map_location="cpu"):
