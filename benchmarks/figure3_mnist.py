@@ -19,7 +19,8 @@ Per real split r (R_r ⊂ pool, nested, stratified; the 1,000 test digits never 
    (51, 149), λ = 1e5, τ = 10, τ⁺ = 0.1, β = 1, batch 128, head 100→64→64, one head per set;
 4. per arm and seed a fresh 4-layer CNN, TRADES on R_r ∪ synthetic (batches uniform over the
    union), evaluated on the 1K test digits: clean, PGD-40, AutoAttack (APGD-CE + APGD-T on CPU).
-References: ``real4K`` (R4 alone; the paper's 5K-real dashed line) and ``syn5K-*`` (5K synthetic
+Also per split ``real`` (R_r alone, as many updates as the mixed arms: the baseline of "synthetic
+data help"). References: ``real4K`` (R4 alone; the paper's 5K-real dashed line) and ``syn5K-*`` (5K synthetic
 from the R4 generator, no real data). ε comes from a pre-registered pilot on R4 (train on
 3,500, validate on the other 500; the largest ε in (0.3, 0.2, 0.1) with PGD-40 ≥ 40%).
 
@@ -86,12 +87,13 @@ class Config:
     mixture: tuple = (("pca_dim", 40), ("components", 4), ("reg", 0.05))
     unet_epochs: int = 200
     metrics: bool = True
+    real_arms: bool = True            # per split also R_r alone (same updates): the baseline of "synthetic data help"
 
     def key(self) -> str:
-        """Hash of the settings that change a cached number. ``splits``, ``seeds`` and ``metrics``
-        only choose which runs exist (each is cached under its own name), so a run can be
+        """Hash of the settings that change a cached number. ``splits``, ``seeds``, ``metrics`` and
+        ``real_arms`` only choose which runs exist (each is cached under its own name), so a run can be
         extended by more splits or seeds in the same work folder."""
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("splits", "seeds", "metrics")}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("splits", "seeds", "metrics", "real_arms")}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -315,6 +317,11 @@ def run(cfg: Config, work: Work, device="cpu") -> dict:
                                                                        seed, test))
                 log(f"{name}: clean {runs[name]['clean']:.3f} AA {runs[name]['autoattack']:.3f} "
                     f"({runs[name]['train_s']:.0f}+{runs[name]['eval_s']:.0f} s)")
+            if mixed and cfg.real_arms:          # R_r alone, as many updates as the mixed arms
+                name = f"{tag}-real-s{seed}"
+                runs[name] = work.cached(name, lambda: _classifier_run(cfg, real, None, eps, seed, test,
+                                                                       n_total=cfg.total))
+                log(f"{name}: clean {runs[name]['clean']:.3f} AA {runs[name]['autoattack']:.3f}")
     if real_ref:
         for seed in cfg.seeds:
             name = f"{real_ref}-s{seed}"

@@ -2,7 +2,8 @@
 
 - :func:`summarise`: per split and arm mean ± sd over seeds of clean / PGD / AutoAttack accuracy;
   paired differences (same seed: same x_T, labels and noise, same classifier init) CDP − DDPM,
-  CDP(random features) − DDPM and CDP − CDP(random) with 95% Student-t intervals; per-example
+  CDP(random features) − DDPM, CDP − CDP(random), DDPM − real and CDP − real (R_r alone) with
+  95% Student-t intervals; per-example
   paired counts pooled over seeds (b = first right & second wrong, c = the reverse); the
   references (real4K, syn5K-*) and the paper's two claims evaluated as stated in advance.
 - :func:`data_quality`: for every synthetic set, :func:`cdp_fast.metrics.report` in three
@@ -42,12 +43,12 @@ def summarise(cfg, res) -> dict:
     metrics = ("clean", "pgd", "autoattack")
     for r in cfg.splits:
         s = {}
-        for arm in cfg.arms:
+        for arm in tuple(cfg.arms) + (("real",) if getattr(cfg, "real_arms", False) else ()):
             names = [f"r{r}-{arm}-s{seed}" for seed in cfg.seeds]
             if all(n in runs for n in names):
                 s[arm] = {m: summ([runs[n][m] for n in names]) for m in metrics}
         comps = {}
-        for a, b in (("cdp", "ddpm"), ("cdp-rand", "ddpm"), ("cdp", "cdp-rand")):
+        for a, b in (("cdp", "ddpm"), ("cdp-rand", "ddpm"), ("cdp", "cdp-rand"), ("ddpm", "real"), ("cdp", "real")):
             if a in s and b in s:
                 comps[f"{a} - {b}"] = {m: paired_ci([runs[f"r{r}-{a}-s{k}"][m] for k in cfg.seeds],
                                                     [runs[f"r{r}-{b}-s{k}"][m] for k in cfg.seeds]) for m in metrics}
@@ -75,6 +76,12 @@ def summarise(cfg, res) -> dict:
         "rule": "CDP - DDPM > 0 in both clean and AutoAttack accuracy in a majority of the splits",
         "splits_with_both_means_positive": wins, "splits_with_both_intervals_above_0": sig,
         "holds_on_means": len(wins) * 2 > len(cfg.splits), "holds_with_intervals": len(sig) * 2 > len(cfg.splits)}
+    out["claims"]["synthetic_helps_at_scarce_real"] = {
+        "rule": "R_r + (5K - r) synthetic above R_r alone (same updates) in clean and AutoAttack accuracy",
+        **{str(r): {comp: {m: {k: out["splits"][str(r)]["paired"][comp][m][k] for k in ("mean", "lo", "hi")}
+                           for m in ("clean", "autoattack")}
+                    for comp in ("ddpm - real", "cdp - real") if comp in out["splits"][str(r)]["paired"]}
+           for r in cfg.splits}}
     refs = out["references"]
     diffs = {ref: refs[f"{ref} - {real_ref}"] for ref in syn_refs.values() if f"{ref} - {real_ref}" in refs}
     if diffs:
@@ -232,7 +239,8 @@ def figure(res, path):
         return None
     sm = res["summary"]
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    style = {"ddpm": ("o", "tab:blue"), "cdp": ("s", "tab:red"), "cdp-rand": ("^", "tab:gray")}
+    style = {"ddpm": ("o", "tab:blue"), "cdp": ("s", "tab:red"), "cdp-rand": ("^", "tab:gray"),
+             "real": ("D", "tab:green")}
     for r, s in sm["splits"].items():
         for arm, v in s["arms"].items():
             mk, col = style.get(arm, ("x", "k"))

@@ -37,7 +37,7 @@ def test_figure3_pipeline_at_toy_size(tmp_path, monkeypatch):
     assert rec["eps"] in mod.EPS_CANDIDATES and rec["pilot"]["source"].startswith("pilot")
     names = {f"r100-{arm}-s{s}" for arm in mod.ARMS for s in (0, 1)} | {f"syn0.2K-{a}-s{s}" for a in ("ddpm", "cdp")
                                                                        for s in (0, 1)}
-    assert names | {"real0.2K-s0", "real0.2K-s1"} <= set(rec["runs"])
+    assert names | {"real0.2K-s0", "real0.2K-s1", "r100-real-s0", "r100-real-s1"} <= set(rec["runs"])
     for name in names:
         r = rec["runs"][name]
         assert 0 <= r["clean"] <= 1 and len(r["per_example"]["clean"]) == 40
@@ -53,6 +53,8 @@ def test_figure3_pipeline_at_toy_size(tmp_path, monkeypatch):
     p = sm["paired"]["cdp - ddpm"]
     assert p["clean"]["n"] == 2 and p["clean"]["lo"] <= p["clean"]["mean"] <= p["clean"]["hi"]
     assert p["per_example"]["autoattack"]["n"] == 80
+    assert {"ddpm - real", "cdp - real"} <= set(sm["paired"]) and "real" in sm["arms"]
+    assert set(rec["summary"]["claims"]["synthetic_helps_at_scarce_real"]["100"]) == {"ddpm - real", "cdp - real"}
     q = rec["quality"]["r100-cdp-s0"]
     assert set(q) >= {"trained", "random", "pca", "paired", "guidance_strength"}
     assert q["guidance_strength"] and q["trained"]["cdp"]["batch_cosine"] is not None
