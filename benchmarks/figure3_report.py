@@ -211,7 +211,9 @@ def _fmt(p, scale=100.0):
 def table(res) -> str:
     """Markdown: per split, accuracy of each arm (mean ± sd, %) and the paired differences."""
     sm = res["summary"]
-    lines = ["| split | arm | clean % | PGD % | AutoAttack % |", "|---|---|---|---|---|"]
+    attacks = " + ".join(a.upper() for a in res.get("config", {}).get("aa_attacks", ("autoattack",)))
+    lines = [f"| split | arm | clean % | PGD-{res.get('config', {}).get('eval_pgd_steps', '')} % | {attacks} % |",
+             "|---|---|---|---|---|"]
     for r, s in sm["splits"].items():
         for arm, v in s["arms"].items():
             lines.append(f"| {int(r) // 1000}K real | {arm} | " + " | ".join(
@@ -262,7 +264,8 @@ def figure(res, path):
                         yerr=100 * (v["autoattack"]["std"] or 0), fmt=mk, mfc="none", color=col, ms=9, capsize=2,
                         label=f"{ref.split('-')[0][3:]} synthetic only ({arm})")
     ax.set_xlabel("clean accuracy (%)")
-    ax.set_ylabel(f"robust accuracy (%), AutoAttack ε = {res['eps']}")
+    attacks = " + ".join(a.upper() for a in res["config"]["aa_attacks"])
+    ax.set_ylabel(f"robust accuracy (%): {attacks}, L∞ ε = {res['eps']}")
     ax.set_title(f"Figure 3 on 5K real MNIST digits ({res['config']['generator']} generator)")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
