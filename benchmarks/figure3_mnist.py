@@ -18,7 +18,7 @@ Per real split r (R_r ⊂ pool, nested, stratified; the 1,000 test digits never 
    250-step ancestral DDPM on the authors' grid linspace(0, 999, 250), x̂₀ clamped, window
    (51, 149), λ = 1e5, τ = 10, τ⁺ = 0.1, β = 1, batch 128, head 100→64→64, one head per set;
 4. per arm and seed a fresh 4-layer CNN, TRADES on R_r ∪ synthetic (batches uniform over the
-   union), evaluated on the 1K test digits: clean, PGD-40, AutoAttack (APGD-CE + APGD-T on CPU).
+   union), evaluated on the 1K test digits: clean, PGD-40, AutoAttack's APGD-CE + APGD-DLR.
 Also per split ``real`` (R_r alone, as many updates as the mixed arms: the baseline of "synthetic
 data help"). References: ``real4K`` (R4 alone; the paper's 5K-real dashed line) and ``syn5K-*`` (5K synthetic
 from the R4 generator, no real data). ε comes from a pre-registered pilot on R4 (train on
@@ -94,6 +94,7 @@ class Config:
         ``real_arms`` only choose which runs exist (each is cached under its own name), so a run can be
         extended by more splits or seeds in the same work folder."""
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("splits", "seeds", "metrics", "real_arms")}
+        d.update(guidance=GUIDANCE, sampler=SAMPLER, eps_candidates=EPS_CANDIDATES, pilot_target=PILOT_TARGET)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -275,7 +276,13 @@ def guide_features(cfg, split, r, work: Work, eps, device):
 
 
 def test_of(cfg, split):
+    """The first ``n_test`` test digits; below the whole set, a class-stratified subset (the
+    test set is stored class by class, so a prefix would hold the first classes only)."""
     x, y = split.test_set()
+    if cfg.n_test < len(x):
+        k = int(y.max()) + 1
+        order = torch.arange(len(x)).reshape(k, len(x) // k).T.reshape(-1)
+        x, y = x[order], y[order]
     return x[:cfg.n_test], y[:cfg.n_test]
 
 

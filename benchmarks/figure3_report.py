@@ -216,10 +216,10 @@ def table(res) -> str:
              "|---|---|---|---|---|"]
     for r, s in sm["splits"].items():
         for arm, v in s["arms"].items():
-            lines.append(f"| {int(r) // 1000}K real | {arm} | " + " | ".join(
+            lines.append(f"| {int(r) / 1000:g}K real | {arm} | " + " | ".join(
                 f"{100 * v[m]['mean']:.2f} ± {100 * (v[m]['std'] or 0):.2f}" for m in ("clean", "pgd", "autoattack")) + " |")
         for comp, v in s["paired"].items():
-            lines.append(f"| {int(r) // 1000}K real | **{comp}** | " + " | ".join(_fmt(v[m]) for m in ("clean", "pgd", "autoattack")) + " |")
+            lines.append(f"| {int(r) / 1000:g}K real | **{comp}** | " + " | ".join(_fmt(v[m]) for m in ("clean", "pgd", "autoattack")) + " |")
     for ref, v in sm["references"].items():
         if " - " in ref:
             lines.append(f"| reference | **{ref}** | " + " | ".join(_fmt(v[m]) for m in ("clean", "pgd", "autoattack")) + " |")
@@ -249,7 +249,7 @@ def figure(res, path):
             ax.errorbar(100 * v["clean"]["mean"], 100 * v["autoattack"]["mean"], xerr=100 * (v["clean"]["std"] or 0),
                         yerr=100 * (v["autoattack"]["std"] or 0), fmt=mk, color=col, ms=6, capsize=2,
                         label=arm if r == next(iter(sm["splits"])) else None)
-            ax.annotate(f"{int(r) // 1000}K", (100 * v["clean"]["mean"], 100 * v["autoattack"]["mean"]),
+            ax.annotate(f"{int(r) / 1000:g}K", (100 * v["clean"]["mean"], 100 * v["autoattack"]["mean"]),
                         textcoords="offset points", xytext=(4, 4), fontsize=7, color=col)
     refs = sm["references"]
     real_ref = next((k for k in refs if k.startswith("real") and " - " not in k), None)

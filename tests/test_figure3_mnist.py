@@ -49,7 +49,7 @@ def test_figure3_pipeline_at_toy_size(tmp_path, monkeypatch):
     assert a.x.shape == (100, 1, 28, 28) and bool((a.y == b.y).all()) and not bool((a.x == b.x).all())
     assert np.bincount(a.y.numpy(), minlength=10).tolist() == [10] * 10
     sm = rec["summary"]["splits"]["100"]
-    assert set(sm["arms"]) == set(mod.ARMS)
+    assert set(sm["arms"]) == set(mod.ARMS) | {"real"}
     p = sm["paired"]["cdp - ddpm"]
     assert p["clean"]["n"] == 2 and p["clean"]["lo"] <= p["clean"]["mean"] <= p["clean"]["hi"]
     assert p["per_example"]["autoattack"]["n"] == 80

@@ -64,7 +64,8 @@ class MnistSplit:
         return self.x[idx], self.y[idx]
 
     def test_set(self):
-        """(x (1000, 1, 28, 28) in [0, 1], y (1000,)): never trained on, never selected on."""
+        """(x (1000, 1, 28, 28) in [0, 1], y (1000,)), stored class by class: never trained on,
+        never selected on."""
         return self.x[self.test], self.y[self.test]
 
 
