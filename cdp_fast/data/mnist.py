@@ -19,6 +19,8 @@ import dataclasses
 import numpy as np
 import torch
 
+from cdp_fast.utils.checks import check_number
+
 __all__ = ["load_mnist_5k", "mnist_split", "MnistSplit"]
 
 
@@ -79,8 +81,7 @@ def mnist_split(seed: int = 0, test_per_class: int = 100, data=None) -> MnistSpl
     y = torch.as_tensor(y, dtype=torch.int64)
     k = int(y.max()) + 1
     counts = torch.bincount(y, minlength=k)
-    if isinstance(test_per_class, bool) or not isinstance(test_per_class, int) or test_per_class < 1:
-        raise ValueError(f"test_per_class must be a positive int, got {test_per_class!r}")
+    check_number("test_per_class", test_per_class, lo=1, integer=True)
     if not bool((counts == counts[0]).all()) or int(counts[0]) <= test_per_class:
         raise ValueError(f"every class needs the same number of images (> test_per_class = "
                          f"{test_per_class}); got counts {counts.tolist()}")

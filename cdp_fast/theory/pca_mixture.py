@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from cdp_fast.diffusion.schedule import as_alphas_cumprod, make_alphas_cumprod
+from cdp_fast.utils.checks import check_number
 
 __all__ = ["PCAMixtureEps", "fit_pca_mixture"]
 
@@ -151,11 +152,10 @@ def fit_pca_mixture(x, y, *, pca_dim: int = 40, components: int = 4, reg: float 
         raise ValueError("x must be finite images in [-1, 1] (the diffusion model's range; map [0, 1] by 2x - 1)")
     if y.shape != (len(x),) or y.is_floating_point() or bool((y < 0).any()):
         raise ValueError(f"y must be ({len(x)},) non-negative integer labels, got {y.dtype} {tuple(y.shape)}")
-    for name, v, lo in (("pca_dim", pca_dim, 1), ("components", components, 1), ("iters", iters, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-    if not (isinstance(reg, (int, float)) and not isinstance(reg, bool) and math.isfinite(reg) and reg > 0):
-        raise ValueError(f"reg must be a positive number, got {reg!r}")
+    for name, v in (("pca_dim", pca_dim), ("components", components), ("iters", iters)):
+        check_number(name, v, lo=1, integer=True)
+    check_number("reg", reg, lo=0, lo_open=True)
+    pca_dim, components, iters = int(pca_dim), int(components), int(iters)
     N, image_shape = len(x), tuple(x.shape[1:])
     X = x.reshape(N, -1).to(torch.float64)
     D = X.shape[1]
