@@ -7,6 +7,13 @@ benchmarks/ops/pgd_step.py.
 
     python benchmarks/kernels.py                  # CPU, small sizes (~1-2 min on 2 cores)
     python benchmarks/kernels.py --config gpu     # CUDA: m up to 65536, banks up to 1M, d 128/640
+    python benchmarks/kernels.py --config gpu --only loss --dtype bfloat16,float32 \
+        --shapes 65536:-:640,4096:1000000:640     # chosen rows (m:N:d, N "-" = in-batch)
+
+The JSON is rewritten (atomically) after every row with ``"complete": false`` until the end,
+so a run that is stopped (SIGINT / SIGTERM: ``"interrupted": true``; a kill) keeps the rows it
+measured; ``--append`` adds this run's rows to those already in ``--out`` (one file for several
+runs, e.g. scripts/gpu_check.sh's kernel phases).
 
 Providers:
   fused     the op as cdp_fast runs it (cdp_fast.ops.backend.choose: Triton on CUDA; on CPU the
@@ -18,7 +25,9 @@ Providers:
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -79,12 +88,64 @@ def print_table(rows, ceilings):
               f"{mem('eager'):>13s} {ach:>16s}")
 
 
+def parse_shapes(text):
+    """"m:N:d,..." (N "-" or "0": in-batch negatives) -> [(m, N or None, d), ...]."""
+    out = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 3:
+            raise ValueError(f"shape {item!r} is not m:N:d")
+        m, n, d = parts
+        n = None if n in ("-", "0", "") else int(n)
+        m, d = int(m), int(d)
+        if m < 1 or d < 1 or (n is not None and n < 1):
+            raise ValueError(f"shape {item!r}: m, N and d must be positive")
+        out.append((m, n, d))
+    return out
+
+
+def _fractions(row, ceilings):
+    """A row's achieved TFLOP/s (GB/s) as a fraction of the ceiling of its dtype measured here."""
+    # fp16 runs at the bf16 tensor-core rate; the CPU config measures fp32 only
+    name = "bfloat16" if row.get("dtype") == "float16" else row.get("dtype")
+    peak = ceilings.get(f"matmul_{name}_TFLOPs", ceilings["matmul_float32_TFLOPs"])
+    if "TFLOPs" in row:
+        row["fraction_of_matmul_ceiling"] = row["TFLOPs"] / peak
+    if "exec_TFLOPs" in row:
+        row["executed_fraction_of_matmul_ceiling"] = row["exec_TFLOPs"] / peak
+    if "GBps" in row:
+        row["fraction_of_copy_bandwidth"] = row["GBps"] / ceilings["bandwidth_GBps"]
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None):
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()   # signals: main thread only
+    old_term = signal.getsignal(signal.SIGTERM)
+    if main_thread:
+        signal.signal(signal.SIGTERM, _stop)     # SIGTERM stops as SIGINT does: partial JSON kept
+    try:
+        return _main(argv)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", choices=sorted(DENSE_BUDGET), default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--dtype", default="float32",
+                    help="float32 | bfloat16 | float16, or several comma-separated (run in that order)")
     ap.add_argument("--providers", default="fused,eager,compiled")
     ap.add_argument("--only", choices=["loss", "ddim"], default=None)
+    ap.add_argument("--shapes", default=None,
+                    help="contrastive problems m:N:d,... (N '-' = in-batch) instead of the config's")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows already in --out and add this run's (one file for several runs)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's; use 1 on a shared machine)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels-<device>.json)")
@@ -92,39 +153,79 @@ def main(argv=None):
     device = "cuda" if args.config == "gpu" else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         ap.error("--config gpu needs a CUDA device")
-    if device == "cpu" and args.dtype != "float32":
+    dtypes = [t.strip() for t in args.dtype.split(",") if t.strip()]
+    bad = [t for t in dtypes if t not in ("float32", "bfloat16", "float16")]
+    if bad or not dtypes:
+        ap.error(f"--dtype: unknown {bad or args.dtype!r}; choose from float32, bfloat16, float16")
+    if device == "cpu" and dtypes != ["float32"]:
         ap.error("the CPU config runs fp32 only")
+    try:
+        loss_cfg = parse_shapes(args.shapes) if args.shapes else bench_contrastive.CONFIGS[args.config]
+    except ValueError as e:
+        ap.error(f"--shapes: {e}")
     os.environ.setdefault("CDP_FAST_BACKEND", "auto")
     if args.threads:
         torch.set_num_threads(args.threads)
     # one compiled reference per problem size: without this, dynamo stops recompiling after 8
     # shapes and silently runs the eager reference under the "compiled" label
     torch._dynamo.config.recompile_limit = 64
-    dtype = getattr(torch, args.dtype)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     budget = DENSE_BUDGET[args.config] or int(0.6 * torch.cuda.get_device_properties(0).total_memory)
-    ceilings = harness.measure_ceilings(device, quick=device == "cpu")
-    rows = []
-    if args.only in (None, "loss"):
-        rows += bench_contrastive.bench(bench_contrastive.CONFIGS[args.config], device, dtype, providers, budget)
-    if args.only in (None, "ddim"):
-        rows += bench_ddim.bench(bench_ddim.CONFIGS[args.config], device, dtype, providers)
-    peak = ceilings["matmul_bfloat16_TFLOPs" if args.dtype != "float32" and "matmul_bfloat16_TFLOPs" in ceilings
-                    else "matmul_float32_TFLOPs"]
-    for r in rows:
-        if "TFLOPs" in r:
-            r["fraction_of_matmul_ceiling"] = r["TFLOPs"] / peak
-        if "exec_TFLOPs" in r:
-            r["executed_fraction_of_matmul_ceiling"] = r["exec_TFLOPs"] / peak
-        if "GBps" in r:
-            r["fraction_of_copy_bandwidth"] = r["GBps"] / ceilings["bandwidth_GBps"]
-    print_table(rows, ceilings)
     out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results"
                                            / f"kernels-{harness.device_tag(device)}.json")
-    harness.write_json(out, {"machine": harness.machine_info(device), "ceilings": ceilings,
-                             "config": args.config, "results": rows})
+    earlier = {"results": [], "runs": []}
+    if args.append and out.is_file():
+        try:
+            prev = json.loads(out.read_text())
+            earlier = {"results": list(prev.get("results", [])), "runs": list(prev.get("runs", []))}
+        except (OSError, ValueError) as e:
+            print(f"--append: {out} unreadable ({e}); starting it afresh", file=sys.stderr)
+    run = {"argv": list(sys.argv[1:] if argv is None else argv), "dtypes": dtypes, "providers": providers,
+           "autotune": os.environ.get("CDP_FAST_AUTOTUNE", "0"), "complete": False, "interrupted": False}
+    rows, state = [], {"ceilings": None}
+    machine = harness.machine_info(device)
+
+    def write():
+        harness.write_json(out, {"machine": machine, "ceilings": state["ceilings"],
+                                 "config": args.config, "complete": run["complete"],
+                                 "interrupted": run["interrupted"], "runs": earlier["runs"] + [run],
+                                 "results": earlier["results"] + rows})
+
+    def on_row(row):
+        _fractions(row, state["ceilings"])
+        write()
+
+    try:
+        state["ceilings"] = harness.measure_ceilings(device, quick=device == "cpu")
+        write()
+        for name in dtypes:
+            dtype = getattr(torch, name)
+            if args.only in (None, "loss"):
+                bench_contrastive.bench(loss_cfg, device, dtype, providers, budget,
+                                        on_row=_collect(rows, on_row))
+            if args.only in (None, "ddim"):
+                bench_ddim.bench(bench_ddim.CONFIGS[args.config], device, dtype, providers,
+                                 on_row=_collect(rows, on_row))
+    except KeyboardInterrupt as e:
+        run["interrupted"] = True
+        write()
+        print(f"interrupted ({e}); {len(rows)} rows kept in {out}", file=sys.stderr, flush=True)
+        return 130
+    run["complete"] = True
+    write()
+    if state["ceilings"] is not None:
+        print_table(rows, state["ceilings"])
     print(f"wrote {out}")
+    return 0
+
+
+def _collect(rows, on_row):
+    """The callback that appends a finished row to ``rows`` and then writes the partial JSON."""
+    def cb(row):
+        rows.append(row)
+        on_row(row)
+    return cb
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

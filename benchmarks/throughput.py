@@ -35,18 +35,27 @@ the process's resident set above its level just before the method ran, sampled e
 a thread (after ``gc.collect()`` and glibc ``malloc_trim``), so it includes allocator slack
 and is a coarse number.
 
-On CUDA it also reports model-FLOP utilisation: FLOPs of one run counted by
-``torch.utils.flop_counter.FlopCounterMode`` (the networks' forward and backward; the
-elementwise DDIM update is not counted), divided by time and by a peak measured here with a
-large matmul: "ours" against the bf16 peak when it runs under bf16 autocast, the yardsticks
-against the true-fp32 peak. The yardsticks pin their precision: on CUDA the plain
-``diffusers`` / ``ref-*`` run with TF32 off (torch's default would let cuDNN convolutions use
-TF32), and ``diffusers-tf32`` / ``ref-*-tf32`` run the same loops with TF32 on, so both
-comparisons are printed. Goals are per device (:data:`GOALS`, :data:`MFU_GOAL`): CPU ≥ 1.3×
-both yardsticks; GPU ≥ 1.5× diffusers unguided, ≥ 3× the fp32 reference guided, ≥ 60% MFU of
-the measured bf16 peak for guided HNM. That path has not been run on a GPU yet.
+On CUDA (or with ``--flops``) it also reports model-FLOP utilisation: the FLOPs of what ran
+(:func:`run_flops`): ``torch.utils.flop_counter.FlopCounterMode``'s count of eager, uncaptured
+runs of the same sampling at 2 and 3 steps (the networks' forward and backward in the dtype
+they run in; elementwise work is not counted, nor the contrastive op's GEMMs: a custom op is
+opaque to the mode — ~6·B²·d, under 0.1% at batch 512), extrapolated per step to ``--steps``,
+so the steps the whole-step CUDA graph replays count too (a replay is one C++ call that a
+dispatch mode never sees: counting the timed run itself read 3-5x low), divided by time and
+by a peak measured here with a large matmul: "ours" against the bf16 peak when it runs under
+bf16 autocast, the yardsticks against the true-fp32 peak. The yardsticks pin their precision:
+on CUDA the plain ``diffusers`` / ``ref-*`` run with TF32 off (torch's default would let cuDNN
+convolutions use TF32), and ``diffusers-tf32`` / ``ref-*-tf32`` run the same loops with TF32
+on, so both comparisons are printed. Goals are per device (:data:`GOALS`, :data:`MFU_GOAL`):
+CPU ≥ 1.3× both yardsticks; GPU ≥ 1.5× diffusers unguided, ≥ 3× the fp32 reference guided,
+≥ 60% MFU of the measured bf16 peak for guided HNM. That path has not been run on a GPU yet.
 
-Writes ``benchmarks/results/throughput-<device>.json`` with machine, versions and commit.
+Writes ``benchmarks/results/throughput-<device>.json`` with machine, versions and commit, and
+rewrites it (atomically) after every method's warm-up and every timed round, with
+``"complete": false`` and the stage it reached, so a run that is stopped (Ctrl-C / SIGINT /
+SIGTERM: ``"interrupted": true``; a kill) still leaves what it measured. ``--methods`` may
+name groups separated by ``;`` (``hnm,ref-hnm;ddim,diffusers``): each group is warmed up and
+timed before the next one starts, so a stopped run keeps whole comparisons.
 """
 from __future__ import annotations
 
@@ -60,10 +69,12 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -357,7 +368,8 @@ def sync(device):
 
 
 def warm_up(method, setup, args, device, x_T):
-    """Build the runner, run it once (absorbs torch.compile), then once more for peak memory."""
+    """Build the runner, run it once (absorbs torch.compile), then once more for peak memory;
+    with ``args.flops`` the FLOPs of one run (:func:`run_flops`)."""
     run = make_runner(method, setup, args, device, x_T)
     sync(device)
     t0 = time.perf_counter()
@@ -367,17 +379,92 @@ def warm_up(method, setup, args, device, x_T):
     with PeakMemory(device) as mem:
         out = run()
     res = {"warmup_s": warm, "peak_mem_mib": mem.peak_bytes / 2**20, "x0": out, "times_s": []}
-    if device.type == "cuda" and args.flops:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as fc:
-            run()
-        res["flops"] = fc.get_total_flops()
+    if args.flops and method not in QUALITY_METHODS:   # those run a solver's nfe, not --steps
+        try:
+            res.update(run_flops(lambda k: _counting_runner(method, setup, args, device, x_T, k), args.steps))
+        except Exception as e:  # noqa: BLE001 (no MFU for this method; its timings still count)
+            res["flops_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            print(f"  FLOP count of {method} failed: {res['flops_error']}", flush=True)
     return run, res
 
 
-def timed_rounds(runners, results, args, device):
-    """``--repeats`` rounds; each round times every method once, in a rotated order.
+class _NoModuleTracker:
+    """Stands in for FlopCounterMode's ModuleTracker: every count goes to "Global"."""
+    parents = frozenset({"Global"})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def flop_counter():
+    """A ``torch.utils.flop_counter.FlopCounterMode`` (same formulas, same total) without its
+    per-module tracker: the tracker's backward hooks make ``torch.autograd.grad`` with respect
+    to a module's leaf input raise "A leaf node was passed to _will_engine_execute_node"
+    (pytorch#131753, torch >= 2.4) — exactly the guidance's ∇_x ℓ — so the plain mode cannot
+    count a guided run at all. Per-module tables are not needed here."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fc = FlopCounterMode(display=False)
+    if hasattr(fc, "mod_tracker"):
+        fc.mod_tracker = _NoModuleTracker()
+    return fc
+
+
+#: step counts of the two eager runs :func:`run_flops` counts (1 step is refused by the
+#: uniform schedule: it would be the single timestep t = 0)
+FLOP_COUNT_STEPS = (2, 3)
+
+
+def run_flops(make_run, steps: int) -> dict:
+    """FLOPs of one ``steps``-step run, counted so that every executed step counts, captured
+    and replayed or not: ``make_run(k)`` returns a callable that runs the same sampling with
+    ``k`` steps eagerly with nothing captured; its FLOPs are counted (:func:`flop_counter`) at
+    k = 2 and 3, the difference is one step's FLOPs, and the total is
+    ``f(2) + (steps - 2) · per_step`` — exact when every step after the first two costs what
+    the third does (DDIM: one ε evaluation per step and, guided, one feature forward +
+    input-gradient). With ``steps`` <= 3 the run itself is counted.
+
+    Returns {"flops", "flops_per_step", "flops_counted_at_steps"}."""
+    def count(k):
+        run = make_run(k)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # a 2-step uniform schedule warns about its start
+            with flop_counter() as fc:
+                run()
+        return int(fc.get_total_flops())
+
+    if steps <= FLOP_COUNT_STEPS[-1]:
+        total = count(steps)
+        return {"flops": total, "flops_per_step": total / steps, "flops_counted_at_steps": [steps]}
+    k1, k2 = FLOP_COUNT_STEPS
+    f1, f2 = count(k1), count(k2)
+    per_step = (f2 - f1) // (k2 - k1)
+    return {"flops": f1 + (steps - k1) * per_step, "flops_per_step": per_step,
+            "flops_counted_at_steps": [k1, k2]}
+
+
+def _counting_runner(method, setup, args, device, x_T, k):
+    """``method``'s runner for a k-step run that executes every op where a dispatch mode sees
+    it: not compiled (compiled code calls its kernels past the dispatcher), no CUDA graph
+    (CDP_FAST_STEP_GRAPH=0), and the plain-PyTorch op paths (CDP_FAST_BACKEND=torch: a Triton
+    launch that reaches FlopCounterMode as a higher-order op is counted, not run), under the
+    same autocast dtype as the timed run."""
+    a = copy.copy(args)
+    a.steps, a.compile = k, False
+    run = make_runner(method, setup, a, device, x_T)
+
+    def counted():
+        with _env("CDP_FAST_STEP_GRAPH", "0"), _env("CDP_FAST_BACKEND", "torch"):
+            return run()
+    return counted
+
+
+def timed_rounds(runners, results, args, device, after_round=None):
+    """``--repeats`` rounds; each round times every method once, in a rotated order; the
+    medians are updated after every round, then ``after_round(r)`` is called (the partial JSON).
 
     Interleaving makes a method and its yardstick see the same machine state: on a shared or
     virtualised CPU the speed drifts by tens of percent over a minute, which sequential blocks
@@ -392,9 +479,11 @@ def timed_rounds(runners, results, args, device):
             runners[m]()
             sync(device)
             results[m]["times_s"].append(time.perf_counter() - t0)
-    for m in names:
-        med = statistics.median(results[m]["times_s"])
-        results[m].update(images_per_s=args.batch / med, median_s=med)
+        for m in names:
+            med = statistics.median(results[m]["times_s"])
+            results[m].update(images_per_s=args.batch / med, median_s=med)
+        if after_round is not None:
+            after_round(r)
 
 
 def paired_speedup(results, m, ref):
@@ -475,7 +564,8 @@ def parse_args(argv=None, prog=None):
     ap.add_argument("--methods", default=",".join(ALL_METHODS),
                     help=f"comma-separated subset of {','.join(ALL_METHODS + TF32_METHODS + GRAPH_METHODS)} "
                          "(the -tf32 yardsticks: CUDA only; the plain ones run with TF32 off there; "
-                         "hnm-nograph: ours without the whole-step CUDA graph)")
+                         "hnm-nograph: ours without the whole-step CUDA graph); ';' separates groups "
+                         "that are warmed up and timed one after the other (e.g. hnm,ref-hnm;ddim,diffusers)")
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     ap.add_argument("--compile", choices=("auto", "true", "false"), default="true",
                     help="compile= passed to cdp_fast.sample for the non-'-eager' methods")
@@ -483,7 +573,9 @@ def parse_args(argv=None, prog=None):
                     help="autocast dtype of the networks for ours (not the '-eager' methods); "
                          "auto: bfloat16 on CUDA, float32 on CPU (the yardsticks are always fp32)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--no-flops", dest="flops", action="store_false", help="skip FLOP counting on CUDA")
+    ap.add_argument("--flops", dest="flops", action="store_true", default=None,
+                    help="count FLOPs (default: on CUDA only; MFU is reported on CUDA)")
+    ap.add_argument("--no-flops", dest="flops", action="store_false", help="skip FLOP counting")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quality-matched", nargs="?", const=str(ROOT / "benchmarks" / "results" / "solvers-cpu.json"),
                     default=None, metavar="SOLVERS_JSON",
@@ -495,7 +587,11 @@ def parse_args(argv=None, prog=None):
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput-<device>.json)")
     args = ap.parse_args(argv)
     args.compile = {"auto": "auto", "true": True, "false": False}[args.compile]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    groups = [[m.strip() for m in g.split(",") if m.strip()] for g in args.methods.split(";")]
+    groups = [g for g in groups if g]
+    methods = [m for g in groups for m in g]
+    if len(set(methods)) != len(methods):
+        ap.error(f"--methods: a method is named twice ({args.methods})")
     bad = [m for m in methods if m not in ALL_METHODS + TF32_METHODS + GRAPH_METHODS]
     if bad:
         ap.error(f"--methods: unknown {bad}; choose from {ALL_METHODS + TF32_METHODS + GRAPH_METHODS}")
@@ -509,8 +605,10 @@ def parse_args(argv=None, prog=None):
         if not qm:
             ap.error(f"--quality-matched: {args.quality_matched} records no {args.match_rule} setting")
         args.matched = (qm["solver"], int(qm["nfe"]), qm.get("skip", "uniform"))
-        methods += [m for m in QUALITY_METHODS if m not in methods]
-    args.methods = methods
+        extra = [m for m in QUALITY_METHODS if m not in methods]
+        methods += extra
+        groups[-1] += extra
+    args.methods, args.groups = methods, groups
     if args.batch is None:
         args.batch = {"digits": 128, "small": 64, "cifar": 512}[args.config]
     if args.batch < 2 or args.steps < 1 or args.repeats < 1:
@@ -518,7 +616,93 @@ def parse_args(argv=None, prog=None):
     return args
 
 
+def _ratios(results, device, groups):
+    """The (method, yardstick) rows computable from ``results``: both in one group (timed in
+    the same rounds) and timed at least once."""
+    rows = []
+    goals = GOALS.get(device.type, {})
+    for m, ref in RATIOS:
+        if m not in results or ref not in results or not any(m in g and ref in g for g in groups):
+            continue
+        n = min(len(results[m]["times_s"]), len(results[ref]["times_s"]))
+        if n == 0:
+            continue
+        sp, lo, hi = paired_speedup(results, m, ref)
+        goal = goals.get((m, ref))
+        diff = float((results[m]["x0"] - results[ref]["x0"]).abs().max())
+        results[m]["max_abs_diff_vs_" + ref] = diff     # correctness: same x_T as the yardstick
+        rows.append({"method": m, "yardstick": ref, "speedup": sp, "speedup_min": lo, "speedup_max": hi,
+                     "rounds": n, "goal": goal, "met": None if goal is None else sp >= goal,
+                     "max_abs_diff": diff})
+    return rows
+
+
+def _mfu(results, args, device, peaks):
+    """MFU of every timed method with a FLOP count, in place (needs the measured peaks)."""
+    for m, r in results.items():
+        if peaks and "flops" in r and "median_s" in r:
+            r["mfu_peak"] = _mfu_peak(m, args)
+            r["mfu"] = r["flops"] / r["median_s"] / peaks[r["mfu_peak"]]
+            goal = MFU_GOAL.get(device.type, {}).get(m)
+            if goal is not None:
+                r["mfu_goal"], r["mfu_met"] = goal, r["mfu"] >= goal
+
+
+def _record(args, setup, device, state, complete):
+    """The JSON record of the run so far (``complete``: every group timed and the table printed)."""
+    results = state["results"]
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "complete": complete, "stage": state["stage"], "interrupted": state.get("interrupted", False),
+        "commit": state["commit"], "machine": state["machine"], "versions": state["versions"],
+        "config": {"name": args.config, "note": setup["note"], "params": setup["params"], "batch": args.batch,
+                   "steps": args.steps, "skip": "uniform", "repeats": args.repeats, "compile": args.compile,
+                   "groups": args.groups,
+                   "quality_matched": None if args.matched is None else
+                   {"solver": args.matched[0], "nfe": args.matched[1], "skip": args.matched[2],
+                    "rule": args.match_rule, "from": args.quality_matched},
+                   "dtype": str(args.dtype or torch.float32),
+                   "image_shape": list(setup["image_shape"]), "hnm": setup["hnm"], "infonce": setup["infonce"]},
+        "flops_counting": ("FlopCounterMode (without its module tracker) over eager, uncaptured runs of "
+                           f"{' and '.join(map(str, FLOP_COUNT_STEPS))} steps, extrapolated per step to --steps"
+                           if args.flops else None),
+        "peak_flops_measured": state["peaks"] or None,
+        "goals": {f"{m}/{r}": g for (m, r), g in GOALS.get(device.type, {}).items()},
+        "mfu_goals": MFU_GOAL.get(device.type, {}),
+        "yardstick_precision": ("fp32 (TF32 off); the *-tf32 rows with TF32 on" if device.type == "cuda"
+                                else "fp32"),
+        "tf32_defaults": {"cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+                          "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32},
+        "results": {m: {k: v for k, v in r.items() if k != "x0"} for m, r in results.items()},
+        "ratios": _ratios(results, device, args.groups),
+        "skipped": state["skipped"],
+        # the whole-step CUDA graph of ours (cdp_fast.sampling.graphs): steps eager / warm-up / captured /
+        # replayed in the last run of each method that used one
+        "step_graph": setup.get("step_graph"),
+    }
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM, turned into the same clean stop as SIGINT (the partial JSON is written)."""
+
+
+def _raise_stopped(signum, frame):
+    raise _Stopped(f"signal {signum}")
+
+
 def main(argv=None, prog=None):
+    old_term = signal.getsignal(signal.SIGTERM)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        return _main(argv, prog)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _main(argv=None, prog=None):
     args = parse_args(argv, prog)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -532,32 +716,54 @@ def main(argv=None, prog=None):
           f"{args.steps} steps, {args.repeats} interleaved rounds; device {device}, {torch.get_num_threads()} threads, "
           f"ours in {args.dtype or torch.float32}",
           flush=True)
-    results = {}
-    runners = {}
-    skipped = {}
-    for m in args.methods:
-        print(f"  warming up {m} ...", flush=True)
-        try:
-            runners[m], results[m] = warm_up(m, setup, args, device, x_T)
-        except ImportError as e:  # an optional yardstick whose package is missing
-            skipped[m] = str(e)
-            print(f"  skipped {m}: {e}", flush=True)
-    print(f"  timing {args.repeats} interleaved rounds ...", flush=True)
-    timed_rounds(runners, results, args, device)
+    dev_name = ("cpu" if device.type == "cpu"
+                else re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-"))
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"throughput-{dev_name}.json"
+    if args.flops is None:
+        args.flops = device.type == "cuda"
+    state = {"results": {}, "skipped": {}, "peaks": {}, "stage": "setup", "commit": git_commit(),
+             "machine": machine_info(device), "versions": versions()}
+    results = state["results"]
 
-    peaks = {}
-    if device.type == "cuda" and args.flops and any("flops" in r for r in results.values()):
-        # MFU denominators measured here: "ours" against the peak of the dtype it runs in, the
-        # yardsticks against true fp32 (their TF32 twins against TF32)
-        peaks = {"fp32": _with_tf32(False, lambda: measured_peak_flops(device)),
-                 "tf32": _with_tf32(True, lambda: measured_peak_flops(device)),
-                 "bf16": measured_peak_flops(device, torch.bfloat16)}
-    peak = peaks.get("bf16")
-    # correctness: compare each method's x0 with its yardstick's (same x_T)
-    for m, ref in RATIOS:
-        if m in results and ref in results:
-            results[m]["max_abs_diff_vs_" + ref] = float((results[m]["x0"] - results[ref]["x0"]).abs().max())
+    def write(complete=False):
+        _mfu(results, args, device, state["peaks"])
+        _atomic_write_text(out, json.dumps(_record(args, setup, device, state, complete), indent=2) + "\n")
 
+    try:
+        if device.type == "cuda" and args.flops:
+            # MFU denominators measured first (a run stopped later still has its MFU): "ours"
+            # against the peak of the dtype it runs in, the yardsticks against true fp32 (their
+            # TF32 twins against TF32)
+            state["stage"] = "peaks"
+            state["peaks"] = {"fp32": _with_tf32(False, lambda: measured_peak_flops(device)),
+                              "tf32": _with_tf32(True, lambda: measured_peak_flops(device)),
+                              "bf16": measured_peak_flops(device, torch.bfloat16)}
+        write()
+        for gi, group in enumerate(args.groups):
+            runners = {}
+            for m in group:
+                state["stage"] = f"warm-up {m}"
+                print(f"  warming up {m} ...", flush=True)
+                try:
+                    runners[m], results[m] = warm_up(m, setup, args, device, x_T)
+                except ImportError as e:  # an optional yardstick whose package is missing
+                    state["skipped"][m] = str(e)
+                    print(f"  skipped {m}: {e}", flush=True)
+                write()
+            state["stage"] = f"rounds of group {gi + 1}/{len(args.groups)}"
+            print(f"  timing {args.repeats} interleaved rounds of {','.join(runners)} ...", flush=True)
+            timed_rounds(runners, results, args, device, after_round=lambda r: write())
+        state["stage"] = "done"
+    except KeyboardInterrupt as e:   # SIGINT, or SIGTERM (_Stopped): keep what was measured
+        state["interrupted"] = True
+        write()
+        print(f"\ninterrupted ({type(e).__name__}: {e}) during {state['stage']}; partial results in {out}",
+              file=sys.stderr, flush=True)
+        return 130
+
+    peak = state["peaks"].get("bf16")
+    _mfu(results, args, device, state["peaks"])
+    ratios = _ratios(results, device, args.groups)
     hdr = f"{'method':<12} {'img/s':>10} {'median s':>10} {'warm-up s':>10} {'peak MiB':>10}"
     if peak:
         hdr += f" {'MFU':>7}"
@@ -565,29 +771,18 @@ def main(argv=None, prog=None):
     for m, r in results.items():
         line = (f"{m:<12} {r['images_per_s']:>10.1f} {r['median_s']:>10.3f} {r['warmup_s']:>10.2f} "
                 f"{r['peak_mem_mib']:>10.1f}")
-        if peak and "flops" in r:
-            r["mfu_peak"] = _mfu_peak(m, args)
-            r["mfu"] = r["flops"] / r["median_s"] / peaks[r["mfu_peak"]]
+        if "mfu" in r:
             line += f" {100 * r['mfu']:>6.2f}% of {r['mfu_peak']}"
-            mg = MFU_GOAL.get(device.type, {}).get(m)
-            if mg is not None:
-                line += f" (goal {100 * mg:.0f}%: {'met' if r['mfu'] >= mg else 'MISSED'})"
+            if "mfu_goal" in r:
+                line += f" (goal {100 * r['mfu_goal']:.0f}%: {'met' if r['mfu_met'] else 'MISSED'})"
         print(line)
-    ratios = []
-    goals = GOALS.get(device.type, {})
     print(f"\n{'ratio (median of rounds)':<26} {'speed-up':>9} {'range':>13} {'goal':>6} {'max|Δx0|':>10}"
           f"   (goals for {device.type})")
-    for m, ref in RATIOS:
-        goal = goals.get((m, ref))
-        if m in results and ref in results:
-            sp, lo, hi = paired_speedup(results, m, ref)
-            diff = results[m]["max_abs_diff_vs_" + ref]
-            ok = None if goal is None else sp >= goal
-            ratios.append({"method": m, "yardstick": ref, "speedup": sp, "speedup_min": lo, "speedup_max": hi,
-                           "goal": goal, "met": ok, "max_abs_diff": diff})
-            g = "" if goal is None else f"{goal:.1f}x"
-            flag = "" if ok is None else (" met" if ok else " MISSED")
-            print(f"{m + ' / ' + ref:<26} {sp:>8.2f}x {lo:>5.2f}-{hi:<5.2f}x {g:>6} {diff:>10.2e}{flag}")
+    for q in ratios:
+        g = "" if q["goal"] is None else f"{q['goal']:.1f}x"
+        flag = "" if q["met"] is None else (" met" if q["met"] else " MISSED")
+        print(f"{q['method'] + ' / ' + q['yardstick']:<26} {q['speedup']:>8.2f}x {q['speedup_min']:>5.2f}-"
+              f"{q['speedup_max']:<5.2f}x {g:>6} {q['max_abs_diff']:>10.2e}{flag}")
     if "hnm-matched" in results:
         print(f"(hnm-matched = {args.matched[0]} at {args.matched[1]} NFE ({args.matched[2]} spacing), the "
               f"{args.match_rule} quality match read from {args.quality_matched} (benchmarks/solvers.py: the "
@@ -596,35 +791,8 @@ def main(argv=None, prog=None):
     if device.type == "cuda" and not peak:
         print("(MFU not measured: --no-flops)")
     elif device.type != "cuda":
-        print("(MFU is reported on CUDA only; this run is CPU)")
-
-    dev_name = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"throughput-{dev_name}.json"
-    record = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(), "machine": machine_info(device), "versions": versions(),
-        "config": {"name": args.config, "note": setup["note"], "params": setup["params"], "batch": args.batch,
-                   "steps": args.steps, "skip": "uniform", "repeats": args.repeats, "compile": args.compile,
-                   "quality_matched": None if args.matched is None else
-                   {"solver": args.matched[0], "nfe": args.matched[1], "skip": args.matched[2],
-                    "rule": args.match_rule, "from": args.quality_matched},
-                   "dtype": str(args.dtype or torch.float32),
-                   "image_shape": list(setup["image_shape"]), "hnm": setup["hnm"], "infonce": setup["infonce"]},
-        "peak_flops_measured": peaks or None,
-        "goals": {f"{m}/{r}": g for (m, r), g in GOALS.get(device.type, {}).items()},
-        "mfu_goals": MFU_GOAL.get(device.type, {}),
-        "yardstick_precision": ("fp32 (TF32 off); the *-tf32 rows with TF32 on" if device.type == "cuda"
-                                else "fp32"),
-        "tf32_defaults": {"cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
-                          "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32},
-        "results": {m: {k: v for k, v in r.items() if k != "x0"} for m, r in results.items()},
-        "ratios": ratios,
-        "skipped": skipped,
-        # the whole-step CUDA graph of ours (cdp_fast.sampling.graphs): steps eager / warm-up / captured /
-        # replayed in the last run of each method that used one
-        "step_graph": setup.get("step_graph"),
-    }
-    _atomic_write_text(out, json.dumps(record, indent=2) + "\n")
+        print("(MFU is reported on CUDA only; this run is CPU" + (": FLOPs are in the JSON)" if args.flops else ")"))
+    write(complete=True)
     print(f"\nwrote {out}")
     return 0
 

@@ -76,7 +76,7 @@ def generate(variant, *, n=200, steps=50, init_std=1.0, seed=0, real=None, model
     if opts:
         raise ValueError(f"variant: unknown options {sorted(opts)}")
     if via == "sample" or (via == "auto" and init_std == 1.0):
-        s = cdp_fast.sample(model, n, loss=loss, lam=lam, tau=tau, real=real, labeler=labeler,
+        s = cdp_fast.sample(model, n, loss=loss, lam=lam, tau=tau, real=real, labeler=labeler, features="pixels",
                             image_shape=(2,), output="float", steps=steps, skip="uniform",
                             batch_size=n, seed=seed, progress=False, compile=False, guide_window=None, **kw)
         return np.asarray(s.images, dtype=np.float32)

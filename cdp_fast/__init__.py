@@ -1,7 +1,7 @@
 """cdp_fast: the Contrastive-Guided Diffusion Process (Ouyang, Xie, Cheng) for generating
 adversarial-training data, fast and resumable.
 
-    s = cdp_fast.sample(eps_model, n, loss="hnm", features=f, labeler=clf, out="gen/")
+    s = cdp_fast.sample(eps_model, n, loss="hnm", features=f, labeler=as_labeler(clf), out="gen/")
     model = cdp_fast.train_trades(model, (x, y), synthetic=s, epochs=..., eps=8/255, step_size=2/255)
     cdp_fast.evaluate(model, x_test, y_test, eps=8/255)
 

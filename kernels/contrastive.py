@@ -40,6 +40,7 @@ reproducible across processes). Not yet measured on a GPU.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -47,7 +48,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-__all__ = ["stats_forward", "stats_backward"]
+__all__ = ["stats_forward", "stats_backward", "column_chunks", "GRID_Y_MAX", "D_BLOCK_BYTES"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,13 +120,20 @@ def _stats_fwd_kernel(A, K, RA, RK, LA, LK, L1, L0, CNT, M, N, D, stride_a, stri
     m0 = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     s0 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     cnt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    nans = tl.zeros((BLOCK_M,), dtype=tl.float32)    # NaN similarities among the valid negatives
     for n0 in range(n_lo, n_hi, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         col_ok = rn < n_hi
         s = _sim_tile(A, K, rm, rn, row_ok, col_ok, D, stride_a, stride_k, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         rk = tl.load(RK + rn, mask=col_ok, other=0.0)
-        s = tl.maximum(s * ra[:, None] * rk[None, :], s_min)
+        s = s * ra[:, None] * rk[None, :]
         valid = _valid_tile(rm, rn, row_ok, col_ok, la, LK, IN_BATCH, HAS_LABELS)
+        # NaN rule, decided here and not by max: GPUs' max/maximum drop NaN, NumPy's (an older
+        # interpreter's) keep it. A NaN entry is counted and replaced by 0 before any max; the
+        # row's statistics become NaN at the end (the dense reference's logsumexp gives NaN).
+        bad = s != s
+        nans += tl.sum((valid & bad).to(tl.float32), axis=1)
+        s = tl.maximum(tl.where(bad, 0.0, s), s_min)
         cnt += tl.sum(valid.to(tl.float32), axis=1)
         # online LSE of c1·s: running max m1, sum s1 of exp(x − m1)
         x = tl.where(valid, s * c1, float("-inf"))
@@ -142,10 +150,11 @@ def _stats_fwd_kernel(A, K, RA, RK, LA, LK, L1, L0, CNT, M, N, D, stride_a, stri
     # this split's partial LSEs (combined by a logsumexp over splits in the launcher);
     # empty row: s1 = 0 -> -inf (the epilogue zeroes the row)
     out = pid_s * M + rm
-    tl.store(L1 + out, tl.where(s1 > 0, m1 + tl.log(tl.where(s1 > 0, s1, 1.0)), float("-inf")), mask=row_ok)
+    l1 = tl.where(s1 > 0, m1 + tl.log(tl.where(s1 > 0, s1, 1.0)), float("-inf"))
+    tl.store(L1 + out, tl.where(nans > 0, float("nan"), l1), mask=row_ok)
     if HAS_BETA:
-        tl.store(L0 + out, tl.where(s0 > 0, m0 + tl.log(tl.where(s0 > 0, s0, 1.0)), float("-inf")),
-                 mask=row_ok)
+        l0 = tl.where(s0 > 0, m0 + tl.log(tl.where(s0 > 0, s0, 1.0)), float("-inf"))
+        tl.store(L0 + out, tl.where(nans > 0, float("nan"), l0), mask=row_ok)
     tl.store(CNT + out, cnt, mask=row_ok)
 
 
@@ -160,18 +169,21 @@ def _d_tile(s, valid, l1, l0, g1, g0, c1, c0, HAS_BETA: tl.constexpr):
 
 @triton.jit
 def _stats_bwd_d_kernel(A, K, RA, RK, LA, LK, L1, L0, G1, G0, DM, M, N, D, stride_a, stride_k, stride_dm,
-                        c1, c0, s_min, row0,
+                        c1, c0, s_min, row0, col0,
                         IN_BATCH: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_BETA: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
-    """DM[i − row0, j] = D_ij for the anchors row0 ≤ i < M and all candidates j: one program
-    per BLOCK_M×BLOCK_N tile, s recomputed once (2·BLOCK_M·BLOCK_N·d FLOPs), masked, floored,
-    exponentiated and written (fp32). Each tile is owned by one program: no atomics."""
+    """DM[i − row0, j] = D_ij for the anchors row0 ≤ i < M and the candidates col0 ≤ j < N
+    covered by the grid's second axis (a launch covers at most GRID_Y_MAX tiles of them): one
+    program per BLOCK_M×BLOCK_N tile, s recomputed once (2·BLOCK_M·BLOCK_N·d FLOPs), masked,
+    floored, exponentiated and written (fp32). Each tile is owned by one program: no atomics.
+    NaN similarities fail ``s >= s_min`` (an ordered compare, the same on every backend): no
+    gradient through them; ``max`` only ever sees valid, non-NaN entries."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = row0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rm < M
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = col0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = rn < N
     ra, l1, l0, g1, g0 = _row_bwd_state(RA, L1, L0, G1, G0, rm, row_ok)
     la = _row_labels(LA, rm, row_ok, BLOCK_M, HAS_LABELS)
@@ -180,7 +192,7 @@ def _stats_bwd_d_kernel(A, K, RA, RK, LA, LK, L1, L0, G1, G0, DM, M, N, D, strid
     s = s * ra[:, None] * rk[None, :]
     # entries below the floor s_min were clamped in the forward: no gradient (clamp's rule)
     valid = _valid_tile(rm, rn, row_ok, col_ok, la, LK, IN_BATCH, HAS_LABELS) & (s >= s_min)
-    dd = _d_tile(tl.maximum(s, s_min), valid, l1, l0, g1, g0, c1, c0, HAS_BETA)
+    dd = _d_tile(tl.maximum(tl.where(valid, s, 0.0), s_min), valid, l1, l0, g1, g0, c1, c0, HAS_BETA)
     tl.store(DM + (rm - row0)[:, None].to(tl.int64) * stride_dm + rn[None, :], dd,
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -267,6 +279,20 @@ def _prepare(a, k, a_labels, k_labels):
     return a, k, la, lk, has_labels
 
 
+def _on_device(fn):
+    """Run a launcher with its first tensor's CUDA device current: Triton launches on the
+    current device's current stream, so a tensor on cuda:k with another device current would
+    fail ("Pointer argument cannot be accessed from Triton") or run on the wrong stream."""
+    @functools.wraps(fn)
+    def run(a, *args, **kwargs):
+        if a.device.type != "cuda":
+            return fn(a, *args, **kwargs)
+        with torch.cuda.device(a.device):
+            return fn(a, *args, **kwargs)
+    return run
+
+
+@_on_device
 def stats_forward(a, k, ra, rk, a_labels, k_labels, inv_tau: float, beta: float, in_batch: bool,
                   s_min: float = float("-inf")):
     """Forward statistics.
@@ -302,16 +328,40 @@ def stats_forward(a, k, ra, rk, a_labels, k_labels, inv_tau: float, beta: float,
     return L1, L0, cnt
 
 
+def _torch_at_least(major: int, minor: int) -> bool:
+    parts = torch.__version__.split("+")[0].split(".")
+    try:
+        return (int(parts[0]), int(parts[1])) >= (major, minor)
+    except (IndexError, ValueError):
+        return False
+
+
 def _mm_fp32_out(device) -> bool:
-    """Whether 16-bit GEMMs with fp32 outputs exist here (``aten::mm.dtype``: CUDA, torch ≥ 2.8);
-    otherwise 16-bit inputs take the fp32 GEMMs (slower, never less exact)."""
-    return device.type == "cuda" and hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
+    """Whether 16-bit GEMMs with fp32 outputs exist here (``aten::mm.dtype``, CUDA, torch ≥ 2.8);
+    otherwise 16-bit inputs take the fp32 GEMMs (slower, never less exact). Only ``mm`` with
+    ``out_dtype`` is used: ``addmm``'s ``out_dtype`` with an fp32 ``self`` and 16-bit factors is
+    refused by torch < 2.10 ("self and mat2 must have the same dtype")."""
+    return device.type == "cuda" and _torch_at_least(2, 8) and hasattr(torch.ops.aten.mm, "dtype")
 
 
 #: bytes of the fp32 D block the backward materialises at a time (rows of the m×N matrix)
 D_BLOCK_BYTES = 256 * 2**20
 
+#: most programs a launch puts on the grid's y axis (CUDA's gridDim.y limit); a module constant
+#: so the tests can lower it and exercise the split on CPU
+GRID_Y_MAX = 65535
 
+
+def column_chunks(n: int, block_n: int) -> list[tuple[int, int]]:
+    """[(first candidate, tiles of ``block_n`` candidates)] covering 0 ≤ j < n with at most
+    :data:`GRID_Y_MAX` tiles per launch (the backward's y axis; one chunk below ~4.19M
+    candidates at BLOCK_N = 64). Chunks start at multiples of ``block_n``: a tile never
+    straddles two launches, so D is written exactly as one launch would write it."""
+    tiles = triton.cdiv(n, block_n)
+    return [(t0 * block_n, min(GRID_Y_MAX, tiles - t0)) for t0 in range(0, tiles, GRID_Y_MAX)]
+
+
+@_on_device
 def stats_backward(a, k, ra, rk, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: float, beta: float,
                    in_batch: bool, s_min: float = float("-inf"), block_bytes: int | None = None):
     """Backward statistics: the gradients with respect to the normalised rows.
@@ -370,13 +420,16 @@ def stats_backward(a, k, ra, rk, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau: 
     for r0 in range(0, m, rows):
         r1 = min(m, r0 + rows)
         block = torch.empty(r1 - r0, n, dtype=torch.float32, device=a.device)
-        kernel[lambda meta, c=r1 - r0: (triton.cdiv(c, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))](
-            a, k, ra, rk, la, lk, l1, l0, g1, g0, block, r1, n, d, a.stride(0), k.stride(0), block.stride(0),
-            c1, c0, float(s_min), r0, **flags)
+        # the candidates' tiles go on the grid's y axis, at most GRID_Y_MAX per launch (CUDA's
+        # limit: 65535·64 ≈ 4.19M candidates); larger banks take several launches by column
+        for col0, tiles_n in column_chunks(n, tiles["BLOCK_N"]):
+            kernel[lambda meta, c=r1 - r0, t=tiles_n: (triton.cdiv(c, meta["BLOCK_M"]), t)](
+                a, k, ra, rk, la, lk, l1, l0, g1, g0, block, r1, n, d, a.stride(0), k.stride(0), block.stride(0),
+                c1, c0, float(s_min), r0, col0, **flags)
         if low:
             block = block.to(a.dtype)
             da_parts.append(torch.mm(block, kh, out_dtype=torch.float32))
-            dk = torch.addmm(dk, block.t(), ah[r0:r1], out_dtype=torch.float32)
+            dk += torch.mm(block.t(), ah[r0:r1], out_dtype=torch.float32)
         else:
             da_parts.append(block @ kh)
             dk.addmm_(block.t(), ah[r0:r1])

@@ -19,6 +19,8 @@ CPU tensors are valid only under ``TRITON_INTERPRET=1``. Not yet measured on a G
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -75,7 +77,10 @@ def launch_ddim_update(x_t, eps, g, noise, lam: float, coef: tuple, return_x0: b
     xp = torch.empty_like(x)
     x0 = torch.empty_like(x) if return_x0 else x.new_empty(0)
     n = x.numel()
-    wrap_triton(_ddim_kernel)[(triton.cdiv(n, _BLOCK),)](
-        x, e, gg, z, xp, x0 if return_x0 else xp, n, float(lam), b, sa, sp, dirc, sig,
-        HAS_G=has_g, HAS_Z=has_z, WRITE_X0=return_x0, BLOCK=_BLOCK)
+    # the tensors' device current: Triton launches on the current device's current stream
+    guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        wrap_triton(_ddim_kernel)[(triton.cdiv(n, _BLOCK),)](
+            x, e, gg, z, xp, x0 if return_x0 else xp, n, float(lam), b, sa, sp, dirc, sig,
+            HAS_G=has_g, HAS_Z=has_z, WRITE_X0=return_x0, BLOCK=_BLOCK)
     return xp, x0

@@ -148,7 +148,7 @@ def test_sampler_same_samples_on_triton_and_torch(monkeypatch, loss):
 
     model = _TinyEps()
     kw = dict(loss=loss, image_shape=(1, 5, 5), batch_size=6, steps=4, output="float", progress=False,
-              seed=0, lam=0.5, tau=0.5, eta=0.5, compile=False, guide_window=None)
+              seed=0, lam=0.5, tau=0.5, eta=0.5, compile=False, guide_window=None, features="pixels")
     outs = {}
     for value in ("torch", "triton"):
         monkeypatch.setenv("CDP_FAST_BACKEND", value)

@@ -15,7 +15,7 @@ pytest.importorskip("sklearn")
 from cdp_fast import cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBCOMMANDS = ("sample", "label", "select", "train", "eval", "inspect", "demo", "bench")
+SUBCOMMANDS = ("sample", "label", "select", "train", "eval", "inspect", "export", "demo", "bench")
 
 
 def _npz(path):
@@ -351,8 +351,10 @@ def test_sample_fidelity_flags(monkeypatch):
     assert (kw["form"], kw["embedding"], kw["guide_window"], kw["solver"], kw["clip_x0"]) == \
         ("authors", "mlp", (300, 999), "ddpm", False)
     assert cli.main(base + ["--guide-window", "all"]) == 0 and calls[-1]["guide_window"] is None
-    assert cli.main(base + ["--model", "tests.test_cli:_tiny_eps", "--image-shape", "1,8,8"]) == 0
+    tiny = ["--model", "tests.test_cli:_tiny_eps", "--image-shape", "1,8,8"]
+    assert cli.main(base + tiny + ["--features", "pixels", "--lam", "30"]) == 0
     assert (calls[-1]["form"], calls[-1]["embedding"], calls[-1]["guide_window"]) == (None, "auto", "auto")
+    assert (calls[-1]["features"], calls[-1]["lam"]) == ("pixels", 30.0)
     assert cli.main(base + ["--solver", "heun", "--nfe", "19"]) == 0
     assert (calls[-1]["solver"], calls[-1]["nfe"]) == ("heun", 19)
     assert cli.main(base + ["--solver", "dpmpp_2m"]) == 0 and calls[-1]["nfe"] is None

@@ -29,8 +29,8 @@ class Slow(torch.nn.Module):
         time.sleep(float(sys.argv[2]))
         return torch.nn.functional.conv2d(x, self.w) + 0.1 * x
 labeler = lambda x: torch.stack([x.mean((1, 2, 3)), -x.mean((1, 2, 3))], 1)
-cdp_fast.sample(Slow(), 40, loss="hnm", lam=5.0, tau=0.5, labeler=labeler, image_shape=(3, 4, 4),
-                batch_size=4, shard_size=8, steps=6, eta=0.5, out=sys.argv[1], progress=False)
+cdp_fast.sample(Slow(), 40, loss="hnm", features="pixels", lam=5.0, tau=0.5, labeler=labeler,
+                image_shape=(3, 4, 4), batch_size=4, shard_size=8, steps=6, eta=0.5, out=sys.argv[1], progress=False)
 '''
 
 
@@ -80,8 +80,8 @@ class Lin(torch.nn.Module):
         return self.a * x
 
 
-KW = dict(loss="infonce", lam=2.0, tau=0.5, image_shape=(3, 2, 3), batch_size=3, shard_size=6,
-          steps=4, progress=False)
+KW = dict(loss="infonce", lam=2.0, tau=0.5, features="pixels", image_shape=(3, 2, 3), batch_size=3,
+          shard_size=6, steps=4, progress=False)
 
 
 def test_in_memory_and_streamed_runs_agree(tmp_path):

@@ -22,7 +22,7 @@ class M(torch.nn.Module):
     def forward(self, x, t):
         time.sleep(float(sys.argv[2]))
         return torch.nn.functional.conv2d(x, self.w) + 0.1 * x
-s = cdp_fast.sample(M(), 42, loss="hnm", lam=5.0, tau=0.5, image_shape=(3, 4, 4), batch_size=3,
+s = cdp_fast.sample(M(), 42, loss="hnm", lam=5.0, tau=0.5, features="pixels", image_shape=(3, 4, 4), batch_size=3,
                     shard_size=6, steps=5, eta=0.3, out=sys.argv[1], progress=False)
 if cdp_fast.utils.distributed.is_main():
     print("STATS", [round(r["images_per_s"], 1) for r in s.meta["throughput"]])

@@ -307,6 +307,97 @@ def test_sample_with_the_step_graph_forced_on_cpu(monkeypatch, tmp_path):
     assert ref.meta.get("step_graph") is None and got.meta["step_graph"]["replayed"] > 0
 
 
+@pytest.fixture
+def fresh_graph_cache():
+    from cdp_fast.sampling import graphs
+
+    graphs.clear_cache()
+    yield graphs
+    graphs.clear_cache()
+
+
+def _count_captures(monkeypatch, graphs):
+    """Count StepGraph._capture calls (the CPU stand-in of a CUDA capture)."""
+    calls = []
+    real = graphs.StepGraph._capture
+
+    def counting(self, entry, t, cuda):
+        calls.append(entry.kind)
+        return real(self, entry, t, cuda)
+    monkeypatch.setattr(graphs.StepGraph, "_capture", counting)
+    return calls
+
+
+SAMPLE_KW = dict(loss="hnm", embedding=None, steps=6, skip="uniform", image_shape=(3, 9, 9), batch_size=4,
+                 compile=False, progress=False, output="float", lam=50.0, tau=1.0, guide_window=None)
+
+
+def test_sample_captures_once_per_process_not_per_call(monkeypatch, fresh_graph_cache):
+    """Three sample() calls with the same networks, shapes and settings (other seeds): one
+    capture in all (the later calls replay it with no warm-up), the images bit for bit those of
+    the uncaptured path, and one graph kept."""
+    graphs = fresh_graph_cache
+    eps, feat = _nets()
+    monkeypatch.setenv("CDP_FAST_STEP_GRAPH", "0")
+    refs = [cdp_fast.sample(eps, 4, features=feat, seed=s, **SAMPLE_KW) for s in (1, 2, 3)]
+    monkeypatch.setenv("CDP_FAST_STEP_GRAPH", "1")
+    calls = _count_captures(monkeypatch, graphs)
+    got = [cdp_fast.sample(eps, 4, features=feat, seed=s, **SAMPLE_KW) for s in (1, 2, 3)]
+    assert calls == ["guided"]
+    counts = [r.meta["step_graph"] for r in got]
+    assert [c["captured"] for c in counts] == [1, 0, 0] and [c["warmup"] for c in counts] == [1, 0, 0]
+    assert all(c["replayed"] > 0 and c["disabled"] is None for c in counts)
+    for r, g in zip(refs, got):
+        assert np.array_equal(r.images, g.images)
+        assert r.meta["guidance_strength"] == g.meta["guidance_strength"]
+    assert len(graphs._SHARED) == 1
+
+
+def test_a_changed_setting_captures_again(monkeypatch, fresh_graph_cache):
+    """What the capture bakes in is its key: another τ, batch size or float32 GEMM precision
+    captures anew (same numbers as uncaptured); going back to the first settings replays the
+    first graph; at most MAX_SHARED graphs are kept (least recently used dropped)."""
+    graphs = fresh_graph_cache
+    eps, feat = _nets()
+    monkeypatch.setenv("CDP_FAST_STEP_GRAPH", "1")
+    calls = _count_captures(monkeypatch, graphs)
+
+    def run(**kw):
+        return cdp_fast.sample(eps, 4, features=feat, seed=7, **dict(SAMPLE_KW, **kw))
+
+    first = run()
+    run(tau=0.5)
+    run(batch_size=2)
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium" if precision != "medium" else "highest")
+        run()
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert len(calls) == 4
+    again = run()                              # the first settings: replayed, not captured
+    assert len(calls) == 4 and again.meta["step_graph"]["captured"] == 0
+    assert np.array_equal(first.images, again.images)
+    monkeypatch.setattr(graphs, "MAX_SHARED", 2)
+    run(tau=0.25)
+    assert len(calls) == 5 and len(graphs._SHARED) == 2
+
+
+def test_a_head_is_captured_per_call_and_its_graph_released(monkeypatch, fresh_graph_cache):
+    """With the online head (new state per call) each call captures, and the previous call's
+    head graph is released: one guided graph kept, not one per call; same numbers."""
+    graphs = fresh_graph_cache
+    eps, feat = _nets()
+    kw = dict(SAMPLE_KW, embedding="auto", features=feat, seed=4)
+    monkeypatch.setenv("CDP_FAST_STEP_GRAPH", "0")
+    ref = cdp_fast.sample(eps, 4, **kw)
+    monkeypatch.setenv("CDP_FAST_STEP_GRAPH", "1")
+    calls = _count_captures(monkeypatch, graphs)
+    outs = [cdp_fast.sample(eps, 4, **kw) for _ in range(2)]
+    assert calls == ["guided", "guided"] and len(graphs._SHARED) == 1
+    assert all(np.array_equal(ref.images, o.images) for o in outs)
+
+
 def test_step_graph_setting_is_checked(monkeypatch):
     eps, feat = _nets()
     monkeypatch.setenv("CDP_FAST_STEP_GRAPH", "sometimes")

@@ -155,8 +155,8 @@ def test_head_lives_for_a_shard():
     """With the head, the second batch of a shard is guided by the head the first trained; the
     first batch of the next shard starts from a fresh head: run A (shard 4 rows) and run B
     (shard 2 rows = one batch) agree on rows 0-1 and 4-5 and differ on rows 2-3."""
-    kw = dict(loss="hnm", lam=30.0, tau=0.5, embedding="mlp", guide_window=None, image_shape=(1, 5, 5),
-              steps=6, skip="uniform", batch_size=2, output="float", progress=False)
+    kw = dict(loss="hnm", lam=30.0, tau=0.5, features="pixels", embedding="mlp", guide_window=None,
+              image_shape=(1, 5, 5), steps=6, skip="uniform", batch_size=2, output="float", progress=False)
     a = cdp_fast.sample(_tiny(), 6, shard_size=4, **kw).images
     b = cdp_fast.sample(_tiny(), 6, shard_size=2, **kw).images
     np.testing.assert_array_equal(a[:2], b[:2])
@@ -183,7 +183,7 @@ def test_default_window_is_the_authors():
     orig = sampler_mod.ContrastiveGuidance
     sampler_mod.ContrastiveGuidance = Spy
     try:
-        cdp_fast.sample(_tiny(), 2, loss="hnm", lam=1.0, tau=0.5, image_shape=(1, 5, 5), steps=10,
+        cdp_fast.sample(_tiny(), 2, loss="hnm", lam=1.0, tau=0.5, features="pixels", image_shape=(1, 5, 5), steps=10,
                         skip="uniform", batch_size=2, output="float", progress=False)
     finally:
         sampler_mod.ContrastiveGuidance = orig
@@ -246,8 +246,8 @@ def test_guidance_strength_is_recorded_per_step(tmp_path):
     """λ‖∇ℓ_i‖/‖ε_i‖ per guided step: in Samples.meta (in memory) and in the manifest (out dir),
     for exactly the guided timesteps (the authors' window t >= 400, not the first step), and
     equal to a hand computation from the step's gradient and ε."""
-    kw = dict(loss="hnm", lam=30.0, tau=0.5, embedding=None, image_shape=(1, 5, 5), steps=6, skip="uniform",
-              batch_size=2, output="float", progress=False)
+    kw = dict(loss="hnm", lam=30.0, tau=0.5, features="pixels", embedding=None, image_shape=(1, 5, 5), steps=6,
+              skip="uniform", batch_size=2, output="float", progress=False)
     mem = cdp_fast.sample(_tiny(), 4, **kw).meta["guidance_strength"]
     disk = cdp_fast.sample(_tiny(), 4, out=str(tmp_path / "o"), shard_size=2, **kw).meta["guidance_strength"]
     assert [r["t"] for r in mem] == [664, 498] and all(r["batches"] == 2 for r in mem)   # 830: first step

@@ -133,7 +133,7 @@ def test_select_top_k_per_class(criterion):
     assert idx.dtype == np.int64 and len(set(idx.tolist())) == len(idx)
     counts = {c: int((labels[idx] == c).sum()) for c in range(3)}
     assert counts == {0: 5, 1: 5, 2: 4}             # a short class keeps all its samples
-    largest = criterion in ("confidence", "grad_norm", "robust_grad_norm")
+    largest = criterion in ("confidence", "label_probability", "grad_norm", "robust_grad_norm")
     for c in range(3):
         chosen = idx[labels[idx] == c]
         rest = np.setdiff1d(np.flatnonzero(labels == c), chosen)
@@ -181,3 +181,22 @@ def test_pseudo_label_progress_counts_images(capsys):
     assert "pseudo-label" in err and "/23 " in err
     for k in quiet:
         np.testing.assert_array_equal(quiet[k], shown[k])
+
+
+def test_label_and_select_refuse_the_samplers_adapters(tmp_path):
+    """pseudo_label / pseudo_label_to_npz / select give the classifier images in [0, 1]; an
+    adapter made for the sampler (as_labeler / as_feature_extractor: it takes [-1, 1]) would
+    map them a second time, so it is refused by name (cdp_fast.models.ranges)."""
+    from cdp_fast.label import pseudo_label_to_npz
+    from cdp_fast.models import as_labeler
+
+    clf = _model()
+    imgs = _images(8)
+    wrapped = as_labeler(clf, input_range=(0, 1))
+    with pytest.raises(ValueError, match=r"pseudo_label gives it images in \[0, 1\].*adapter's .model"):
+        pseudo_label(wrapped, imgs)
+    with pytest.raises(ValueError, match=r"pseudo_label gives it images in \[0, 1\]"):
+        pseudo_label_to_npz(wrapped, imgs, tmp_path / "x.npz")
+    with pytest.raises(ValueError, match=r"select gives it images in \[0, 1\]"):
+        select(imgs, "confidence", 1, classifier=wrapped)
+    assert pseudo_label(wrapped.model, imgs)["label"].shape == (8,)   # the classifier itself is fine

@@ -44,3 +44,34 @@ def test_cli_reads_cifar10_folders(tmp_path):
     assert x.shape == (10, 3, 32, 32)
     xt, _ = load_train_data(f"cifar10:{tmp_path}", "test")
     assert xt.shape == (2, 3, 32, 32)
+
+
+def test_robustbench_wrn_block_runs_as_written(tmp_path, monkeypatch):
+    """The README's RobustBench block (issue 23): a RobustBench-architecture WRN (RobustBench's
+    own DMWideResNet when installed, else the same architecture built locally — nothing is
+    downloaded; WRN-10-1 for speed) as guidance features through a layer= hook, as labeller
+    with its [0, 1] range, and as evaluate's classifier. Only n, the batch and the steps are
+    made small; the labels are the WRN's own on (x̂₀ + 1)/2."""
+    import torch
+
+    from tests.test_adapters import dm_wrn
+
+    block = re.search(r"<!-- robustbench[^>]*-->\n```python\n(.*?)```", README, re.S).group(1)
+    small = {"10_000": "4", "batch_size=256": "batch_size=4, steps=2, progress=False"}
+    for old, new in small.items():
+        assert block.count(old) == 1, old
+        block = block.replace(old, new)
+    wrn = dm_wrn()
+    g = torch.Generator().manual_seed(0)
+    ns = {"wrn": wrn, "unet": lambda x, t: 0.1 * x, "x_test": torch.rand(4, 3, 32, 32, generator=g),
+          "y_test": torch.tensor([0, 1, 2, 3])}
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md:robustbench", "exec"), ns)
+    s, acc = ns["s"], ns["acc"]
+    assert len(s) == 4 and set(acc) == {"clean", "pgd"}
+    x01 = torch.as_tensor(np.asarray(s.images[:])).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        want = wrn(x01).argmax(1).numpy()
+    # the labels come from float x̂₀, the check from the uint8 images: agree up to rounding
+    assert (np.asarray(s.labels) == want).mean() >= 0.75
+    assert (tmp_path / "gen_rb" / "manifest.json").exists()

@@ -160,7 +160,8 @@ def test_S4_nfe_2_uniform_warns_and_logsnr_nfe_1_runs():
 @pytest.mark.parametrize("window", [(2000, 3000), (-10, -1), (801, 899)])
 def test_W1_W3_guide_window_without_a_timestep_warns_once(window):
     """W1–W3: a window holding none of the sampled timesteps gave unguided output silently."""
-    g = dict(loss="hnm", lam=1e4, tau=10.0, solver="dpmpp_2m", nfe=10, skip="uniform", batch_size=4, **KW)
+    g = dict(loss="hnm", lam=1e4, tau=10.0, features="pixels", solver="dpmpp_2m",
+             nfe=10, skip="uniform", batch_size=4, **KW)
     with pytest.warns(UserWarning, match="guide_window") as rec:
         cdp_fast.sample(eps, 4, guide_window=window, **g)
     assert sum("guide_window" in str(w.message) for w in rec) == 1
@@ -171,7 +172,7 @@ def test_W1_W3_guide_window_without_a_timestep_warns_once(window):
 
 def test_W1_heun_window_outside_the_table_warns():
     with pytest.warns(UserWarning, match="guide_window"):
-        cdp_fast.sample(eps, 4, loss="hnm", lam=1e4, tau=10.0, solver="heun", nfe=3, batch_size=4,
+        cdp_fast.sample(eps, 4, loss="hnm", lam=1e4, tau=10.0, features="pixels", solver="heun", nfe=3, batch_size=4,
                         guide_window=(2000, 3000), **KW)
 
 

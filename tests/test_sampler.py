@@ -14,7 +14,8 @@ from tiny_models import TinyEps
 
 
 def _kw(**over):
-    kw = dict(image_shape=(1, 5, 5), steps=8, skip="uniform", progress=False, output="float")
+    # guided calls here guide on the pixels unless they pass features= (an explicit choice: issue 23, F7)
+    kw = dict(image_shape=(1, 5, 5), steps=8, skip="uniform", progress=False, output="float", features="pixels")
     kw.update(over)
     return kw
 
@@ -293,7 +294,7 @@ def test_uint8_output_layout():
 
 def test_float_output_any_shape():
     two_d = lambda x, t: 0.5 * x  # noqa: E731
-    s = cdp_fast.sample(two_d, 5, loss="infonce", lam=1.0, tau=0.5, batch_size=5, image_shape=(2,),
+    s = cdp_fast.sample(two_d, 5, loss="infonce", lam=1.0, tau=0.5, features="pixels", batch_size=5, image_shape=(2,),
                         output="float", steps=5, progress=False)
     assert s.images.shape == (5, 2) and s.images.dtype == np.float32
 
@@ -349,8 +350,11 @@ def test_foreign_alphas_cumprod_and_defaults():
     a = cdp_fast.sample(m, 4, loss=None, batch_size=4, alphas_cumprod=abar, **_kw())
     b = cdp_fast.sample(m, 4, loss=None, batch_size=4, betas="cosine", T=500, **_kw())
     np.testing.assert_array_equal(a.images, b.images)
-    # lam=None / tau=None take the paper's defaults for the loss (App. D.1)
-    kw = _kw(batch_size=4, steps=3)
+    # lam=None / tau=None take the paper's defaults for the loss (App. D.1) with a feature map;
+    # pixels (features="pixels") have no λ default: refused without lam
+    kw = _kw(batch_size=4, steps=3, features=lambda x: x.flatten(1))
+    with pytest.raises(ValueError, match="lam: features='pixels' needs an explicit lam"):
+        cdp_fast.sample(GaussEps(), 4, loss="hnm", **dict(kw, features="pixels"))
     for loss, d in cdp_fast.guidance.PAPER_DEFAULTS.items():
         implicit = cdp_fast.sample(GaussEps(), 4, loss=loss, **kw)
         explicit = cdp_fast.sample(GaussEps(), 4, loss=loss, lam=d["lam"], tau=d["tau"], **kw)

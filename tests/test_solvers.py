@@ -356,7 +356,7 @@ def test_guided_solvers_stream_resume_and_record_nfe(tmp_path):
 
     eps = UNet(in_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1).eval()
     kw = dict(image_shape=(1, 8, 8), progress=False, output="float", batch_size=4, loss="hnm", lam=5.0, tau=0.5,
-              solver="heun", nfe=7, shard_size=4, guide_window=None)
+              features="pixels", solver="heun", nfe=7, shard_size=4, guide_window=None)
     first = cdp_fast.sample(eps, 8, out=str(tmp_path / "a"), **kw)
     assert first.meta["nfe"] == 7
     import json

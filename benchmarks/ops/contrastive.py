@@ -32,15 +32,17 @@ CONFIGS = {
 
 
 def _loss_inputs(m, n, d, device, dtype):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(m, d, generator=g).to(device, dtype).requires_grad_()
-    p = torch.randn(m, d, generator=g).to(device, dtype)
-    k = None if n is None else torch.randn(n, d, generator=g).to(device, dtype).requires_grad_()
+    # drawn on the device (a 1M x 640 bank drawn on the CPU and copied takes seconds)
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(m, d, generator=g, device=device).to(dtype).requires_grad_()
+    p = torch.randn(m, d, generator=g, device=device).to(dtype)
+    k = None if n is None else torch.randn(n, d, generator=g, device=device).to(dtype).requires_grad_()
     return a, p, k
 
 
-def bench(cfg, device, dtype, providers, budget):
-    """Rows of {op, provider, m, N, d, ..., median_ms, TFLOPs | skipped} per (m, N, d) of cfg."""
+def bench(cfg, device, dtype, providers, budget, on_row=None):
+    """Rows of {op, provider, m, N, d, ..., median_ms, TFLOPs | skipped} per (m, N, d) of cfg;
+    ``on_row(row)`` is called as each row is done (the runner writes its partial JSON there)."""
     from cdp_fast.ops import contrastive as op
     from cdp_fast.ops.contrastive import reference
 
@@ -63,6 +65,8 @@ def bench(cfg, device, dtype, providers, budget):
             if prov != "fused" and dense_bytes > budget:
                 row["skipped"] = f"dense m×N working set ≈ {dense_bytes / 2**30:.1f} GiB > budget"
                 rows.append(row)
+                if on_row is not None:
+                    on_row(row)
                 continue
 
             def step(fn=fn):
@@ -79,6 +83,8 @@ def bench(cfg, device, dtype, providers, budget):
                 executed = (8 if prov == "fused" else 6) * m * nn * d
                 row["exec_TFLOPs"] = executed / (row["median_ms"] * 1e-3) / 1e12
             rows.append(row)
+            if on_row is not None:
+                on_row(row)
         del a, p, k, ins
     return rows
 

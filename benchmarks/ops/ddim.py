@@ -24,16 +24,17 @@ CONFIGS = {
 }
 
 
-def bench(cfg, device, dtype, providers, budget=None):
-    """Rows of {op, provider, shape, ..., median_ms, GBps | skipped} per shape of cfg."""
+def bench(cfg, device, dtype, providers, budget=None, on_row=None):
+    """Rows of {op, provider, shape, ..., median_ms, GBps | skipped} per shape of cfg;
+    ``on_row(row)`` is called as each row is done (the runner writes its partial JSON there)."""
     from cdp_fast.ops.ddim import ddim_update, ddim_update_ref
 
     rows = []
     compiled_ref = torch.compile(ddim_update_ref, dynamic=False) if "compiled" in providers else None
     kw = dict(lam=0.7, abar_t=0.3, abar_prev=0.5, sigma=0.1, return_x0=False)
     for shape in cfg:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        x, e, gg, z = (torch.randn(shape, generator=g).to(device, dtype) for _ in range(4))
+        g = torch.Generator(device=device).manual_seed(0)      # drawn on the device
+        x, e, gg, z = (torch.randn(shape, generator=g, device=device).to(dtype) for _ in range(4))
         impls = {
             "fused": lambda: ddim_update(x, e, gg, noise=z, **kw),
             "eager": lambda: ddim_update_ref(x, e, gg, noise=z, **kw),
@@ -48,6 +49,8 @@ def bench(cfg, device, dtype, providers, budget=None):
             except Exception as err:  # noqa: BLE001
                 row["skipped"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             rows.append(row)
+            if on_row is not None:
+                on_row(row)
     return rows
 
 

@@ -1,11 +1,11 @@
-"""The `cdp-fast` command (also `python -m cdp_fast`): one entry point, eight subcommands.
+"""The `cdp-fast` command (also `python -m cdp_fast`): one entry point, nine subcommands.
 
 This module holds the parser (:func:`build_parser`) and the exit-status mapping (:func:`main`).
 Each subcommand's flags (``add_<name>``) live beside the code that reads them (``cmd_<name>``:
 call the library, print), so a flag and its use change together: :mod:`cdp_fast.cli.sample`
-(sample), :mod:`cdp_fast.cli.data` (label, select, inspect), :mod:`cdp_fast.cli.train` (train,
-eval), :mod:`cdp_fast.cli.demo` (demo, bench). What a flag's value names (a model, a network,
-data) is resolved in :mod:`cdp_fast.cli.specs`.
+(sample), :mod:`cdp_fast.cli.data` (label, select, inspect), :mod:`cdp_fast.cli.export`
+(export), :mod:`cdp_fast.cli.train` (train, eval), :mod:`cdp_fast.cli.demo` (demo, bench).
+What a flag's value names (a model, a network, data) is resolved in :mod:`cdp_fast.cli.specs`.
 
     cdp-fast demo                                   # the embedded digits experiment
     cdp-fast sample --model digits -n 512 --loss hnm --out gen/ --grid grid.png
@@ -14,6 +14,8 @@ data) is resolved in :mod:`cdp_fast.cli.specs`.
     cdp-fast train --arch small-cnn --data digits --synthetic selected.npz --eps 0.1 --out clf.pt
     cdp-fast eval --arch small-cnn --weights clf.pt --data digits --eps 0.1
     cdp-fast inspect gen_cdp/ --against gen_ddim/ --json inspect.json --figure inspect.png
+    cdp-fast inspect gen/ --fid real.npz --fid-weights inception.pth   # FID / KID / IS
+    cdp-fast export gen/ --png gen_png/                  # {index:06d}.png for EDM / clean-fid / torch-fidelity
     cdp-fast bench [throughput.py options]          # source checkout only
 
 Models (``--model``, ``--features``, ``--labeler``, ``--classifier``) are named as a bundled
@@ -31,6 +33,10 @@ memorisation, and the paired comparison with ``--against``).
 installed from (``pip install -e .``); the benchmarks are not part of the installed package,
 so elsewhere it exits with status 2 and says so.
 
+``sample`` and ``train`` also read their options from a file (``--config run.yaml``: keys are the
+library's keyword names, flags override it), and ``sample --from-manifest gen/manifest.json``
+replays or extends a recorded run (:mod:`cdp_fast.cli.config`).
+
 Errors in arguments print one line on stderr and exit with status 2 (argparse's own errors
 included); output options (``--out``, ``--json``, ``--npz``, ...) are checked before any work
 (:func:`cdp_fast.cli.common.check_output`: not a directory, in an existing writable folder); a missing optional dependency exits with status 1 and names the extra to install.
@@ -44,8 +50,10 @@ import warnings
 
 from cdp_fast.cli import specs
 from cdp_fast.cli.common import PROG, UsageError
+from cdp_fast.cli.config import apply_config
 from cdp_fast.cli.data import add_inspect, add_label, add_select
 from cdp_fast.cli.demo import add_bench, add_demo, cmd_bench
+from cdp_fast.cli.export import add_export
 from cdp_fast.cli.sample import add_sample
 from cdp_fast.cli.train import add_eval, add_train
 
@@ -63,7 +71,7 @@ def build_parser():
     """The `cdp-fast` parser: global flags, then one add_<name>(sub) per subcommand."""
     p = _Parser(prog=PROG, description="Contrastive-guided diffusion (Contrastive-DP) for robust training.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = p.add_subparsers(dest="command", metavar="{sample,label,select,train,eval,inspect,demo,bench}",
+    sub = p.add_subparsers(dest="command", metavar="{sample,label,select,train,eval,inspect,export,demo,bench}",
                            parser_class=_Parser)
     add_sample(sub)
     add_label(sub)
@@ -71,8 +79,10 @@ def build_parser():
     add_train(sub)
     add_eval(sub)
     add_inspect(sub)
+    add_export(sub)
     add_demo(sub)
     add_bench(sub)
+    p.subcommands = sub.choices      # (for --config: which flags the command line gave)
     return p
 
 
@@ -113,6 +123,9 @@ def _main(argv):
         if args.command is None:
             raise UsageError(f"{PROG}: choose a subcommand: sample, label, select, train, eval, inspect, demo, bench "
                              "(see --help)")
+        if getattr(args, "config", None) or getattr(args, "from_manifest", None):
+            # the file's settings under the flags given (cdp_fast.cli.config)
+            args = apply_config(parser.subcommands[args.command], args, argv[argv.index(args.command) + 1:])
         # every subcommand's --device, checked before anything is loaded (one helper, one message)
         specs.check_device(getattr(args, "device", None))
         return args.func(args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import cdp_fast.cli.specs as specs
 from cdp_fast.cli.common import check_output
+from cdp_fast.cli.config import add_config_flags, replay_run
 
 __all__ = ["add_sample", "cmd_sample"]
 
@@ -20,6 +21,7 @@ def add_sample(sub):
     _add_guidance_flags(s)
     _add_ddim_flags(s)
     _add_sample_output_flags(s)
+    add_config_flags(s, replay=True)
     s.set_defaults(func=cmd_sample)
 
 
@@ -28,8 +30,10 @@ def _add_guidance_flags(s):
     s.add_argument("--loss", choices=("none", "infonce", "hnm"), default="hnm",
                    help="contrastive loss; none = plain DDIM (default: hnm)")
     s.add_argument("--features", default="auto",
-                   help="feature extractor f for the loss: auto (the bundled model's, else pixels), pixels, "
-                        "digits, or module:factory; f takes x in [-1, 1] (default: auto)")
+                   help="feature extractor f for the loss: auto (the bundled model's; a guided run of any other "
+                        "model must name one), pixels (raw pixels; needs --lam: no lambda default applies), "
+                        "digits, or module:factory; f takes x in [-1, 1] (a [0, 1] classifier: return "
+                        "cdp_fast.models.as_feature_extractor(clf[, layer=...]) from the factory) (default: auto)")
     s.add_argument("--embedding", default="auto", metavar="{auto,none,mlp,H}",
                    help="'mlp': online 2-layer head on f trained by the loss, d->128->128; an int H: the same "
                         "head d->H->H (the authors' MNIST head: 64); auto = the model preset's, else the head "
@@ -62,7 +66,8 @@ def _add_guidance_flags(s):
                    help="per-sample classes: a .npy / labelled .npz file or a comma list (default: none)")
     s.add_argument("--labeler", default="auto",
                    help="pseudo-labeller: auto (the bundled model's classifier, else none), none, digits, or "
-                        "module:factory taking x in [-1, 1] (default: auto)")
+                        "module:factory taking x in [-1, 1] (a [0, 1] classifier: return "
+                        "cdp_fast.models.as_labeler(clf, input_range=(0, 1)) from the factory) (default: auto)")
 
 
 def _add_ddim_flags(s):
@@ -93,7 +98,8 @@ def _add_ddim_flags(s):
 def _add_sample_output_flags(s):
     """sample: where the samples go, seed, device and precision."""
     s.add_argument("--out", default=None, help="directory for shards + manifest (resumable), made in an existing "
-                                                    "folder; default: in memory")
+                                                    "folder, with sample-config.json (the run's settings, for "
+                                                    "--from-manifest / --config); default: in memory")
     s.add_argument("--npz", default=None,
                    help="also write all samples to this npz: image (uint8 NHWC with --output uint8; float32 NCHW "
                         "model-space values, about [-1, 1], with --output float), label; in an existing folder")
@@ -164,6 +170,19 @@ def _guide_window(values, preset):
     return (lo, hi)
 
 
+def _pixels(spec, info):
+    """Whether a guided run's --features means raw pixels: "pixels", or "auto" for a bundled
+    model whose preset guides on pixels; "auto" for a model with no bundled features is a
+    ValueError (guidance needs an explicit feature space: issue 23, F7)."""
+    if spec == "pixels":
+        return True
+    if spec in (None, "auto") and not info.get("bundled"):
+        raise ValueError("features: a guided run of this model needs --features: module:factory (a classifier's "
+                         "features on x in [-1, 1]), or pixels with --lam (no lambda default applies to pixels); "
+                         "or --loss none")
+    return False
+
+
 # ----------------------------------------------------------------------------- the subcommand
 def cmd_sample(a):
     import numpy as np
@@ -188,10 +207,12 @@ def cmd_sample(a):
         embedding = g.get("embedding", "auto")
     form = a.form if a.form != "auto" else g.get("form")
     num_classes = a.num_classes if a.num_classes is not None else info.get("num_classes")
+    pixels = loss is not None and _pixels(a.features, info)
     kw = dict(
         loss=loss, embedding=embedding, form=form, guide_window=_guide_window(a.guide_window, g),
         solver=a.solver, clip_x0={"auto": None, "true": True, "false": False}[a.clip_x0],
-        lam=a.lam if a.lam is not None else g.get("lam"),
+        # the preset's lambda was tuned for the bundled features, not pixels: pixels take --lam only
+        lam=a.lam if a.lam is not None or pixels else g.get("lam"),
         tau=a.tau if a.tau is not None else g.get("tau"),
         tau_plus=a.tau_plus, beta=a.beta, positive=a.positive, negatives=a.negatives,
         num_classes=num_classes, class_labels=specs.load_class_labels(a.class_labels, num_classes),
@@ -209,11 +230,15 @@ def cmd_sample(a):
         kw.update(T=a.T, betas=a.betas or "linear")
     if loss is not None:
         kw["features"] = specs.load_features(a.features, info, a.device, feature_input=a.feature_input)
-        if kw["features"] is not None and ":" in a.features:
+        if pixels:
+            kw["features"] = "pixels"
+        elif kw["features"] is not None and ":" in a.features:
             specs.check_features(kw["features"], image_shape, a.features)
         kw["real"] = specs.load_real_images(a.real, image_shape)
     labeler = specs.load_labeler(a.labeler, info, a.device)
-    s = cdp_fast.sample(model, a.n, labeler=labeler, out=a.out, **kw)
+    kw.update(a.api_kwargs or {})     # a config file's keywords without a flag (shard_size, init_std)
+    with replay_run(a):               # out/sample-config.json; --from-manifest: extend / compare
+        s = cdp_fast.sample(model, a.n, labeler=labeler, out=a.out, **kw)
     from cdp_fast.utils import distributed as cdist
 
     if not cdist.is_main():  # under torchrun: rank 0 reports and writes the extras

@@ -9,6 +9,8 @@ The CLI (:mod:`cdp_fast.cli`) parses flags; this module resolves their values an
 - networks (``--features``, ``--labeler``, ``--classifier``, ``--arch``): :func:`load_network`,
   :func:`load_features`, :func:`load_labeler`, :func:`load_classifier`, :func:`classifier_for_arch`;
   :func:`check_features` (a module:factory feature map must depend on x, finitely);
+  ``robustbench:NAME[:dataset[:threat]]`` in ``--features`` / ``--labeler`` / ``--classifier``:
+  :func:`cdp_fast.cli.zoo.load_robustbench` (the optional extra ``cdp_fast[robustbench]``);
 - data (``--data``, ``--real``, ``--class-labels``, samples, ``--image-shape``):
   :func:`load_train_data`, :func:`load_real_images`, :func:`load_class_labels`,
   :func:`load_samples`, :func:`parse_shape`;
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+
+import cdp_fast.cli.zoo as zoo
 
 __all__ = [
     "import_attr", "load_callable_spec", "load_model_spec", "load_network", "load_features", "load_labeler",
@@ -127,9 +131,11 @@ def load_network(spec, model_info, device, what, off):
         from cdp_fast.models import digits
 
         return getattr(digits, f"digits_{what}")(device)
+    if spec.startswith(zoo.ROBUSTBENCH):
+        return zoo.load_robustbench(spec, what, device)
     if ":" in spec:
         return load_callable_spec(spec, what)
-    raise ValueError(f"{what}: {spec!r} is not auto, {off}, digits or module:factory")
+    raise ValueError(f"{what}: {spec!r} is not auto, {off}, digits, robustbench:NAME or module:factory")
 
 
 def load_features(spec, model_info, device, feature_input="unit"):
@@ -167,9 +173,11 @@ def load_classifier(spec, device):
         from cdp_fast.models import digits
 
         return digits.load_digits_classifier(device)
+    if spec and spec.startswith(zoo.ROBUSTBENCH):
+        return zoo.load_robustbench(spec, "classifier", device)
     if spec and ":" in spec:
         return load_callable_spec(spec, "classifier")
-    raise ValueError(f"classifier: {spec!r} is not digits or module:factory")
+    raise ValueError(f"classifier: {spec!r} is not digits, robustbench:NAME or module:factory")
 
 
 def classifier_for_arch(arch, num_classes, trained_digits=False):
@@ -356,9 +364,11 @@ def load_inspect_features(spec, device=None):
 
         return (digits.load_digits_classifier(device).features,
                 "digits: the bundled classifier's penultimate features (the guidance's own: NOT independent)")
+    if spec.startswith(zoo.ROBUSTBENCH):
+        return zoo.load_robustbench(spec, "inspect", device), f"{spec} (its penultimate features on [0, 1] images)"
     if ":" in spec:
         return load_callable_spec(spec, "features"), f"{spec} (user features on [0, 1] images)"
-    raise ValueError(f"features: {spec!r} is not pca, digits or module:factory")
+    raise ValueError(f"features: {spec!r} is not pca, digits, robustbench:NAME or module:factory")
 
 
 def load_independent_classifier(spec, real_train, device=None):

@@ -1,7 +1,8 @@
 """The lazy view of generated samples: :class:`Samples` (images, labels, confidences, the
-manifest) loaded from an out directory of :func:`cdp_fast.sample` or an npz, and the
-read-only array (:class:`LazyConcat`) that reads its shards on access, so a million images
-are never all in RAM.
+manifest) loaded from an out directory of :func:`cdp_fast.sample`, an npz, several npz parts
+or a folder of per-class ``{k}.npy`` files (:mod:`cdp_fast.data.parts`), its images a
+read-only array that reads the files on access (:class:`cdp_fast.data.lazy.LazyConcat`), so
+a million images are never all in RAM.
 
 An out directory's shards are checked against the manifest's size and sha256 the first time
 any of their members is read; only the shard names the sampler makes are opened.
@@ -10,15 +11,16 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 
 from cdp_fast.data.convert import MODEL_SPACE_LIMIT, check_image_values, images_to_float01
+from cdp_fast.data.lazy import LazyConcat
 from cdp_fast.data.npz import npz_keys, read_member, shard_intact, write_npz
+from cdp_fast.data.parts import image_label_keys, open_class_folder, open_npz_parts, part_paths
 from cdp_fast.utils.checks import is_int
 
-__all__ = ["Samples", "LazyConcat", "integer_labels"]
+__all__ = ["Samples", "integer_labels"]
 
 _SHARD_NAME = re.compile(r"shard-\d{6}\.npz")
 
@@ -37,86 +39,6 @@ class _ShardCheck:
             raise ValueError(f"{path}: missing, truncated or corrupted (its sha256 does not match the manifest); "
                              "run the same cdp_fast.sample call again to regenerate it")
         self.done.add(path)
-
-
-class LazyConcat:
-    """Read-only array view over shard members, loaded on access (memory-mapped).
-
-    Supports ``len``, ``shape``, ``dtype``, integer / slice / index-array ``[]`` and
-    ``np.asarray`` (which materialises everything: avoid on a million images)."""
-
-    def __init__(self, parts, key, check=None):
-        self._parts = list(parts)  # [(path, count)]
-        self._key = key
-        self._check = check        # a _ShardCheck (out directories), or None
-        self._cache = {}
-        counts = [c for _, c in self._parts]
-        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        first = self._get(0) if self._parts else None
-        self.dtype = first.dtype if first is not None else np.dtype(np.uint8)
-        tail = tuple(first.shape[1:]) if first is not None else ()
-        self.shape = (int(self._starts[-1]),) + tail
-        self.ndim = len(self.shape)
-
-    def _get(self, j):
-        arr = self._cache.get(j)
-        if arr is None:
-            path, count = self._parts[j]
-            if self._check is not None:
-                self._check(path)
-            arr = read_member(path, self._key)
-            if len(arr) != count:
-                raise ValueError(f"{path}: holds {len(arr)} rows, manifest says {count}")
-            self._cache[j] = arr
-        return arr
-
-    def __len__(self):
-        return self.shape[0]
-
-    def __getitem__(self, idx):
-        n = len(self)
-        if isinstance(idx, (int, np.integer)):
-            i = int(idx) + (n if idx < 0 else 0)
-            if not 0 <= i < n:
-                raise IndexError(idx)
-            j = int(np.searchsorted(self._starts, i, side="right") - 1)
-            return np.asarray(self._get(j)[i - self._starts[j]])
-        if isinstance(idx, slice):
-            start, stop, step = idx.indices(n)
-            if step == 1:
-                out = []
-                j = int(np.searchsorted(self._starts, start, side="right") - 1) if start < n else len(self._parts)
-                pos = start
-                while pos < stop and j < len(self._parts):
-                    lo = pos - self._starts[j]
-                    hi = min(stop, self._starts[j + 1]) - self._starts[j]
-                    out.append(np.asarray(self._get(j)[lo:hi]))
-                    pos = self._starts[j + 1]
-                    j += 1
-                if not out:
-                    return np.empty((0,) + self.shape[1:], dtype=self.dtype)
-                return np.concatenate(out)
-            idx = np.arange(start, stop, step)
-        idx = np.asarray(idx)
-        if idx.dtype == bool:
-            idx = np.flatnonzero(idx)
-        idx = np.where(idx < 0, idx + n, idx).astype(np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
-            raise IndexError("index out of range")
-        out = np.empty((idx.size,) + self.shape[1:], dtype=self.dtype)
-        shard = np.searchsorted(self._starts, idx, side="right") - 1
-        for j in np.unique(shard):
-            sel = shard == j
-            out[sel] = self._get(int(j))[idx[sel] - self._starts[j]]
-        return out.reshape(idx.shape + self.shape[1:])
-
-    def __iter__(self):
-        for j in range(len(self._parts)):
-            yield from self._get(j)
-
-    def __array__(self, dtype=None, copy=None):
-        arr = self[:]
-        return arr.astype(dtype) if dtype is not None else arr
 
 
 def integer_labels(labels, what: str = "labels") -> np.ndarray:
@@ -173,19 +95,37 @@ class Samples:
     # -- loading
     @classmethod
     def load(cls, path, *, verify: bool = True) -> "Samples":
-        """An out directory of :func:`cdp_fast.sample` (its manifest lists the finished
-        shards), or an npz with ``image``/``label`` (or ``arr_0``/``arr_1``) keys.
+        """Samples stored in any of these forms, images read lazily (never merged in memory):
 
-        For a directory, only shard names the sampler makes (``shard-NNNNNN.npz``, inside it)
-        are accepted, and each shard is checked against the manifest's size and sha256 the
+        - an out directory of :func:`cdp_fast.sample` (its manifest lists the finished shards);
+        - an npz with ``image``/``label`` (or ``arr_0``/``arr_1``) keys;
+        - several npz parts, concatenated in order (DM-Improves-AT's 20M / 50M sets): a list of
+          paths, or a string naming no existing file that lists them with commas and/or glob
+          patterns (``"aux/50m_part*.npz"``, matches sorted by name;
+          :func:`cdp_fast.data.parts.part_paths`); all parts with labels, or none;
+        - a folder of per-class ``{k}.npy`` files without manifest.json (EDM / DM-Improves-AT
+          ``generate.py``: ``k.npy`` holds class k's images, uint8 NHWC): labels k.
+
+        Uncompressed members and ``.npy`` files are memory-mapped / read by position; a
+        compressed npz part is decompressed whole when read (:mod:`cdp_fast.data.lazy`).
+        For an out directory, only shard names the sampler makes (``shard-NNNNNN.npz``, inside
+        it) are accepted, and each shard is checked against the manifest's size and sha256 the
         first time it is read (``verify=False`` skips the hashing: faster, trusts the files);
         a missing, truncated or corrupted shard is a ValueError naming it. Labels and
         confidences are read on load, so every shard holding them is checked then."""
-        path = Path(path)
+        paths = part_paths(path)
+        if len(paths) > 1:
+            images, labels, conf, meta = open_npz_parts(paths)
+            if labels is not None:
+                labels = np.concatenate([integer_labels(lab, f"path {p}: labels")
+                                         for p, lab in zip(paths, labels)])
+            return cls(images, labels, conf, meta=meta)
+        path = paths[0]
         if path.is_dir():
             manifest_path = path / "manifest.json"
             if not manifest_path.exists():
-                raise ValueError(f"path {path} has no manifest.json: not a cdp_fast out directory")
+                images, labels, meta = open_class_folder(path)
+                return cls(images, labels, meta=meta)
             try:
                 manifest = json.loads(manifest_path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -217,16 +157,9 @@ class Samples:
             return cls(images, labels, conf, meta=manifest)
         if path.is_file():
             keys = npz_keys(path)
-            if "image" in keys:
-                ik, lk = "image", "label"
-            elif "arr_0" in keys:
-                if "label" in keys and "arr_1" in keys:
-                    raise ValueError(f"path {path}: npz has both 'label' and 'arr_1'; which are the labels?")
-                ik, lk = "arr_0", "label" if "label" in keys else "arr_1"
-            else:
-                raise ValueError(f"path {path}: npz has neither 'image' nor 'arr_0' (keys: {keys})")
+            ik, lk = image_label_keys(path, keys)
             images = read_member(path, ik)
-            labels = integer_labels(read_member(path, lk), f"{path}: {lk}") if lk in keys else None
+            labels = integer_labels(read_member(path, lk), f"{path}: {lk}") if lk else None
             conf = np.asarray(read_member(path, "confidence")) if "confidence" in keys else None
             return cls(images, labels, conf, meta={"path": str(path)})
         raise ValueError(f"path {path} does not exist")

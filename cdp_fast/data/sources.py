@@ -8,8 +8,9 @@ before any work, so label, select, train, inspect and eval refuse the same input
 - accepted: a torch tensor or anything ``np.asarray`` takes (lists; memory-mapped or lazy
   shard views are read piece by piece, never whole); a :class:`~cdp_fast.data.samples.Samples`
   (anything with ``images`` and ``labels``; its labels, confidences and manifest travel along);
-  a path (an npz or an out directory of :func:`cdp_fast.sample`, via ``Samples.load``); and,
-  with ``pairs=True``, an ``(x, y)`` tuple or list;
+  a path or a list of paths (anything :meth:`Samples.load` opens: an npz, an out directory of
+  :func:`cdp_fast.sample`, npz parts, a folder of per-class ``{k}.npy`` files); and, with
+  ``pairs=True``, an ``(x, y)`` tuple or list (a list of paths is never read as a pair);
 - dtype: uint8 images are NHWC (or grey NHW) and read as value / 255; float images of a
   Samples / npz / out directory (not a tensor) are model space [-1, 1] (``output="float"``,
   any item shape) and read as ``((x + 1) / 2).clamp(0, 1)``; every other float input is NCHW
@@ -33,17 +34,25 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from cdp_fast.data.convert import MODEL_SPACE_LIMIT, check_image_values, images_to_float01
+from cdp_fast.data.lazy import read_rows
 from cdp_fast.data.samples import Samples, integer_labels
 
 if TYPE_CHECKING:   # torch is imported where it is used
     import torch
 
-__all__ = ["ImageSource", "open_images", "is_samples", "check_unit_range", "BatchSource", "as_source"]
+__all__ = ["ImageSource", "open_images", "is_samples", "is_path_list", "check_unit_range", "BatchSource",
+           "as_source"]
 
 
 def is_samples(obj) -> bool:
     """A :class:`Samples`, duck-typed: anything with ``images`` and ``labels``."""
     return hasattr(obj, "images") and hasattr(obj, "labels")
+
+
+def is_path_list(obj) -> bool:
+    """A non-empty list or tuple of paths (str / PathLike): the parts of one set."""
+    return (isinstance(obj, (list, tuple)) and len(obj) > 0
+            and all(isinstance(p, (str, os.PathLike)) for p in obj))
 
 
 def check_unit_range(x, what: str) -> None:
@@ -93,13 +102,25 @@ class ImageSource:
     def __len__(self):
         return self.n
 
+    def rows(self, lo: int, hi: int):
+        """Images [lo, hi) as stored (uint8 NHWC, float model space, or the [0, 1] tensor /
+        array); a file-backed array is read into a fresh array (:func:`~cdp_fast.data.lazy.read_rows`),
+        so a pass over the images leaves no mapped pages behind."""
+        return read_rows(self.images, lo, hi)
+
+    def convert(self, rows):
+        """Stored rows (:meth:`rows`) as float NCHW in [0, 1] (see :meth:`read`)."""
+        if self.kind == "model":
+            return images_to_float01(np.asarray(rows, dtype=np.float32), self.name, model_space=True)
+        return images_to_float01(rows, self.name)
+
     def read(self, idx):
         """Images ``idx`` (a slice or an index array) as float NCHW in [0, 1]: float32 for
         uint8 and model-space images; [0, 1] floats as stored (same dtype and device)."""
-        if self.kind == "model":
-            return images_to_float01(np.asarray(self.images[idx], dtype=np.float32), self.name,
-                                     model_space=True)
-        return images_to_float01(self.images[idx], self.name)
+        if isinstance(idx, slice) and idx.step in (None, 1):
+            lo, hi, _ = idx.indices(self.n)
+            return self.convert(self.rows(lo, max(lo, hi)))
+        return self.convert(self.images[idx])
 
     def all(self):
         """Every image at once (:meth:`read` of everything; a [0, 1] float tensor is returned
@@ -149,7 +170,8 @@ def open_images(data, name: str = "images", *, pairs: bool = False) -> ImageSour
     """Open any accepted image collection (see the module docstring) as an :class:`ImageSource`.
 
     Args:
-        data: tensor / array-like images, a Samples, a path, or (``pairs=True``) an (x, y) pair.
+        data: tensor / array-like images, a Samples, a path or list of paths
+            (:meth:`Samples.load`), or (``pairs=True``) an (x, y) pair.
         name: names the input in every error.
         pairs: read a tuple or list of two as (images, labels); otherwise a tuple or list is a
             batch of images.
@@ -160,10 +182,14 @@ def open_images(data, name: str = "images", *, pairs: bool = False) -> ImageSour
     """
     import torch
 
-    if isinstance(data, (str, os.PathLike)):
-        if not os.path.exists(data):
+    if isinstance(data, (str, os.PathLike)) or is_path_list(data):
+        if isinstance(data, (str, os.PathLike)) and not os.path.exists(data) and not (
+                isinstance(data, str) and ("," in data or any(c in data for c in "*?["))):
             raise ValueError(f"{name}: {data} does not exist")
-        data = Samples.load(data)
+        try:
+            data = Samples.load(data)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
     labels = confidence = None
     meta = {}
     what = name                           # names the images in value errors
@@ -232,8 +258,10 @@ def as_source(data, name: str = "train_data") -> BatchSource:
     Accepted forms: a tuple ``(x, y)`` of tensors / arrays (x float NCHW in [0, 1], or uint8
     NHWC; y integers), a ``torch.utils.data.Dataset`` of (x, y) pairs (x float CHW in [0, 1]),
     a :class:`Samples` (uint8 NHWC images, or float images in [-1, 1] model space; labels
-    required) or a path (npz with image/label or arr_0/arr_1 keys, or an out directory of
-    :func:`cdp_fast.sample`, read lazily). Images are read through :func:`open_images`.
+    required) or a path or list of paths (anything :meth:`Samples.load` opens: an npz with
+    image/label or arr_0/arr_1 keys, an out directory of :func:`cdp_fast.sample`, npz parts,
+    a folder of per-class ``{k}.npy`` files; read lazily). Images are read through
+    :func:`open_images`.
 
     Returns a :class:`BatchSource`: ``len()``, ``image_shape`` (C, H, W) and ``get(idx)``: idx
     (B,) int64 -> (x float32 (B, C, H, W) in [0, 1], y int64 (B,)). Raises ValueError naming

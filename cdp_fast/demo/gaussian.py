@@ -96,7 +96,7 @@ def _synthetic(kind, model, n_syn, steps, seed, labeler):
 
     name = {"ddim": "no guidance", "cdp": "HNM", "cdp-class": "class-conditional HNM"}[kind]
     opts = dict(VARIANTS[name])
-    kw = {} if opts["loss"] is None else dict(TOY_FORM)
+    kw = {} if opts["loss"] is None else dict(TOY_FORM, features="pixels")   # the 2-D points are the features
     s = cdp_fast.sample(model, n_syn, labeler=labeler, image_shape=(model.mu.numel(),), output="float",
                         steps=steps, skip="uniform", batch_size=n_syn, seed=seed, progress=False, compile=False,
                         device="cpu", **kw, **opts)

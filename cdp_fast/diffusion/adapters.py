@@ -6,7 +6,10 @@ them (as k-diffusion's ``external.py``):
   plain ``eps(x, t, y=None) -> Tensor`` (unwrapped once, here and nowhere else);
 - :class:`SigmaDenoiser`: a σ-space denoiser ``D(x, σ[, class_labels]) -> x̂_0`` (EDM /
   k-diffusion convention) as an ε-model on any ᾱ table, and as itself for the Heun solver;
-- :func:`load_diffusers_unet`: a local diffusers ``UNet2DModel`` folder (and its scheduler's ᾱ).
+- :class:`EpsFromPrediction`: a network that predicts v (``"v_prediction"``) or x̂_0
+  (``"sample"``), diffusers' ``prediction_type``, as the ε-model every solver runs;
+- :func:`load_diffusers_unet`: a local diffusers ``UNet2DModel`` folder (its scheduler's ᾱ and
+  ``prediction_type``), returned as an ε-model.
 """
 from __future__ import annotations
 
@@ -16,7 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["call_model", "unwrap_output", "EpsModel", "as_eps_model", "SigmaDenoiser", "load_diffusers_unet"]
+__all__ = ["call_model", "unwrap_output", "EpsModel", "as_eps_model", "SigmaDenoiser", "EpsFromPrediction",
+           "PREDICTION_TYPES", "load_diffusers_unet"]
+
+#: diffusers' ``prediction_type`` values: what the network outputs (:class:`EpsFromPrediction`)
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def unwrap_output(out):
@@ -186,13 +193,108 @@ class SigmaDenoiser(nn.Module):
         return self.eps_at_sigma(x * scale, sigma, y)
 
 
-def load_diffusers_unet(path):
+class EpsFromPrediction(nn.Module):
+    """A network that predicts v or x̂_0 (diffusers' ``prediction_type``) as an ε-model
+    ``(x_t, t, y=None) -> ε``, which every solver of :func:`cdp_fast.sample` runs (DDIM, DDPM and
+    DPM-Solver++ call it at integer t, Heun at fractional t(σ)). Exact conversions, with
+    x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε and v = √ᾱ_t·ε − √(1−ᾱ_t)·x_0 (Salimans & Ho 2022; diffusers'
+    ``DDIMScheduler.step``):
+
+        "epsilon":       ε = out
+        "v_prediction":  ε = √ᾱ_t·v + √(1−ᾱ_t)·x_t
+        "sample":        ε = (x_t − √ᾱ_t·x̂_0) / √(1−ᾱ_t)
+
+    ᾱ_t is the network's own table (``alphas_cumprod``: the one it was trained with, its
+    scheduler's): at integer t the table entry (float64, as diffusers indexes its table), at
+    fractional t the ᾱ = 1/(1+σ²) of σ(t) log-linear between entries — the σ at which Heun
+    evaluates (:func:`cdp_fast.diffusion.schedule.sigma_at`). "sample" divides by √(1−ᾱ_t): a
+    table entry ᾱ = 1 gives a non-finite ε there, as in diffusers (the solvers report it).
+
+    Args:
+        model: the network, ``model(x, t[, y])`` (outputs with ``.sample`` are unwrapped).
+        prediction_type: one of :data:`PREDICTION_TYPES`.
+        alphas_cumprod: (T,) ᾱ table in (0, 1] (e.g. ``scheduler.alphas_cumprod``).
+    Shapes: x (B, *shape); t (B,) long or float; y (B,) long or None -> ε (B, *shape), x's dtype.
+    """
+
+    def __init__(self, model, prediction_type: str, alphas_cumprod):
+        super().__init__()
+        if not callable(model):
+            raise TypeError(f"model must be callable, got {type(model).__name__}")
+        if not isinstance(prediction_type, str) or prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES} (diffusers' names), got "
+                             f"{prediction_type!r}")
+        from cdp_fast.diffusion.schedule import as_alphas_cumprod, log_sigmas
+        self.model = model
+        self.prediction_type = prediction_type
+        # plain attributes, not buffers: .half() must not round the table, and the state dict
+        # stays the network's (fingerprint_settings() records the table and the type)
+        self.alphas_cumprod = as_alphas_cumprod(alphas_cumprod).double().cpu()
+        self._tables = (self.alphas_cumprod, log_sigmas(self.alphas_cumprod))
+        self._tables_on = {}
+
+    def tables_on(self, device):
+        """(ᾱ, log σ) of the table on ``device`` (copied once per device)."""
+        key = str(device)
+        if key not in self._tables_on:
+            self._tables_on[key] = tuple(v.to(device) for v in self._tables)
+        return self._tables_on[key]
+
+    def fingerprint_settings(self) -> dict:
+        """What a resumed :func:`cdp_fast.sample` run depends on besides the weights."""
+        return {"prediction_type": self.prediction_type, "alphas_cumprod": self.alphas_cumprod}
+
+    def extra_repr(self) -> str:
+        return f"prediction_type={self.prediction_type!r}, T={self.alphas_cumprod.numel()}"
+
+    def forward(self, x, t, y=None):
+        out = call_model(self.model, x, t, y)
+        if self.prediction_type == "epsilon":
+            return out
+        abar_table, log_sigma = self.tables_on(x.device)
+        t = torch.as_tensor(t, device=x.device)
+        if t.is_floating_point():       # Heun's t(σ): ᾱ of the interpolated σ
+            from cdp_fast.diffusion.schedule import sigma_at
+            abar = 1.0 / (1.0 + sigma_at(t, log_sigma).square())
+        else:
+            abar = abar_table[t.long()]
+        view = (-1,) + (1,) * (x.dim() - 1)
+        abar = abar.expand(x.shape[0]).reshape(view)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        a, s = abar.sqrt().to(dtype), (1.0 - abar).sqrt().to(dtype)
+        xt, out = x.to(dtype), out.to(dtype)
+        eps = a * out + s * xt if self.prediction_type == "v_prediction" else (xt - a * out) / s
+        return eps.to(x.dtype)
+
+
+def _scheduler_config(path: Path):
+    """The folder's scheduler config file (``scheduler/scheduler_config.json`` of a pipeline,
+    or ``scheduler_config.json`` beside the UNet's ``config.json``), or None."""
+    for f in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json"):
+        if f.is_file():
+            return f
+    return None
+
+
+def load_diffusers_unet(path, *, prediction_type=None, alphas_cumprod=None):
     """A local diffusers ``UNet2DModel`` folder, or a pipeline folder with ``unet/`` (and
-    ``scheduler/``), loaded with ``local_files_only=True``.
+    ``scheduler/``), loaded with ``local_files_only=True``, as an ε-model.
+
+    ``prediction_type`` (what the UNet outputs: ``"epsilon"``, ``"v_prediction"`` or
+    ``"sample"``) is, in this order: the argument; the ``prediction_type`` of the folder's
+    scheduler config (``scheduler/scheduler_config.json`` of a pipeline folder, else a
+    ``scheduler_config.json`` beside the UNet's ``config.json``); ``"epsilon"`` (diffusers'
+    default) when the folder has no scheduler config. A UNet's own ``config.json`` does not
+    record it. Anything else is a ValueError naming the value and where it came from. A
+    ``"v_prediction"`` / ``"sample"`` UNet is returned wrapped in :class:`EpsFromPrediction`
+    (exact conversion to ε on its scheduler's ᾱ table), so every solver samples it right.
+
+    ``alphas_cumprod`` overrides the scheduler's ᾱ table (needed for a non-ε UNet without a
+    scheduler config: the conversion needs the table the UNet was trained with).
 
     Returns (model, info): info holds ``image_shape`` (C, H, W), ``alphas_cumprod`` (the
-    folder's DDIM scheduler's ᾱ, or None without ``scheduler/``) and ``num_classes`` (the
-    config's ``num_class_embeds``, or None)."""
+    table used: the argument, the folder's scheduler's ᾱ, or None), ``num_classes`` (the
+    config's ``num_class_embeds``, or None) and ``prediction_type``."""
     try:
         from diffusers import DDIMScheduler, UNet2DModel
     except ImportError as e:
@@ -206,7 +308,24 @@ def load_diffusers_unet(path):
     hw = (size, size) if isinstance(size, int) else size
     info = {"image_shape": (cfg.in_channels, *hw), "alphas_cumprod": None,
             "num_classes": getattr(cfg, "num_class_embeds", None)}
-    if (path / "scheduler").is_dir():
-        sched = DDIMScheduler.from_pretrained(str(path), subfolder="scheduler", local_files_only=True)
+    sched_file = _scheduler_config(path)
+    where = "the prediction_type argument"
+    if sched_file is not None:
+        sched = DDIMScheduler.from_pretrained(str(sched_file.parent), local_files_only=True)
         info["alphas_cumprod"] = sched.alphas_cumprod
+        if prediction_type is None:
+            prediction_type, where = sched.config.prediction_type, f"{sched_file}"
+    if prediction_type is None:
+        prediction_type, where = "epsilon", "diffusers' default (no scheduler config)"
+    if alphas_cumprod is not None:
+        info["alphas_cumprod"] = alphas_cumprod
+    if not isinstance(prediction_type, str) or prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"diffusers model {path}: prediction_type {prediction_type!r} (from {where}) is not one of "
+                         f"{PREDICTION_TYPES}")
+    info["prediction_type"] = prediction_type
+    if prediction_type != "epsilon":
+        if info["alphas_cumprod"] is None:
+            raise ValueError(f"diffusers model {path}: a {prediction_type!r} UNet needs the ᾱ table it was trained "
+                             "with to be converted to ε; the folder has no scheduler config: pass alphas_cumprod")
+        model = EpsFromPrediction(model, prediction_type, info["alphas_cumprod"])
     return model, info

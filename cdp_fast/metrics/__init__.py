@@ -35,24 +35,28 @@ function                    what                                                
                             real set's own 5th-percentile NN distance
 :func:`paired`              same x_T, two samplers: label-flip rate, ‖Δx‖                —
 :func:`report`              all of the above that apply, as a JSON-serialisable dict    —
+:func:`fid`                 FID, KID, IS in Inception-v3 space (``[fid]`` extra;        [H17],
+                            :mod:`~cdp_fast.metrics.frechet`), streamed statistics      [B18]
 ==========================  =========================================================  =======
 
 [K19] Kynkäänniemi, Karras, Laine, Lehtinen, Aila, "Improved Precision and Recall Metric for
-Assessing Generative Models", NeurIPS 2019. [N20] Naeem, Oh, Uh, Choi, Yoo, "Reliable
-Fidelity and Diversity Metrics for Generative Models", ICML 2020 (reference code
+Assessing Generative Models", NeurIPS 2019. [N20] Naeem, Oh, Uh, Choi, Yoo, "Reliable Fidelity
+and Diversity Metrics for Generative Models", ICML 2020 (reference code
 ``clovaai/generative-evaluation-prdc``, whose strict ``<`` and k-th-neighbour-excluding-self
-radii are followed here). [A16] Alain, Bengio, "Understanding intermediate layers using linear
-classifier probes", 2016. [M18] Madry et al., "Towards Deep Learning Models Resistant to
-Adversarial Attacks", ICLR 2018. [W21] the nearest-neighbour memorisation check of generated
-images against the training set (e.g. Webster et al., "This Person (Probably) Exists", 2021;
-Carlini et al., "Extracting Training Data from Diffusion Models", 2023). §3: Section 3 of the
-paper (``contrastive-dp-iclr2023``): real x | y ~ N(yμ, σ²I), synthetic
-0.5 N(μ̃, σ²I) + 0.5 N(−μ̃, σ²I) with μ̃ = cμ; "the bigger the c, the smaller the error".
+radii are followed here). [H17], [B18]: see :mod:`cdp_fast.metrics.frechet`. [A16] Alain,
+Bengio, "Understanding intermediate layers using linear classifier probes", 2016. [M18] Madry
+et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018. [W21] the
+nearest-neighbour memorisation check of generated images against the training set (e.g. Webster
+et al., "This Person (Probably) Exists", 2021; Carlini et al., "Extracting Training Data from
+Diffusion Models", 2023). §3: Section 3 of the paper (``contrastive-dp-iclr2023``): real x | y
+~ N(yμ, σ²I), synthetic 0.5 N(μ̃, σ²I) + 0.5 N(−μ̃, σ²I) with μ̃ = cμ; "the bigger the c, the
+smaller the error".
 """
 from cdp_fast.metrics.classifiers import (class_balance, confidence_summary, fit_logistic_regression,
                                           label_agreement, linear_probe)
 from cdp_fast.metrics.defaults import METRIC_DEFAULTS
 from cdp_fast.metrics.features import PCAFeatures, extract_features, fit_pca
+from cdp_fast.metrics.frechet import FeatureStats, feature_stats, fid, frechet_distance, kernel_distance
 from cdp_fast.metrics.figure import figure
 from cdp_fast.metrics.inputs import ImageSet, as_image_set
 from cdp_fast.metrics.neighbours import knn_radii, memorisation, nn_distances, prdc
@@ -63,5 +67,6 @@ __all__ = [
     "ImageSet", "as_image_set", "PCAFeatures", "fit_pca", "extract_features", "class_separation",
     "effective_c", "knn_radii", "prdc", "class_balance", "label_agreement", "confidence_summary",
     "fit_logistic_regression", "linear_probe", "nn_distances", "memorisation", "paired", "report",
-    "table_rows", "figure", "METRIC_DEFAULTS",
+    "table_rows", "figure", "METRIC_DEFAULTS", "FeatureStats", "feature_stats", "frechet_distance",
+    "kernel_distance", "fid",
 ]

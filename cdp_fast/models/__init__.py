@@ -5,15 +5,20 @@
 - :class:`PreActResNet` / :func:`preact_resnet18`: PreAct-ResNet-18; ``features`` is 512-d.
 - :class:`SmallCNN` / :func:`small_cnn`: a small CNN for 8x8 / 28x28 digits.
 - :class:`MnistNet` / :func:`mnist_net`: the authors' four-layer MNIST CNN (28x28; ``features`` is 100-d).
+- :func:`load_wrn_checkpoint` / :func:`load_checkpoint_into`: DM-Improves-AT / RobustBench
+  checkpoints as published (``model_state_dict``, ``module.0.`` prefixes, ``.safetensors``).
 
-All take images in [0, 1] (NCHW) and normalise inside. :func:`as_feature_extractor` adapts a
-classifier to the sampler's guidance, whose images are in [-1, 1].
+All take images in [0, 1] (NCHW) and normalise inside. The sampler calls its networks on
+images in [-1, 1]: :func:`as_feature_extractor` (``.features`` or a named layer's hook) and
+:func:`as_labeler` adapt a classifier to it and declare the range; :mod:`.ranges` states the
+rule that checks it.
 
 Example::
 
-    from cdp_fast.models import get_model, as_feature_extractor
+    from cdp_fast.models import get_model, as_feature_extractor, as_labeler
     clf = get_model("wrn-28-10-swish")            # logits = clf(x01)
     f = as_feature_extractor(clf)                 # f(x_t in [-1, 1]) -> (B, 640)
+    lab = as_labeler(clf, input_range=(0, 1))     # lab(x0 in [-1, 1]) -> logits (B, 10)
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ import re
 from torch import nn
 
 from cdp_fast.models._common import CIFAR10_MEAN, CIFAR10_STD, Normalize
-from cdp_fast.models.features import FeatureExtractor, as_feature_extractor
+from cdp_fast.models.checkpoints import load_checkpoint_into, load_wrn_checkpoint, published_state_dict
+from cdp_fast.models.features import FeatureExtractor, Labeler, as_feature_extractor, as_labeler
 from cdp_fast.models.mnist_net import MnistNet, mnist_net
 from cdp_fast.models.preact import PreActResNet, preact_resnet18
 from cdp_fast.models.small_cnn import SmallCNN, small_cnn
@@ -31,7 +37,8 @@ from cdp_fast.models.wrn import WideResNet, wrn_28_10
 __all__ = [
     "WideResNet", "wrn_28_10", "PreActResNet", "preact_resnet18", "SmallCNN", "small_cnn", "MnistNet", "mnist_net",
     "Normalize", "CIFAR10_MEAN", "CIFAR10_STD", "get_model", "as_feature_extractor",
-    "FeatureExtractor", "MODEL_NAMES",
+    "FeatureExtractor", "MODEL_NAMES", "as_labeler", "Labeler", "load_wrn_checkpoint", "load_checkpoint_into",
+    "published_state_dict",
 ]
 
 MODEL_NAMES = ("wrn-28-10-swish", "wrn-<depth>-<width>[-swish|-relu]", "preact-resnet18",

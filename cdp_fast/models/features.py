@@ -1,27 +1,82 @@
-"""A classifier as the guidance's feature map: :func:`as_feature_extractor` takes a
-:mod:`cdp_fast.models` classifier (images in [0, 1], a ``.features`` method) and gives
-f(x) (B, d) on the sampler's [-1, 1] images — mapped to [0, 1] first (``feature_input="unit"``,
-the default) or passed as they are (``"raw"``, what the authors' code did)."""
+"""Classifiers as the sampler's networks, with the input range stated (docs: :mod:`.ranges`).
+
+``cdp_fast.sample`` calls its ``features`` on x_t and its ``labeler`` on x̂₀, both in the
+diffusion model's **[-1, 1]**; classifiers take their own range, usually [0, 1]. The two
+adapters map one to the other and declare ``accepts_range = (-1, 1)``:
+
+- :func:`as_labeler` (``model, input_range=(0, 1)``): x in [-1, 1] -> ``model`` of x mapped
+  to ``input_range`` -> logits (B, K);
+- :func:`as_feature_extractor` (``model, layer=None``): x in [-1, 1] -> (B, d), the model's
+  ``.features`` (this package's classifiers), or the output (or input) of a named submodule
+  through a forward hook — for networks without ``.features`` (RobustBench's
+  ``DMWideResNet``: ``layer="logits", capture="input"``; timm: ``"head.fc"`` / ``"fc"``).
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["FeatureExtractor", "as_feature_extractor", "FEATURE_INPUTS"]
+from cdp_fast.models.ranges import SAMPLER_RANGE, UNIT_RANGE, check_range
 
-#: what :class:`FeatureExtractor` gives ``model.features``: "unit" (x + 1)/2, "raw" x itself
+__all__ = ["FeatureExtractor", "Labeler", "as_feature_extractor", "as_labeler", "FEATURE_INPUTS", "CAPTURES"]
+
+#: what :class:`FeatureExtractor` gives the classifier: "unit" x mapped to ``input_range``, "raw" x itself
 FEATURE_INPUTS = ("unit", "raw")
+#: what a ``layer=`` hook returns: the named module's output, or its first positional input
+CAPTURES = ("output", "input")
+
+
+def to_range(x: torch.Tensor, input_range) -> torch.Tensor:
+    """x in [-1, 1] mapped affinely onto ``input_range`` = (lo, hi): lo + (x + 1)(hi − lo)/2.
+    (0, 1) is ``(x + 1) * 0.5`` and (-1, 1) x itself, bit for bit. No clamping: x_t leaves
+    [-1, 1] during sampling, and a clamp would zero the guidance gradient there."""
+    lo, hi = input_range
+    if (lo, hi) == SAMPLER_RANGE:
+        return x
+    if (lo, hi) == UNIT_RANGE:
+        return (x + 1.0) * 0.5
+    return lo + (x + 1.0) * (0.5 * (hi - lo))
+
+
+class _Capture:
+    """The forward hook of a ``layer=`` extractor: records the module's output (or first input)
+    only while its own extractor runs (``active``), so the hooked model behaves as before
+    everywhere else (also when it is the labeller or is evaluated)."""
+
+    def __init__(self, capture: str):
+        self.capture, self.active, self.value = capture, False, None
+
+    def __call__(self, module, args, output):
+        if self.active:
+            self.value = (args[0] if args else None) if self.capture == "input" else output
+
+
+def _module_named(model: nn.Module, layer: str) -> nn.Module:
+    """``model``'s submodule ``layer``, or a ValueError listing the names there are."""
+    modules = dict(model.named_modules())
+    if isinstance(layer, str) and layer and layer in modules:
+        return modules[layer]
+    names = [n for n in modules if n]
+    top = [n for n, _ in model.named_children()]
+    shown = names if len(names) <= 40 else top + ["..."] + names[-8:]
+    raise ValueError(f"layer {layer!r} is not a submodule of {type(model).__name__}; its modules ({len(names)} in "
+                     f"all, model.named_modules()): {', '.join(shown)}. For the penultimate features name the "
+                     "final linear layer with capture='input' (e.g. 'logits' for a DM/RobustBench WRN, 'fc' or "
+                     "'head.fc' for torchvision / timm)")
 
 
 class FeatureExtractor(nn.Module):
-    """Wraps a classifier for contrastive guidance: images in **[-1, 1]** (the sampler's
-    space) -> the classifier's penultimate features.
+    """A classifier as contrastive guidance's feature map: images in **[-1, 1]** (the
+    sampler's space) -> (B, d). Declares ``accepts_range = (-1, 1)``.
 
-    ``forward(x)``: x (B, C, H, W) in [-1, 1] is mapped to [0, 1] by ``(x + 1) / 2``
-    (``feature_input="unit"``, the default) and passed to ``model.features`` (which applies
-    the model's own mean/std normalisation), giving (B, d). No clamping: during sampling x_t
-    (or the x0-prediction) can leave [-1, 1] and a clamp would zero the guidance gradient
-    there. Differentiable w.r.t. x.
+    ``forward(x)``: x (B, C, H, W) in [-1, 1] is mapped onto ``input_range`` (default (0, 1):
+    ``(x + 1) / 2``; :func:`to_range`) — ``feature_input="unit"``, the default — and given to
+    ``model.features`` (``layer=None``), or to ``model`` itself with the output (``capture=
+    "output"``) or first input (``"input"``) of ``model``'s submodule ``layer`` recorded by a
+    forward hook and flattened to (B, d). The hook is registered on ``model`` once and records
+    only during this extractor's forward; the rest of ``model`` still runs (its cost is paid).
+    No clamping: during sampling x_t can leave [-1, 1] and a clamp would zero the guidance
+    gradient there. Differentiable w.r.t. x.
 
     ``feature_input="raw"`` passes x_t as it is: the authors' setting (their MNIST code calls
     ``model(x+delta)`` on the sampler's x_t, ``minimal-diffusion-main/contrastive/
@@ -30,40 +85,138 @@ class FeatureExtractor(nn.Module):
     on. Offered to reproduce their runs; "unit" is what the classifier expects (docs/design.md §3).
     """
 
-    def __init__(self, model: nn.Module, *, feature_input: str = "unit"):
+    accepts_range = SAMPLER_RANGE
+
+    def __init__(self, model: nn.Module, *, feature_input: str = "unit", layer=None, capture: str = "output",
+                 input_range=UNIT_RANGE):
         super().__init__()
-        if not hasattr(model, "features") or not callable(model.features):
-            raise ValueError("model must have a callable .features(x) method "
-                             "(a cdp_fast.models classifier)")
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(feature_input, str) or feature_input not in FEATURE_INPUTS:
-            raise ValueError(f"feature_input must be 'unit' (x in [-1, 1] mapped to [0, 1]) or 'raw' (x as it is, "
-                             f"the authors' setting), got {feature_input!r}")
-        self.model = model
-        self._feature_input = feature_input
+            raise ValueError(f"feature_input must be 'unit' (x in [-1, 1] mapped to input_range) or 'raw' (x as "
+                             f"it is, the authors' setting), got {feature_input!r}")
+        self._input_range = check_range(input_range)
+        if feature_input == "raw" and self._input_range != UNIT_RANGE:
+            raise ValueError("input_range: feature_input='raw' passes x as it is; input_range does not apply")
+        if capture not in CAPTURES:
+            raise ValueError(f"capture must be 'output' or 'input', got {capture!r}")
+        self.model, self._feature_input, self._layer, self._capture = model, feature_input, layer, None
+        if layer is None:
+            if not callable(getattr(model, "features", None)):
+                raise ValueError(f"{type(model).__name__} has no .features(x) method: name the layer whose output "
+                                 "(or input) is the feature vector, as_feature_extractor(model, layer='logits', "
+                                 "capture='input') for a DM/RobustBench WRN")
+            if capture != "output":
+                raise ValueError("capture: applies to a layer= hook only")
+        else:
+            self._capture = _Capture(capture)
+            _module_named(model, layer).register_forward_hook(self._capture)
 
     @property
     def feature_input(self) -> str:
         """"unit" or "raw"; read-only (a prepared copy of this module is cached by its weights)."""
         return self._feature_input
 
+    @property
+    def input_range(self) -> tuple:
+        """The (lo, hi) range the wrapped classifier takes (read-only)."""
+        return self._input_range
+
+    @property
+    def layer(self):
+        """The hooked submodule's name, or None for ``model.features`` (read-only)."""
+        return self._layer
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.feature_input == "raw":
-            return self.model.features(x)
-        return self.model.features((x + 1.0) * 0.5)
+        xin = x if self.feature_input == "raw" else to_range(x, self._input_range)
+        if self._capture is None:
+            return self.model.features(xin)
+        cap = self._capture
+        cap.active, cap.value = True, None
+        try:
+            self.model(xin)
+        finally:
+            cap.active = False
+        z, cap.value = cap.value, None
+        if not isinstance(z, torch.Tensor):
+            raise ValueError(f"layer {self._layer!r} of {type(self.model).__name__} "
+                             + ("did not run in its forward" if z is None else
+                                f"gave a {type(z).__name__}, not a tensor") + " (as_feature_extractor(layer=...))")
+        return z.flatten(1)
 
     def extra_repr(self) -> str:
-        return f"feature_input={self.feature_input!r}"
+        return f"feature_input={self.feature_input!r}, layer={self._layer!r}, input_range={self._input_range}"
 
     def fingerprint_settings(self):
         """What the run depends on beyond the weights (a resumed ``sample(out=...)`` compares it,
-        :func:`cdp_fast.sampling.fingerprints.fingerprint`): None for "unit", so the
-        fingerprints recorded before the option existed are unchanged."""
-        return None if self.feature_input == "unit" else {"feature_input": self.feature_input}
+        :func:`cdp_fast.sampling.fingerprints.fingerprint`): None at the defaults, so the
+        fingerprints recorded before the options existed are unchanged."""
+        s = {}
+        if self.feature_input != "unit":
+            s["feature_input"] = self.feature_input
+        if self._layer is not None:
+            s.update(layer=self._layer, capture=self._capture.capture)
+        if self._input_range != UNIT_RANGE:
+            s["input_range"] = list(self._input_range)
+        return s or None
 
 
-def as_feature_extractor(model: nn.Module, *, feature_input: str = "unit") -> FeatureExtractor:
-    """Feature extractor for guidance: takes images in [-1, 1] (sampler space), converts them
-    to [0, 1] (``feature_input="unit"``; ``"raw"``: as they are, the authors' setting) and
-    returns ``model.features`` of them, shape (B, d). See :class:`FeatureExtractor`.
+class Labeler(nn.Module):
+    """A classifier as the sampler's labeller: x (B, C, H, W) in **[-1, 1]** (the x̂₀ that
+    ``cdp_fast.sample`` labels) -> ``model(to_range(x, input_range))``, logits (B, K).
+    Declares ``accepts_range = (-1, 1)``; the wrapped model's range is ``input_range``."""
+
+    accepts_range = SAMPLER_RANGE
+
+    def __init__(self, model: nn.Module, *, input_range=UNIT_RANGE):
+        super().__init__()
+        if not isinstance(model, nn.Module) and not callable(model):
+            raise ValueError(f"model must be a torch.nn.Module or a callable, got {type(model).__name__}")
+        self.model, self._input_range = model, check_range(input_range)
+
+    @property
+    def input_range(self) -> tuple:
+        """The (lo, hi) range the wrapped classifier takes (read-only)."""
+        return self._input_range
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(to_range(x, self._input_range))
+
+    def extra_repr(self) -> str:
+        return f"input_range={self._input_range}"
+
+    def fingerprint_settings(self):
+        """The wrapped model's range (it changes what the labeller computes)."""
+        return {"input_range": list(self._input_range)}
+
+
+def as_labeler(model, input_range=UNIT_RANGE) -> Labeler:
+    """A classifier taking images in ``input_range`` (default (0, 1): this package's,
+    RobustBench's and DM-Improves-AT's models; (-1, 1) for one trained on [-1, 1]) as
+    ``cdp_fast.sample``'s ``labeler``, which is called on x̂₀ in [-1, 1]: x (B, C, H, W) in
+    [-1, 1] -> logits (B, K) of ``model`` on x mapped onto ``input_range``. See :class:`Labeler`.
+
+    Example::
+
+        clf = cdp_fast.models.get_model("wrn-28-10")       # takes [0, 1]
+        s = cdp_fast.sample(unet, n, features=..., labeler=as_labeler(clf, input_range=(0, 1)))
     """
-    return FeatureExtractor(model, feature_input=feature_input)
+    return Labeler(model, input_range=input_range)
+
+
+def as_feature_extractor(model: nn.Module, *, feature_input: str = "unit", layer=None, capture: str = "output",
+                         input_range=UNIT_RANGE) -> FeatureExtractor:
+    """Feature extractor for guidance: takes images in [-1, 1] (sampler space), maps them onto
+    the classifier's ``input_range`` (default (0, 1); ``feature_input="raw"``: as they are,
+    the authors' setting) and returns (B, d): ``model.features`` of them, or with ``layer=``
+    the output (``capture="output"``) or input (``"input"``) of that named submodule,
+    flattened. A wrong ``layer`` is a ValueError listing the module names. See
+    :class:`FeatureExtractor`.
+
+    Example (RobustBench's ``DMWideResNet`` has no ``.features``; its 640-d penultimate
+    vector is the input of ``logits``)::
+
+        f = as_feature_extractor(dm_wrn, layer="logits", capture="input")   # (B, 640)
+    """
+    return FeatureExtractor(model, feature_input=feature_input, layer=layer, capture=capture,
+                            input_range=input_range)

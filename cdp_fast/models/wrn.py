@@ -17,9 +17,11 @@ by DM-Improves-AT as ``wideresnetwithswish``; Zagoruyko & Komodakis 2016 for the
   (640 for WRN-28-10) is what :meth:`WideResNet.features` returns;
 - init: conv weights N(0, 2 / (k·k·out_channels)), BN weight 1 / bias 0, linear bias 0.
 
-Module names match the DeepMind/DM-Improves-AT checkpoints (``init_conv``, ``layer.{g}.block.
-{i}.batchnorm_0`` ..., ``batchnorm``, ``logits``), so their public state dicts load with
-``load_state_dict(strict=True)`` (mean/std are non-persistent buffers).
+Module names match the DeepMind / DM-Improves-AT / RobustBench ``DMWideResNet`` checkpoints
+(``init_conv``, ``layer.{g}.block.{i}.batchnorm_0`` ..., ``batchnorm``, ``logits``; mean/std are
+non-persistent buffers), so a bare state dict of theirs loads with ``load_state_dict(strict=True)``;
+the files as published (``{"model_state_dict": ...}``, ``module.0.`` prefixes, RobustBench's
+``mean`` / ``std`` keys, ``.safetensors``) load with :func:`cdp_fast.models.load_wrn_checkpoint`.
 
 Shapes: x (B, C, H, W) in [0, 1] -> logits (B, num_classes); features (B, 64·width).
 """

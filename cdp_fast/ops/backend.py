@@ -41,6 +41,7 @@ ValueError.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -48,12 +49,25 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["OPS", "choose", "requested_backend", "triton_interpreting", "kernels_module"]
+__all__ = ["OPS", "choose", "requested_backend", "triton_interpreting", "kernels_module", "autocast_off"]
 
 OPS = ("contrastive", "ddim", "pgd_step")
 _ENV = "CDP_FAST_BACKEND"
 _PGD_ENV = "CDP_FAST_PGD_IMPL"
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def autocast_off(device):
+    """A context with autocast disabled for ``device``'s type: the ops' bodies run in it, so
+    their precision is the one they document whatever region calls them. Autocast state is
+    thread-local and the autograd engine carries it into the threads that run a custom op's
+    backward, so without this the sampler's bf16 region (which spans the guidance's
+    ``autograd.grad``) would turn the fp32 GEMMs of the contrastive backward into bf16 GEMMs.
+    Inputs keep their dtypes; each op casts them as it documents."""
+    kind = torch.device(device).type
+    if not torch.amp.is_autocast_available(kind):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=kind, enabled=False)
 
 
 def requested_backend() -> str:

@@ -115,6 +115,8 @@ def checkpoint_config(run: RunConfig, spe: int, real, syn) -> dict:
     }
     if run.sync_bn:   # (key absent otherwise: checkpoints of earlier versions still resume)
         config["sync_bn"] = True
+    if run.norm != "linf":   # (likewise: L∞ checkpoints of earlier versions still resume)
+        config["norm"] = run.norm
     # (checkpoints of earlier versions have no "recipe": load_checkpoint reads them as "zhang")
     config["recipe"] = run.recipe
     return config

@@ -196,7 +196,8 @@ def _update(loop: Loop, x, y, epoch: int, step: int):
     with amp:
         if run.kind == "trades":
             recipe = loop.recipe
-            if recipe.trades_start == "uniform":
+            # (L2: x + 0.001·N(0, I) in both recipes, as both public codes; recipes.py)
+            if recipe.trades_start == "uniform" and run.norm == "linf":
                 u = torch.rand(global_shape, generator=gen, device=dev, dtype=x.dtype)[rows]
                 x_adv = trades_from_draws(loop.attack_fwd, x, u, eps=run.eps,
                                           step_size=run.step_size, steps=run.steps,
@@ -205,7 +206,7 @@ def _update(loop: Loop, x, y, epoch: int, step: int):
                 noise = torch.randn(global_shape, generator=gen, device=dev, dtype=x.dtype)[rows]
                 x_adv = trades_from_noise(loop.attack_fwd, x, noise, eps=run.eps,
                                           step_size=run.step_size, steps=run.steps,
-                                          mode=recipe.trades_mode)
+                                          mode=recipe.trades_mode, norm=run.norm)
             logits_nat = loop.fwd(x)
             logits_adv = loop.fwd(x_adv)
             loss = trades_loss(logits_nat, logits_adv, y, beta=run.beta,
@@ -213,7 +214,7 @@ def _update(loop: Loop, x, y, epoch: int, step: int):
         else:
             u = torch.rand(global_shape, generator=gen, device=dev, dtype=x.dtype)[rows]
             x_adv = pgd_from_draws(loop.attack_fwd, x, y, u, eps=run.eps,
-                                   step_size=run.step_size, steps=run.steps)
+                                   step_size=run.step_size, steps=run.steps, norm=run.norm)
             logits_adv = loop.fwd(x_adv)
             logits_nat = None
             loss = pgd_at_loss(logits_adv, y, label_smoothing=run.label_smoothing)

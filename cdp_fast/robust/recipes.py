@@ -22,6 +22,10 @@ its README trains with ``train-wa.py`` — missing from their snapshot, present 
   natural distribution is the *target* of ``kl_div``, so gradients flow through both f(x) and
   f(x'); the clean forward and the adversarial forward both run in train mode, one after the
   other, each updating the BatchNorm running statistics;
+- ``norm="l2"``: the same objectives with the inner attack in the L2 ball
+  (:func:`cdp_fast.robust.attacks.pgd_step_l2`); TRADES' L2 attack starts from x + 0.001·N(0, I)
+  in *both* recipes (``core/utils/trades.py`` ``attack='l2-pgd'`` and Zhang's ``distance='l_2'``
+  do so; the mode stays the recipe's); PGD-AT's start is uniform in the L2 ball;
 - PGD-AT (Madry et al. 2018): L = CE(f(x'), y) with x' from
   :func:`cdp_fast.robust.attacks.pgd_attack` (uniform random start, model in eval mode for the
   attack, as ``core/utils/train.py``'s ``Trainer.adversarial_loss``);
@@ -204,6 +208,7 @@ class RunConfig:
     compile: Any
     sync_bn: bool
     recipe: str = "gowal"
+    norm: str = "linf"        # the inner attack's threat model: "linf" or "l2"
 
 
 def make_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.SGD:

@@ -11,6 +11,9 @@ tuple ``(x, y)`` of tensors / arrays (x float NCHW in [0, 1], or uint8 NHWC; y i
 ``torch.utils.data.Dataset`` of (x, y) pairs (x float CHW in [0, 1]), a
 :class:`cdp_fast.Samples` (uint8 NHWC images, or float images in [-1, 1] model space), or a
 path (npz with image/label or arr_0/arr_1 keys, or an out directory of :func:`cdp_fast.sample`).
+The model takes images in [0, 1] (checked on the data by ``as_source``); a network that declares
+another range — a ``cdp_fast.models.as_labeler`` / ``as_feature_extractor`` adapter, which takes
+the sampler's [-1, 1] — is refused (:mod:`cdp_fast.models.ranges`).
 """
 from __future__ import annotations
 
@@ -27,9 +30,13 @@ import torch
 from torch import nn
 
 from cdp_fast.data import Samples, as_source
+from cdp_fast.data.sources import is_path_list
+from cdp_fast.models.ranges import UNIT_RANGE, check_range_contract
+from cdp_fast.robust.attacks import check_norm
 from cdp_fast.robust.batches import MixedBatchSampler, augment_defaults, mix_counts
 from cdp_fast.robust.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
 from cdp_fast.robust.loop import Loop, broadcast_state, check_labels, epoch_entry, run_epoch, wrap_model
+from cdp_fast.robust.monitor import Monitor
 from cdp_fast.robust.recipes import RECIPES, RunConfig, make_optimizer
 from cdp_fast.utils import distributed as cdist
 from cdp_fast.utils.checkpoint import data_fingerprint
@@ -51,7 +58,8 @@ def train_trades(model: nn.Module, train_data, *, synthetic=None, real_fraction:
                  warmup_epochs: int = 0, checkpoint=None, resume: bool = True, seed: int = 0,
                  device=None, amp="auto", compile="auto",
                  callback: Optional[Callable[[dict], None]] = None,
-                 sync_bn: bool = False, recipe: str = "gowal") -> nn.Module:
+                 sync_bn: bool = False, recipe: str = "gowal", norm: str = "linf",
+                 holdout=None, eval_every: Optional[int] = None, log_dir=None) -> nn.Module:
     """TRADES adversarial training (Zhang et al. 2019) on real + synthetic data, the paper's
     recipe by default (App. D: Gowal et al. 2021's setting, β = 6, 10-step PGD, EMA 0.995;
     ``recipe="gowal"``; :mod:`cdp_fast.robust.recipes` documents both recipes and their
@@ -70,8 +78,9 @@ def train_trades(model: nn.Module, train_data, *, synthetic=None, real_fraction:
             given (0.3 = DM-Improves-AT's unsup_fraction 0.7); ignored otherwise.
         epochs: number of epochs (>= 1); an epoch is ``steps_per_epoch`` updates, by default
             ``ceil(len(train_data) / batch_size)``.
-        eps, step_size, steps: L∞ budget ε, PGD step α and PGD steps of the inner attack
-            (the paper: 8/255, 2/255, 10 on CIFAR-10).
+        eps, step_size, steps: budget ε (in ``norm``), PGD step α and PGD steps of the inner
+            attack (the paper: L∞ 8/255, 2/255, 10 on CIFAR-10; DM-Improves-AT's L2: 128/255,
+            15/255, 10).
         beta: TRADES β (6.0; unused by PGD-AT).
         batch_size: images per update (real + synthetic).
         ema: EMA decay (0.995) or None for no averaging; returned weights are the EMA's.
@@ -104,6 +113,15 @@ def train_trades(model: nn.Module, train_data, *, synthetic=None, real_fraction:
             x + 0.001·N(0, I) start, eval mode — no label smoothing, EMA ramp from the first
             update with averaged BatchNorm statistics). Part of the checkpoint's
             configuration; checkpoints written before recipes existed resume as "zhang".
+        norm: the inner attack's threat model, ``"linf"`` (default) or ``"l2"``
+            (:func:`cdp_fast.robust.attacks.pgd_step_l2`; TRADES' L2 attack starts from
+            x + 0.001·N(0, I) in both recipes, as Zhang's and Gowal et al.'s code). Part of the
+            checkpoint's configuration.
+        holdout, eval_every, log_dir: (:mod:`cdp_fast.robust.monitor`) None, a fraction in
+            (0, 1) or a count of ``train_data``'s items (never ``synthetic``) held out by ``seed``
+            and evaluated (clean, PGD-20 at ``eps``; the EMA model) every ``eval_every`` epochs
+            (None: 1) and after the last, into the history (``holdout_*``); ``log_dir``: a
+            folder for ``metrics.csv`` (a row per epoch) and TensorBoard scalars if installed.
     Returns:
         ``model`` with the EMA weights loaded (the last weights when ema=None), in eval mode,
         with ``model.history``: one dict per epoch (loss, train accuracies, lr, time_s,
@@ -120,7 +138,7 @@ def train_trades(model: nn.Module, train_data, *, synthetic=None, real_fraction:
                 augment=augment, pad=pad, flip=flip, steps_per_epoch=steps_per_epoch,
                 warmup_epochs=warmup_epochs, checkpoint=checkpoint, resume=resume, seed=seed,
                 device=device, amp=amp, compile=compile, callback=callback, sync_bn=sync_bn,
-                recipe=recipe)
+                recipe=recipe, norm=norm, holdout=holdout, eval_every=eval_every, log_dir=log_dir)
 
 
 def train_pgd_at(model: nn.Module, train_data, *, synthetic=None, real_fraction: float = 0.3,
@@ -134,7 +152,8 @@ def train_pgd_at(model: nn.Module, train_data, *, synthetic=None, real_fraction:
                  warmup_epochs: int = 0, checkpoint=None, resume: bool = True, seed: int = 0,
                  device=None, amp="auto", compile="auto",
                  callback: Optional[Callable[[dict], None]] = None,
-                 sync_bn: bool = False, recipe: str = "gowal") -> nn.Module:
+                 sync_bn: bool = False, recipe: str = "gowal", norm: str = "linf",
+                 holdout=None, eval_every: Optional[int] = None, log_dir=None) -> nn.Module:
     """Madry et al. (2018) PGD adversarial training with the same options as
     :func:`train_trades` (``beta`` is accepted for symmetry and ignored); the revised paper's
     App. F.1 variant.
@@ -158,20 +177,21 @@ def train_pgd_at(model: nn.Module, train_data, *, synthetic=None, real_fraction:
                 augment=augment, pad=pad, flip=flip, steps_per_epoch=steps_per_epoch,
                 warmup_epochs=warmup_epochs, checkpoint=checkpoint, resume=resume, seed=seed,
                 device=device, amp=amp, compile=compile, callback=callback, sync_bn=sync_bn,
-                recipe=recipe)
+                recipe=recipe, norm=norm, holdout=holdout, eval_every=eval_every, log_dir=log_dir)
 
 
 # --------------------------------------------------------------------------- a run, top-down
 def _fit(kind: str, model: nn.Module, train_data, *, synthetic, checkpoint, resume, device,
-         callback, **options) -> nn.Module:
+         callback, holdout=None, eval_every=None, log_dir=None, **options) -> nn.Module:
     """One run: validation, data, device and process group, optimizer and EMA, resume, DDP
     wrapping; then the epochs, each followed by its checkpoint and the callback; then the EMA
     weights into ``model``. The parts live in :mod:`cdp_fast.robust.recipes`,
     :mod:`cdp_fast.robust.checkpoint` and :mod:`cdp_fast.robust.loop`."""
     run = _validate(kind, model, callback=callback, **options)
+    monitor = Monitor(holdout, eval_every, log_dir)      # (its arguments checked before any work)
     # Paths are opened once here, so the data trained on is the data fingerprinted.
     train_data, synthetic = _open_path(train_data), _open_path(synthetic)
-    real, syn, spe = _sources(train_data, synthetic, run)
+    real, syn, spe = _sources(train_data, synthetic, run, monitor)
     if run.augment:
         if len(real.image_shape) != 3:
             raise ValueError(f"train_data: augmentation (crops, flips) needs images (C, H, W), got items of "
@@ -200,7 +220,7 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, checkpoint, resu
         for p in ema_model.parameters():
             p.requires_grad_(False)
 
-    config = checkpoint_config(run, spe, real, syn)
+    config = {**checkpoint_config(run, spe, real, syn), **monitor.config()}
     start_epoch, step, history = 0, 0, []
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     fingerprints = None
@@ -223,6 +243,7 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, checkpoint, resu
                 warmup=run.warmup_epochs * spe, recipe=RECIPES[run.recipe],
                 num_classes=num_classes)
     run_images, run_seconds = 0, 0.0
+    monitor.start(start_epoch, rank)
     for epoch in range(start_epoch, run.epochs):
         t0 = time.perf_counter()
         step, sums, seen = run_epoch(loop, epoch, step)
@@ -233,14 +254,18 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, checkpoint, resu
         history.append(entry)
         if not math.isfinite(entry["loss"]):
             raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}")
+        monitor.evaluate(entry, run.epochs, ema_model if ema_model is not None else model, eps=run.eps,
+                         seed=run.seed, batch_size=run.batch_size, device=dev, norm=run.norm)
         if ckpt_path is not None and rank == 0:
             save_checkpoint(ckpt_path, config=config, epoch=epoch + 1, step=step, model=model,
                             opt=opt, ema_model=ema_model, history=history, data=fingerprints)
         if ckpt_path is not None and world > 1:
             cdist.barrier()   # every rank sees the finished checkpoint before going on
+        monitor.write(history, rank)      # (after the checkpoint: the log never runs ahead of it)
         if callback is not None:
             callback({"epoch": epoch + 1, "epochs": run.epochs, "history": history,
                       "model": model, "ema_model": ema_model})
+    monitor.close()
 
     # Throughput: images (training examples, attack passes not counted) per second of this
     # rank's training loop, gathered from every rank (small objects, never tensors of data).
@@ -259,12 +284,14 @@ def _fit(kind: str, model: nn.Module, train_data, *, synthetic, checkpoint, resu
 def _validate(kind, model, *, real_fraction, epochs, eps, step_size, steps, beta, batch_size,
               ema, progress, lr, momentum, weight_decay, nesterov, label_smoothing, augment,
               pad, flip, steps_per_epoch, warmup_epochs, seed, amp, compile, callback,
-              sync_bn, recipe) -> RunConfig:
+              sync_bn, recipe, norm="linf") -> RunConfig:
     """ValueError naming the first bad argument (in this order), else the run's RunConfig
     (label_smoothing resolved from the recipe; pad / flip may still be None: the images'
     shape decides them)."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_range_contract(model, UNIT_RANGE, "model (training gives it images in [0, 1])",
+                         "train the classifier itself (the adapter's .model)")
     check_number("real_fraction", real_fraction, 0.0, 1.0)
     check_number("epochs", epochs, 1, integer=True)
     check_number("eps", eps, 0.0)
@@ -279,6 +306,7 @@ def _validate(kind, model, *, real_fraction, epochs, eps, step_size, steps, beta
     check_number("weight_decay", weight_decay, 0.0)
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
+    norm = check_norm(norm)
     if label_smoothing is None:
         label_smoothing = RECIPES[recipe].label_smoothing[kind]
     check_number("label_smoothing", label_smoothing, 0.0, 1.0, hi_open=True)
@@ -307,12 +335,16 @@ def _validate(kind, model, *, real_fraction, epochs, eps, step_size, steps, beta
                      label_smoothing=label_smoothing, augment=augment,
                      pad=None if pad is None else int(pad), flip=flip,
                      steps_per_epoch=steps_per_epoch, warmup_epochs=int(warmup_epochs),
-                     seed=int(seed), amp=amp, compile=compile, sync_bn=sync_bn, recipe=recipe)
+                     seed=int(seed), amp=amp, compile=compile, sync_bn=sync_bn, recipe=recipe,
+                     norm=norm)
 
 
-def _sources(train_data, synthetic, run: RunConfig):
-    """(real, synthetic or None, updates per epoch), ValueError if they do not fit together."""
+def _sources(train_data, synthetic, run: RunConfig, monitor=None):
+    """(real less ``monitor``'s holdout, synthetic or None, updates per epoch); ValueError if
+    they do not fit together."""
     real = as_source(train_data, "train_data")
+    if monitor is not None:
+        real = monitor.split(real, run.seed)
     syn = as_source(synthetic, "synthetic") if synthetic is not None else None
     if run.real_fraction == 0.0 and syn is None:
         raise ValueError("real_fraction=0 trains on synthetic data only, but synthetic is None")
@@ -326,8 +358,9 @@ def _sources(train_data, synthetic, run: RunConfig):
 
 
 def _open_path(data):
-    """A path input as the :class:`cdp_fast.Samples` it names (what as_source would open)."""
-    return Samples.load(data) if isinstance(data, (str, os.PathLike)) else data
+    """A path, or a list of paths (the parts of one set), as the :class:`cdp_fast.Samples` it
+    names (what as_source would open), so the fingerprint covers every part."""
+    return Samples.load(data) if isinstance(data, (str, os.PathLike)) or is_path_list(data) else data
 
 
 def _num_outputs(model: nn.Module, real, dev, use_amp: bool) -> Optional[int]:

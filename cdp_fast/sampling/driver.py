@@ -76,9 +76,13 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
             which every solver runs (as ε = (x_σ − D)/σ on this call's ᾱ table).
         n: number of samples (>= 1).
         loss: None/"none" (plain DDIM), "infonce" or "hnm".
-        features: f: x_t [(B, *image_shape) in [-1, 1]] -> (B, d); None = flattened pixels.
-            For a classifier use :func:`cdp_fast.models.as_feature_extractor` (x mapped to
-            its [0, 1]; ``feature_input="raw"``: x_t as it is, the authors' setting).
+        features: f: x_t [(B, *image_shape) in [-1, 1]] -> (B, d), or "pixels" (flattened
+            pixels, an explicit choice that needs ``lam``); required when guided (None with a
+            ``loss`` is a ValueError: the paper's λ would silently apply to pixels). For a
+            classifier use :func:`cdp_fast.models.as_feature_extractor` (x mapped to its
+            [0, 1]; ``layer=`` hooks a named module; ``feature_input="raw"``: x_t as it is,
+            the authors' setting). A network declaring another range is refused, an
+            undeclared nn.Module warned about (:mod:`cdp_fast.models.ranges`).
             An nn.Module runs as a copy on the sampling device in eval mode with its weights
             frozen (no weight gradients), compiled in channels_last on CUDA (never on CPU,
             where it measured slower); the caller's module is left as it was.
@@ -100,8 +104,8 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
             the authors' form; the anchor form's gradient is ~2× as large at the same λ).
         lam, tau, tau_plus, beta: λ, τ, τ⁺, β. ``lam``/``tau`` None = the paper's default for
             ``loss`` (:data:`cdp_fast.guidance.PAPER_DEFAULTS`: InfoNCE τ=0.1, λ=2e4; HNM τ=10, τ⁺=0.1, β=1, λ=1e5 —
-            tuned for CIFAR-10 WRN-28-10 features; other features need other values). λ=0 is
-            plain DDIM.
+            tuned for CIFAR-10 WRN-28-10 features; other features need other values;
+            ``features="pixels"`` has no λ default). λ=0 is plain DDIM.
         positive: "previous" (x_{t+1} of the same sample) or "real" (a real image per sample).
         negatives: "batch", "real" (the real bank) or "class" (other-class batch samples).
         real: (N, *image_shape) real images in [-1, 1] for the "real" modes.
@@ -109,7 +113,8 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
             ``class_labels`` gives them; the outputs are labelled y_i (unless ``labeler``).
         class_labels: (n,) per-sample int classes (conditioning and/or "class" negatives), in
             [0, num_classes) when ``num_classes`` is set.
-        labeler: classifier x [(B, *image_shape) in [-1, 1]] -> logits (B, K), K >= 2 (K =
+        labeler: classifier x [(B, *image_shape) in [-1, 1]] -> logits (B, K) — a [0, 1]
+            classifier through :func:`cdp_fast.models.as_labeler` — K >= 2 (K =
             ``num_classes`` for a class-conditional model: checked on the probe batch); gives
             ``labels`` (argmax) and ``confidence`` (max softmax), and the classes of
             negatives="class" when no class_labels are given. A labeler that returns
@@ -150,7 +155,9 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
             Adam step) is captured in one CUDA graph (:class:`cdp_fast.sampling.graphs.StepGraph`;
             ``CDP_FAST_STEP_GRAPH=0``: the ε-model alone with ``mode="reduce-overhead"``, as
             also for Heun and for class negatives / real positives, whose guided steps cannot
-            be captured); the first steps of a trajectory run uncaptured; the call's
+            be captured); the first steps of a trajectory run uncaptured; the captures are
+            kept for the process, so a later call with the same networks, shapes and settings
+            replays them (:func:`cdp_fast.sampling.graphs.clear_cache` releases them); the call's
             ``meta["step_graph"]`` counts the steps eager / warm-up / captured / replayed. On CPU it is compiled with inductor
             freezing, left in its layout, and recompiled if its weights changed since the last
             call (:mod:`cdp_fast.utils.runtime`). The feature extractor stays eager. "auto" compiles
@@ -171,7 +178,7 @@ def sample(model, n, *, loss="hnm", features=None, embedding="auto", guide_windo
     GPU) or in channels_last (CUDA compile), a copy is used.
 
     Examples:
-        >>> s = cdp_fast.sample(eps_model, 1000, loss="hnm", features=f, labeler=clf,
+        >>> s = cdp_fast.sample(eps_model, 1000, loss="hnm", features=f, labeler=as_labeler(clf),
         ...                     out="gen/", batch_size=256)
         >>> s.save_npz("synthetic.npz")
     """
@@ -271,7 +278,7 @@ def _make_run(model, g, s, r, plan, guidance, shard_size, dev) -> RunPlan:
                seed=r.seed, image_shape=tuple(r.image_shape), init_std=float(s.init_std), device=dev,
                channels_last=channels_last, class_labels=r.class_labels, num_classes=r.num_classes,
                labeler=r.labeler, output=r.output, autocast=runtime.autocast(dev, r.dtype), strength=Strength(),
-               step_graph=graphs.StepGraph() if use_step_graph else None, behaviour=behaviour)
+               step_graph=graphs.StepGraph(shared=True) if use_step_graph else None, behaviour=behaviour)
 
 
 def _in_memory(run: RunPlan, r: RunOptions, nfe: int) -> Samples:

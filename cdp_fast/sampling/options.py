@@ -24,23 +24,27 @@ from cdp_fast.diffusion.adapters import SigmaDenoiser
 from cdp_fast.diffusion.schedule import SKIPS, karras_sigmas, sigma_to_t, sigmas_of
 from cdp_fast.diffusion.schedule import timesteps as make_timesteps
 from cdp_fast.diffusion.solvers import SOLVERS, nfe_of
-from cdp_fast.guidance.options import LOSSES, check_options
+from cdp_fast.guidance.options import LOSSES, PAPER_DEFAULTS, check_options
+from cdp_fast.models.ranges import SAMPLER_RANGE, check_range_contract
 from cdp_fast.sampling.fingerprints import fingerprint
 from cdp_fast.utils import runtime
 from cdp_fast.utils.checks import check_number, is_int
 
 __all__ = ["GuidanceOptions", "SolverOptions", "RunOptions", "checked", "default_skip", "authors_window", "steps_for",
            "denoiser_settings", "manifest_args", "check_model", "check_schedule", "heun_sigmas", "check_window",
-           "START_SIGNAL_WARN"]
+           "START_SIGNAL_WARN", "check_networks"]
 
 
 @dataclass(frozen=True, eq=False)
 class GuidanceOptions:
     """The guidance arguments of :func:`cdp_fast.sample` (see its docstring); ``loss`` None
-    means no guidance ("none" is turned into None by :func:`checked`)."""
+    means no guidance ("none" is turned into None by :func:`checked`). ``features`` is a
+    callable on [-1, 1] images or "pixels" (the explicit choice of flattened pixels, which
+    :func:`checked` turns into None, the guidance's pixel space); None is refused when guided
+    (:func:`check_networks`)."""
 
     loss: Optional[str] = "hnm"
-    features: Optional[Callable] = None
+    features: Any = None
     embedding: Any = "auto"
     guide_window: Any = "auto"
     lam: Optional[float] = None
@@ -197,7 +201,48 @@ def checked(g: GuidanceOptions, s: SolverOptions, r: RunOptions):
                                                                   "num_classes")})
     check_number("seed", r.seed, integer=True)
     runtime.check_dtype(r.dtype)
+    check_networks(g, r)
+    if isinstance(g.features, str):      # "pixels": the guidance's pixel space, no feature network
+        g = dataclasses.replace(g, features=None)
     return g, s, r
+
+
+def check_networks(g: GuidanceOptions, r: RunOptions) -> None:
+    """The feature map and the labeller against the sampler's image range (issue 23, F1, F7).
+
+    - Guided (``loss`` set): ``features`` must be given — a callable on x_t (about [-1, 1]) or
+      ``"pixels"`` — because the paper's λ (1e5 HNM, 2e4 InfoNCE) is tuned for WRN-28-10
+      features and would silently apply to raw pixels otherwise; ``"pixels"`` needs an
+      explicit ``lam`` for the same reason (no λ default exists for pixel space; τ keeps its
+      default, as it acts on cosine similarities, which do not depend on the space's scale).
+    - ``features`` and ``labeler`` are called on images in [-1, 1]: a network that declares
+      another range (the package's [0, 1] classifiers, or an ``accepts_range`` attribute) is a
+      ValueError naming the adapter; an ``nn.Module`` that declares none is warned about
+      (:func:`cdp_fast.models.ranges.check_range_contract` states the rule and its limits).
+      Plain functions are taken as written for [-1, 1]."""
+    f = g.features
+    if g.loss is not None:
+        lam_default = PAPER_DEFAULTS[g.loss]["lam"]
+        if f is None:
+            raise ValueError(f"features: loss={g.loss!r} guides on a feature map, but features=None; pass "
+                             "features=cdp_fast.models.as_feature_extractor(classifier) (a classifier's features "
+                             f"on x in [-1, 1]; the default lam={lam_default:g} is tuned for WRN-28-10 features), "
+                             "features='pixels' with lam= to guide on the raw pixels, or loss=None")
+        if isinstance(f, str) and f == "pixels" and g.lam is None:
+            raise ValueError(f"lam: features='pixels' needs an explicit lam; the default lam={lam_default:g} is "
+                             "tuned for WRN-28-10 features, not pixels (the guidance gradient's scale depends "
+                             "on the space)")
+    if isinstance(f, str) and f != "pixels" or not (f is None or isinstance(f, str) or callable(f)):
+        raise ValueError(f"features must be a callable x (B, ...) in [-1, 1] -> (B, d), 'pixels' or None (no "
+                         f"guidance), got {f!r}")
+    # warnings point at sample()'s caller: check_range_contract <- check_networks <- checked <- sample
+    if g.loss is not None and callable(f):
+        check_range_contract(f, SAMPLER_RANGE, "features (called on x_t, about [-1, 1])",
+                             "pass cdp_fast.models.as_feature_extractor(model, input_range=...) (or layer=...)",
+                             warn_undeclared=True, stacklevel=4)
+    check_range_contract(r.labeler, SAMPLER_RANGE, "labeler (called on x̂_0 in [-1, 1])",
+                         "pass cdp_fast.models.as_labeler(model, input_range=(0, 1)) for a [0, 1] classifier",
+                         warn_undeclared=True, stacklevel=4)
 
 
 def denoiser_settings(model, solver):

@@ -219,7 +219,11 @@ def probe(eps_model: EpsModel, features, labeler, image_shape, T, num_classes, d
     a message naming it. Returns the behaviour fingerprints of the networks that are plain
     callables (a module is fingerprinted by its state dict): 8 fixed random projections of
     their probe outputs, compared on resume with a tolerance (rtol 1e-3) — so a different
-    network behind the same function name is noticed, float noise across devices is not."""
+    network behind the same function name is noticed, float noise across devices is not.
+
+    Ranges, as in sampling: the features get x (about [-1, 1], x_t is not clamped), the
+    labeller x clamped to [-1, 1] (images); what they declare was checked before
+    (:func:`cdp_fast.sampling.options.check_networks`)."""
     x = torch.randn((2,) + tuple(image_shape), generator=torch.Generator().manual_seed(PROBE_SEED)).to(dev)
     t = torch.full((2,), T // 2, dtype=torch.long, device=dev)
     y = torch.zeros(2, dtype=torch.long, device=dev) if num_classes is not None else None

@@ -6,6 +6,8 @@ in :mod:`cdp_fast.diffusion.train`):
   :func:`cdp_fast.utils.io.atomic_write`) with ``sha256`` = :func:`state_digest` of the rest;
 - :func:`read_weights_only`: ``torch.load(weights_only=True)`` with every failure (truncated,
   empty, not a torch file, pickled objects) as a one-line ValueError;
+- :func:`read_weights` / :func:`write_weights`: a weights file by its suffix — ``.safetensors``
+  (safetensors, no pickle at all) or anything else (torch, :func:`read_weights_only`);
 - :func:`check_digest`, :func:`check_config`, :func:`check_data`: the refusals of a resume — a
   corrupted file (its stored sha256 differs from its contents'), other arguments (the
   configuration dicts differ, each difference named), other data (:func:`data_fingerprint`s
@@ -25,8 +27,8 @@ import torch
 
 from cdp_fast.utils.io import atomic_write
 
-__all__ = ["write_state", "read_weights_only", "check_digest", "check_config", "check_data", "load_states",
-           "state_digest", "data_fingerprint"]
+__all__ = ["write_state", "read_weights_only", "read_weights", "write_weights", "is_safetensors", "check_digest",
+           "check_config", "check_data", "load_states", "state_digest", "data_fingerprint"]
 
 
 def write_state(path: Path, state: dict) -> None:
@@ -120,6 +122,54 @@ def read_weights_only(path, what: str, expected: str, map_location="cpu"):
 
 
 _UNREADABLE = "it cannot be read (empty, truncated, corrupted or not a torch file:"
+
+
+def is_safetensors(path) -> bool:
+    """Whether ``path`` names a safetensors file (by its suffix, ``.safetensors``)."""
+    return Path(path).suffix.lower() == ".safetensors"
+
+
+def _safetensors_torch(what):
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ValueError(f"{what} .safetensors files need the safetensors package: pip install "
+                         "'cdp_fast[safetensors]'") from None
+    return safetensors.torch
+
+
+def read_weights(path, what: str, expected: str, map_location="cpu"):
+    """A weights file by its suffix: ``.safetensors`` -> its tensors (dict name -> tensor, on
+    ``map_location``); anything else -> :func:`read_weights_only`. Every failure is a one-line
+    ValueError naming ``what`` and ``path`` (a missing file is FileNotFoundError, as there)."""
+    if not is_safetensors(path):
+        return read_weights_only(path, what, expected, map_location)
+    st = _safetensors_torch(what)
+    if not Path(path).exists():
+        raise FileNotFoundError(path)
+    try:
+        return st.load_file(str(path), device=str(map_location))
+    except (FileNotFoundError, PermissionError, IsADirectoryError, MemoryError):
+        raise
+    except Exception as e:      # safetensors' SafetensorError (header, size, dtype), OSError...
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{what} {path} is not {expected}: not a readable safetensors file ({msg[:200]})") from None
+
+
+def write_weights(path, state: dict) -> None:
+    """Write a state dict atomically (:func:`cdp_fast.utils.io.atomic_write`): ``.safetensors``
+    by safetensors (tensors only; each copied to contiguous CPU memory, so tensors sharing
+    storage are written apart), any other suffix by ``torch.save``."""
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"write_weights: a state dict of tensors only; {bad[:3]} are not tensors")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    if is_safetensors(path):
+        st = _safetensors_torch("write_weights:")
+        data = st.save({k: v.clone() for k, v in tensors.items()})
+        atomic_write(Path(path), lambda f: f.write(data))
+    else:
+        atomic_write(Path(path), lambda f: torch.save(tensors, f))
 
 
 def state_digest(obj) -> str:

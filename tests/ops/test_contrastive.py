@@ -337,3 +337,147 @@ def test_every_autotune_candidate_agrees_with_the_fixed_tiles(dtype, monkeypatch
                                                                      else 64), True))
         for x, y in zip(run(), fixed):
             torch.testing.assert_close(x, y, rtol=tol, atol=tol * float(y.abs().max().clamp(min=1)), msg=str(cfg))
+
+
+# --------------------------------------------------------------------------------------------
+# GPU-path risks settled in code: the backward's grid y limit, NaN semantics
+# --------------------------------------------------------------------------------------------
+def test_column_chunks_cover_the_candidates_within_the_grid_limit(monkeypatch):
+    """The backward's candidate tiles are split into launches of at most GRID_Y_MAX tiles
+    (CUDA's gridDim.y ≤ 65535): one launch up to 65535·64 = 4,194,240 candidates, two above;
+    the chunks tile 0..N exactly, each starting on a tile boundary."""
+    from cdp_fast.kernels import contrastive as kc
+
+    assert kc.GRID_Y_MAX == 65535
+    assert kc.column_chunks(4_194_240, 64) == [(0, 65535)]
+    assert kc.column_chunks(4_194_241, 64) == [(0, 65535), (4_194_240, 1)]
+    for limit in (1, 2, 3, 7):
+        monkeypatch.setattr(kc, "GRID_Y_MAX", limit)
+        for n in (1, 15, 16, 17, 63, 64, 65, 200):
+            for block_n in (16, 64):
+                chunks = kc.column_chunks(n, block_n)
+                covered = [c0 + i * block_n for c0, t in chunks for i in range(t)]
+                assert covered == list(range(0, n, block_n))
+                assert all(1 <= t <= limit and c0 % block_n == 0 for c0, t in chunks)
+
+
+@pytest.mark.skipif(not INTERP, reason="the Triton kernels run on CPU only under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_backward_split_into_column_launches_changes_nothing(in_batch, monkeypatch):
+    """With the grid limit lowered to 2 tiles (interpreter tiles: 16 candidates), a 71-candidate
+    backward takes 3 launches per row block (a 37-candidate in-batch one 2), none wider than 2 tiles on y, and gives the
+    one-launch gradients bit for bit (each D tile is written by one program either way; the
+    diagonal mask of in-batch negatives sees absolute column indices)."""
+    from cdp_fast.kernels import contrastive as kc
+
+    g = torch.Generator().manual_seed(3)
+    m, n, d = 37, 71, 19
+    n = m if in_batch else n
+    a, k = torch.randn(m, d, generator=g), torch.randn(n, d, generator=g)
+    ra, rk = op._inv_norms(a), op._inv_norms(k)
+    la, lk = torch.randint(0, 3, (m,), generator=g), torch.randint(0, 3, (n,), generator=g)
+    L1, L0, _ = kc.stats_forward(a, k, ra, rk, la, lk, 2.0, 1.0, in_batch, -0.5)
+    args = (a, k, ra, rk, la, lk, L1, L0, torch.rand(m, generator=g), torch.rand(m, generator=g), 2.0, 1.0,
+            in_batch, -0.5)
+    whole = kc.stats_backward(*args, block_bytes=4 * n * 20)
+    grids = []
+    real_kernel = kc._kernel
+
+    def recording(plain, tuned, autotuned):
+        launch = real_kernel(plain, tuned, autotuned)
+
+        class Rec:
+            def __getitem__(self, grid):
+                if plain is kc._stats_bwd_d_kernel:
+                    grids.append(grid(dict(BLOCK_M=16)))
+                return launch[grid]
+        return Rec()
+
+    monkeypatch.setattr(kc, "_kernel", recording)
+    monkeypatch.setattr(kc, "GRID_Y_MAX", 2)
+    split = kc.stats_backward(*args, block_bytes=4 * n * 20)
+    launches = math.ceil(math.ceil(n / 16) / 2)                        # 3 (n = 71), 2 (n = 37)
+    assert len(grids) == 2 * launches and max(y for _, y in grids) == 2  # 2 row blocks of 20
+    for w, s in zip(whole, split):
+        assert torch.isfinite(w).all() and torch.equal(w, s)
+
+
+class _NumpyKeepingNaN:
+    """numpy, except that the NaN-dropping max/min the Triton interpreter uses for ``tl.maximum``
+    and ``tl.max`` (``fmax``, ``nanmax``: what NVIDIA GPUs do) propagate NaN instead (what
+    older interpreters did): the kernels must give the same statistics under both rules."""
+
+    def __getattr__(self, name):
+        import numpy
+        return getattr(numpy, name)
+
+    @property
+    def fmax(self):
+        import numpy
+        return numpy.maximum
+
+    @property
+    def fmin(self):
+        import numpy
+        return numpy.minimum
+
+    @property
+    def nanmax(self):
+        import numpy
+        return numpy.max
+
+    @property
+    def nanmin(self):
+        import numpy
+        return numpy.min
+
+
+def _nan_problem(in_batch):
+    g = torch.Generator().manual_seed(11)
+    m, n, d = 21, 45, 13
+    a = torch.randn(m, d, generator=g)
+    k = a if in_batch else torch.randn(n, d, generator=g)
+    a[4, 2] = float("nan")                       # a NaN anchor row ...
+    if not in_batch:
+        k[30, 0] = float("nan")                  # ... and a NaN candidate row (class 0, as 33)
+        k[33, 5] = float("inf")                  # an infinite one: its normalised row is NaN
+    la = torch.tensor([i % 3 for i in range(m)])
+    lk = la if in_batch else torch.tensor([i % 3 for i in range(k.shape[0])])
+    return a, k, la, lk
+
+
+def _dense_l1(a, k, la, lk, in_batch, c1):
+    """LSE over the valid negatives of c1·s in fp64 (torch.logsumexp: NaN in, NaN out)."""
+    an = torch.nn.functional.normalize(a.double(), dim=1)
+    kn = torch.nn.functional.normalize(k.double(), dim=1)
+    s = an @ kn.T
+    valid = la[:, None] != lk[None, :]
+    if in_batch:
+        valid &= ~torch.eye(len(a), dtype=torch.bool)
+    return torch.where(valid, c1 * s, torch.full_like(s, -math.inf)).logsumexp(1)
+
+
+@pytest.mark.skipif(not INTERP, reason="the Triton kernels run on CPU only under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_nan_rule_is_the_same_whatever_max_does_with_nan(in_batch, monkeypatch):
+    """The op's NaN rule (a row with a NaN similarity among its valid negatives gets NaN
+    statistics, the dense logsumexp's answer) holds for the kernels under NaN-dropping max
+    (the GPU's) and NaN-keeping max alike, and for the chunked path; the other rows are
+    unaffected (labels keep some rows away from the NaN rows)."""
+    import triton.runtime.interpreter as interp
+
+    a, k, la, lk = _nan_problem(in_batch)
+    c1 = 2.0 * 3.0
+    want = _dense_l1(a, k, la, lk, in_batch, c1)
+    assert want.isnan().any() and (~want.isnan()).any()
+    outs = {"torch": op.contrastive_stats(a, k, la, lk, 3.0, 1.0, in_batch, -math.inf, "torch"),
+            "gpu-max": op.contrastive_stats(a, k, la, lk, 3.0, 1.0, in_batch, -math.inf, "interpret")}
+    monkeypatch.setattr(interp, "np", _NumpyKeepingNaN())
+    outs["numpy-max"] = op.contrastive_stats(a, k, la, lk, 3.0, 1.0, in_batch, -math.inf, "interpret")
+    for name, (L1, L0, cnt) in outs.items():
+        assert torch.equal(L1.isnan(), want.isnan()), name
+        assert torch.equal(L0.isnan(), want.isnan()), name
+        ok = ~want.isnan()
+        torch.testing.assert_close(L1[ok].double(), want[ok], rtol=1e-5, atol=1e-5, msg=name)
+    for x, y in zip(outs["gpu-max"], outs["numpy-max"]):
+        assert torch.equal(x.isnan(), y.isnan()) and torch.equal(x.nan_to_num(), y.nan_to_num())

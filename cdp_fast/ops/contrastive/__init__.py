@@ -18,6 +18,7 @@ implementation gives the shapes.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -41,6 +42,18 @@ def _inv_norms(x):
     return 1.0 / torch.linalg.vector_norm(x.float(), dim=1).clamp(min=NORM_EPS)
 
 
+def _autocast_off(fn):
+    """Run an op body with autocast off for its first tensor's device: fp32 GEMMs for fp32
+    inputs inside any autocast region. Autograd runs the backward under the caller's autocast
+    state (the sampler's bf16 region spans the guidance's ``autograd.grad``), so both bodies."""
+    @functools.wraps(fn)
+    def run(a, *args):
+        with backend.autocast_off(a.device):
+            return fn(a, *args)
+    return run
+
+
+@_autocast_off
 def _forward(a, k, a_labels, k_labels, inv_tau, beta, in_batch, s_min, impl):
     if impl == "torch":
         return chunked.lse_stats_forward(a, k, a_labels, k_labels, inv_tau, beta, in_batch, s_min)
@@ -49,6 +62,7 @@ def _forward(a, k, a_labels, k_labels, inv_tau, beta, in_batch, s_min, impl):
                                  in_batch, s_min)
 
 
+@_autocast_off
 def _backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau, beta, in_batch, s_min, impl):
     if impl == "torch":
         return chunked.lse_stats_backward(a, k, a_labels, k_labels, L1, L0, dL1, dL0, inv_tau, beta,
@@ -75,6 +89,14 @@ def contrastive_stats(a: torch.Tensor, k: torch.Tensor, a_labels: Optional[torch
     N_i = |N(i)| with s the cosine similarities floored at ``s_min`` (−inf: none); empty rows
     give −inf, −inf, 0. ``impl``: "triton" / "interpret" (the Triton kernels; fp32 results) or
     "torch" (the chunked path; fp64 results for fp64 inputs).
+
+    Precision: the body (and the backward's) runs with autocast off, so a bf16/fp16 autocast
+    region around the call (or around the ``autograd.grad`` that reaches the backward) changes
+    nothing: fp32 inputs give fp32 GEMMs, 16-bit inputs the kernels' 16-bit operands with fp32
+    accumulation. NaN: a row with a NaN similarity among its valid negatives (a NaN or
+    infinite feature row on either side) gets NaN statistics, as the dense reference's
+    logsumexp does; every implementation follows this rule (the kernels decide it explicitly,
+    not through ``max``, whose NaN handling differs between GPUs and the interpreter).
     """
     return _forward(a, k, a_labels, k_labels, inv_tau, beta, in_batch, s_min, impl)
 

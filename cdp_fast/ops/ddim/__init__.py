@@ -70,18 +70,20 @@ def ddim_update_op(x_t: torch.Tensor, eps: torch.Tensor, g: Optional[torch.Tenso
                    noise: Optional[torch.Tensor], lam: float, abar_t: float, abar_prev: float,
                    sigma: float, return_x0: bool, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_prev, x̂_0 or an empty tensor), by ``impl``: "triton" / "interpret" (the fused
-    kernel) or "torch" (:func:`ddim_update_ref`)."""
-    if impl == "torch":
-        xp, x0 = ddim_update_ref(x_t, eps, g, lam=lam, abar_t=abar_t, abar_prev=abar_prev,
-                                 sigma=sigma, noise=noise, return_x0=return_x0)
-        # both outputs are fresh tensors (results of arithmetic), never views of the inputs,
-        # as custom ops require; in x_t's memory format whatever layout ε and g came in
-        fmt = _memory_format(x_t)
-        return xp.contiguous(memory_format=fmt), (x0.contiguous(memory_format=fmt) if return_x0
-                                                  else x_t.new_empty(0))
-    kernels = backend.kernels_module("ddim")
-    return kernels.launch_ddim_update(x_t, eps, g, noise, float(lam), coefficients(abar_t, abar_prev, sigma),
-                               bool(return_x0))
+    kernel) or "torch" (:func:`ddim_update_ref`). Runs with autocast off (elementwise in the
+    inputs' dtype, fp32 arithmetic in the kernel), whatever region calls it."""
+    with backend.autocast_off(x_t.device):
+        if impl == "torch":
+            xp, x0 = ddim_update_ref(x_t, eps, g, lam=lam, abar_t=abar_t, abar_prev=abar_prev,
+                                     sigma=sigma, noise=noise, return_x0=return_x0)
+            # both outputs are fresh tensors (results of arithmetic), never views of the inputs,
+            # as custom ops require; in x_t's memory format whatever layout ε and g came in
+            fmt = _memory_format(x_t)
+            return xp.contiguous(memory_format=fmt), (x0.contiguous(memory_format=fmt) if return_x0
+                                                      else x_t.new_empty(0))
+        kernels = backend.kernels_module("ddim")
+        return kernels.launch_ddim_update(x_t, eps, g, noise, float(lam), coefficients(abar_t, abar_prev, sigma),
+                                          bool(return_x0))
 
 
 @ddim_update_op.register_fake

@@ -246,7 +246,9 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, *,
                            "torch.no_grad() (PGD steps take the gradient as an input)")
     which = _env_choice() if impl is None else _resolve(impl, stacklevel=2)
     if which == "composite":
-        return pgd_step_ref(x_adv, grad, x_nat, step_size=step_size, eps=eps)
+        # elementwise ops autocast leaves alone today; off all the same, as in every op's body
+        with backend.autocast_off(x_adv.device):
+            return pgd_step_ref(x_adv, grad, x_nat, step_size=step_size, eps=eps)
     return torch.ops.cdp_fast.pgd_step.default(
         x_adv, grad, x_nat, _as_op_arg(step_size, x_adv), _as_op_arg(eps, x_adv))
 
