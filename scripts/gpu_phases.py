@@ -681,13 +681,16 @@ def env_probe(path) -> int:
     return 0
 
 
-def _risk_checks(torch) -> dict:
+def _risk_checks(torch, device: str = "cuda") -> dict:
     """What reading the code could not settle (issue 25, item 5), each checked on the GPU and
     reported as a line (never raising): the contrastive op's NaN rule in the compiled kernels vs
     the chunked torch path; the backward's candidate tiles split at CUDA's grid-y limit (a
     lowered GRID_Y_MAX must give bitwise the same gradients); one step-graph capture over three
     sample() calls; the number of devices (the device guard and record_stream matter only with
-    more than one)."""
+    more than one). ``device`` "cpu" runs the same checks through the Triton interpreter and the
+    step graph's CPU stand-in (tests/test_gpu_check.py)."""
+    cuda = device == "cuda"
+    impl = "triton" if cuda else "interpret"
     out = {"device_count": str(torch.cuda.device_count())}
     sys.path.insert(0, str(ROOT))
 
@@ -700,27 +703,26 @@ def _risk_checks(torch) -> dict:
     def nan_rule():
         from cdp_fast.ops.contrastive import contrastive_stats
 
-        g = torch.Generator(device="cuda").manual_seed(0)
-        a = torch.randn(8, 32, device="cuda", generator=g)
-        k = torch.randn(300, 32, device="cuda", generator=g)
+        g = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(8, 32, device=device, generator=g)
+        k = torch.randn(300, 32, device=device, generator=g)
         k[5] = float("nan")
-        res = {impl: contrastive_stats(a, k, None, None, 10.0, 1.0, False, -1.0, impl)[0]
-               for impl in ("triton", "torch")}
-        same = torch.equal(res["triton"].isnan(), res["torch"].isnan())
+        res = {i: contrastive_stats(a, k, None, None, 10.0, 1.0, False, -1.0, i)[0] for i in (impl, "torch")}
+        same = torch.equal(res[impl].isnan(), res["torch"].isnan()) and bool(res["torch"].isnan().any())
         fin = res["torch"].isfinite()
-        err = float((res["triton"][fin] - res["torch"][fin]).abs().max()) if bool(fin.any()) else 0.0
-        return f"{'ok' if same else 'MISMATCH'}: NaN rows triton {int(res['triton'].isnan().sum())} / torch " \
+        err = float((res[impl][fin] - res["torch"][fin]).abs().max()) if bool(fin.any()) else 0.0
+        return f"{'ok' if same else 'MISMATCH'}: NaN rows {impl} {int(res[impl].isnan().sum())} / torch " \
                f"{int(res['torch'].isnan().sum())}, max err on finite rows {err:.1e}"
 
     def grid_split():
         from cdp_fast.ops.contrastive import contrastive_stats
         from cdp_fast.kernels import contrastive as kc      # importable after ops (backend loads it)
 
-        a = torch.randn(16, 32, device="cuda", requires_grad=True)
-        k = torch.randn(5000, 32, device="cuda")
+        a = torch.randn(16, 32, device=device, requires_grad=True)
+        k = torch.randn(5000 if cuda else 300, 32, device=device)
 
         def grad():
-            L1 = contrastive_stats(a, k, None, None, 10.0, 1.0, False, -1.0, "triton")[0]
+            L1 = contrastive_stats(a, k, None, None, 10.0, 1.0, False, -1.0, impl)[0]
             return torch.autograd.grad(L1.sum(), a)[0]
 
         full = grad()
@@ -737,12 +739,26 @@ def _risk_checks(torch) -> dict:
         import cdp_fast
         from cdp_fast.models import digits
 
-        eps, feats = digits.load_digits_eps_model("cuda"), digits.digits_features("cuda")
+        eps, feats = digits.load_digits_eps_model(device), digits.digits_features(device)
         kw = dict(loss="hnm", lam=1e4, tau=10.0, features=feats, form="anchors", guide_window=None, embedding=None,
                   image_shape=digits.IMAGE_SHAPE, batch_size=32, steps=10, progress=False, compile=False)
-        seen = [cdp_fast.sample(eps, 32, seed=i, **kw).meta.get("step_graph") for i in range(3)]
-        return "captured per call " + str([(s or {}).get("captured") for s in seen]) + \
-            f", reserved {torch.cuda.memory_reserved() >> 20} MiB"
+        # the step graph is wanted only when compiling ("auto"); "1" asks for it without paying
+        # for a compile, which is what this check needs (one capture over three calls)
+        saved = os.environ.get("CDP_FAST_STEP_GRAPH")
+        os.environ["CDP_FAST_STEP_GRAPH"] = "1"
+        try:
+            seen = [cdp_fast.sample(eps, 32, seed=i, device=device, **kw).meta.get("step_graph") or {}
+                    for i in range(3)]
+        finally:
+            if saved is None:
+                os.environ.pop("CDP_FAST_STEP_GRAPH", None)
+            else:
+                os.environ["CDP_FAST_STEP_GRAPH"] = saved
+        cap = [s.get("captured") for s in seen]
+        rep = [s.get("replayed") for s in seen]
+        ok = bool(cap[0]) and not any(cap[1:]) and all(rep)
+        where = f"reserved {torch.cuda.memory_reserved() >> 20} MiB" if cuda else "CPU stand-in"
+        return f"{'ok' if ok else 'UNEXPECTED'}: captured per call {cap}, replayed {rep}, {where}"
 
     attempt("contrastive_nan_rule", nan_rule)
     attempt("grid_y_split", grid_split)

@@ -294,3 +294,23 @@ def test_dry_run_walks_every_phase_and_keeps_what_came_before_the_timeout(tmp_pa
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", p.name) and len(p.relative_to(out).parts) <= 3 for p in files)
+
+
+def test_first_phase_risk_checks_run_on_the_cpu_stand_ins(gp):
+    """The env phase's checks of what reading could not settle (issue 25, item 5), run here
+    through the Triton interpreter and the step graph's CPU stand-in: each line says "ok" —
+    the NaN rule agrees between the kernels and the torch path, a lowered GRID_Y_MAX gives
+    bitwise the same gradients, and three sample() calls capture the step once (the check
+    turns the step graph on itself: without it, "auto" never captures when not compiling)."""
+    import torch
+
+    from cdp_fast.sampling import graphs
+
+    graphs.clear_cache()
+    try:
+        res = gp._risk_checks(torch, "cpu")
+    finally:
+        graphs.clear_cache()
+    for key in ("contrastive_nan_rule", "grid_y_split", "step_graph_captures_3_calls"):
+        assert res[key].startswith("ok"), (key, res[key])
+    assert "captured per call [1, 0, 0]" in res["step_graph_captures_3_calls"]
