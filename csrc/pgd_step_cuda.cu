@@ -5,11 +5,17 @@
 // element, math in opmath (float for half/bfloat16). alpha / eps are either kernel arguments
 // (0-dim CPU tensors: no device sync, no H2D copy) or device arrays indexed per sample
 // (stride 0 for a 0-dim device tensor, 1 for shape (B,)).
+//
+// Only the CUDA runtime and c10's stream/guard headers: ATen/cuda/CUDAContext.h would pull in
+// cublas_v2.h, cusparse.h and cusolverDn.h, which a minimal toolkit (nvcc + cudart, as on a
+// build machine without the math libraries) lacks; the kernel needs only the current stream
+// and the SM count. scripts/build_csrc_sm90.sh compiles this file for sm_90 without a GPU.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -67,10 +73,11 @@ at::Tensor pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& grad, const 
   const int64_t batch = xa.dim() > 0 ? xa.size(0) : 1;
   const int64_t inner = n / batch;
   const int threads = 256;
-  const int64_t max_blocks =
-      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
+  int sms = 0;  // an attribute query: no sync, legal during CUDA graph capture
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x_adv.get_device()));
+  const int64_t max_blocks = static_cast<int64_t>(sms) * 8;
   const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, max_blocks));
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x_adv.get_device()).stream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xa.scalar_type(), "pgd_step_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
