@@ -3,6 +3,7 @@ dataset.json, lazy chunked reads, resume (verified files kept, broken ones rewri
 zip; and the folder read by clean-fid's and torch-fidelity's own folder code with a small test
 feature network, giving the FID that cdp_fast.metrics.frechet computes on the source arrays.
 (The last two run where clean-fid / torch-fidelity import: they need torchvision.)"""
+import io
 import json
 import zipfile
 
@@ -31,7 +32,7 @@ def test_folder_round_trips_bit_exactly_with_edm_labels(tmp_path, c):
     x, y = _images(23, 0, c), np.arange(23) % 4
     Samples(x, y).save_npz(tmp_path / "s.npz")
     res = E.export_png(str(tmp_path / "s.npz"), tmp_path / "png", chunk=5)
-    assert res == {"n": 23, "written": 23, "skipped": 0, "out": str(tmp_path / "png"), "labels": True}
+    assert res == {"n": 23, "written": 23, "skipped": 0, "removed": 0, "out": str(tmp_path / "png"), "labels": True}
     files = sorted(p.name for p in (tmp_path / "png").iterdir())
     assert files == [f"{i:06d}.png" for i in range(23)] + ["dataset.json"]
     for i in range(23):
@@ -96,12 +97,99 @@ def test_zip_is_atomic_complete_and_resumable(tmp_path, monkeypatch):
     monkeypatch.setattr(E, "_png_bytes", orig)
     assert E.export_png(Samples(x, y), z, zip=True, chunk=4)["written"] == 9
     with zipfile.ZipFile(z) as zf:
-        assert sorted(zf.namelist()) == sorted([f"{i:06d}.png" for i in range(9)] + ["dataset.json"])
+        assert sorted(zf.namelist()) == sorted([f"{i:06d}.png" for i in range(9)] + ["dataset.json", E._RECORD])
         for i in range(9):
             with zf.open(f"{i:06d}.png") as f:
                 assert np.array_equal(_read(f), x[i])
         assert json.loads(zf.read("dataset.json"))["labels"][4] == ["000004.png", 0]
     assert E.export_png(Samples(x, y), z, zip=True)["skipped"] == 9
+
+
+def _zip_pixels(z):
+    with zipfile.ZipFile(z) as zf:
+        names = sorted(m for m in zf.namelist() if m.endswith(".png"))
+        return names, [np.asarray(PIL.open(zf.open(m))) for m in names]
+
+
+def test_zip_of_another_source_is_rewritten(tmp_path):
+    """The zip is kept only for the same pixels and labels (its record's sha256), not for the
+    same member names: other images or other labels to the same path rewrite it."""
+    z = tmp_path / "z.zip"
+    zeros, full = np.zeros((20, 4, 4, 3), np.uint8), np.full((20, 4, 4, 3), 255, np.uint8)
+    assert E.export_png(zeros, z, zip=True)["written"] == 20
+    res = E.export_png(full, z, zip=True, chunk=6)
+    assert (res["written"], res["skipped"]) == (20, 0)
+    names, imgs = _zip_pixels(z)
+    assert names == [f"{i:06d}.png" for i in range(20)] and all((a == 255).all() for a in imgs)
+    assert E.export_png(full, z, zip=True)["skipped"] == 20                    # the same: kept
+    y = np.arange(20) % 3
+    assert E.export_png(Samples(full, y), z, zip=True)["written"] == 20       # labels added
+    assert E.export_png(Samples(full, (y + 1) % 3), z, zip=True)["written"] == 20   # other labels
+    with zipfile.ZipFile(z) as zf:
+        assert json.loads(zf.read("dataset.json"))["labels"][0] == ["000000.png", 1]
+    assert E.export_png(Samples(full, (y + 1) % 3), z, zip=True)["skipped"] == 20
+    assert E.export_png(full[:19], z, zip=True)["written"] == 19
+    assert len(_zip_pixels(z)[0]) == 19
+
+
+def test_folder_holds_exactly_the_last_export(tmp_path):
+    """A smaller export into the folder of a larger one deletes the earlier export's extra
+    PNGs (FID tools read every *.png) and its dataset.json when this export has no labels."""
+    d = tmp_path / "d"
+    E.export_png(Samples(_images(20, 1), np.arange(20) % 5), d)
+    (d / ".000003.png.999.tmp").write_bytes(b"half")                # a crashed write's temp file
+    (d / "notes.txt").write_text("kept")
+    x = _images(10, 2)
+    res = E.export_png(x, d)
+    assert (res["written"], res["removed"]) == (10, 10 + 1 + 1)
+    assert sorted(p.name for p in d.iterdir()) == [f"{i:06d}.png" for i in range(10)] + ["notes.txt"]
+    assert all(np.array_equal(_read(d / f"{i:06d}.png"), x[i]) for i in range(10))
+    # a user's labels file (not EDM's {"labels": ...}) is not ours to delete
+    (d / "dataset.json").write_text("[1, 2]")
+    assert E.export_png(x, d)["removed"] == 0 and (d / "dataset.json").exists()
+
+
+def test_folder_drops_the_other_name_width(tmp_path, monkeypatch):
+    """Past 10^6 images the names widen (0000000.png): a re-export of the other size leaves no
+    PNG of the old width. (The width threshold made small here: 10 images, 2 digits.)"""
+    monkeypatch.setattr(E, "_MIN_DIGITS", 1)
+    d = tmp_path / "d"
+    E.export_png(_images(12, 3), d)
+    assert sorted(p.name for p in d.iterdir())[:2] == ["00.png", "01.png"]
+    x = _images(5, 4)
+    res = E.export_png(x, d)
+    assert res["removed"] == 12
+    assert sorted(p.name for p in d.iterdir()) == [f"{i}.png" for i in range(5)]
+    assert all(np.array_equal(_read(d / f"{i}.png"), x[i]) for i in range(5))
+    res = E.export_png(_images(12, 3), d)
+    assert (res["written"], res["removed"]) == (12, 5)
+
+
+@pytest.mark.parametrize("foreign", ["cat.png", "IMG_1.JPG", "12.png", "sub/000000.png"])
+def test_folder_with_foreign_images_is_refused_untouched(tmp_path, foreign):
+    d = tmp_path / "d"
+    E.export_png(_images(8, 5), d)
+    (d / foreign).parent.mkdir(exist_ok=True)
+    (d / foreign).write_bytes(b"not ours")
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=f"no export wrote.*{foreign}"):
+        E.export_png(_images(3, 6), d)
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+
+
+def test_names_and_labels_are_made_per_chunk(tmp_path, monkeypatch):
+    """No list of N names or N label entries: png_names is not called, dataset.json is written
+    in parts and equals json.dumps of EDM's list."""
+    monkeypatch.setattr(E, "png_names", None)
+    x, y = _images(25, 7), np.arange(25) % 7
+    E.export_png(Samples(x, y), tmp_path / "d", chunk=4)
+    E.export_png(Samples(x, y), tmp_path / "z.zip", zip=True, chunk=4)
+    want = json.dumps({"labels": [[f"{i:06d}.png", int(y[i])] for i in range(25)]})
+    assert (tmp_path / "d" / "dataset.json").read_text() == want
+    assert zipfile.ZipFile(tmp_path / "z.zip").read("dataset.json").decode() == want
+    buf = io.BytesIO()          # several parts: the joins between them
+    E._Job(None, 25, 6, y, 4, None).write_labels(buf, per=7)
+    assert buf.getvalue().decode() == want
 
 
 def test_png_names_widen_past_a_million():

@@ -33,6 +33,7 @@ def cmd_export(a):
     if a.chunk < 1:
         raise ValueError(f"export: --chunk must be >= 1, got {a.chunk}")
     res = export_png(load_sets(a.samples), a.png, zip=a.zip, chunk=a.chunk, labels=not a.no_labels)
+    removed = f", {res['removed']} stale removed" if res.get("removed") else ""
     print(f"exported {res['n']} images -> {res['out']} ({res['written']} written, {res['skipped']} already there"
-          f"{', dataset.json with labels' if res['labels'] else ''})")
+          f"{removed}{', dataset.json with labels' if res['labels'] else ''})")
     return 0

@@ -211,17 +211,26 @@ def data_fingerprint(data) -> Optional[str]:
 
     A Samples read lazily from an out directory of :func:`cdp_fast.sample` is fingerprinted
     by its manifest's shard hashes (names, counts, sha256) and its labels, without reading an
-    image; in-memory tensors / arrays and npz files by their bytes (dtype, shape, data)."""
+    image; one read lazily from several files (npz parts, a folder of per-class ``{k}.npy``:
+    :mod:`cdp_fast.data.parts`) by each part's name and size, an npz part's per-member CRC32
+    and sizes from its zip directory (content-covered) and a ``.npy`` part's first and last
+    MiB (header included; the middle of a larger file is not covered: :func:`_parts_digest`),
+    and its labels, also without reading the images (~2 MiB read a part); in-memory tensors /
+    arrays and a single npz file by their bytes (dtype, shape, data)."""
     if data is None:
         return None
     h = hashlib.sha256()
     if hasattr(data, "images") and hasattr(data, "labels"):   # cdp_fast.Samples
-        shards = _manifest_shards(data)
+        shards, parts = _manifest_shards(data), _lazy_parts(data)
         if shards is not None:
             h.update(b"manifest;")
             for name, info in shards:
                 text = f"{name}:{int(info['count'])}:{info['sha256']}"
                 h.update(f"{len(text)};{text}".encode())
+        elif parts is not None:
+            h.update(f"parts{len(parts)};".encode())
+            for p in parts:
+                _parts_digest(h, p)
         else:
             _hash_array(h, data.images)
         _hash_array(h, data.labels)
@@ -249,6 +258,60 @@ def _manifest_shards(samples):
             or sum(int(i.get("count", -1)) for i in shards.values()) != len(samples)):
         return None
     return sorted(shards.items(), key=lambda kv: int(kv[1].get("start", 0)))
+
+
+def _lazy_parts(samples):
+    """The part paths of a Samples loaded from several files (``meta["parts"]``), when its
+    images are still the lazy view of exactly those files (``images.paths``), else None."""
+    import numpy as np
+
+    parts = samples.meta.get("parts") if isinstance(samples.meta, dict) else None
+    paths = getattr(samples.images, "paths", None)
+    if (not isinstance(parts, list) or not parts or isinstance(samples.images, (np.ndarray, torch.Tensor))
+            or not isinstance(paths, list) or [str(p) for p in parts] != [str(p) for p in paths]):
+        return None
+    return [str(p) for p in parts]
+
+
+_END = 1 << 20   # bytes hashed at each end of a .npy part
+
+
+def _parts_digest(h, path) -> None:
+    """Fingerprint one part file into ``h`` without reading its images. Covered:
+
+    - always: the file's name (not its folder: a moved set is the same set) and size;
+    - a zip (npz): every member's name, CRC32, size, compressed size and compression, from
+      the zip's central directory (``zipfile.ZipFile.infolist``; the end of the file only).
+      The CRC32 is of the member's content, so any content rewritten by a zip writer
+      (``np.savez``, :func:`cdp_fast.data.write_npz`) is seen; a byte patched in place
+      without updating the CRC (not a zip write) is not;
+    - anything else (``.npy``): sha256 of the first and the last MiB (the header with dtype
+      and shape included; a file up to 2 MiB is covered whole). An in-place edit that keeps
+      the size and lies outside those two MiB is NOT seen.
+    Cost: a directory read per npz part, 2 MiB per ``.npy`` part."""
+    import os
+    import zipfile
+
+    size = os.path.getsize(path)
+    head = f"{os.path.basename(path)}:{size}"
+    h.update(f"P{len(head)};{head}".encode())
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":   # not a zip
+            f.seek(0)
+            h.update(b"F" + hashlib.sha256(f.read(_END)).digest())
+            if size > _END:
+                f.seek(max(_END, size - _END))
+                h.update(hashlib.sha256(f.read(_END)).digest())
+            return
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"{path}: not a readable npz ({e}); the file is truncated or corrupted") from None
+    h.update(f"Z{len(infos)};".encode())
+    for i in infos:
+        text = f"{i.filename}:{i.CRC}:{i.file_size}:{i.compress_size}:{i.compress_type}"
+        h.update(f"{len(text)};{text}".encode())
 
 
 def _hash_array(h, a, chunk: int = 4096) -> None:
