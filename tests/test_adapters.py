@@ -226,3 +226,124 @@ def test_F7_cli_sample_needs_an_explicit_feature_space(monkeypatch, capsys):
     assert cli.main(tiny + ["--features", "pixels", "--lam", "3"]) == 0
     assert (calls[-1]["features"], calls[-1]["lam"]) == ("pixels", 3.0)
     assert cli.main(tiny + ["--loss", "none"]) == 0 and "features" not in calls[-1]
+
+
+# ----------------------------------------------------------------------------- adapters check the wrapped model
+class DeclaresUnit(torch.nn.Module):
+    accepts_range = (0, 1)
+
+    def features(self, x):
+        return x.flatten(1)
+
+    def forward(self, x):
+        return x.flatten(1)[:, :3]
+
+
+class DeclaresSampler(DeclaresUnit):
+    accepts_range = (-1, 1)
+
+
+class Declares255(DeclaresUnit):
+    accepts_range = (0, 255)
+
+
+def test_as_labeler_refuses_a_model_declaring_another_range():
+    """The adapters used to wrap anything: digits_labeler() (it takes [-1, 1]) would have been
+    fed (x + 1)/2, and SmallCNN (it takes [0, 1]) x itself. Both are now a ValueError naming
+    both ranges and the input_range to pass; the matching range is accepted."""
+    from cdp_fast.models import digits
+
+    lab = digits.digits_labeler()
+    with pytest.raises(ValueError, match=r"as_labeler: DigitsLabeler takes images in \[-1, 1\].*called on images "
+                                         r"in \[0, 1\]; pass input_range=\(-1, 1\).*as it is"):
+        as_labeler(lab)
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    torch.testing.assert_close(as_labeler(lab, input_range=(-1, 1))(x), lab(x), rtol=0, atol=0)
+    clf = get_model("small-cnn", num_classes=2, in_channels=1)
+    with pytest.raises(ValueError, match=r"as_labeler: SmallCNN takes images in \[0, 1\].*called on images in "
+                                         r"\[-1, 1\]; pass input_range=\(0, 1\)"):
+        as_labeler(clf, input_range=(-1, 1))
+    with pytest.raises(ValueError, match=r"Labeler takes images in \[-1, 1\]"):   # an adapter wrapped twice
+        as_labeler(as_labeler(clf))
+    with pytest.raises(ValueError, match=r"DeclaresUnit takes images in \[0, 1\].*\[0, 255\]"):
+        as_labeler(DeclaresUnit(), input_range=(0, 255))
+    as_labeler(Declares255(), input_range=(0, 255))
+    as_labeler(MeanThreshold(), input_range=(-1, 1))          # declares nothing: taken as stated
+
+
+def test_as_feature_extractor_refuses_a_model_declaring_another_range():
+    """feature_input="unit": the declared range must be input_range; "raw" calls the model on x_t
+    itself, which a [-1, 1] model takes and a [0, 1] classifier gets by choice (the authors'
+    setting, kept); another declared range is refused."""
+    clf = get_model("small-cnn", num_classes=2, in_channels=1)
+    with pytest.raises(ValueError, match=r"as_feature_extractor: SmallCNN takes images in \[0, 1\].*called on "
+                                         r"images in \[-1, 1\]; pass input_range=\(0, 1\)"):
+        as_feature_extractor(clf, input_range=(-1, 1))
+    with pytest.raises(ValueError, match=r"DeclaresSampler takes images in \[-1, 1\].*\[0, 1\]; pass "
+                                         r"input_range=\(-1, 1\)"):
+        as_feature_extractor(DeclaresSampler())
+    m = dm_wrn()
+    m.accepts_range = (0, 1)                                       # a layer= extractor is checked too
+    with pytest.raises(ValueError, match=r"as_feature_extractor: \w+ takes images in \[0, 1\]"):
+        as_feature_extractor(m, layer="logits", capture="input", input_range=(-1, 1))
+    x = torch.rand(2, 1, 4, 4) * 2 - 1
+    torch.testing.assert_close(as_feature_extractor(DeclaresSampler(), input_range=(-1, 1))(x), x.flatten(1))
+    torch.testing.assert_close(as_feature_extractor(DeclaresSampler(), feature_input="raw")(x), x.flatten(1))
+    torch.testing.assert_close(as_feature_extractor(DeclaresUnit(), feature_input="raw")(x), x.flatten(1))
+    as_feature_extractor(clf, feature_input="raw")
+    with pytest.raises(ValueError, match=r"feature_input='raw'\): Declares255 takes images in \[0, 255\].*"
+                                         r"feature_input='unit', input_range=\(0, 255\)"):
+        as_feature_extractor(Declares255(), feature_input="raw")
+    torch.testing.assert_close(as_feature_extractor(Declares255(), input_range=(0, 255))(x),
+                               (x.flatten(1) + 1) * 127.5)
+
+
+# ----------------------------------------------------------------------------- --feature-input raw keeps layer=
+def dm_layer_factory():
+    """--features module:factory: a DM WRN's penultimate vector through a hook (no .features)."""
+    return as_feature_extractor(dm_wrn(), layer="logits", capture="input")
+
+
+def both_factory():
+    """--features module:factory: a classifier that has .features, hooked at another layer."""
+    torch.manual_seed(1)
+    return as_feature_extractor(get_model("small-cnn", num_classes=3, in_channels=1), layer="body.0")
+
+
+def wide_range_factory():
+    """--features module:factory: an extractor for a classifier that takes [0, 255]."""
+    return as_feature_extractor(Declares255(), input_range=(0, 255))
+
+
+def test_cli_feature_input_raw_keeps_the_factorys_layer_and_capture():
+    """--feature-input raw rebuilt the extractor from f.model alone: a DM WRN hooked at
+    layer="logits", capture="input" then failed with "has no .features", and a model with both
+    .features and a hooked layer silently switched to .features. Now layer / capture are kept
+    (only the input changes: the raw extractor on x equals the unit one on 2x − 1), and a
+    factory's input_range other than (0, 1) is refused, naming feature-input."""
+    from cdp_fast.cli import specs
+
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    for factory, shape in (("dm_layer_factory", (1, 3, 32, 32)), ("both_factory", (1, 1, 8, 8))):
+        unit = specs.load_features(f"tests.test_adapters:{factory}", {}, None)
+        raw = specs.load_features(f"tests.test_adapters:{factory}", {}, None, feature_input="raw")
+        assert (raw.feature_input, raw.layer, raw.capture) == ("raw", unit.layer, unit.capture)
+        xs = x[:, : shape[1], : shape[2], : shape[3]]
+        with torch.no_grad():
+            torch.testing.assert_close(raw(xs), unit(2 * xs - 1), rtol=1e-5, atol=1e-6)
+    assert raw(xs).shape[1] != raw.model.features(xs).shape[1]        # body.0's output, not .features
+    with pytest.raises(ValueError, match=r"feature-input: 'raw' .*input_range=\(0\.0, 255\.0\)"):
+        specs.load_features("tests.test_adapters:wide_range_factory", {}, None, feature_input="raw")
+
+
+def test_F7_demo_generate_set_needs_features_for_guided_kinds():
+    """generate_set("cdp") said it used "the library's defaults" with features=None, which the
+    sampler refuses since F7 (with a message about sample()); now it names generate_set, the
+    kind and features= before any work; "ddim" needs none."""
+    from cdp_fast.demo import digits as demo_data
+
+    for kind in ("cdp", "cdp-class"):
+        with pytest.raises(ValueError, match=rf"features: generate_set kind '{kind}' guides and needs features="):
+            demo_data.generate_set(kind, 2, seed=0, eps_model=x0_eps, labeler=None)
+    s = demo_data.generate_set("ddim", 2, seed=0, eps_model=x0_eps, labeler=None, steps=10)
+    assert np.asarray(s.images).shape[0] == 2

@@ -111,6 +111,22 @@ def test_state_of_another_run_is_refused(tmp_path):
         cdp_fast.evaluate(model, x, y, **{**_kw(None), "aa_attacks": ("apgd-ce", "apgd-ce")})
 
 
+def test_state_of_another_pyautoattack_version_is_refused(tmp_path, monkeypatch):
+    """A state written under one pyautoattack version is refused after an upgrade (its attacks
+    may differ), naming the setting; the same version resumes."""
+    model, x, y = _problem(n=6)
+    state = tmp_path / "aa"
+    kw = {**_kw(state), "aa_attacks": ("apgd-ce",)}
+    first = cdp_fast.evaluate(model, x, y, **kw)
+    saved = json.loads(next(state.glob("block-*.json")).read_text())["config"]["pyautoattack"]
+    assert saved == aa._pyaa_version() is not None
+    assert cdp_fast.evaluate(model, x, y, **kw)["autoattack"] == first["autoattack"]
+    monkeypatch.setattr(aa, "_pyaa_version", lambda: "99.0.0")
+    with pytest.raises(ValueError, match=rf"state_path: .* pyautoattack={saved!r}, this evaluation has "
+                                         r"pyautoattack='99\.0\.0'"):
+        cdp_fast.evaluate(model, x, y, **kw)
+
+
 @pytest.mark.slow
 def test_cli_and_api_agree(tmp_path, capsys):
     from cdp_fast import cli

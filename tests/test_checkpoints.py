@@ -22,6 +22,7 @@ from cdp_fast.utils.checkpoint import read_weights, write_weights
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+CIFAR10_STATS = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616))   # _wrn's normalisation
 
 
 def _wrn(depth=10, width=1, num_classes=7, in_channels=3, activation="swish", seed=0):
@@ -66,7 +67,11 @@ def test_published_layouts_load_with_equal_values(tmp_path, layout, suffix, shap
         torch.save(obj, path)
     else:
         safetensors_torch.save_file({k2: v.contiguous() for k2, v in obj.items()}, str(path))
-    m = load_wrn_checkpoint(path)
+    if k != 10 and layout != "robustbench-old-buffers":
+        with pytest.raises(ValueError, match=rf"a {k}-class checkpoint without its input mean / std .*pass mean= and "
+                                             r"std=.*CIFAR-100 models use mean=\(0\.5071, 0\.4865, 0\.4409\)"):
+            load_wrn_checkpoint(path)
+    m = load_wrn_checkpoint(path, **({} if k == 10 or layout == "robustbench-old-buffers" else CIFAR10_STATS))
     assert (m.num_features, m.logits.out_features, m.in_channels) == (16 * width * 4, k, c)
     assert not m.training
     for key, v in ref.state_dict().items():
@@ -89,8 +94,29 @@ def test_explicit_mean_std_and_activation():
     assert isinstance(m.relu, torch.nn.ReLU)
     x = torch.rand(3, 3, 32, 32)
     assert torch.equal(m(x), ref(x))
-    assert not torch.equal(load_wrn_checkpoint(ckpt)(x), ref(x))     # swish / CIFAR-10 stats: another net
+    assert not torch.equal(load_wrn_checkpoint(ckpt, **CIFAR10_STATS)(x), ref(x))   # swish / CIFAR-10 stats
     assert wrn_config(published_state_dict(ckpt)) == {"depth": 10, "width": 1, "num_classes": 7, "in_channels": 3}
+
+
+def test_a_non_10_class_checkpoint_without_mean_std_is_refused():
+    """A 100-class DM-Improves-AT checkpoint (no mean/std stored) used to load silently with
+    CIFAR-10's normalisation; now a ValueError giving DM-Improves-AT's CIFAR-100 values (read
+    from its core/models/wideresnetwithswish.py), unless mean= and std= are given (both: one
+    alone still leaves the other unknown) or the checkpoint stores them; 10 classes load."""
+    ref = _wrn(num_classes=100)
+    ckpt = {"model_state_dict": {f"module.0.{k}": v for k, v in ref.state_dict().items()}}
+    with pytest.raises(ValueError, match=r"100-class checkpoint without its input mean / std \(DM-Improves-AT's do "
+                                         r"not store them\).*mean=\(0\.5071, 0\.4865, 0\.4409\), std=\(0\.2673, "
+                                         r"0\.2564, 0\.2762\)"):
+        load_wrn_checkpoint(ckpt)
+    with pytest.raises(ValueError, match=r"without its input std"):
+        load_wrn_checkpoint(ckpt, mean=CIFAR100_MEAN)
+    m = load_wrn_checkpoint(ckpt, mean=CIFAR100_MEAN, std=CIFAR100_STD)
+    torch.testing.assert_close(m.normalize.std.flatten(), torch.tensor(CIFAR100_STD))
+    stored = {**ref.state_dict(), "mean": torch.tensor(CIFAR100_MEAN).view(3, 1, 1),
+              "std": torch.tensor(CIFAR100_STD).view(3, 1, 1)}
+    torch.testing.assert_close(load_wrn_checkpoint(stored).normalize.mean.flatten(), torch.tensor(CIFAR100_MEAN))
+    assert load_wrn_checkpoint(_wrn(num_classes=10).state_dict()).logits.out_features == 10
 
 
 def test_missing_and_unexpected_keys_are_named(tmp_path):

@@ -245,3 +245,27 @@ def test_holdout_is_attacked_in_the_runs_norm():
     ref = {nm: cdp_fast.evaluate(m, x[held], y[held], eps=0.3, attacks=("pgd",), seed=0, batch_size=50,
                                  norm=nm)["pgd"] for nm in ("l2", "linf")}
     assert m.history[-1]["holdout_pgd_acc"] == ref["l2"] != ref["linf"]
+
+
+def test_cli_holdout_takes_a_whole_number_written_as_a_float(tmp_path, monkeypatch, capsys):
+    """`--holdout 1e3` was parsed as the float 1000.0 and refused as "neither a fraction nor a
+    count"; a whole number >= 1 in any notation is now a count (an int, as the library takes
+    it), as is a --config file's 1000.0; a fraction stays a float; 1.5 and 0 are refused."""
+    import json
+
+    from cdp_fast import cli
+
+    calls = []
+    monkeypatch.setattr(cdp_fast, "train_trades", lambda model, data, **kw: calls.append(kw) or model)
+    out = str(tmp_path / "w.pt")
+    for text, want in (("1e3", 1000), ("1000.0", 1000), ("1E1", 10), ("7", 7), ("0.25", 0.25), ("2.5e-1", 0.25)):
+        assert cli.main(["train", "--holdout", text, "--out", out, "--epochs", "1"]) == 0, text
+        assert calls[-1]["holdout"] == want and type(calls[-1]["holdout"]) is type(want), (text, calls[-1]["holdout"])
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"holdout": 1e3, "out": out}))
+    assert cli.main(["train", "--config", str(cfg)]) == 0 and calls[-1]["holdout"] == 1000
+    capsys.readouterr()
+    for bad in ("1.5", "0", "1e400", "nan", "-3"):
+        assert cli.main(["train", "--holdout", bad, "--out", out]) == 2, bad
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "a count (a whole number >= 1)" in err, err

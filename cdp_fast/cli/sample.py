@@ -171,9 +171,10 @@ def _guide_window(values, preset):
 
 
 def _pixels(spec, info):
-    """Whether a guided run's --features means raw pixels: "pixels", or "auto" for a bundled
-    model whose preset guides on pixels; "auto" for a model with no bundled features is a
-    ValueError (guidance needs an explicit feature space: issue 23, F7)."""
+    """Whether a guided run's --features means raw pixels: only "pixels" ("auto" for a bundled
+    model means its bundled features — the digits preset's classifier features — never pixels);
+    "auto" for a model with no bundled features is a ValueError (guidance needs an explicit
+    feature space: issue 23, F7)."""
     if spec == "pixels":
         return True
     if spec in (None, "auto") and not info.get("bundled"):

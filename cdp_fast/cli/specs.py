@@ -142,8 +142,8 @@ def load_features(spec, model_info, device, feature_input="unit"):
     """--features: the guidance's feature map on [-1, 1] images, or None for pixels.
     --feature-input "raw" rebuilds it with :func:`cdp_fast.models.as_feature_extractor`
     (x_t given to the classifier as it is, the authors' setting): the bundled digits
-    classifier, or the classifier inside a module:factory's ``as_feature_extractor(...)``; any
-    other feature map is refused (the CLI cannot see what it does with x)."""
+    classifier, or a module:factory's ``as_feature_extractor(...)``, its ``layer=`` / ``capture=``
+    kept (refused for an ``input_range`` other than (0, 1)); any other map is refused."""
     f = load_network(spec, model_info, device, "features", "pixels")
     if feature_input == "unit":
         return f
@@ -156,7 +156,13 @@ def load_features(spec, model_info, device, feature_input="unit"):
     if name == "digits":      # digits_features: the bundled classifier behind (x + 1)/2
         return as_feature_extractor(f.classifier, feature_input=feature_input)
     if isinstance(f, FeatureExtractor):
-        return as_feature_extractor(f.model, feature_input=feature_input)
+        if f.feature_input == feature_input:
+            return f
+        if f.input_range != (0.0, 1.0):
+            raise ValueError(f"feature-input: {feature_input!r} gives x_t to a [0, 1] classifier as it is (the "
+                             f"authors' setting); {name} returned an extractor for a classifier that takes "
+                             f"input_range={f.input_range}, to which it does not apply (use --feature-input unit)")
+        return as_feature_extractor(f.model, feature_input=feature_input, layer=f.layer, capture=f.capture)
     raise ValueError(f"feature-input: {feature_input!r} needs a classifier wrapped by cdp_fast.models."
                      f"as_feature_extractor; {name} returned {type(f).__name__}, a feature map whose input the CLI "
                      f"cannot change (return as_feature_extractor(clf, feature_input={feature_input!r}) from it)")

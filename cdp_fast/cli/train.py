@@ -69,7 +69,8 @@ def add_train(sub):
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.add_argument("--holdout", type=_holdout, default=None, metavar="FRACTION|COUNT",
                     help="hold out part of the real training data (--data; never the test set), chosen by --seed "
-                         "and not trained on: a fraction in (0, 1) or a count; evaluated (clean + PGD-20 at --eps) "
+                         "and not trained on: a fraction in (0, 1) or a count (a whole number >= 1: 1000 or 1e3); "
+                         "evaluated (clean + PGD-20 at --eps) "
                          "every --eval-every epochs (default: none)")
     tr.add_argument("--eval-every", type=int, default=None, metavar="K",
                     help="evaluate the --holdout split every K epochs and after the last (default: 1)")
@@ -82,15 +83,19 @@ def add_train(sub):
 
 
 def _holdout(value):
-    """--holdout: a fraction in (0, 1) (has a '.' or an exponent) or a count >= 1."""
+    """--holdout: a fraction in (0, 1), or a count: a whole number >= 1, written as an int or as
+    a number ("1e3", "1000.0": 1000; what a --config file's number reads as)."""
     import argparse
 
     try:
         v = float(value) if any(c in value for c in ".eE") else int(value)
     except ValueError:
         v = None
+    if isinstance(v, float) and v >= 1 and v.is_integer():
+        v = int(v)
     if v is None or not (0 < v < 1 if isinstance(v, float) else v >= 1):
-        raise argparse.ArgumentTypeError(f"{value!r} is neither a fraction in (0, 1) nor a count >= 1")
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a fraction in (0, 1) nor a count (a whole "
+                                         "number >= 1)")
     return v
 
 

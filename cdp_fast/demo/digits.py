@@ -103,16 +103,22 @@ def train_guidance_net(x, y, *, updates: int = 150, eps: float = 0.1, pgd_steps:
 
 def generate_set(kind: str, n: int, *, seed: int, eps_model, labeler, features=None, lam=None, tau: float = 10.0,
                  steps: int = 50, batch_size: int = 128, device=None, progress: bool = False):
-    """One synthetic set: ``kind`` "ddim" (λ = 0), "cdp" (unconditional HNM, the library's
-    defaults = the authors': their loss form, window t >= 0.4·T, the online head) or "cdp-class"
-    (the same with negatives="class", classes = the labeler's argmax on x̂₀). Same ``seed`` ⇒
-    same x_T for sample i in every kind. Pseudo-labelled by ``labeler``."""
+    """One synthetic set: ``kind`` "ddim" (λ = 0), "cdp" (unconditional HNM on ``features``,
+    otherwise the library's defaults = the authors': their loss form, window t >= 0.4·T, the
+    online head) or "cdp-class" (the same with negatives="class", classes = the labeler's argmax
+    on x̂₀). ``features`` (x in [-1, 1], (B, 1, 8, 8) -> (B, d); or "pixels" with ``lam``) is
+    required for "cdp" / "cdp-class": ValueError without it (the sampler has no default feature
+    space, issue 23 F7). Same ``seed`` ⇒ same x_T for sample i in every kind. Pseudo-labelled
+    by ``labeler``."""
     import cdp_fast
     from cdp_fast.models import digits
 
     if kind not in SET_KINDS:
         raise ValueError(f"kind must be one of {SET_KINDS}, got {kind!r}")
     kw = dict(loss=None)
+    if kind != "ddim" and features is None:
+        raise ValueError(f"features: generate_set kind {kind!r} guides and needs features= (e.g. as_feature_extractor("
+                         "train_guidance_net(...)), or 'pixels' with lam=)")
     if kind != "ddim":
         kw = dict(loss="hnm", lam=lam, tau=tau, features=features)
         if kind == "cdp-class":

@@ -38,6 +38,8 @@ __all__ = ["published_state_dict", "wrn_config", "load_checkpoint_into", "load_w
 
 #: the keys under which the anchors store a state dict (DM-Improves-AT, RobustBench)
 STATE_KEYS = ("model_state_dict", "state_dict")
+#: DM-Improves-AT's CIFAR-100 normalisation (``core/models/wideresnetwithswish.py``), not in its checkpoints
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 
 def published_state_dict(obj, what: str = "checkpoint") -> dict:
@@ -168,10 +170,24 @@ def load_wrn_checkpoint(source, *, activation: str = "swish", mean=None, std=Non
     :class:`WideResNet` of its depth, width, classes and input channels (:func:`wrn_config`),
     with ``activation`` ("swish": DM-Improves-AT ``wrn-*-swish``, RobustBench ``DMWideResNet``
     with Swish / SiLU; or "relu" — a state dict does not record it); loaded by
-    :func:`load_checkpoint_into` (``mean`` / ``std``, errors: there). In eval mode."""
+    :func:`load_checkpoint_into` (``mean`` / ``std``, errors: there). In eval mode.
+
+    The normalisation is not in a DM-Improves-AT checkpoint, and a WideResNet's default is
+    CIFAR-10's: a checkpoint of other than 10 classes whose ``mean`` / ``std`` are neither
+    given nor stored (older RobustBench) is a ValueError asking for them (DM-Improves-AT's
+    CIFAR-100 values: :data:`CIFAR100_MEAN` / :data:`CIFAR100_STD`) rather than a network
+    that silently normalises with CIFAR-10's. (A 10-class checkpoint gets CIFAR-10's; for
+    DM-Improves-AT's SVHN models pass ``mean=(0.5,) * 3, std=(0.5,) * 3``.)"""
     state = published_state_dict(_read(source, what), what)
-    model = WideResNet(activation=activation, **wrn_config(state))
-    return load_checkpoint_into(model, state, mean=mean, std=std, what=what)
+    config = wrn_config(state)
+    model = load_checkpoint_into(WideResNet(activation=activation, **config), state, mean=mean, std=std, what=what)
+    unknown = [k for k, given in (("mean", mean), ("std", std)) if given is None and k not in state]
+    if config["num_classes"] != 10 and unknown:
+        raise ValueError(f"{what}: a {config['num_classes']}-class checkpoint without its input {' / '.join(unknown)} "
+                         "(DM-Improves-AT's do not store them): pass mean= and std= — DM-Improves-AT's CIFAR-100 "
+                         f"models use mean={CIFAR100_MEAN}, std={CIFAR100_STD}; a cdp_fast WideResNet trained at its "
+                         "defaults cdp_fast.models.CIFAR10_MEAN / CIFAR10_STD")
+    return model
 
 
 def wrn_from_dm(net: nn.Module) -> WideResNet:

@@ -10,13 +10,20 @@ adapters map one to the other and declare ``accepts_range = (-1, 1)``:
   ``.features`` (this package's classifiers), or the output (or input) of a named submodule
   through a forward hook — for networks without ``.features`` (RobustBench's
   ``DMWideResNet``: ``layer="logits", capture="input"``; timm: ``"head.fc"`` / ``"fc"``).
+
+Both run the rule of :mod:`.ranges` on the model they wrap: one that declares a range
+(``accepts_range``, or one of the package's networks) other than ``input_range`` is a
+ValueError naming both — ``as_labeler(digits_labeler())`` (it takes [-1, 1]) or
+``as_labeler(small_cnn(), input_range=(-1, 1))`` (it takes [0, 1]). ``feature_input="raw"``
+calls the model on x_t itself: allowed for a model declaring [-1, 1] or [0, 1] (the authors'
+deviation it exists for), refused for any other declared range.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from cdp_fast.models.ranges import SAMPLER_RANGE, UNIT_RANGE, check_range
+from cdp_fast.models.ranges import SAMPLER_RANGE, UNIT_RANGE, accepted_range, check_range
 
 __all__ = ["FeatureExtractor", "Labeler", "as_feature_extractor", "as_labeler", "FEATURE_INPUTS", "CAPTURES"]
 
@@ -51,6 +58,21 @@ class _Capture:
             self.value = (args[0] if args else None) if self.capture == "input" else output
 
 
+def _check_declared(model, fed, adapter: str, fix: str | None = None) -> None:
+    """The rule of :mod:`.ranges` inside an adapter: a ValueError when ``model`` declares
+    (:func:`~cdp_fast.models.ranges.accepted_range`) a range other than ``fed``, the range the
+    adapter will call it on, naming both ranges and the fix."""
+    got = accepted_range(model)
+    if got is None or got == fed:
+        return
+    fix = fix or f"pass input_range=({got[0]:g}, {got[1]:g}), the range it declares"
+    if got == SAMPLER_RANGE:
+        fix += (" (a network that already takes the sampler's [-1, 1], e.g. digits_labeler() / digits_features(), "
+                "can also be given to cdp_fast.sample as it is)")
+    raise ValueError(f"{adapter}: {type(model).__name__} takes images in [{got[0]:g}, {got[1]:g}] (it declares so), "
+                     f"but would be called on images in [{fed[0]:g}, {fed[1]:g}]; {fix}")
+
+
 def _module_named(model: nn.Module, layer: str) -> nn.Module:
     """``model``'s submodule ``layer``, or a ValueError listing the names there are."""
     modules = dict(model.named_modules())
@@ -83,6 +105,9 @@ class FeatureExtractor(nn.Module):
     contrastive_loss_mnist.py:41``; the CIFAR-10 code does the same), a deviation from the
     classifier's [0, 1] input range — its normalisation then sees values it was not trained
     on. Offered to reproduce their runs; "unit" is what the classifier expects (docs/design.md §3).
+
+    A ``model`` that declares its range (:func:`cdp_fast.models.ranges.accepted_range`) must
+    declare ``input_range`` ("unit"), or [-1, 1] / [0, 1] ("raw"): otherwise a ValueError.
     """
 
     accepts_range = SAMPLER_RANGE
@@ -100,6 +125,15 @@ class FeatureExtractor(nn.Module):
             raise ValueError("input_range: feature_input='raw' passes x as it is; input_range does not apply")
         if capture not in CAPTURES:
             raise ValueError(f"capture must be 'output' or 'input', got {capture!r}")
+        # the range the model will be called on: input_range ("unit"), or x_t itself ("raw"; made for
+        # the authors' [0, 1] classifiers, so a declared [0, 1] is the deviation asked for, not an error)
+        if feature_input == "unit":
+            _check_declared(model, self._input_range, "as_feature_extractor")
+        elif accepted_range(model) not in (None, UNIT_RANGE, SAMPLER_RANGE):
+            r = accepted_range(model)
+            _check_declared(model, SAMPLER_RANGE, "as_feature_extractor(feature_input='raw')",
+                            f"'raw' exists for [0, 1] classifiers (the authors' setting); use feature_input='unit', "
+                            f"input_range=({r[0]:g}, {r[1]:g})")
         self.model, self._feature_input, self._layer, self._capture = model, feature_input, layer, None
         if layer is None:
             if not callable(getattr(model, "features", None)):
@@ -126,6 +160,11 @@ class FeatureExtractor(nn.Module):
     def layer(self):
         """The hooked submodule's name, or None for ``model.features`` (read-only)."""
         return self._layer
+
+    @property
+    def capture(self) -> str:
+        """What the ``layer=`` hook records, "output" or "input" ("output" without a layer; read-only)."""
+        return "output" if self._capture is None else self._capture.capture
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xin = x if self.feature_input == "raw" else to_range(x, self._input_range)
@@ -164,7 +203,8 @@ class FeatureExtractor(nn.Module):
 class Labeler(nn.Module):
     """A classifier as the sampler's labeller: x (B, C, H, W) in **[-1, 1]** (the x̂₀ that
     ``cdp_fast.sample`` labels) -> ``model(to_range(x, input_range))``, logits (B, K).
-    Declares ``accepts_range = (-1, 1)``; the wrapped model's range is ``input_range``."""
+    Declares ``accepts_range = (-1, 1)``; the wrapped model's range is ``input_range`` — a
+    model that declares another (:func:`cdp_fast.models.ranges.accepted_range`) is a ValueError."""
 
     accepts_range = SAMPLER_RANGE
 
@@ -173,6 +213,7 @@ class Labeler(nn.Module):
         if not isinstance(model, nn.Module) and not callable(model):
             raise ValueError(f"model must be a torch.nn.Module or a callable, got {type(model).__name__}")
         self.model, self._input_range = model, check_range(input_range)
+        _check_declared(model, self._input_range, "as_labeler")
 
     @property
     def input_range(self) -> tuple:

@@ -14,7 +14,8 @@ from what it outputs:
    (:func:`cdp_fast.models.as_labeler` and :func:`cdp_fast.models.as_feature_extractor`
    declare (-1, 1)); the package's own networks are known by class (:func:`accepted_range`:
    the classifiers (0, 1), ``digits_features()`` / ``digits_labeler()`` (-1, 1)). A declared
-   range other than the one the caller passes is a ValueError naming the adapter to use.
+   range other than the one the caller passes is a ValueError naming the adapter to use. The
+   adapters run it too, on the model they wrap against their ``input_range``.
 2. The sampler also **warns** about an ``nn.Module`` that declares nothing: most published
    classifiers take [0, 1], and nothing in a module says which range it was trained on. The
    warning is a reminder, not a finding: it fires for a module that is right, and it cannot

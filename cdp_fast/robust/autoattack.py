@@ -136,11 +136,24 @@ def model_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def _pyaa_version() -> Optional[str]:
+    """The installed pyautoattack's version (its attacks' defaults and order may change with it)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("pyautoattack")
+    except metadata.PackageNotFoundError:
+        import pyautoattack
+
+        return getattr(pyautoattack, "__version__", None)
+
+
 def block_config(*, eps, norm, version, order, seed, batch_size, n_points, xb, yb, model_sha) -> dict:
-    """What a block's saved state must match to be resumed."""
+    """What a block's saved state must match to be resumed — also the pyautoattack version, so a
+    resume after an upgrade (whose attacks may differ) is refused rather than mixed."""
     return {"eps": float(eps), "norm": norm, "version": version, "attacks": list(order),
             "seed": int(seed), "batch_size": int(batch_size), "n_points": int(n_points),
-            "data_sha256": _digest(xb, yb), "model_sha256": model_sha}
+            "data_sha256": _digest(xb, yb), "model_sha256": model_sha, "pyautoattack": _pyaa_version()}
 
 
 def _block_path(folder: Path, first: int) -> Path:
