@@ -8,30 +8,22 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, HeunDiscreteScheduler,  # noqa: E402
-                       UNet2DModel)
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, HeunDiscreteScheduler)  # noqa: E402
 
 import cdp_fast  # noqa: E402
 from cdp_fast.diffusion import solvers  # noqa: E402
 from cdp_fast.diffusion.adapters import EpsFromPrediction, call_model, load_diffusers_unet  # noqa: E402
 from cdp_fast.diffusion.schedule import karras_sigmas, sigmas_of  # noqa: E402
+from tiny_models import small_diffusers_unet  # noqa: E402
 
 TYPES = ("epsilon", "v_prediction", "sample")
 BETAS = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 
 
-def _unet():
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-                       block_out_channels=(8, 16), norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """One pipeline-style folder (unet/ + scheduler/) per prediction_type, same UNet weights."""
-    unet = _unet()
+    unet = small_diffusers_unet()
     out = {}
     for p in TYPES:
         root = tmp_path_factory.mktemp(p)

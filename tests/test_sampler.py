@@ -8,7 +8,7 @@ import torch
 
 import cdp_fast
 from cdp_fast.utils.seeding import sample_seed
-from tiny_models import TinyEps
+from tiny_models import TinyEps, small_diffusers_unet
 
 
 
@@ -22,13 +22,9 @@ def _kw(**over):
 
 def test_matches_diffusers_ddim_scheduler():
     diffusers = pytest.importorskip("diffusers")
-    from diffusers import DDIMScheduler, UNet2DModel
+    from diffusers import DDIMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-                       block_out_channels=(8, 16), norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    unet = small_diffusers_unet()
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
                           set_alpha_to_one=True, timestep_spacing="leading")
     steps = 20
@@ -49,14 +45,6 @@ def test_matches_diffusers_ddim_scheduler():
     assert (ours2 - x).abs().max().item() < 5e-4
 
 
-def _small_unet():
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-                       block_out_channels=(8, 16), norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()
 
 
 @pytest.mark.parametrize("clip", [True, False])
@@ -66,7 +54,7 @@ def test_ddpm_matches_diffusers_ddpm_scheduler(clip):
     pytest.importorskip("diffusers")
     from diffusers import DDPMScheduler
 
-    unet = _small_unet()
+    unet = small_diffusers_unet()
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=clip,
                           variance_type="fixed_small", timestep_spacing="leading")
     steps = 12

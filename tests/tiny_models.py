@@ -16,3 +16,14 @@ class TinyEps(torch.nn.Module):
 
     def forward(self, x, t):
         return torch.tanh(self.conv(x)) + self.temb[t].view(-1, *([1] * (x.dim() - 1))) + 0.2 * x
+
+
+def small_diffusers_unet():
+    """A tiny diffusers UNet2DModel (8×8, 3 channels, widths 8-16, seed 0), eval mode."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()
