@@ -3,9 +3,9 @@
     python benchmarks/projection.py [--json benchmarks/results/projection-cpu.json]
 
 1. **This CPU's floor for the digits million.** The FLOPs of one guided ``cdp_fast.sample`` call
-   are counted op by op (a dispatch mode over torch.utils.flop_counter's formulas: convolutions
-   and matrix products, forward and backward; element-wise work is not counted, so the counts
-   are lower bounds) for each solver setting, per image, and split into the ε-UNet's part
+   are counted op by op (torch.utils.flop_counter's formulas, through benchmarks/throughput.py's
+   counter: convolutions and matrix products, forward and backward; element-wise work is not
+   counted, so the counts are lower bounds) for each solver setting, per image, and split into the ε-UNet's part
    (rows through the UNet × one row's FLOPs) and the guidance's (the rest: features forward and
    backward to the input, head, loss). Against this machine's measured fp32 matrix-product rate
    (a 2048² sgemm, the best case for its cores) that is the shortest time 1M images could take
@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.utils.flop_counter as flop_counter
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -36,24 +34,6 @@ H100_BF16_DENSE = 989.4e12      # FLOP/s, NVIDIA H100 SXM datasheet (dense, no s
 ASSUMED_MFU = 0.4               # an assumption for the "at 40% of peak" column, not a measurement
 N_MILLION = 1_000_000
 SETTINGS = [("ddim", 200, "uniform"), ("dpmpp_2m", 20, "logsnr"), ("dpmpp_2m", 10, "logsnr")]
-
-
-class CountFlops(TorchDispatchMode):
-    """Sums torch.utils.flop_counter's per-op formulas over every op dispatched inside it.
-    (FlopCounterMode itself cannot be used here: its module tracker breaks on the guidance's
-    ``torch.autograd.grad`` with respect to a leaf.)"""
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        formula = flop_counter.flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.total += int(formula(*args, **kwargs, out_val=out))
-        return out
 
 
 class RowCounter:
@@ -68,9 +48,13 @@ class RowCounter:
 
 
 def flops_of(fn) -> int:
-    with CountFlops() as c:
+    """FLOPs of ``fn()``: benchmarks/throughput.py's counter (FlopCounterMode without its module
+    tracker, which breaks on the guidance's ``torch.autograd.grad`` with respect to a leaf)."""
+    from throughput import flop_counter
+
+    with flop_counter() as fc:
         fn()
-    return c.total
+    return fc.get_total_flops()
 
 
 def per_row_flops(module, x, *args) -> float:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from cdp_fast.utils.checkpoint import read_weights_only
+
 __all__ = ["inception_v3", "inception_weights", "InceptionV3Features", "WEIGHTS_ENV", "WEIGHTS_URL"]
 
 WEIGHTS_ENV = "CDP_FAST_FID_WEIGHTS"
@@ -93,11 +95,8 @@ def inception_v3(weights=None, device=None) -> InceptionV3Features:
     :func:`inception_weights`. Raises FileNotFoundError (no weights) before ImportError (no
     torch-fidelity), so the missing file is named first."""
     path = inception_weights(weights)
-    try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"fid weights: {path} is not a plain state dict of tensors "
-                         f"({type(e).__name__}); refusing to unpickle it") from None
+    # torch-fidelity loads the file without weights_only: check it the package's one way first
+    read_weights_only(path, "fid weights:", "a plain state dict of tensors (refusing to unpickle it)")
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError as e:

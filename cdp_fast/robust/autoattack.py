@@ -25,13 +25,13 @@ version switches APGD to ``use_largereps`` with 5 restarts and 5 target classes.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
+from cdp_fast.utils.checkpoint import state_digest
 from cdp_fast.utils.io import atomic_write_json
 
 __all__ = ["AA_NAMES", "AA_NORMS", "VERSIONS", "check_aa", "aa_order", "clean_flags", "attack_flags",
@@ -118,22 +118,9 @@ def attack_flags(model, name: str, x: torch.Tensor, y: torch.Tensor, robust: tor
 
 
 # --------------------------------------------------------------------------- resumable state
-def _digest(*tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-    return h.hexdigest()
-
-
 def model_digest(model: torch.nn.Module) -> str:
-    """sha256 of a model's state_dict (names, dtypes, shapes, bytes)."""
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(_digest(v).encode())
-    return h.hexdigest()
+    """sha256 of a model's state_dict (names, dtypes, shapes, bytes: :func:`cdp_fast.utils.checkpoint.state_digest`)."""
+    return state_digest(model.state_dict())
 
 
 def _pyaa_version() -> Optional[str]:
@@ -153,7 +140,7 @@ def block_config(*, eps, norm, version, order, seed, batch_size, n_points, xb, y
     resume after an upgrade (whose attacks may differ) is refused rather than mixed."""
     return {"eps": float(eps), "norm": norm, "version": version, "attacks": list(order),
             "seed": int(seed), "batch_size": int(batch_size), "n_points": int(n_points),
-            "data_sha256": _digest(xb, yb), "model_sha256": model_sha, "pyautoattack": _pyaa_version()}
+            "data_sha256": state_digest((xb, yb)), "model_sha256": model_sha, "pyautoattack": _pyaa_version()}
 
 
 def _block_path(folder: Path, first: int) -> Path:

@@ -407,29 +407,13 @@ class _NumpyKeepingNaN:
     and ``tl.max`` (``fmax``, ``nanmax``: what NVIDIA GPUs do) propagate NaN instead (what
     older interpreters did): the kernels must give the same statistics under both rules."""
 
+    import numpy as _np
+
+    fmax, fmin = staticmethod(_np.maximum), staticmethod(_np.minimum)
+    nanmax, nanmin = staticmethod(_np.max), staticmethod(_np.min)
+
     def __getattr__(self, name):
-        import numpy
-        return getattr(numpy, name)
-
-    @property
-    def fmax(self):
-        import numpy
-        return numpy.maximum
-
-    @property
-    def fmin(self):
-        import numpy
-        return numpy.minimum
-
-    @property
-    def nanmax(self):
-        import numpy
-        return numpy.max
-
-    @property
-    def nanmin(self):
-        import numpy
-        return numpy.min
+        return getattr(self._np, name)
 
 
 def _nan_problem(in_batch):
